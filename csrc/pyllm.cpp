@@ -1,0 +1,53 @@
+// Op schemas of the pyllm namespace, defined once. Each device registers its kernels with
+// TORCH_LIBRARY_IMPL(pyllm, CPU|CUDA, m) in csrc/cpu and csrc/cuda; the Python side (pyllm/ops)
+// adds fake (meta) kernels and autograd with torch.library.
+//
+// Conventions shared by every backend (CPU C++, CUDA C++, and the Triton launchers in kernels/):
+//
+// layer_norm_fwd(x, weight, bias, residual, eps, rms) -> (y, h, mean, rstd)
+//   x        (M, N), x.stride(1) == 1, any row stride; fp32 / fp16 / bf16 (fp64 on the CPU)
+//   weight   (N,) or None, dtype == x.dtype or float32;  bias (N,) or None, same dtype rule
+//   residual (M, N) or None, same dtype as x; when given the op normalizes h = x + residual
+//   rms      true: RMSNorm (no mean subtraction, no bias); false: LayerNorm
+//   y        (M, N) contiguous, x.dtype
+//   h        (M, N) contiguous, x.dtype, the residual sum (x + residual); shape (0,) when residual is None
+//   mean     (M,) float32 (float64 for fp64 x); shape (0,) when rms
+//   rstd     (M,) float32 (float64 for fp64 x); 1 / sqrt(var + eps), var the biased variance
+//            (for rms: 1 / sqrt(mean(h^2) + eps))
+//
+// layer_norm_bwd(dy, h, weight, mean, rstd, dh, rms, has_bias) -> (dx, dweight, dbias)
+//   dy       (M, N), stride(1) == 1;  h: the tensor that was normalized (x, or x + residual), (M, N)
+//   dh       (M, N) or None: gradient flowing into the returned h (pre-norm blocks); added to dx
+//   dx       (M, N) contiguous, h.dtype (it is also the gradient of residual)
+//   dweight  (N,) in weight's dtype, shape (0,) when weight is None
+//   dbias    (N,) in weight's dtype (x.dtype if weight is None), shape (0,) when !has_bias
+//
+// attention_fwd(q, k, v, key_padding_mask, causal, softmax_scale) -> (out, lse)
+//   q (B, Nq, Hq, D); k, v (B, Nk, Hkv, D); Hq % Hkv == 0 (query head h reads kv head h / (Hq / Hkv));
+//   any strides with stride(-1) == 1; fp32 / fp16 / bf16 (fp64 on the CPU)
+//   key_padding_mask (B, Nk) bool, True = real token, or None
+//   causal: bottom-right aligned: query i sees key j iff j <= i + Nk - Nq
+//   out (B, Nq, Hq, D) contiguous, q.dtype;  lse (B, Hq, Nq) float32 (float64 for fp64), natural log of
+//   sum_j exp(scale * q.k_j) over visible keys; a row that sees no key has out = 0 and lse = -inf
+//
+// attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, deterministic)
+//   -> (dq, dk, dv), each contiguous and shaped/typed like q, k, v; rows with lse = -inf contribute
+//   nothing (no NaN). deterministic = true: bitwise-reproducible gradients (no atomics order dependence).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyllm, m) {
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps, bool rms)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("layer_norm_bwd(Tensor dy, Tensor h, Tensor? weight, Tensor mean, Tensor rstd, Tensor? dh,"
+        " bool rms, bool has_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal,"
+        " float softmax_scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? key_padding_mask, bool causal, float softmax_scale, bool deterministic)"
+        " -> (Tensor, Tensor, Tensor)");
+}
+
+// `import pyllm._C` loads this library, which runs the registrations above; the module itself is empty.
+static struct PyModuleDef pyllm_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&pyllm_module); }

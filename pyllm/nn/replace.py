@@ -1,0 +1,52 @@
+"""Swap torch's LayerNorm / RMSNorm / MultiheadAttention for pyllm's, in place, weights kept."""
+from __future__ import annotations
+
+import torch
+
+from pyllm.nn.attention import MultiheadAttention
+from pyllm.nn.norm import LayerNorm, RMSNorm
+
+
+def _convert(module: torch.nn.Module) -> torch.nn.Module | None:
+    if isinstance(module, (LayerNorm, RMSNorm, MultiheadAttention)):
+        return None  # already pyllm's
+    if type(module) is torch.nn.LayerNorm:
+        new = LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
+                        bias=module.bias is not None)
+    elif type(module) is torch.nn.RMSNorm:
+        new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
+    elif type(module) is torch.nn.MultiheadAttention:
+        new = MultiheadAttention(
+            module.embed_dim, module.num_heads, dropout=module.dropout, bias=module.in_proj_bias is not None,
+            add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn,
+            kdim=module.kdim, vdim=module.vdim, batch_first=module.batch_first,
+        )
+    else:
+        return None
+    ref = next(iter(module.parameters()), None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    new.load_state_dict(module.state_dict())
+    new.train(module.training)
+    return new
+
+
+def replace_modules(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every ``torch.nn.LayerNorm``, ``RMSNorm`` and ``MultiheadAttention`` in ``model`` in place.
+
+    Parameters (values, dtype, device, requires_grad) and train/eval mode are kept; returns ``model``.
+    A model that is itself one of those modules cannot be replaced in place: use the returned module.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"replace_modules: model must be a torch.nn.Module, got {type(model).__name__}")
+    top = _convert(model)
+    if top is not None:
+        return top
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = _convert(child)
+            if new is not None:
+                for (_, p_new), (_, p_old) in zip(new.named_parameters(), child.named_parameters()):
+                    p_new.requires_grad_(p_old.requires_grad)
+                setattr(parent, name, new)
+    return model

@@ -1,0 +1,151 @@
+"""torch.library glue shared by the ops: fake (meta) kernels and autograd for the fwd/bwd op pairs.
+
+The C++ ops ``pyllm::{layer_norm,attention}_{fwd,bwd}`` (schemas in csrc/pyllm.cpp, CPU and CUDA kernels)
+and their Triton twins ``pyllm::triton_*`` (custom ops around the launchers in ``pyllm.kernels``) share one
+contract, so they share the fake kernels and the backward formulas registered here.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- layer norm
+def layer_norm_fwd_fake(x, weight, bias, residual, eps, rms):
+    M, N = x.shape
+    y = x.new_empty((M, N))
+    h = x.new_empty((M, N) if residual is not None else (0,))
+    mean = x.new_empty((0,) if rms else (M,), dtype=_stat_dtype(x.dtype))
+    rstd = x.new_empty((M,), dtype=_stat_dtype(x.dtype))
+    return y, h, mean, rstd
+
+
+def layer_norm_bwd_fake(dy, h, weight, mean, rstd, dh, rms, has_bias):
+    N = h.shape[1]
+    pdtype = weight.dtype if weight is not None else h.dtype
+    dw = h.new_empty((N,) if weight is not None else (0,), dtype=pdtype)
+    db = h.new_empty((N,) if has_bias else (0,), dtype=pdtype)
+    return h.new_empty(h.shape), dw, db
+
+
+def register_layer_norm(fwd_name: str, bwd: Callable) -> None:
+    """Fake kernels and autograd for a layer_norm fwd op whose backward op is ``bwd``."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, residual, eps, rms = inputs
+        _, h, mean, rstd = output
+        ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+        ctx.rms, ctx.has_bias, ctx.has_residual = rms, bias is not None, residual is not None
+
+    def backward(ctx, dy, dh, _dmean, _drstd):
+        hx, weight, mean, rstd = ctx.saved_tensors
+        dy = torch.zeros_like(hx) if dy is None else dy.contiguous()
+        dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
+        dx, dw, db = bwd(dy, hx, weight, mean, rstd, dh, ctx.rms, ctx.has_bias)
+        return (dx, dw if weight is not None else None, db if ctx.has_bias else None,
+                dx if ctx.has_residual else None, None, None)
+
+    torch.library.register_fake(fwd_name)(layer_norm_fwd_fake)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------- attention
+def attention_fwd_fake(q, k, v, key_padding_mask, causal, softmax_scale):
+    B, Nq, Hq, D = q.shape
+    return q.new_empty((B, Nq, Hq, D)), q.new_empty((B, Hq, Nq), dtype=_stat_dtype(q.dtype))
+
+
+def attention_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def register_attention(fwd_name: str, bwd: Callable) -> None:
+    """Fake kernels and autograd for an attention fwd op whose backward op is ``bwd``.
+
+    The log-sum-exp output carries no gradient (as in FlashAttention); the public op returns it detached.
+    """
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, key_padding_mask, causal, softmax_scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.causal, ctx.scale = causal, softmax_scale
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, mask, ctx.causal, ctx.scale, deterministic)
+        return dq, dk, dv, None, None, None
+
+    torch.library.register_fake(fwd_name)(attention_fwd_fake)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------- Triton custom ops
+# Custom ops (not triton_op): under TRITON_INTERPRET=1 a triton_op runs its kernel on fake tensors and
+# fails opcheck and torch.compile; custom_op + register_fake passes both there and on a GPU.
+@torch.library.custom_op("pyllm::triton_layer_norm_fwd", mutates_args=())
+def triton_layer_norm_fwd(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], eps: float, rms: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from pyllm.kernels import layer_norm as K
+
+    return K.layer_norm_fwd(x, weight, bias, residual, eps, rms)
+
+
+@torch.library.custom_op("pyllm::triton_layer_norm_bwd", mutates_args=())
+def triton_layer_norm_bwd(
+    dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, dh: Optional[Tensor],
+    rms: bool, has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from pyllm.kernels import layer_norm as K
+
+    return K.layer_norm_bwd(dy, h, weight, mean, rstd, dh, rms, has_bias)
+
+
+@torch.library.custom_op("pyllm::triton_attention_fwd", mutates_args=())
+def triton_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool, softmax_scale: float
+) -> tuple[Tensor, Tensor]:
+    from pyllm.kernels import attention as K
+
+    return K.attention_fwd(q, k, v, key_padding_mask, causal, softmax_scale)
+
+
+@torch.library.custom_op("pyllm::triton_attention_bwd", mutates_args=())
+def triton_attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
+    causal: bool, softmax_scale: float, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from pyllm.kernels import attention as K
+
+    return K.attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, deterministic)
+
+
+torch.library.register_fake("pyllm::triton_layer_norm_bwd")(layer_norm_bwd_fake)
+torch.library.register_fake("pyllm::triton_attention_bwd")(attention_bwd_fake)
+register_layer_norm("pyllm::triton_layer_norm_fwd", triton_layer_norm_bwd)
+register_attention("pyllm::triton_attention_fwd", triton_attention_bwd)
+
+
+def _register_extension_ops() -> None:
+    """Fakes and autograd for the C++ ops, once pyllm._C has registered their schemas."""
+    from pyllm import _ext
+
+    if _ext.load_error() is not None:
+        return
+    ops = torch.ops.pyllm
+    torch.library.register_fake("pyllm::layer_norm_bwd")(layer_norm_bwd_fake)
+    torch.library.register_fake("pyllm::attention_bwd")(attention_bwd_fake)
+    register_layer_norm("pyllm::layer_norm_fwd", ops.layer_norm_bwd)
+    register_attention("pyllm::attention_fwd", ops.attention_bwd)
+
+
+_register_extension_ops()
