@@ -1,0 +1,674 @@
+// FlashAttention-2 forward and backward on tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32
+// accumulate; sm_80+). CUDA headers only: the torch glue lives in bindings.cpp.
+//
+// Layout (B, N, H, D) with strides in elements; GQA/MQA by index (query head h reads kv head
+// h / (Hq / Hkv)); bottom-right causal (query i sees key j iff j <= i + Nk - Nq); optional key padding
+// mask (B, Nk) of bytes, 1 = real token. A row that sees no key gets out = 0 and lse = -inf, and
+// contributes nothing to the gradients.
+//
+// Work split. Every warp owns 16 rows of the tile it produces (query rows in the forward and dq
+// kernels, key rows in the dk/dv kernel), so the softmax statistics of a row live in the 4 lanes of
+// one quad and never cross warps. K/V (or Q/dO) tiles stream through shared memory with cp.async,
+// double-buffered: the copy of tile j+1 is in flight while tile j is multiplied.
+//
+// Head dims are padded to DP in {32, 64, 96, 128, 160, 192, 224, 256}; loads past D write zeros, so any
+// D <= 256 is exact. Shared-memory rows carry 8 elements of padding (kPad): rows stay 16-byte aligned
+// for cp.async/ldmatrix, and the 8 rows that one ldmatrix phase reads land in distinct banks.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace pyllm {
+namespace cuda {
+namespace {
+
+using namespace detail;
+
+constexpr int kPad = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Copies a (ROWS x DP) tile from global memory (rows_valid x D valid, row stride ld_g) into shared
+// memory (row stride DP + kPad), writing zeros outside the valid region. vec: 16-byte cp.async
+// (needs 16-byte aligned rows and D % 8 == 0); otherwise plain element loads.
+template <typename T, int ROWS, int DP, int NT>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int64_t ld_g, int rows_valid, int D,
+                                          bool vec) {
+  constexpr int LD = DP + kPad;
+  if (vec) {
+    constexpr int CPR = DP / 8;  // 16-byte chunks per row
+    for (int c = threadIdx.x; c < ROWS * CPR; c += NT) {
+      const int r = c / CPR, col = (c % CPR) * 8;
+      const bool ok = r < rows_valid && col < D;
+      cp_async16(s + r * LD + col, ok ? g + r * ld_g + col : g, ok);
+    }
+  } else {
+    for (int i = threadIdx.x; i < ROWS * DP; i += NT) {
+      const int r = i / DP, col = i % DP;
+      s[r * LD + col] = (r < rows_valid && col < D) ? g[r * ld_g + col] : from_float<T>(0.f);
+    }
+  }
+}
+
+__device__ __forceinline__ bool key_visible(int q_row, int key, int Nq, int Nk, bool causal,
+                                            const uint8_t* mask_row) {
+  return key < Nk && (!causal || key <= q_row + Nk - Nq) && (mask_row == nullptr || mask_row[key]);
+}
+
+// acc (16 x BN, C fragments of one warp) += A (16 x DP rows of sA starting at row0) * B^T where B is
+// (BN x DP) rows of sB: the S = Q K^T product (also dP = dO V^T, S^T = K Q^T, dP^T = V dO^T).
+template <typename T, int DP, int BN>
+__device__ __forceinline__ void mma_abt(float (&acc)[BN / 8][4], const T* sA, int row0, const T* sB,
+                                        int lane) {
+  constexpr int LD = DP + kPad;
+#pragma unroll
+  for (int kk = 0; kk < DP / 16; ++kk) {
+    uint32_t a[4];
+    // matrices: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
+    ldmatrix_x4(a, sA + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+    for (int nn = 0; nn < BN / 16; ++nn) {
+      uint32_t b[4];
+      // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+      ldmatrix_x4(b, sB + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
+                         ((lane >> 3) & 1) * 8);
+      mma16816<T>(acc[2 * nn], a, b[0], b[1]);
+      mma16816<T>(acc[2 * nn + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc (16 x DP) += P (16 x KN, C fragments of one warp, rounded to T) * B (KN x DP rows of sB): the
+// O += P V product (also dV += P^T dO, dK += dS^T Q, dQ += dS K). The C fragments of two adjacent
+// n-tiles are exactly the A fragment of one k-chunk, so P never leaves registers.
+template <typename T, int DP, int KN>
+__device__ __forceinline__ void mma_pb(float (&acc)[DP / 8][4], const float (&p)[KN / 8][4],
+                                       const T* sB, int lane) {
+  constexpr int LD = DP + kPad;
+#pragma unroll
+  for (int kk = 0; kk < KN / 16; ++kk) {
+    uint32_t a[4];
+    a[0] = pack2<T>(p[2 * kk][0], p[2 * kk][1]);
+    a[1] = pack2<T>(p[2 * kk][2], p[2 * kk][3]);
+    a[2] = pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    a[3] = pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+    for (int dd = 0; dd < DP / 16; ++dd) {
+      uint32_t b[4];
+      // transposed matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
+      ldmatrix_x4_trans(b, sB + (kk * 16 + (lane & 15)) * LD + dd * 16 + (lane >> 4) * 8);
+      mma16816<T>(acc[2 * dd], a, b[0], b[1]);
+      mma16816<T>(acc[2 * dd + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
+// Stores a warp's 16 x DP fp32 C fragments times `scale` into rows row0.. of a (rows_valid x D) output.
+template <typename T, int DP>
+__device__ __forceinline__ void store_rows(T* g, int64_t ld_g, int row0, int rows_valid, int D,
+                                           const float (&acc)[DP / 8][4], float scale0, float scale1,
+                                           int lane) {
+  const int gq = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int dt = 0; dt < DP / 8; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row0 + gq + (e >> 1) * 8, c = dt * 8 + 2 * tq + (e & 1);
+      if (r < rows_valid && c < D) g[r * ld_g + c] = from_float<T>(acc[dt][e] * (e < 2 ? scale0 : scale1));
+    }
+  }
+}
+
+// ---- forward --------------------------------------------------------------------------------------
+
+// grid (B * Hq, ceil(Nq / BM)), NW warps; warp w owns query rows m0 + 16w .. m0 + 16w + 15.
+template <typename T, int DP, int BN, int NW>
+__global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttentionFwdParams p, bool vec) {
+  constexpr int BM = 16 * NW, NT = NW * 32, LD = DP + kPad;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // BM x LD
+  T* sK = sQ + BM * LD;                     // 2 buffers of BN x LD
+  T* sV = sK + 2 * BN * LD;                 // 2 buffers of BN x LD
+
+  const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int hk = h / (p.heads_q / p.heads_kv);
+  const int m0 = blockIdx.y * BM;
+  const int Nq = p.seqlen_q, Nk = p.seqlen_k, D = p.head_dim;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane >> 2, tq = lane & 3;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + m0 * p.q_stride_n + h * p.q_stride_h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+  const uint8_t* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_stride_b : nullptr;
+
+  // Keys past the last one that the block's last row can see are skipped entirely.
+  const int n_end = p.causal ? min(Nk, m0 + BM + Nk - Nq) : Nk;
+  const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+  const float sl2 = p.softmax_scale * kLog2e;  // softmax in base 2: exp(x) = exp2(x * log2 e)
+
+  float o[DP / 8][4];
+  zero(o);
+  float m_run[2] = {-INFINITY, -INFINITY};  // running max of rows gq and gq + 8 (scaled, base 2)
+  float l_run[2] = {0.f, 0.f};              // this lane's share of the running sum
+
+  if (n_tiles > 0) {
+    load_tile<T, BM, DP, NT>(sQ, q, p.q_stride_n, Nq - m0, D, vec);
+    load_tile<T, BN, DP, NT>(sK, k, p.k_stride_n, Nk, D, vec);
+    load_tile<T, BN, DP, NT>(sV, v, p.v_stride_n, Nk, D, vec);
+    cp_async_commit();
+  }
+  for (int j = 0; j < n_tiles; ++j) {
+    const int buf = j & 1, n0 = j * BN;
+    if (j + 1 < n_tiles) {  // prefetch tile j + 1 into the other buffer
+      const int n1 = n0 + BN;
+      load_tile<T, BN, DP, NT>(sK + (buf ^ 1) * BN * LD, k + n1 * p.k_stride_n, p.k_stride_n, Nk - n1, D, vec);
+      load_tile<T, BN, DP, NT>(sV + (buf ^ 1) * BN * LD, v + n1 * p.v_stride_n, p.v_stride_n, Nk - n1, D, vec);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but the prefetch just issued has landed
+    __syncthreads();
+
+    float s[BN / 8][4];
+    zero(s);
+    mma_abt<T, DP, BN>(s, sQ, warp * 16, sK + buf * BN * LD, lane);
+
+    const int row_lo = m0 + warp * 16;
+    const bool need_mask = n0 + BN > Nk || mask != nullptr || (p.causal && n0 + BN - 1 > row_lo + Nk - Nq);
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[nt][e] * sl2;
+        if (need_mask &&
+            !key_visible(row_lo + gq + (e >> 1) * 8, n0 + nt * 8 + 2 * tq + (e & 1), Nq, Nk, p.causal, mask))
+          x = -INFINITY;
+        s[nt][e] = x;
+      }
+    }
+    // Online softmax: new max per row over the quad, rescale what was accumulated.
+    float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+    }
+    float msub[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      msub[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // a row with nothing visible yet: exp2(-inf) = 0
+      const float alpha = exp2f(m_run[r] - msub[r]);
+      m_run[r] = mx[r];
+      l_run[r] *= alpha;
+#pragma unroll
+      for (int dt = 0; dt < DP / 8; ++dt) {
+        o[dt][2 * r] *= alpha;
+        o[dt][2 * r + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+      s[nt][0] = exp2f(s[nt][0] - msub[0]);
+      s[nt][1] = exp2f(s[nt][1] - msub[0]);
+      s[nt][2] = exp2f(s[nt][2] - msub[1]);
+      s[nt][3] = exp2f(s[nt][3] - msub[1]);
+      l_run[0] += s[nt][0] + s[nt][1];
+      l_run[1] += s[nt][2] + s[nt][3];
+    }
+    mma_pb<T, DP, BN>(o, s, sV + buf * BN * LD, lane);
+    __syncthreads();  // the next iteration's prefetch overwrites this buffer
+  }
+
+  float inv[2], lse[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    lse[r] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
+  }
+  T* out = static_cast<T*>(p.out) + b * p.out_stride_b + m0 * p.out_stride_n + h * p.out_stride_h;
+  store_rows<T, DP>(out, p.out_stride_n, warp * 16, Nq - m0, D, o, inv[0], inv[1], lane);
+  if (tq == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m0 + warp * 16 + gq + r * 8;
+      if (row < Nq) p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * Nq + row] = lse[r];
+    }
+  }
+}
+
+// ---- backward: delta = rowsum(dO * O) --------------------------------------------------------------
+
+// One warp per (b, row, head); delta laid out (B, Hq, Nq) like lse.
+template <typename T>
+__global__ void attn_bwd_delta_kernel(const AttentionBwdParams p) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t total = static_cast<int64_t>(p.batch) * p.seqlen_q * p.heads_q;
+  if (idx >= total) return;
+  const int h = static_cast<int>(idx % p.heads_q);
+  const int row = static_cast<int>((idx / p.heads_q) % p.seqlen_q);
+  const int b = static_cast<int>(idx / (static_cast<int64_t>(p.heads_q) * p.seqlen_q));
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride_b + row * p.dout_stride_n + h * p.dout_stride_h;
+  const T* out = static_cast<const T*>(p.out) + b * p.out_stride_b + row * p.out_stride_n + h * p.out_stride_h;
+  float acc = 0.f;
+  for (int d = lane; d < p.head_dim; d += 32) acc += to_float(dout[d]) * to_float(out[d]);
+  acc = warp_sum(acc);
+  if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + row] = acc;
+}
+
+// Loads lse (as base-2, scaled; -inf -> +inf so that exp2(s - lse) = 0) and delta of BM rows.
+template <int BM, int NT>
+__device__ __forceinline__ void load_row_stats(float* s_lse, float* s_delta, const float* lse,
+                                               const float* delta, int rows_valid) {
+  for (int r = threadIdx.x; r < BM; r += NT) {
+    const bool ok = r < rows_valid;
+    const float l = ok ? lse[r] : -INFINITY;
+    s_lse[r] = l == -INFINITY ? INFINITY : l * kLog2e;
+    s_delta[r] = ok ? delta[r] : 0.f;
+  }
+}
+
+// ---- backward: dK, dV (and dQ through atomics) ----------------------------------------------------
+
+// grid (B * Hkv, ceil(Nk / BN)), BN / 16 warps; warp w owns keys n0 + 16w .. n0 + 16w + 15 and keeps
+// their dK and dV in registers while the CTA loops over every (query head of the group, query block).
+// Products are taken transposed (S^T = K Q^T) so that P^T and dS^T come out as C fragments of the
+// warp's own keys and feed dV += P^T dO and dK += dS^T Q straight from registers.
+template <typename T, int DP, int BM, int BN>
+__global__ void __launch_bounds__(BN * 2) attn_bwd_dkdv_kernel(const AttentionBwdParams p, bool vec) {
+  constexpr int NW = BN / 16, NT = NW * 32, LD = DP + kPad, LDS = BN + kPad;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);  // BN x LD
+  T* sV = sK + BN * LD;                     // BN x LD
+  T* sQ = sV + BN * LD;                     // 2 buffers of BM x LD
+  T* sdO = sQ + 2 * BM * LD;                // 2 buffers of BM x LD
+  T* sdS = sdO + 2 * BM * LD;               // BM x LDS: dS (query-major) for the dQ product
+  float* sLse = reinterpret_cast<float*>(sdS + BM * LDS);  // 2 x BM
+  float* sDelta = sLse + 2 * BM;                           // 2 x BM
+
+  const int bh = blockIdx.x, b = bh / p.heads_kv, hk = bh % p.heads_kv;
+  const int group = p.heads_q / p.heads_kv;
+  const int n0 = blockIdx.y * BN;
+  const int Nq = p.seqlen_q, Nk = p.seqlen_k, D = p.head_dim;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane >> 2, tq = lane & 3;
+  const float sl2 = p.softmax_scale * kLog2e;
+  const uint8_t* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_stride_b : nullptr;
+
+  // Causal: query i sees key n0 only if i >= n0 - (Nk - Nq); earlier query blocks are skipped.
+  const int m_first = p.causal ? max(0, n0 - (Nk - Nq)) : 0;
+  const int mb_first = m_first / BM, mb_count = m_first < Nq ? (Nq + BM - 1) / BM - mb_first : 0;
+  const int iters = group * mb_count;
+
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + n0 * p.k_stride_n + hk * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + n0 * p.v_stride_n + hk * p.v_stride_h;
+
+  auto load_q_block = [&](int it, int buf) {
+    const int hq = hk * group + it / mb_count, m0 = (mb_first + it % mb_count) * BM;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + m0 * p.q_stride_n + hq * p.q_stride_h;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride_b + m0 * p.dout_stride_n +
+                    hq * p.dout_stride_h;
+    load_tile<T, BM, DP, NT>(sQ + buf * BM * LD, q, p.q_stride_n, Nq - m0, D, vec);
+    load_tile<T, BM, DP, NT>(sdO + buf * BM * LD, dout, p.dout_stride_n, Nq - m0, D, vec);
+    const int64_t stat = (static_cast<int64_t>(b) * p.heads_q + hq) * Nq + m0;
+    load_row_stats<BM, NT>(sLse + buf * BM, sDelta + buf * BM, p.lse + stat, p.delta + stat, Nq - m0);
+  };
+
+  float dk[DP / 8][4], dv[DP / 8][4];
+  zero(dk);
+  zero(dv);
+  if (iters > 0) {
+    load_tile<T, BN, DP, NT>(sK, k, p.k_stride_n, Nk - n0, D, vec);
+    load_tile<T, BN, DP, NT>(sV, v, p.v_stride_n, Nk - n0, D, vec);
+    load_q_block(0, 0);
+    cp_async_commit();
+  }
+  for (int it = 0; it < iters; ++it) {
+    const int buf = it & 1;
+    const int hq = hk * group + it / mb_count, m0 = (mb_first + it % mb_count) * BM;
+    if (it + 1 < iters) load_q_block(it + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* sQb = sQ + buf * BM * LD;
+    const T* sdOb = sdO + buf * BM * LD;
+    const float* lse = sLse + buf * BM;
+    const float* delta = sDelta + buf * BM;
+
+    // P^T (16 keys x BM queries) = exp2(S^T * scale * log2e - lse * log2e), masked entries 0.
+    float pt[BM / 8][4];
+    zero(pt);
+    mma_abt<T, DP, BM>(pt, sK, warp * 16, sQb, lane);
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = n0 + warp * 16 + gq + (e >> 1) * 8, ql = nt * 8 + 2 * tq + (e & 1);
+        const bool ok = m0 + ql < Nq && key_visible(m0 + ql, key, Nq, Nk, p.causal, mask);
+        pt[nt][e] = ok ? exp2f(pt[nt][e] * sl2 - lse[ql]) : 0.f;
+      }
+    }
+    mma_pb<T, DP, BM>(dv, pt, sdOb, lane);  // dV += P^T dO
+
+    // dS^T = P^T * (dP^T - delta), dP^T = V dO^T
+    float dst[BM / 8][4];
+    zero(dst);
+    mma_abt<T, DP, BM>(dst, sV, warp * 16, sdOb, lane);
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - delta[nt * 8 + 2 * tq + (e & 1)]);
+    }
+    mma_pb<T, DP, BM>(dk, dst, sQb, lane);  // dK += dS^T Q (scaled at the end)
+
+    if (!p.deterministic) {
+      // dQ (BM x DP) += dS K: every warp needs all BN keys of dS, so dS goes through shared memory.
+#pragma unroll
+      for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int kl = warp * 16 + gq + (e >> 1) * 8, ql = nt * 8 + 2 * tq + (e & 1);
+          sdS[ql * LDS + kl] = from_float<T>(dst[nt][e]);
+        }
+      }
+      __syncthreads();
+      float* dq = p.dq_accum + ((static_cast<int64_t>(b) * Nq + m0) * p.heads_q + hq) * D;
+      const int64_t dq_ld = static_cast<int64_t>(p.heads_q) * D;
+      // Items: (16-row group, 16-column slice) of the BM x DP product, spread over the warps.
+      for (int item = warp; item < (BM / 16) * (DP / 16); item += NW) {
+        const int rg = item / (DP / 16), dd = item % (DP / 16);
+        float acc[2][4];
+        zero(acc);
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          uint32_t a[4], bb[4];
+          ldmatrix_x4(a, sdS + (rg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + kk * 16 + (lane >> 4) * 8);
+          ldmatrix_x4_trans(bb, sK + (kk * 16 + (lane & 15)) * LD + dd * 16 + (lane >> 4) * 8);
+          mma16816<T>(acc[0], a, bb[0], bb[1]);
+          mma16816<T>(acc[1], a, bb[2], bb[3]);
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = rg * 16 + gq + (e >> 1) * 8, c = dd * 16 + half * 8 + 2 * tq + (e & 1);
+            if (m0 + r < Nq && c < D) atomicAdd(dq + r * dq_ld + c, acc[half][e]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // buffers of this iteration (and sdS) are rewritten next
+  }
+
+  T* dkp = static_cast<T*>(p.dk) + ((static_cast<int64_t>(b) * Nk + n0) * p.heads_kv + hk) * D;
+  T* dvp = static_cast<T*>(p.dv) + ((static_cast<int64_t>(b) * Nk + n0) * p.heads_kv + hk) * D;
+  const int64_t ld = static_cast<int64_t>(p.heads_kv) * D;
+  store_rows<T, DP>(dkp, ld, warp * 16, Nk - n0, D, dk, p.softmax_scale, p.softmax_scale, lane);
+  store_rows<T, DP>(dvp, ld, warp * 16, Nk - n0, D, dv, 1.f, 1.f, lane);
+}
+
+// dq = dq_accum * scale, cast to T; both (B, Nq, Hq, D) contiguous.
+template <typename T>
+__global__ void attn_bwd_dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n,
+                                           float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dq[i] = from_float<T>(acc[i] * scale);
+}
+
+// ---- backward: deterministic dQ --------------------------------------------------------------------
+
+// grid (B * Hq, ceil(Nq / BM)), NW warps, like the forward kernel: recompute P, dP = dO V^T,
+// dS = P * (dP - delta), dQ += dS K over the visible key tiles, no atomics.
+template <typename T, int DP, int BN, int NW>
+__global__ void __launch_bounds__(NW * 32) attn_bwd_dq_kernel(const AttentionBwdParams p, bool vec) {
+  constexpr int BM = 16 * NW, NT = NW * 32, LD = DP + kPad;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);  // BM x LD
+  T* sdO = sQ + BM * LD;                    // BM x LD
+  T* sK = sdO + BM * LD;                    // 2 buffers of BN x LD
+  T* sV = sK + 2 * BN * LD;                 // 2 buffers of BN x LD
+  float* sLse = reinterpret_cast<float*>(sV + 2 * BN * LD);  // BM
+  float* sDelta = sLse + BM;                                 // BM
+
+  const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
+  const int hk = h / (p.heads_q / p.heads_kv);
+  const int m0 = blockIdx.y * BM;
+  const int Nq = p.seqlen_q, Nk = p.seqlen_k, D = p.head_dim;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane >> 2, tq = lane & 3;
+  const float sl2 = p.softmax_scale * kLog2e;
+  const uint8_t* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_stride_b : nullptr;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + m0 * p.q_stride_n + h * p.q_stride_h;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_stride_b + m0 * p.dout_stride_n + h * p.dout_stride_h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + hk * p.v_stride_h;
+
+  const int n_end = p.causal ? min(Nk, m0 + BM + Nk - Nq) : Nk;
+  const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+
+  float dq[DP / 8][4];
+  zero(dq);
+  if (n_tiles > 0) {
+    load_tile<T, BM, DP, NT>(sQ, q, p.q_stride_n, Nq - m0, D, vec);
+    load_tile<T, BM, DP, NT>(sdO, dout, p.dout_stride_n, Nq - m0, D, vec);
+    const int64_t stat = (static_cast<int64_t>(b) * p.heads_q + h) * Nq + m0;
+    load_row_stats<BM, NT>(sLse, sDelta, p.lse + stat, p.delta + stat, Nq - m0);
+    load_tile<T, BN, DP, NT>(sK, k, p.k_stride_n, Nk, D, vec);
+    load_tile<T, BN, DP, NT>(sV, v, p.v_stride_n, Nk, D, vec);
+    cp_async_commit();
+  }
+  for (int j = 0; j < n_tiles; ++j) {
+    const int buf = j & 1, n0 = j * BN;
+    if (j + 1 < n_tiles) {
+      const int n1 = n0 + BN;
+      load_tile<T, BN, DP, NT>(sK + (buf ^ 1) * BN * LD, k + n1 * p.k_stride_n, p.k_stride_n, Nk - n1, D, vec);
+      load_tile<T, BN, DP, NT>(sV + (buf ^ 1) * BN * LD, v + n1 * p.v_stride_n, p.v_stride_n, Nk - n1, D, vec);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* sKb = sK + buf * BN * LD;
+    const T* sVb = sV + buf * BN * LD;
+
+    float s[BN / 8][4], dp[BN / 8][4];
+    zero(s);
+    zero(dp);
+    mma_abt<T, DP, BN>(s, sQ, warp * 16, sKb, lane);
+    mma_abt<T, DP, BN>(dp, sdO, warp * 16, sVb, lane);
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int rl = warp * 16 + gq + (e >> 1) * 8, key = n0 + nt * 8 + 2 * tq + (e & 1);
+        const bool ok = m0 + rl < Nq && key_visible(m0 + rl, key, Nq, Nk, p.causal, mask);
+        const float pr = ok ? exp2f(s[nt][e] * sl2 - sLse[rl]) : 0.f;
+        s[nt][e] = pr * (dp[nt][e] - sDelta[rl]);  // dS
+      }
+    }
+    mma_pb<T, DP, BN>(dq, s, sKb, lane);  // dQ += dS K
+    __syncthreads();
+  }
+  T* dqp = static_cast<T*>(p.dq) + ((static_cast<int64_t>(b) * Nq + m0) * p.heads_q + h) * D;
+  store_rows<T, DP>(dqp, static_cast<int64_t>(p.heads_q) * D, warp * 16, Nq - m0, D, dq,
+                    p.softmax_scale, p.softmax_scale, lane);
+}
+
+// ---- launchers ------------------------------------------------------------------------------------
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+// cp.async moves 16-byte chunks: every row start must be 16-byte aligned and D a multiple of 8.
+bool rows_vectorizable(const void* ptr, int64_t sb, int64_t sn, int64_t sh, int D) {
+  return aligned16(ptr) && sb % 8 == 0 && sn % 8 == 0 && sh % 8 == 0 && D % 8 == 0;
+}
+
+template <typename Kernel>
+cudaError_t set_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename T, int DP, int BN, int NW>
+cudaError_t launch_fwd(const AttentionFwdParams& p, bool vec, cudaStream_t stream) {
+  constexpr int BM = 16 * NW;
+  const size_t smem = static_cast<size_t>(BM + 4 * BN) * (DP + kPad) * sizeof(T);
+  auto kernel = attn_fwd_kernel<T, DP, BN, NW>;
+  cudaError_t err = set_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.batch * p.heads_q, (p.seqlen_q + BM - 1) / BM);
+  if (grid.y > 65535) return cudaErrorInvalidConfiguration;  // seqlen_q beyond 65535 blocks
+  kernel<<<grid, NW * 32, smem, stream>>>(p, vec);
+  return cudaGetLastError();
+}
+
+template <typename T, int DP, int BM, int BN>
+cudaError_t launch_bwd_dkdv(const AttentionBwdParams& p, bool vec, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(2 * BN + 4 * BM) * (DP + kPad) * sizeof(T) +
+                      static_cast<size_t>(BM) * (BN + kPad) * sizeof(T) + 4 * BM * sizeof(float);
+  auto kernel = attn_bwd_dkdv_kernel<T, DP, BM, BN>;
+  cudaError_t err = set_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.batch * p.heads_kv, (p.seqlen_k + BN - 1) / BN);
+  if (grid.y > 65535) return cudaErrorInvalidConfiguration;  // seqlen_k beyond 65535 blocks
+  kernel<<<grid, BN * 2, smem, stream>>>(p, vec);
+  return cudaGetLastError();
+}
+
+template <typename T, int DP, int BN, int NW>
+cudaError_t launch_bwd_dq(const AttentionBwdParams& p, bool vec, cudaStream_t stream) {
+  constexpr int BM = 16 * NW;
+  const size_t smem = static_cast<size_t>(2 * BM + 4 * BN) * (DP + kPad) * sizeof(T) + 2 * BM * sizeof(float);
+  auto kernel = attn_bwd_dq_kernel<T, DP, BN, NW>;
+  cudaError_t err = set_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.batch * p.heads_q, (p.seqlen_q + BM - 1) / BM);
+  if (grid.y > 65535) return cudaErrorInvalidConfiguration;  // seqlen_q beyond 65535 blocks
+  kernel<<<grid, NW * 32, smem, stream>>>(p, vec);
+  return cudaGetLastError();
+}
+
+// Opt-in shared memory per block of the current device (A100 163 KB, H100 227 KB, sm_86/89 99 KB).
+int smem_optin() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 0;
+  return bytes;
+}
+
+// Tile configurations; each has a variant within 99 KB of shared memory (the sm_86/89 opt-in limit)
+// and at most 16 accumulator rows per warp. Forward: (BN, warps); dk/dv: (BM, BN); dq: (BN, warps).
+template <typename T, int DP>
+cudaError_t fwd_for(const AttentionFwdParams& p, bool vec, cudaStream_t s) {
+  if constexpr (DP <= 96) return launch_fwd<T, DP, 64, 8>(p, vec, s);
+  // D = 128: 128 query rows per block (104 KB) where the device allows it: twice the K/V reuse, and
+  // on A100 8 warps per SM instead of 4.
+  else if constexpr (DP <= 128) return smem_optin() >= 110 * 1024 ? launch_fwd<T, DP, 64, 8>(p, vec, s)
+                                                                   : launch_fwd<T, DP, 64, 4>(p, vec, s);
+  else if constexpr (DP <= 224) return launch_fwd<T, DP, 32, 4>(p, vec, s);
+  else return launch_fwd<T, DP, 16, 4>(p, vec, s);
+}
+
+template <typename T, int DP>
+cudaError_t bwd_for(const AttentionBwdParams& p, bool vec, cudaStream_t s) {
+  if (p.seqlen_k > 0) {
+    cudaError_t err;
+    if constexpr (DP <= 64) err = launch_bwd_dkdv<T, DP, 64, 64>(p, vec, s);
+    else if constexpr (DP <= 128) err = launch_bwd_dkdv<T, DP, 32, 64>(p, vec, s);
+    else err = launch_bwd_dkdv<T, DP, 16, 32>(p, vec, s);
+    if (err != cudaSuccess) return err;
+  }
+  if (!p.deterministic) {
+    const int64_t n = static_cast<int64_t>(p.batch) * p.seqlen_q * p.heads_q * p.head_dim;
+    const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
+    attn_bwd_dq_convert_kernel<T><<<blocks, 256, 0, s>>>(p.dq_accum, static_cast<T*>(p.dq), n, p.softmax_scale);
+    return cudaGetLastError();
+  }
+  if constexpr (DP <= 64) return launch_bwd_dq<T, DP, 64, 4>(p, vec, s);
+  else if constexpr (DP <= 128) return launch_bwd_dq<T, DP, 32, 4>(p, vec, s);
+  else return launch_bwd_dq<T, DP, 16, 2>(p, vec, s);
+}
+
+// Runs BODY with the compile-time constant DP, the padded head dim of D (C++17: no template lambdas).
+#define PYLLM_HEAD_DIM_SWITCH(D, ...)              \
+  [&]() -> cudaError_t {                           \
+    if ((D) <= 32) { constexpr int DP = 32; return __VA_ARGS__(); }   \
+    if ((D) <= 64) { constexpr int DP = 64; return __VA_ARGS__(); }   \
+    if ((D) <= 96) { constexpr int DP = 96; return __VA_ARGS__(); }   \
+    if ((D) <= 128) { constexpr int DP = 128; return __VA_ARGS__(); } \
+    if ((D) <= 160) { constexpr int DP = 160; return __VA_ARGS__(); } \
+    if ((D) <= 192) { constexpr int DP = 192; return __VA_ARGS__(); } \
+    if ((D) <= 224) { constexpr int DP = 224; return __VA_ARGS__(); } \
+    { constexpr int DP = 256; return __VA_ARGS__(); }                 \
+  }()
+
+cudaError_t check_shapes(int B, int Nq, int Nk, int Hq, int Hkv, int D) {
+  if (B < 0 || Nq < 0 || Nk < 0 || Hq <= 0 || Hkv <= 0 || Hq % Hkv != 0) return cudaErrorInvalidValue;
+  if (D <= 0 || D > kAttentionMaxHeadDim) return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t attention_fwd(const AttentionFwdParams& p, DType dtype, cudaStream_t stream) {
+  cudaError_t err = check_shapes(p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim);
+  if (err != cudaSuccess) return err;
+  if (dtype == DType::kFloat32) return cudaErrorInvalidValue;  // fp32 is served by other backends
+  if (p.batch == 0 || p.seqlen_q == 0) return cudaSuccess;
+  const bool vec = rows_vectorizable(p.q, p.q_stride_b, p.q_stride_n, p.q_stride_h, p.head_dim) &&
+                   rows_vectorizable(p.k, p.k_stride_b, p.k_stride_n, p.k_stride_h, p.head_dim) &&
+                   rows_vectorizable(p.v, p.v_stride_b, p.v_stride_n, p.v_stride_h, p.head_dim);
+  return PYLLM_HEAD_DIM_SWITCH(p.head_dim, [&] {
+    return dtype == DType::kFloat16 ? fwd_for<__half, DP>(p, vec, stream)
+                                    : fwd_for<__nv_bfloat16, DP>(p, vec, stream);
+  });
+}
+
+cudaError_t attention_bwd(const AttentionBwdParams& p, DType dtype, cudaStream_t stream) {
+  cudaError_t err = check_shapes(p.batch, p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_kv, p.head_dim);
+  if (err != cudaSuccess) return err;
+  if (dtype == DType::kFloat32) return cudaErrorInvalidValue;
+  if (!p.deterministic && p.dq_accum == nullptr) return cudaErrorInvalidValue;
+  if (p.batch == 0) return cudaSuccess;
+  if (p.seqlen_q == 0) {  // no query: dk = dv = 0
+    const size_t bytes = static_cast<size_t>(p.batch) * p.seqlen_k * p.heads_kv * p.head_dim * 2;
+    err = cudaMemsetAsync(p.dk, 0, bytes, stream);
+    return err != cudaSuccess ? err : cudaMemsetAsync(p.dv, 0, bytes, stream);
+  }
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.seqlen_q * p.heads_q;
+  const int64_t delta_blocks = (rows + 7) / 8;  // 8 warps per block, one warp per row
+  if (delta_blocks > INT32_MAX) return cudaErrorInvalidValue;
+  if (dtype == DType::kFloat16)
+    attn_bwd_delta_kernel<__half><<<static_cast<unsigned>(delta_blocks), 256, 0, stream>>>(p);
+  else
+    attn_bwd_delta_kernel<__nv_bfloat16><<<static_cast<unsigned>(delta_blocks), 256, 0, stream>>>(p);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (!p.deterministic) {
+    err = cudaMemsetAsync(p.dq_accum, 0, static_cast<size_t>(rows) * p.head_dim * sizeof(float), stream);
+    if (err != cudaSuccess) return err;
+  }
+  const bool vec = rows_vectorizable(p.q, p.q_stride_b, p.q_stride_n, p.q_stride_h, p.head_dim) &&
+                   rows_vectorizable(p.k, p.k_stride_b, p.k_stride_n, p.k_stride_h, p.head_dim) &&
+                   rows_vectorizable(p.v, p.v_stride_b, p.v_stride_n, p.v_stride_h, p.head_dim) &&
+                   rows_vectorizable(p.dout, p.dout_stride_b, p.dout_stride_n, p.dout_stride_h, p.head_dim);
+  return PYLLM_HEAD_DIM_SWITCH(p.head_dim, [&] {
+    return dtype == DType::kFloat16 ? bwd_for<__half, DP>(p, vec, stream)
+                                    : bwd_for<__nv_bfloat16, DP>(p, vec, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace pyllm

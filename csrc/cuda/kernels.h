@@ -1,0 +1,128 @@
+// Launchers of the CUDA kernels in csrc/cuda/*.cu. Plain C++ over the CUDA runtime (no torch), so the
+// torch bindings (bindings.cpp) and the standalone harnesses (csrc/dev) share them.
+//
+// Conventions (the op contract of csrc/pyllm.cpp):
+//   * pointers are device pointers; strides are in elements; every tensor's last dim is contiguous;
+//   * each launcher checks what it can (sizes, head dim), enqueues on `stream`, and returns the first
+//     cudaError_t it met (cudaSuccess otherwise); it never synchronizes.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace pyllm {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// ---------------------------------------------------------------------------------------------------
+// Attention (FlashAttention-2). fp16 and bf16 only: fp32 inputs are not served here (the Python
+// dispatcher routes them to another backend); head_dim 1..256 (64, 96, 128 at full speed; others are
+// padded to the next of 32/64/96/128/160/192/224/256 with masked loads). Needs sm_80+ (mma.sync bf16).
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int kAttentionMaxHeadDim = 256;
+
+struct AttentionFwdParams {
+  const void* q;  // (B, Nq, Hq, D) with strides q_stride_{b,n,h}
+  const void* k;  // (B, Nk, Hkv, D)
+  const void* v;  // (B, Nk, Hkv, D)
+  void* out;      // (B, Nq, Hq, D) with strides out_stride_{b,n,h} (the binding allocates it contiguous)
+  float* lse;     // (B, Hq, Nq) contiguous; natural log; -inf for a row that sees no key
+  const uint8_t* key_padding_mask;  // (B, Nk), 1 = real token, row stride mask_stride_b, or nullptr
+  int64_t mask_stride_b;
+  int batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim;
+  int64_t q_stride_b, q_stride_n, q_stride_h;
+  int64_t k_stride_b, k_stride_n, k_stride_h;
+  int64_t v_stride_b, v_stride_n, v_stride_h;
+  int64_t out_stride_b, out_stride_n, out_stride_h;
+  float softmax_scale;
+  bool causal;  // bottom-right aligned: query i sees key j iff j <= i + Nk - Nq
+};
+
+cudaError_t attention_fwd(const AttentionFwdParams& p, DType dtype, cudaStream_t stream);
+
+struct AttentionBwdParams {
+  const void* dout;  // (B, Nq, Hq, D), strides dout_stride_{b,n,h}
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;   // forward output (B, Nq, Hq, D), strides out_stride_{b,n,h}
+  const float* lse;  // (B, Hq, Nq) contiguous, from attention_fwd
+  const uint8_t* key_padding_mask;  // (B, Nk) or nullptr
+  int64_t mask_stride_b;
+  void* dq;  // (B, Nq, Hq, D) contiguous, q's dtype
+  void* dk;  // (B, Nk, Hkv, D) contiguous
+  void* dv;  // (B, Nk, Hkv, D) contiguous
+  // Workspace, fp32, both provided by the caller:
+  float* delta;     // (B, Hq, Nq): rowsum(dout * out)
+  float* dq_accum;  // (B, Nq, Hq, D): atomics target when !deterministic (zeroed here); may be
+                    // nullptr when deterministic
+  int batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim;
+  int64_t dout_stride_b, dout_stride_n, dout_stride_h;
+  int64_t q_stride_b, q_stride_n, q_stride_h;
+  int64_t k_stride_b, k_stride_n, k_stride_h;
+  int64_t v_stride_b, v_stride_n, v_stride_h;
+  int64_t out_stride_b, out_stride_n, out_stride_h;
+  float softmax_scale;
+  bool causal;
+  // true: dq from a separate kernel that loops over key blocks (no atomics, bitwise reproducible);
+  // false: dq accumulated with fp32 atomics into dq_accum by the dk/dv kernel, then converted.
+  bool deterministic;
+};
+
+// Runs delta = rowsum(dO * O), the dk/dv kernel (one CTA per key block and kv head; it loops over the
+// query heads of its group, so GQA needs no reduction afterwards), and dq (atomics + convert, or the
+// deterministic dq kernel).
+cudaError_t attention_bwd(const AttentionBwdParams& p, DType dtype, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------
+// LayerNorm / RMSNorm with a fused residual add. x fp32/fp16/bf16; weight and bias in x's dtype or fp32.
+// ---------------------------------------------------------------------------------------------------
+
+struct LayerNormFwdParams {
+  const void* x;         // (M, N), row stride x_row_stride
+  const void* residual;  // (M, N), row stride residual_row_stride, or nullptr
+  const void* weight;    // (N,) or nullptr
+  const void* bias;      // (N,) or nullptr (ignored when rms)
+  void* y;               // (M, N) contiguous, x's dtype
+  void* h;               // (M, N) contiguous, x + residual; nullptr when residual is nullptr
+  float* mean;           // (M,) or nullptr when rms
+  float* rstd;           // (M,)
+  int64_t M, N;
+  int64_t x_row_stride, residual_row_stride;
+  float eps;
+  bool rms;
+};
+
+// weight_dtype describes weight and bias (x's dtype or kFloat32); ignored when both are nullptr.
+cudaError_t layer_norm_fwd(const LayerNormFwdParams& p, DType dtype, DType weight_dtype,
+                           cudaStream_t stream);
+
+struct LayerNormBwdParams {
+  const void* dy;      // (M, N), row stride dy_row_stride
+  const void* h;       // (M, N), the tensor that was normalized, row stride h_row_stride
+  const void* weight;  // (N,) or nullptr
+  const float* mean;   // (M,) or nullptr when rms
+  const float* rstd;   // (M,)
+  const void* dh;      // (M, N) or nullptr, row stride dh_row_stride; added to dx
+  void* dx;            // (M, N) contiguous, h's dtype
+  void* dweight;       // (N,) in weight_dtype, or nullptr (no weight)
+  void* dbias;         // (N,) in weight_dtype, or nullptr (!has_bias)
+  float* workspace;    // layer_norm_bwd_workspace_floats(M, N) floats, or nullptr when neither
+                       // dweight nor dbias is wanted
+  int64_t M, N;
+  int64_t dy_row_stride, h_row_stride, dh_row_stride;
+  bool rms;
+};
+
+// fp32 elements of workspace layer_norm_bwd needs (per-block partial sums of dweight and dbias).
+size_t layer_norm_bwd_workspace_floats(int64_t M, int64_t N);
+
+cudaError_t layer_norm_bwd(const LayerNormBwdParams& p, DType dtype, DType weight_dtype,
+                           cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace pyllm
