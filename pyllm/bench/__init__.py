@@ -1,0 +1,31 @@
+"""pyllm.bench: measure pyllm's ops against PyTorch and peer libraries, checked before timed.
+
+    from pyllm import bench
+    report = bench.bench(["attention"], preset="quick")        # or bench.run(cases, ...)
+    print(bench.table(report)); bench.write_json(report, "bench.json"); bench.plot(report, "plots/")
+
+The command line is ``pyllm bench`` (see :mod:`pyllm.bench.cli` and docs/bench.md). Submodules:
+``spec`` (cases, presets, FLOP/byte counts), ``providers``, ``work`` (inputs and timed callables),
+``check`` (correctness), ``measure`` (timing, memory, device limits), ``runner``, ``report``.
+Attributes load lazily so that importing the CLI does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "Case": "spec", "BenchError": "spec", "build_cases": "spec", "parse_shape": "spec", "flops": "spec",
+    "bytes_moved": "spec", "OPS": "spec", "MODES": "spec", "PRESETS": "spec",
+    "Provider": "providers", "all_providers": "providers", "BASELINES": "providers",
+    "run": "runner", "bench": "runner", "SCHEMA": "runner",
+    "table": "report", "write_json": "report", "load_json": "report", "plot": "report",
+    "report_ratios": "report", "markdown": "report",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

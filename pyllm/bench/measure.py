@@ -1,0 +1,265 @@
+"""How things are measured: interleaved timing, peak memory, the machine's own limits, machine info.
+
+GPU: CUDA events around each call, the L2 cache flushed (a 256 MB buffer zeroed) before every call.
+CPU: ``torch.utils.benchmark.Timer`` with a fixed thread count. On both, providers of one case are
+timed alternately, round by round (rotating who goes first), so load drift hits all of them alike.
+
+Peak memory is the extra memory one call needs beyond its inputs. GPU: ``torch.cuda.max_memory_allocated``
+after ``reset_peak_memory_stats``. CPU: in a fresh worker process (``python -m pyllm.bench._memworker``),
+the resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident
+set before the call, with glibc's mmap threshold pinned at 128 KiB so freed tensors go back to the OS.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .spec import Case, flops
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _once(fn, device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+class _L2Flusher:
+    def __init__(self):
+        self.buf = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+
+    def __call__(self):
+        self.buf.zero_()
+
+
+_flusher = None
+
+
+def time_interleaved(fns: dict, device: str, *, threads: int, repeats: int, warmup: int, min_run_s: float,
+                     max_s: float) -> dict[str, list[float]]:
+    """{name: [seconds per call, one per round]}. Each provider gets up to ``repeats`` rounds, fewer
+    (but at least 3, or 1 if one call alone exceeds ``max_s``) when its calls are slow."""
+    global _flusher
+    plan = {}
+    for name, fn in fns.items():
+        spent, t1 = 0.0, None
+        for i in range(max(1, warmup)):
+            t1 = _once(fn, device)
+            spent += t1
+            if spent > max_s / 2:
+                break
+        t1 = max(min(t1, _once(fn, device)) if spent < max_s / 2 else t1, 1e-7)
+        number = 1 if device == "cuda" else max(1, math.ceil(min_run_s / t1))
+        rounds = 1 if t1 > max_s else max(3, min(repeats, int(max_s / (t1 * number))))
+        plan[name] = (fn, number, rounds)
+    names = list(plan)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    if device == "cuda":
+        _flusher = _flusher or _L2Flusher()
+        pending = {n: [] for n in names}
+        for r in range(max(p[2] for p in plan.values())):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                fn, _, rounds = plan[n]
+                if r >= rounds:
+                    continue
+                _flusher()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                pending[n].append((start, end))
+        torch.cuda.synchronize()
+        for n in names:
+            times[n] = [s.elapsed_time(e) / 1e3 for s, e in pending[n]]
+        return times
+    from torch.utils.benchmark import Timer
+
+    timers = {n: Timer(stmt="fn()", globals={"fn": plan[n][0]}, num_threads=threads) for n in names}
+    for r in range(max(p[2] for p in plan.values())):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            _, number, rounds = plan[n]
+            if r < rounds:
+                times[n].append(timers[n].timeit(number).mean)
+    return times
+
+
+def summarize(ts: list[float]) -> dict:
+    """Median with the interquartile range and min/max, in milliseconds."""
+    s = sorted(ts)
+    if len(s) >= 4:
+        q = statistics.quantiles(s, n=4)
+        q1, q3 = q[0], q[2]
+    else:
+        q1, q3 = s[0], s[-1]
+    ms = lambda x: x * 1e3  # noqa: E731
+    return {"median_ms": ms(statistics.median(s)), "q1_ms": ms(q1), "q3_ms": ms(q3), "min_ms": ms(s[0]),
+            "max_ms": ms(s[-1]), "n": len(s)}
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+def peak_memory_cuda(fn) -> int:
+    """Extra bytes allocated at the peak of one call, beyond what was allocated before it."""
+    fn()  # warm-up: workspaces, lazy init
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+CPU_MEMORY_METHOD = ("peak RSS in a worker process: VmHWM (reset via /proc/self/clear_refs) minus VmRSS before "
+                     "the call, after one warm-up call; glibc mmap threshold pinned at 128 KiB")
+GPU_MEMORY_METHOD = "torch.cuda.max_memory_allocated() minus memory_allocated() before the call, after a warm-up call"
+
+
+def peak_memory_cpu(items: list[dict], threads: int, timeout_s: float = 600.0) -> list[dict]:
+    """Run the CPU memory worker once over ``items`` ({"case": Case.to_dict(), "provider": name, "seed": int}).
+
+    Returns one {"peak_bytes": int|None, "error": str|None} per item (errors for all if the worker fails).
+    """
+    if not items:
+        return []
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # big blocks come from mmap and return to the OS on free
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    payload = json.dumps({"threads": threads, "items": items})
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pyllm.bench._memworker"], input=payload, env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}")
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        if len(out) != len(items):
+            raise RuntimeError("worker returned a wrong number of results")
+        return out
+    except Exception as e:  # noqa: BLE001 (memory is a figure, not a reason to lose the timings)
+        return [{"peak_bytes": None, "error": f"memory worker failed: {type(e).__name__}: {e}"} for _ in items]
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) * 1024 if m else -1
+
+
+def rss_peak_of(fn) -> int:
+    """In this process: peak resident bytes of one call of ``fn`` beyond the resident set before it."""
+    fn()  # warm-up; its temporaries are freed by reference counting (gc.collect() costs ~0.5 s with torch loaded)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _status_kb("VmRSS")
+    fn()
+    return max(0, _status_kb("VmHWM") - base)
+
+
+# ------------------------------------------------------------------------------------ machine limits
+
+class Limits:
+    """The device's own ceilings, measured in this run with the same timer: matmul TFLOP/s and copy GB/s."""
+
+    def __init__(self, device: str, threads: int, repeats: int = 5):
+        self.device, self.threads, self.repeats = device, threads, repeats
+        self.matmul: dict[tuple, float] = {}
+        self.copy: dict[tuple, float] = {}
+
+    def _median_s(self, fn) -> float:
+        t = time_interleaved({"x": fn}, self.device, threads=self.threads, repeats=self.repeats, warmup=2,
+                             min_run_s=0.005, max_s=1.0)["x"]
+        return statistics.median(t)
+
+    def matmul_size(self, case: Case) -> int:
+        """Side n of a square GEMM doing about the FLOPs of the case's forward (a power of two, clamped)."""
+        f = flops(case.with_(mode="fwd")) if case.op != "train_step" else flops(case) / 3
+        lo, hi = (512, 8192) if self.device == "cuda" else (128, 2048)
+        n = 2 ** round(math.log2(max(2.0, (f / 2) ** (1 / 3))))
+        return int(min(hi, max(lo, n)))
+
+    def matmul_tflops(self, dtype, n: int) -> float:
+        key = (str(dtype), n)
+        if key not in self.matmul:
+            a = torch.randn(n, n, device=self.device).to(dtype)
+            b = torch.randn(n, n, device=self.device).to(dtype)
+            self.matmul[key] = 2.0 * n ** 3 / self._median_s(lambda: torch.matmul(a, b)) / 1e12
+        return self.matmul[key]
+
+    def copy_gbps(self, dtype, numel: int) -> float:
+        """GB/s of dst.copy_(src) over ``numel`` elements, counting the read and the write."""
+        key = (str(dtype), numel)
+        if key not in self.copy:
+            src = torch.randn(numel, device=self.device).to(dtype)
+            dst = torch.empty_like(src)
+            nbytes = 2 * src.numel() * src.element_size()
+            self.copy[key] = nbytes / self._median_s(lambda: dst.copy_(src)) / 1e9
+        return self.copy[key]
+
+    def to_json(self) -> dict:
+        return {"matmul": [{"dtype": d.replace("torch.", ""), "n": n, "tflops": v}
+                           for (d, n), v in self.matmul.items()],
+                "copy": [{"dtype": d.replace("torch.", ""), "numel": n, "gbps": v} for (d, n), v in self.copy.items()]}
+
+
+# -------------------------------------------------------------------------------------- machine info
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if m:
+            return m.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def machine_info(device: str, threads: int) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(), "os": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "threads": threads, "python": platform.python_version(), "torch": torch.__version__,
+        "triton": _version("triton"), "numpy": _version("numpy"), "device": device,
+        "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
+    }
+    try:
+        import pyllm
+
+        info["pyllm"] = getattr(pyllm, "__version__", None)
+    except Exception:  # noqa: BLE001
+        info["pyllm"] = None
+    if device == "cuda" and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_memory_bytes=p.total_memory, gpu_capability=f"{p.major}.{p.minor}",
+                    gpu_count=torch.cuda.device_count(), cudnn=torch.backends.cudnn.version())
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            info["gpu_driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+        except Exception:  # noqa: BLE001
+            info["gpu_driver"] = None
+    return info

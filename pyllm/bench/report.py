@@ -1,0 +1,305 @@
+"""Showing results: the terminal table, the JSON file, and PNG plots (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+def _clean(x):
+    """JSON without NaN/Infinity (strict parsers reject them)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(report: dict, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_clean(report), f, indent=1)
+        f.write("\n")
+    return path
+
+
+def load_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------- table
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def _mem(b):
+    if b is None:
+        return "-"
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= div:
+            return f"{b / div:.1f} {unit}"
+    return f"{b} B"
+
+
+def table(report: dict, width: int = 160) -> str:
+    """Plain-text table: one line per (op, mode, shape, dtype, provider); non-ok rows show why."""
+    lines = []
+    s = report["settings"]
+    m = report["machine"]
+    where = m.get("gpu") or m.get("cpu")
+    lines.append(f"pyllm bench: {s['device']} ({where}), {s['threads']} threads, preset {s['preset']}, "
+                 f"torch {m['torch']}, {m['date']}")
+    for name, p in report["providers"].items():
+        if p["status"] not in ("ok", "not selected"):
+            lines.append(f"  {name}: {p['status']} ({p['reason']})")
+    head = (f"{'op':<10} {'mode':<7} {'dtype':<5} {'shape':<24} {'provider':<16} {'median ms':>10} "
+            f"{'IQR ms':>15} {'TFLOP/s':>8} {'GB/s':>8} {'%lim':>5} {'peak mem':>10} {'vs base':>8}  status")
+    lines += [head, "-" * min(width, len(head) + 10)]
+    prev = None
+    for r in report["results"]:
+        key = (r["op"], r["mode"], r["dtype"], r["label"])
+        if prev is not None and key != prev:
+            lines.append("")
+        prev = key
+        t = r.get("time") or {}
+        iqr = f"{t['q1_ms']:.3g}-{t['q3_ms']:.3g}" if t else "-"
+        frac = r.get("frac_of_matmul") if r.get("frac_of_matmul") is not None else r.get("frac_of_copy")
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+        if r["status"] == "ok" and not t:
+            status = "ok (memory only)"
+        line = (f"{r['op']:<10} {r['mode']:<7} {r['dtype']:<5} {r['label']:<24} {r['provider']:<16} "
+                f"{_fmt(t.get('median_ms'), '.4g'):>10} {iqr:>15} {_fmt(r.get('tflops'), '.3g'):>8} "
+                f"{_fmt(r.get('gbps'), '.3g'):>8} {_fmt(None if frac is None else 100 * frac, '.0f'):>5} "
+                f"{_mem(r.get('peak_bytes')):>10} {_fmt(r.get('speedup'), '.2f'):>8}  {status}")
+        lines.append(line[:width] if len(line) > width else line)
+    lines.append("")
+    lines.append("median ms with the interquartile range; TFLOP/s by FlashAttention's count; GB/s of the minimal "
+                 "bytes; %lim = % of this device's matmul TFLOP/s (attention, train_step) or copy GB/s (norms); "
+                 "peak mem = extra memory of one call; vs base = baseline time / provider time "
+                 f"(baselines: {', '.join(f'{k}={v}' for k, v in report.get('baselines', {}).items())}).")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+def _prefer(rows, first, fallback):
+    """Rows of the sweeps in ``first`` if there are any, else those of ``fallback``."""
+    sel = [r for r in rows if r["sweep"] in first]
+    return sel or [r for r in rows if r["sweep"] in fallback]
+
+
+def _series(rows, x_of, y_of):
+    """{provider: sorted [(x, y)]} for rows with a y."""
+    out: dict[str, list] = {}
+    for r in rows:
+        y = y_of(r)
+        if y is not None and y > 0:
+            out.setdefault(r["provider"], []).append((x_of(r), y))
+    return {p: sorted(v) for p, v in out.items()}
+
+
+def _slope(pts) -> float | None:
+    """Least-squares exponent of y ~ x^k over the points (log-log)."""
+    if len(pts) < 2:
+        return None
+    lx = [math.log(x) for x, _ in pts]
+    ly = [math.log(y) for _, y in pts]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    den = sum((a - mx) ** 2 for a in lx)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / den if den else None
+
+
+def _colors(rows) -> dict:
+    """One colour per provider, the same in every panel and figure."""
+    names = list(dict.fromkeys(r["provider"] for r in rows))
+    palette = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "C7"]
+    return {n: palette[i % len(palette)] for i, n in enumerate(names)}
+
+
+def _adjust(fig, height_in: float) -> None:
+    """Fixed margins in inches (fig.tight_layout costs seconds per figure on a busy CPU)."""
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.55 / height_in, top=1 - 0.6 / height_in, wspace=0.3,
+                        hspace=0.9 / max(1.0, height_in / 3.6))
+
+
+def plot(report: dict, outdir: str) -> list[str]:
+    """Write PNGs into ``outdir``; returns their paths. Figures:
+
+    - ``attention_throughput_<dtype>.png``: TFLOP/s vs seqlen per provider (rows causal, columns modes),
+      the dashed grey line is this device's matmul TFLOP/s at the same FLOPs;
+    - ``<norm>_throughput_<dtype>.png``: GB/s vs hidden size (rows residual), dashed line = device copy GB/s;
+    - ``attention_memory_<dtype>.png``: peak extra memory vs seqlen, log-log, with the fitted exponent per
+      provider in the legend (1 = linear, 2 = quadratic) and guide lines of slope 1 and 2.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(outdir, exist_ok=True)
+    rows = report["results"]
+    paths = []
+    dev = report["machine"].get("gpu") or report["machine"].get("cpu", "")
+    color = _colors(rows)
+    for op, sweep, xname, yname, ykey, limkey in (
+            ("attention", "seqlen", "Nq", "TFLOP/s", "tflops", "matmul_tflops"),
+            ("layer_norm", "hidden", "N", "GB/s", "gbps", "copy_gbps"),
+            ("rms_norm", "hidden", "N", "GB/s", "gbps", "copy_gbps")):
+        sel = _prefer([r for r in rows if r["op"] == op and r.get("time")], (sweep,), ("user",))
+        for dtype in sorted({r["dtype"] for r in sel}):
+            rs = [r for r in sel if r["dtype"] == dtype]
+            flag = "causal" if op == "attention" else "residual"
+            flags = sorted({r[flag] for r in rs})
+            modes = [m for m in ("fwd", "bwd", "fwd+bwd") if any(r["mode"] == m for r in rs)]
+            if not modes:
+                continue
+            fig, axes = plt.subplots(len(flags), len(modes), figsize=(4.6 * len(modes), 3.6 * len(flags)),
+                                     squeeze=False)
+            for i, fl in enumerate(flags):
+                for j, mode in enumerate(modes):
+                    ax = axes[i][j]
+                    sub = [r for r in rs if r[flag] == fl and r["mode"] == mode]
+                    for prov, pts in _series(sub, lambda r: r["shape"][xname], lambda r: r.get(ykey)).items():
+                        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=prov, color=color[prov])
+                    lim = sorted({(r["shape"][xname], r[limkey]) for r in sub if r.get(limkey)})
+                    if lim:
+                        ax.plot([x for x, _ in lim], [y for _, y in lim], "--", color="grey",
+                                label="matmul" if op == "attention" else "copy")
+                    ax.set_xscale("log", base=2)
+                    ax.set_title(f"{op} {mode} {dtype}" + (f" {flag}" if fl else ""), fontsize=9)
+                    ax.set_xlabel("seqlen" if op == "attention" else "hidden size")
+                    ax.set_ylabel(yname)
+                    ax.grid(alpha=0.3)
+                    ax.legend(fontsize=7)
+            fig.suptitle(f"{op} throughput on {dev}", fontsize=10)
+            _adjust(fig, 3.6 * len(flags))
+            path = os.path.join(outdir, f"{op}_throughput_{dtype}.png")
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    paths += _plot_memory(rows, outdir, dev, plt, color)
+    return paths
+
+
+def _plot_memory(rows, outdir, dev, plt, color) -> list[str]:
+    sel = _prefer([r for r in rows if r["op"] == "attention" and r.get("peak_bytes") and not r["padding"]],
+                  ("seqlen", "memory"), ("user",))
+    paths = []
+    for dtype in sorted({r["dtype"] for r in sel}):
+        rs = [r for r in sel if r["dtype"] == dtype]
+        order = ("fwd", "bwd", "fwd+bwd")
+        panels = sorted({(r["mode"], r["causal"]) for r in rs}, key=lambda t: (order.index(t[0]), t[1]))
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+        for ax, (mode, causal) in zip(axes[0], panels):
+            sub = [r for r in rs if r["mode"] == mode and r["causal"] == causal]
+            series = _series(sub, lambda r: r["shape"]["Nq"], lambda r: r["peak_bytes"] / 2**20)
+            for prov, pts in series.items():
+                k = _slope(pts)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=color[prov],
+                        label=f"{prov}" + (f" (~N^{k:.1f})" if k is not None else ""))
+            allpts = [p for pts in series.values() for p in pts]
+            if allpts:
+                x0 = min(x for x, _ in allpts)
+                x1 = max(x for x, _ in allpts)
+                y0 = sorted(y for x, y in allpts if x == x0)[0]
+                for power, style in ((1, ":"), (2, "-.")):
+                    ax.plot([x0, x1], [y0, y0 * (x1 / x0) ** power], style, color="grey", linewidth=1,
+                            label=f"slope {power} ({'linear' if power == 1 else 'quadratic'})")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"attention {mode} {dtype}" + (" causal" if causal else ""), fontsize=9)
+            ax.set_xlabel("seqlen")
+            ax.set_ylabel("peak extra memory (MiB)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"attention peak memory on {dev}", fontsize=10)
+        _adjust(fig, 3.8)
+        path = os.path.join(outdir, f"attention_memory_{dtype}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ------------------------------------------------------------------------------------ ratios, markdown
+
+def _case_groups(rows):
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["mode"], r["dtype"], r["label"]), []).append(r)
+    return groups
+
+
+def report_ratios(report: dict) -> str:
+    """One line per timed case: each provider's speed ratio to the baseline (> 1 = faster)."""
+    lines = ["speed vs baseline (baseline time / provider time; > 1 = faster), measured side by side:"]
+    for (op, mode, dtype, label), rs in _case_groups(report["results"]).items():
+        timed = [r for r in rs if r.get("speedup") is not None and r["provider"] != r["baseline"]]
+        wrong = [r["provider"] for r in rs if r["status"] == "WRONG"]
+        if not timed and not wrong:
+            continue
+        parts = [f"{r['provider']} {r['speedup']:.2f}x" for r in timed] + [f"{p} WRONG" for p in wrong]
+        lines.append(f"  {op} {mode} {label} {dtype} (vs {rs[0]['baseline']}): " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def _cell(r: dict) -> str:
+    if r["status"] != "ok":
+        return r["status"]
+    t = r.get("time")
+    if not t:
+        return "-"
+    s = f"{t['median_ms']:.3g} ms"
+    if r.get("tflops") is not None:
+        s += f", {r['tflops']:.3g} TF/s"
+    elif r.get("gbps") is not None:
+        s += f", {r['gbps']:.3g} GB/s"
+    if r.get("speedup") is not None and r["provider"] != r["baseline"]:
+        s += f", **{r['speedup']:.2f}x**"
+    return s
+
+
+def markdown(report: dict, images: list[str] = ()) -> str:
+    """README results section: machine line, one table per op (rows = cases, columns = providers),
+    a memory table for attention, and the plots (``images``: paths relative to the README)."""
+    m, s = report["machine"], report["settings"]
+    where = (f"{m.get('gpu')} (driver {m.get('gpu_driver')})" if m.get("gpu")
+             else f"{m.get('cpu')}, {s['threads']} threads")
+    out = [f"Measured {m['date'][:10]} on {where}; torch {m['torch']}, triton {m.get('triton')}, "
+           f"python {m['python']}; preset `{s['preset']}`. Cells: median time, throughput "
+           f"(TFLOP/s by FlashAttention's count, or GB/s of the minimal bytes) and **speed vs the baseline** "
+           f"({', '.join(f'{k}: `{v}`' for k, v in report.get('baselines', {}).items())}). Every provider was checked "
+           "against `pyllm.reference` first; WRONG means it failed and was not timed.", ""]
+    rows = report["results"]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        rs = [r for r in rows if r["op"] == op and r.get("time") or (r["op"] == op and r["status"] != "ok")]
+        provs = list(dict.fromkeys(r["provider"] for r in rs))
+        if not rs:
+            continue
+        out += [f"**{op}**", "", "| mode | shape | dtype | " + " | ".join(f"`{p}`" for p in provs) + " |",
+                "|---|---|---|" + "---|" * len(provs)]
+        for (o, mode, dtype, label), g in _case_groups(rs).items():
+            by = {r["provider"]: r for r in g}
+            cells = " | ".join(_cell(by[p]) if p in by else "" for p in provs)
+            out.append(f"| {mode} | {label} | {dtype} | {cells} |")
+        out.append("")
+    mem = [r for r in rows if r["op"] == "attention" and r.get("peak_bytes") and r["sweep"] in ("memory", "seqlen")
+           and r["mode"] == "fwd+bwd" and not r["padding"]]
+    if mem:
+        provs = list(dict.fromkeys(r["provider"] for r in mem))
+        out += ["**attention peak extra memory, fwd+bwd (MiB)**", "",
+                "| shape | dtype | " + " | ".join(f"`{p}`" for p in provs) + " |", "|---|---|" + "---|" * len(provs)]
+        for (o, mode, dtype, label), g in _case_groups(mem).items():
+            by = {r["provider"]: r for r in g}
+            out.append(f"| {label} | {dtype} | " + " | ".join(
+                f"{by[p]['peak_bytes'] / 2**20:.1f}" if p in by else "skipped" for p in provs) + " |")
+        out.append("")
+    for img in images:
+        out += [f"![{os.path.splitext(os.path.basename(img))[0]}]({img})", ""]
+    return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,118 @@
+"""Inputs and callables: turn (case, provider) into the zero-argument function that is timed.
+
+The same code builds the work in the benchmark process and in the CPU memory worker, so both run
+exactly the same thing from the same seed.
+
+Modes: ``fwd`` is an inference forward (under ``torch.no_grad``); ``bwd`` runs the forward once
+outside the timed region and times ``torch.autograd.grad`` with ``retain_graph``; ``fwd+bwd`` times both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .providers import NORM_EPS, Provider
+from .spec import Case
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def padding_mask(B: int, Nk: int, device) -> torch.Tensor:
+    """(B, Nk) bool, True = real token; batch b keeps its first Nk - (b+1)*Nk/(2B) keys (at least one)."""
+    lengths = [max(1, Nk - (b + 1) * Nk // (2 * B)) for b in range(B)]
+    idx = torch.arange(Nk, device=device)
+    return torch.stack([idx < n for n in lengths])
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
+    """Inputs in pyllm's layout, not requiring grad: attention q,k,v (B,N,H,D), mask, dout; norms x,w,b,r,dy,dh."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dt = TORCH_DTYPES[case.dtype]
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+
+    if case.op == "attention":
+        B, Hq, Hkv, Nq, Nk, D = case.dims
+        return {"q": randn(B, Nq, Hq, D), "k": randn(B, Nk, Hkv, D), "v": randn(B, Nk, Hkv, D),
+                "mask": padding_mask(B, Nk, device) if case.padding else None,
+                "dout": randn(B, Nq, Hq, D), "scale": D ** -0.5}
+    M, N = case.dims
+    res = case.residual
+    return {"x": randn(M, N), "w": randn(N, scale=0.5) + 1,
+            "b": randn(N, scale=0.5) if case.op == "layer_norm" else None,
+            "r": randn(M, N) if res else None, "dy": randn(M, N), "dh": randn(M, N) if res else None}
+
+
+@dataclass
+class Call:
+    """One provider's forward over leaf tensors in its own layout, plus converters back to pyllm's."""
+
+    forward: Callable[[], tuple]
+    leaves: list  # tensors that require grad, in the provider's layout
+    grad_outs: list  # one per output
+    outs_to_common: Callable[[tuple], tuple]
+    grads_to_common: Callable[[tuple], tuple]
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def build_call(case: Case, provider: Provider, inputs: dict) -> Call:
+    if case.op == "attention":
+        return _attention_call(case, provider, inputs)
+    return _norm_call(case, provider, inputs)
+
+
+def _attention_call(case, provider, inp) -> Call:
+    swap = provider.layout == "bhnd"
+    conv = (lambda t: t.transpose(1, 2).contiguous()) if swap else (lambda t: t)
+    back = (lambda t: t.transpose(1, 2)) if swap else (lambda t: t)
+    q, k, v = (_leaf(conv(inp[n])) for n in ("q", "k", "v"))
+    fn = provider.attention_fn(case, q, k, v, inp["mask"], inp["scale"])
+    return Call(forward=lambda: (fn(),), leaves=[q, k, v], grad_outs=[conv(inp["dout"])],
+                outs_to_common=lambda outs: tuple(back(o) for o in outs),
+                grads_to_common=lambda gs: tuple(back(t) for t in gs))
+
+
+def _norm_call(case, provider, inp) -> Call:
+    x, w = _leaf(inp["x"]), _leaf(inp["w"])
+    b = _leaf(inp["b"]) if inp["b"] is not None else None
+    r = _leaf(inp["r"]) if inp["r"] is not None else None
+    fn = provider.norm_fn(case, x, w, b, r, NORM_EPS[case.op])
+    leaves = [t for t in (x, w, b, r) if t is not None]
+    grad_outs = [inp["dy"]] + ([inp["dh"]] if r is not None else [])
+
+    def forward():
+        out = fn()
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    ident = lambda ts: tuple(ts)  # noqa: E731
+    return Call(forward=forward, leaves=leaves, grad_outs=grad_outs, outs_to_common=ident, grads_to_common=ident)
+
+
+def mode_fn(call: Call, mode: str) -> Callable[[], object]:
+    """The timed function for ``mode``. For ``bwd`` the forward graph is built here, once, untimed."""
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return call.forward()
+        return fwd
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(call.forward(), call.leaves, call.grad_outs)
+    if mode == "bwd":
+        outs = call.forward()
+        return lambda: torch.autograd.grad(outs, call.leaves, call.grad_outs, retain_graph=True)
+    raise ValueError(f"mode: expected fwd, bwd or fwd+bwd, got {mode!r}")
+
+
+def build_timed(case: Case, provider: Provider, device: str, seed: int = 0, inputs: dict | None = None):
+    """The zero-argument callable measured for (case, provider); train steps included."""
+    if case.op == "train_step":
+        from .train_step import build_step
+
+        return build_step(case, provider, device, seed)
+    inputs = make_inputs(case, device, seed) if inputs is None else inputs
+    return mode_fn(build_call(case, provider, inputs), case.mode)
