@@ -39,20 +39,27 @@ def _check(fn: str, x, normalized_shape, weight, bias, residual, eps) -> tuple[i
         _checks.tensor(fn, name, p)
         if tuple(p.shape) != shape:
             raise ValueError(f"{fn}: {name} must have shape {list(shape)}, got {list(p.shape)}")
-        if p.dtype not in (x.dtype, torch.float32):
-            raise TypeError(
-                f"{fn}: {name} must have the input's dtype ({_checks._dt(x.dtype)}) or float32, "
-                f"got {_checks._dt(p.dtype)}"
-            )
+        if p.dtype == torch.float64 and x.dtype != torch.float64:
+            raise TypeError(f"{fn}: {name} is float64 but input is {_checks._dt(x.dtype)}; cast one of them")
     if residual is not None:
         _checks.tensor(fn, "residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"{fn}: residual must have the input's shape {list(x.shape)}, got {list(residual.shape)}")
-        _checks.same_dtype(fn, "input", x, residual=residual)
     _checks.same_device(fn, "input", x, weight=weight, bias=bias, residual=residual)
     if eps is not None and (not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps)):
         raise ValueError(f"{fn}: eps must be a finite float >= 0, got {eps!r}")
     return shape
+
+
+def _harmonize(x, weight, bias, residual):
+    """Mixed precision (autocast): h = x + residual follows torch's type promotion, so a bf16 branch output
+    added to an fp32 residual stream is normalized in fp32; half-precision parameters that differ from the
+    input's dtype are upcast to fp32 (lossless), which every kernel accepts."""
+    if residual is not None and residual.dtype != x.dtype:
+        common = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(common), residual.to(common)
+    weight, bias = (p if p is None or p.dtype in (x.dtype, torch.float32) else p.float() for p in (weight, bias))
+    return x, weight, bias, residual
 
 
 def _call(x: Tensor, n: int, weight: Tensor | None) -> dict:
@@ -124,12 +131,14 @@ def layer_norm(
 ):
     """Fused LayerNorm, a drop-in for ``torch.nn.functional.layer_norm``.
 
-    x: (..., *normalized_shape); weight, bias: normalized_shape, dtype of x or float32. Statistics in fp32.
+    x: (..., *normalized_shape); weight, bias: normalized_shape. Statistics in fp32. Mixed precision follows
+    torch: ``x + residual`` is type-promoted (a bf16 input with an fp32 residual is normalized in fp32).
     With ``residual`` (shape of x) computes ``h = x + residual`` in the same pass and returns
     ``(layer_norm(h), h)`` -- the pre-norm Transformer block's add & norm. ``backend`` picks a backend
     by name (see :mod:`pyllm.backends`); the default follows ``backends.use`` / ``PYLLM_BACKEND`` / auto.
     """
     shape = _check("layer_norm", x, normalized_shape, weight, bias, residual, eps)
+    x, weight, bias, residual = _harmonize(x, weight, bias, residual)
     return _norm("layer_norm", x, shape, weight, bias, eps, residual, backend)
 
 
@@ -147,6 +156,7 @@ def rms_norm(
     ``eps=None`` means ``torch.finfo(x.dtype).eps`` (torch's default). ``residual`` as in :func:`layer_norm`.
     """
     shape = _check("rms_norm", x, normalized_shape, weight, None, residual, eps)
+    x, weight, _, residual = _harmonize(x, weight, None, residual)
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     return _norm("rms_norm", x, shape, weight, None, eps, residual, backend)
 

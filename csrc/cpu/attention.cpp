@@ -1,0 +1,601 @@
+// FlashAttention-2 on the CPU: attention_fwd / attention_bwd for TORCH_LIBRARY_IMPL(pyllm, CPU).
+//
+// Conventions (layouts, GQA by index, bottom-right causal alignment, padding mask, empty rows) are
+// those of the header comment in csrc/pyllm.cpp. In short, per batch b and query head h
+// (kv head g = h / (Hq / Hkv)):
+//
+//   S = scale * Q_h K_g^T          (Nq, Nk), never formed whole: tiles of (BQ, BK)
+//   P = softmax(S) over visible keys;  out = P V_g;  lse = log sum_j exp(S_ij)
+//
+//   causal, Nq = 3, Nk = 5: query i sees key j iff j <= i + Nk - Nq
+//        k0 k1 k2 k3 k4
+//   q0    x  x  x  .  .
+//   q1    x  x  x  x  .
+//   q2    x  x  x  x  x
+//
+// Forward: parallel over (batch, head, query block); each task streams key blocks with an online
+// softmax (running row max m and sum l in fp32, fp64 for double) and rescales its accumulator once
+// at the end. Key blocks that causality hides entirely (or padding hides entirely) are skipped.
+// Memory is linear in sequence length: no (Nq, Nk) tensor exists, only (BK, BQ) tiles per thread.
+// Backward: delta = rowsum(dO * O) per query block, P recomputed from lse, then
+//   dV += P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ += scale dS K,  dK += scale dS^T Q.
+// Backward tasks are (batch, kv head, query-block split); each owns its dQ rows and accumulates dK/dV
+// for its kv head privately (summed afterwards in a fixed order when a head is split). No atomics, no
+// order dependence: gradients are bitwise reproducible run to run. The split count normally follows
+// the thread count; `deterministic` makes it depend on the shape only, so results are also identical
+// across thread counts.
+//
+// Tile products run in a register-blocked at::vec micro-kernel (6 x 64 fp32 outputs per step, FMA);
+// fp16/bf16 tiles are converted to fp32 once, when packed, and all math runs in fp32 (fp64 for
+// double inputs, which gradcheck uses).
+
+// Use the widest at::vec implementation this compilation targets (torch's own kernels get this
+// from their CPU_CAPABILITY build flags; an extension must ask for it before any ATen include).
+#if !defined(CPU_CAPABILITY)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kMaxHeadDim = 256;
+// Tile sizes: queries per task (a multiple of the vector width) and keys per step. A (64 keys, 128
+// queries) fp32 score tile is 32 KiB and stays in L1 between its product, softmax and use; 64 keys per
+// step keep the causal diagonal's wasted work small. (Measured on Sapphire Rapids, 1 and 2 threads,
+// against 32/64/128/256 variants; within noise of the best for every benchmark shape.)
+constexpr int64_t kFwdBlockQ = 128;
+constexpr int64_t kFwdBlockK = 64;
+constexpr int64_t kBwdBlockQ = 128;
+constexpr int64_t kBwdBlockK = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Tile products. Every operand that is read by vector (B, C) has rows of a multiple of the vector
+// width W (packed tiles are zero-padded; K/V rows are read in place only when head_dim % W == 0), so
+// the micro-kernel needs no column tail:
+//
+//   C (M, N) = alpha * sum_p a(i, p) * B[p][:]  (+ C if accumulate),   N % W == 0
+//   a(i, p) = A[i * ai + p * ap]   (ai = lda, ap = 1: A;  ai = 1, ap = lda: A transposed)
+//
+// A register tile of MR rows x NV vectors of C stays in registers over the whole p loop
+// (6 x 4 zmm accumulators + 4 B vectors + 1 broadcast = 29 of the 32 AVX-512 registers).
+
+constexpr int kMR = 6;
+constexpr int kNV = 4;
+
+template <typename T, int MR, int NV>
+void tile_kernel(int64_t K, const T* A, int64_t ai, int64_t ap, const T* B, int64_t ldb, T* C,
+                 int64_t ldc, T alpha, bool accumulate) {
+  using V = Vectorized<T>;
+  constexpr int W = V::size();
+  V c[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) c[r][j] = V(T(0));
+  for (int64_t p = 0; p < K; ++p) {
+    V b[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) b[j] = V::loadu(B + p * ldb + j * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const V a(A[r * ai + p * ap]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) c[r][j] = at::vec::fmadd(a, b[j], c[r][j]);
+    }
+  }
+  const V va(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) {
+      V res = c[r][j] * va;
+      if (accumulate) res = res + V::loadu(C + r * ldc + j * W);
+      res.store(C + r * ldc + j * W);
+    }
+}
+
+template <typename T, int MR>
+void tile_nv(int nv, int64_t K, const T* A, int64_t ai, int64_t ap, const T* B, int64_t ldb, T* C,
+             int64_t ldc, T alpha, bool acc) {
+  switch (nv) {
+    case 1: return tile_kernel<T, MR, 1>(K, A, ai, ap, B, ldb, C, ldc, alpha, acc);
+    case 2: return tile_kernel<T, MR, 2>(K, A, ai, ap, B, ldb, C, ldc, alpha, acc);
+    case 3: return tile_kernel<T, MR, 3>(K, A, ai, ap, B, ldb, C, ldc, alpha, acc);
+    default: return tile_kernel<T, MR, 4>(K, A, ai, ap, B, ldb, C, ldc, alpha, acc);
+  }
+}
+
+// C (M, N) = alpha * op(A) B (+ C). N must be a multiple of the vector width; B and C rows padded.
+template <typename T>
+void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t ai, int64_t ap, const T* B,
+            int64_t ldb, T* C, int64_t ldc, T alpha, bool accumulate) {
+  constexpr int64_t W = Vectorized<T>::size();
+  static_assert(kMR == 6 && kNV == 4, "tile_nv/matmul dispatch below is written for 6 x 4");
+  for (int64_t j = 0; j < N; j += kNV * W) {
+    const int nv = static_cast<int>(std::min<int64_t>(kNV, (N - j) / W));
+    const T* Bj = B + j;
+    for (int64_t i = 0; i < M; i += kMR) {
+      const T* Ai = A + i * ai;
+      T* Cij = C + i * ldc + j;
+      switch (std::min<int64_t>(kMR, M - i)) {
+        case 1: tile_nv<T, 1>(nv, K, Ai, ai, ap, Bj, ldb, Cij, ldc, alpha, accumulate); break;
+        case 2: tile_nv<T, 2>(nv, K, Ai, ai, ap, Bj, ldb, Cij, ldc, alpha, accumulate); break;
+        case 3: tile_nv<T, 3>(nv, K, Ai, ai, ap, Bj, ldb, Cij, ldc, alpha, accumulate); break;
+        case 4: tile_nv<T, 4>(nv, K, Ai, ai, ap, Bj, ldb, Cij, ldc, alpha, accumulate); break;
+        case 5: tile_nv<T, 5>(nv, K, Ai, ai, ap, Bj, ldb, Cij, ldc, alpha, accumulate); break;
+        default: tile_nv<T, 6>(nv, K, Ai, ai, ap, Bj, ldb, Cij, ldc, alpha, accumulate); break;
+      }
+    }
+  }
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Packing (with dtype conversion: fp16/bf16 become fp32 here, once per tile).
+// dst (rows_pad, Dp) = src (rows, D) with row stride ld; zeros elsewhere.
+template <typename S, typename T>
+void pack_rows(const S* src, int64_t ld, int64_t rows, int64_t D, T* dst, int64_t Dp, int64_t rows_pad) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* s = src + r * ld;
+    T* d = dst + r * Dp;
+    for (int64_t c = 0; c < D; ++c) d[c] = static_cast<T>(s[c]);
+    for (int64_t c = D; c < Dp; ++c) d[c] = T(0);
+  }
+  std::fill(dst + rows * Dp, dst + rows_pad * Dp, T(0));
+}
+
+// dst (D, BK) = src (rows, D)^T, columns >= rows zeroed.
+template <typename S, typename T>
+void pack_transposed(const S* src, int64_t ld, int64_t rows, int64_t D, T* dst, int64_t BK) {
+  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * BK + rows, dst + (d + 1) * BK, T(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* s = src + r * ld;
+    for (int64_t d = 0; d < D; ++d) dst[d * BK + r] = static_cast<T>(s[d]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row helpers (at::vec).
+
+inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
+inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
+
+template <typename T>
+void scale_row(T* row, int64_t n, T a) {
+  using V = Vectorized<T>;
+  at::vec::map([a](V x) { return x * V(a); }, row, row, n);
+}
+
+template <typename T>
+void fill_row(T* row, int64_t n, T value) {
+  std::fill(row, row + n, value);
+}
+
+// Per-thread scratch tiles, 64-byte (cache-line) aligned.
+template <typename T>
+struct Scratch {
+  explicit Scratch(int64_t n)
+      : ptr(static_cast<T*>(std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64))) {
+    TORCH_CHECK(ptr != nullptr, "attention: out of memory for a ", n, "-element scratch buffer");
+  }
+  ~Scratch() { std::free(ptr); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* ptr;
+};
+
+// Shapes and element strides of (B, N, H, D) tensors; the last dim is contiguous.
+struct Strides {
+  int64_t b, n, h;
+};
+inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+struct Problem {
+  int64_t B, Nq, Nk, Hq, Hkv, D;
+  bool causal;
+  double scale;
+  const bool* mask;  // (B, Nk) contiguous, or nullptr
+  int64_t group() const { return Hq / Hkv; }
+  // Number of keys query row i may see from the start of the key axis (causal), clamped to [0, Nk].
+  int64_t key_end(int64_t i) const {
+    if (!causal) return Nk;
+    return std::clamp<int64_t>(i + 1 + Nk - Nq, 0, Nk);
+  }
+};
+
+// Key-block status under the padding mask: 0 = all padding (skip), 1 = all real, 2 = mixed.
+inline int mask_status(const bool* m, int64_t n) {
+  if (m == nullptr) return 1;
+  int64_t real = 0;
+  for (int64_t j = 0; j < n; ++j) real += m[j];
+  return real == 0 ? 0 : (real == n ? 1 : 2);
+}
+
+// Order query blocks so that each contiguous range of tasks (which is what at::parallel_for hands
+// a thread) mixes cheap early causal blocks with expensive late ones: 0, n-1, 1, n-2, ...
+inline int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i / 2; }
+
+// ---------------------------------------------------------------------------------------------
+// Tiles are kept transposed: S^T = K Q^T, (keys, queries). Then K and V rows are the operands that
+// stream (read in place from the inputs when they are fp32/fp64 with head_dim a multiple of the
+// vector width, else packed once), Q^T and dO^T are packed once per query block, and the softmax
+// runs down the columns, vectorized over queries with no horizontal reductions.
+
+struct Blocks {
+  int64_t BQ, BK, Dp, nqb, nkb;
+};
+
+// Hides in S^T (nk keys, mq queries; row stride ld) what query q0 + i may not see of key k0 + j.
+template <typename T>
+void mask_block(const Problem& p, T* ST, int64_t ld, int64_t q0, int64_t mq, int64_t k0, int64_t nk,
+                const bool* mk, int mstat) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < nk; ++j) {
+    T* row = ST + j * ld;
+    if (mstat == 2 && !mk[k0 + j]) {
+      fill_row(row, mq, ninf);
+    } else if (p.causal) {  // key k0 + j is visible to query q0 + i iff i >= k0 + j - q0 - (Nk - Nq)
+      fill_row(row, std::clamp<int64_t>(k0 + j - q0 - (p.Nk - p.Nq), 0, mq), ninf);
+    }
+  }
+}
+
+// Key/value rows as tile operands: either the input itself (row stride of the tensor) or a packed,
+// converted, zero-padded copy (B * Hkv, Nkp, Dp) made once per call.
+template <typename T>
+struct Rows {
+  const T* base;
+  int64_t sb, sh, ld;  // element offsets of (batch, head, row)
+  const T* at(int64_t b, int64_t g, int64_t row) const { return base + b * sb + g * sh + row * ld; }
+};
+
+template <typename S, typename T>
+Rows<T> kv_rows(const Problem& p, const Blocks& bl, const S* x, Strides sx, at::Tensor& storage) {
+  constexpr int64_t W = Vectorized<T>::size();
+  if constexpr (std::is_same_v<S, T>) {
+    if (p.D % W == 0) return {x, sx.b, sx.h, sx.n};
+  }
+  const int64_t Nkp = bl.nkb * bl.BK, Dp = bl.Dp;
+  storage = at::empty({p.B * p.Hkv * Nkp * Dp}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* dst = storage.data_ptr<T>();
+  at::parallel_for(0, p.B * p.Hkv * bl.nkb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t kb = blk % bl.nkb, g = (blk / bl.nkb) % p.Hkv, b = blk / (bl.nkb * p.Hkv);
+      const int64_t k0 = kb * bl.BK, nk = std::max<int64_t>(0, std::min(bl.BK, p.Nk - k0));
+      pack_rows(x + b * sx.b + g * sx.h + k0 * sx.n, sx.n, nk, p.D, dst + ((b * p.Hkv + g) * Nkp + k0) * Dp, Dp,
+                bl.BK);
+    }
+  });
+  return {dst, p.Hkv * Nkp * Dp, Nkp * Dp, Dp};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. S: input dtype, T: compute dtype (float, or double).
+
+template <typename S, typename T>
+void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk, const S* v,
+                Strides sv, S* out, T* lse) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  constexpr int64_t W = Vectorized<T>::size();
+  using V = Vectorized<T>;
+  const int64_t D = p.D;
+  const Blocks bl{kFwdBlockQ, kFwdBlockK, round_up(D, W), (p.Nq + kFwdBlockQ - 1) / kFwdBlockQ,
+                  (p.Nk + kFwdBlockK - 1) / kFwdBlockK};
+  const int64_t BQ = bl.BQ, BK = bl.BK, Dp = bl.Dp, nqb = bl.nqb;
+  at::Tensor k_store, v_store;
+  const Rows<T> Kr = kv_rows<S, T>(p, bl, k, sk, k_store), Vr = kv_rows<S, T>(p, bl, v, sv, v_store);
+  const T scale = static_cast<T>(p.scale);
+  at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    // QT (D, BQ); ST (BK, BQ) scores then probabilities; O (BQ, Dp); per-query m, l, alpha, m_use
+    Scratch<T> qt_buf(D * BQ), st_buf(BK * BQ), o_buf(BQ * Dp), m_buf(BQ), l_buf(BQ), a_buf(BQ), mu_buf(BQ);
+    T *QT = qt_buf.ptr, *ST = st_buf.ptr, *O = o_buf.ptr, *m = m_buf.ptr, *l = l_buf.ptr, *alpha = a_buf.ptr,
+      *mu = mu_buf.ptr;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = zigzag(task % nqb, nqb);
+      const int64_t h = (task / nqb) % p.Hq, b = task / (nqb * p.Hq), g = h / p.group();
+      const int64_t q0 = qb * BQ, mq = std::min(BQ, p.Nq - q0), mqp = round_up(mq, W);
+      const bool* mk = p.mask ? p.mask + b * p.Nk : nullptr;
+      const int64_t kend = p.key_end(q0 + mq - 1);  // keys any row of the block sees
+      pack_transposed(q + b * sq.b + h * sq.h + q0 * sq.n, sq.n, mq, D, QT, BQ);
+      std::fill(m, m + BQ, ninf);
+      std::fill(l, l + BQ, T(0));
+      std::fill(O, O + mq * Dp, T(0));
+      for (int64_t k0 = 0; k0 < kend; k0 += BK) {
+        const int64_t nk = std::min(BK, kend - k0);
+        const int mstat = mask_status(mk ? mk + k0 : nullptr, nk);
+        if (mstat == 0) continue;
+        matmul<T>(nk, mqp, D, Kr.at(b, g, k0), Kr.ld, 1, QT, BQ, ST, BQ, scale, false);  // S^T (nk, mqp)
+        mask_block(p, ST, BQ, q0, mq, k0, nk, mk, mstat);
+        // Online softmax down the columns: new max, rescale factor, P = exp(S - max), row sums.
+        for (int64_t i = 0; i < mqp; i += W) {
+          V mx = V::loadu(m + i);
+          for (int64_t j = 0; j < nk; ++j) mx = at::vec::clamp_min(V::loadu(ST + j * BQ + i), mx);  // max, no NaN logic
+          mx.store(mu + i);
+        }
+        for (int64_t i = 0; i < mqp; ++i) {  // a column that has seen nothing keeps m = -inf, P = 0
+          const T m_new = mu[i];
+          mu[i] = m_new == ninf ? T(0) : m_new;
+          alpha[i] = std::exp(m[i] - mu[i]);
+          m[i] = m_new;
+        }
+        for (int64_t i = 0; i < mqp; i += W) {
+          const V vm = V::loadu(mu + i);
+          V sum(T(0));
+          for (int64_t j = 0; j < nk; ++j) {
+            const V e = vexp(V::loadu(ST + j * BQ + i) - vm);
+            e.store(ST + j * BQ + i);
+            sum = sum + e;
+          }
+          (V::loadu(l + i) * V::loadu(alpha + i) + sum).store(l + i);
+        }
+        for (int64_t i = 0; i < mq; ++i)
+          if (alpha[i] != T(1)) scale_row(O + i * Dp, Dp, alpha[i]);
+        // O += P V: P = (S^T)^T, read transposed
+        matmul<T>(mq, Dp, nk, ST, 1, BQ, Vr.at(b, g, k0), Vr.ld, O, Dp, T(1), true);
+      }
+      // out (B, Nq, Hq, D) contiguous; lse (B, Hq, Nq)
+      for (int64_t i = 0; i < mq; ++i) {
+        S* o = out + ((b * p.Nq + q0 + i) * p.Hq + h) * D;
+        const T inv = l[i] > T(0) ? T(1) / l[i] : T(0);
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(O[i * Dp + d] * inv);
+        lse[(b * p.Hq + h) * p.Nq + q0 + i] = l[i] > T(0) ? m[i] + std::log(l[i]) : ninf;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+struct BwdStrides {
+  Strides sdo, sq, sk, sv, so;
+};
+
+template <typename S, typename T>
+void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* q, const S* k,
+                const S* v, const S* out, const T* lse, S* dq, S* dk, S* dv, int64_t nsplit) {
+  constexpr T ninf = -std::numeric_limits<T>::infinity();
+  constexpr T pinf = std::numeric_limits<T>::infinity();
+  constexpr int64_t W = Vectorized<T>::size();
+  using V = Vectorized<T>;
+  const int64_t D = p.D;
+  const Blocks bl{kBwdBlockQ, kBwdBlockK, round_up(D, W), (p.Nq + kBwdBlockQ - 1) / kBwdBlockQ,
+                  (p.Nk + kBwdBlockK - 1) / kBwdBlockK};
+  const int64_t BQ = bl.BQ, BK = bl.BK, Dp = bl.Dp, nqb = bl.nqb, Nkp = bl.nkb * BK;
+  at::Tensor k_store, v_store;
+  const Rows<T> Kr = kv_rows<S, T>(p, bl, k, st.sk, k_store), Vr = kv_rows<S, T>(p, bl, v, st.sv, v_store);
+  // dK, dV accumulators: the outputs themselves when they can be (fp32/fp64, aligned head_dim, one
+  // task per kv head), else (B * Hkv * nsplit, 2, Nkp, Dp), summed over splits in order at the end.
+  const bool direct = std::is_same_v<S, T> && D % W == 0 && nsplit == 1;
+  const int64_t ntask = p.B * p.Hkv * nsplit;
+  at::Tensor acc_t;
+  if (!direct) acc_t = at::zeros({ntask * 2 * Nkp * Dp}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  T* acc = direct ? nullptr : acc_t.data_ptr<T>();
+  const T scale = static_cast<T>(p.scale);
+  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
+    // Qp, dOp (BQ, Dp) rows; QT, dOT (D, BQ); PT, dPT (BK, BQ); dQ (BQ, Dp); delta, L per query
+    Scratch<T> q_buf(BQ * Dp), do_buf(BQ * Dp), qt_buf(D * BQ), dot_buf(D * BQ), p_buf(BK * BQ),
+        dp_buf(BK * BQ), dq_buf(BQ * Dp), delta_buf(BQ), lse_buf(BQ);
+    T *Qp = q_buf.ptr, *dOp = do_buf.ptr, *QT = qt_buf.ptr, *dOT = dot_buf.ptr, *PT = p_buf.ptr,
+      *dPT = dp_buf.ptr, *dQ = dq_buf.ptr, *delta = delta_buf.ptr, *L = lse_buf.ptr;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % nsplit, g = (task / nsplit) % p.Hkv, b = task / (nsplit * p.Hkv);
+      T *dK, *dV;
+      int64_t ldkv;
+      if (direct) {  // rows of (B, Nk, Hkv, D) for head g
+        dK = reinterpret_cast<T*>(dk) + b * p.Nk * p.Hkv * D + g * D;
+        dV = reinterpret_cast<T*>(dv) + b * p.Nk * p.Hkv * D + g * D;
+        ldkv = p.Hkv * D;
+      } else {
+        dK = acc + task * 2 * Nkp * Dp;
+        dV = dK + Nkp * Dp;
+        ldkv = Dp;
+      }
+      const bool* mk = p.mask ? p.mask + b * p.Nk : nullptr;
+      for (int64_t h = g * p.group(); h < (g + 1) * p.group(); ++h) {
+        for (int64_t qb = c; qb < nqb; qb += nsplit) {
+          const int64_t q0 = qb * BQ, mq = std::min(BQ, p.Nq - q0), mqp = round_up(mq, W);
+          const int64_t kend = p.key_end(q0 + mq - 1);
+          if (kend <= 0) continue;
+          const S* Qs = q + b * st.sq.b + h * st.sq.h + q0 * st.sq.n;
+          const S* dOs = dout + b * st.sdo.b + h * st.sdo.h + q0 * st.sdo.n;
+          const S* Os = out + b * st.so.b + h * st.so.h + q0 * st.so.n;
+          pack_rows(Qs, st.sq.n, mq, D, Qp, Dp, mq);
+          pack_rows(dOs, st.sdo.n, mq, D, dOp, Dp, mq);
+          pack_transposed(Qs, st.sq.n, mq, D, QT, BQ);
+          pack_transposed(dOs, st.sdo.n, mq, D, dOT, BQ);
+          for (int64_t i = 0; i < BQ; ++i) {  // delta = rowsum(dO * O); L = +inf makes P = 0
+            T sum = 0;
+            if (i < mq)
+              for (int64_t d = 0; d < D; ++d) sum += dOp[i * Dp + d] * static_cast<T>(Os[i * st.so.n + d]);
+            delta[i] = sum;
+            const T li = i < mq ? lse[(b * p.Hq + h) * p.Nq + q0 + i] : ninf;
+            L[i] = li == ninf ? pinf : li;
+          }
+          std::fill(dQ, dQ + mq * Dp, T(0));
+          for (int64_t k0 = 0; k0 < kend; k0 += BK) {
+            const int64_t nk = std::min(BK, kend - k0);
+            const int mstat = mask_status(mk ? mk + k0 : nullptr, nk);
+            if (mstat == 0) continue;
+            const T* Kb = Kr.at(b, g, k0);
+            matmul<T>(nk, mqp, D, Kb, Kr.ld, 1, QT, BQ, PT, BQ, scale, false);  // S^T (nk, mqp)
+            mask_block(p, PT, BQ, q0, mq, k0, nk, mk, mstat);
+            for (int64_t j = 0; j < nk; ++j)  // P^T = exp(S^T - lse)
+              at::vec::map2([](V s, V lv) { return vexp(s - lv); }, PT + j * BQ, PT + j * BQ, L, mqp);
+            // dV += P^T dO (nk, Dp);  dP^T = V dO^T (nk, mqp)
+            matmul<T>(nk, Dp, mq, PT, BQ, 1, dOp, Dp, dV + k0 * ldkv, ldkv, T(1), true);
+            matmul<T>(nk, mqp, D, Vr.at(b, g, k0), Vr.ld, 1, dOT, BQ, dPT, BQ, T(1), false);
+            for (int64_t j = 0; j < nk; ++j)  // dS^T = P^T * (dP^T - delta), into dPT
+              at::vec::map3([](V pp, V dpp, V dl) { return pp * (dpp - dl); }, dPT + j * BQ, PT + j * BQ,
+                            dPT + j * BQ, delta, mqp);
+            // dQ += scale dS K (mq, Dp), dS read transposed;  dK += scale dS^T Q (nk, Dp)
+            matmul<T>(mq, Dp, nk, dPT, 1, BQ, Kb, Kr.ld, dQ, Dp, scale, true);
+            matmul<T>(nk, Dp, mq, dPT, BQ, 1, Qp, Dp, dK + k0 * ldkv, ldkv, scale, true);
+          }
+          for (int64_t i = 0; i < mq; ++i) {  // dq (B, Nq, Hq, D): this task owns these rows
+            S* o = dq + ((b * p.Nq + q0 + i) * p.Hq + h) * D;
+            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(dQ[i * Dp + d]);
+          }
+        }
+      }
+    }
+  });
+  if (direct) return;
+  // dk[b, n, g, :] = sum over splits c, in order, of the task accumulators; same for dv.
+  at::parallel_for(0, p.B * p.Hkv * p.Nk, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i % p.Nk, g = (i / p.Nk) % p.Hkv, b = i / (p.Nk * p.Hkv);
+      S* dk_row = dk + ((b * p.Nk + n) * p.Hkv + g) * D;
+      S* dv_row = dv + ((b * p.Nk + n) * p.Hkv + g) * D;
+      const T* a0 = acc + ((b * p.Hkv + g) * nsplit) * 2 * Nkp * Dp + n * Dp;
+      for (int64_t d = 0; d < D; ++d) {
+        T sk = 0, sv = 0;
+        for (int64_t c = 0; c < nsplit; ++c) {
+          sk += a0[c * 2 * Nkp * Dp + d];
+          sv += a0[c * 2 * Nkp * Dp + Nkp * Dp + d];
+        }
+        dk_row[d] = static_cast<S>(sk);
+        dv_row[d] = static_cast<S>(sv);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks and entry points.
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->dim() == 4, "attention: ", name, " must be 4-D (batch, seqlen, heads, head_dim), got ",
+                t->dim(), "-D shape ", t->sizes());
+    TORCH_CHECK(t->device().is_cpu(), "attention: ", name, " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->stride(3) == 1 || t->size(3) <= 1, "attention: ", name,
+                " must be contiguous in its last dim (stride(-1) == 1), got strides ", t->strides());
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+              "attention: q dtype must be float32, float16, bfloat16 or float64, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "attention: q, k, v must share a dtype, got ",
+              dt, ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.sizes() == v.sizes(), "attention: k and v must have the same shape, got ", k.sizes(),
+              " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), "attention: k has batch ", k.size(0), " but q has ", q.size(0));
+  TORCH_CHECK(k.size(3) == q.size(3), "attention: k has head_dim ", k.size(3), " but q has ", q.size(3));
+  const int64_t D = q.size(3);
+  TORCH_CHECK(D >= 1 && D <= kMaxHeadDim, "attention: head_dim must be in [1, ", kMaxHeadDim, "], got ", D);
+  TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, "attention: q heads (", q.size(2),
+              ") must be a multiple of k/v heads (", k.size(2), ")");
+}
+
+void check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k) {
+  if (!mask.has_value()) return;
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.scalar_type() == at::kBool, "attention: key_padding_mask must be bool, got ", m.scalar_type());
+  TORCH_CHECK(m.device().is_cpu(), "attention: key_padding_mask must be a CPU tensor, got ", m.device());
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == q.size(0) && m.size(1) == k.size(1),
+              "attention: key_padding_mask must have shape (batch, seqlen_k) = (", q.size(0), ", ",
+              k.size(1), "), got ", m.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& key_padding_mask,
+                                                     bool causal, double softmax_scale) {
+  check_qkv(q, k, v);
+  check_mask(key_padding_mask, q, k);
+  at::Tensor mask;
+  if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
+  Problem p{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal, softmax_scale,
+            mask.defined() ? mask.data_ptr<bool>() : nullptr};
+  at::Tensor out = at::empty({p.B, p.Nq, p.Hq, p.D}, q.options());                      // (B, Nq, Hq, D)
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, q.options().dtype(acc_type(q.scalar_type())));  // (B, Hq, Nq)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    fwd_kernel<scalar_t, acc_t>(p, q.data_ptr<scalar_t>(), strides_of(q), k.data_ptr<scalar_t>(), strides_of(k),
+                                v.data_ptr<scalar_t>(), strides_of(v), out.data_ptr<scalar_t>(),
+                                lse.data_ptr<acc_t>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& key_padding_mask, bool causal, double softmax_scale,
+    bool deterministic) {
+  check_qkv(q, k, v);
+  check_mask(key_padding_mask, q, k);
+  const auto dt = q.scalar_type(), acc = acc_type(dt);
+  for (auto [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
+    TORCH_CHECK(t->sizes() == q.sizes(), "attention_bwd: ", name, " must have q's shape ", q.sizes(), ", got ",
+                t->sizes());
+    TORCH_CHECK(t->scalar_type() == dt, "attention_bwd: ", name, " must have q's dtype ", dt, ", got ",
+                t->scalar_type());
+    TORCH_CHECK(t->device().is_cpu(), "attention_bwd: ", name, " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->stride(3) == 1 || t->size(3) <= 1, "attention_bwd: ", name,
+                " must be contiguous in its last dim, got strides ", t->strides());
+  }
+  const int64_t B = q.size(0), Nq = q.size(1), Hq = q.size(2);
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == Hq && lse_in.size(2) == Nq,
+              "attention_bwd: lse must have shape (batch, heads_q, seqlen_q) = (", B, ", ", Hq, ", ", Nq, "), got ",
+              lse_in.sizes());
+  TORCH_CHECK(lse_in.scalar_type() == acc, "attention_bwd: lse must be ", acc, ", got ", lse_in.scalar_type());
+  TORCH_CHECK(lse_in.device().is_cpu(), "attention_bwd: lse must be a CPU tensor, got ", lse_in.device());
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor mask;
+  if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
+  Problem p{B, Nq, k.size(1), Hq, k.size(2), q.size(3), causal, softmax_scale,
+            mask.defined() ? mask.data_ptr<bool>() : nullptr};
+  // Rows of a query block that is skipped (it sees no key) keep these zeros.
+  at::Tensor dq = at::zeros({p.B, p.Nq, p.Hq, p.D}, q.options());
+  // dk, dv are accumulated in place when the kernel can (see bwd_kernel), so they start at zero.
+  at::Tensor dk = at::zeros({p.B, p.Nk, p.Hkv, p.D}, q.options());
+  at::Tensor dv = at::zeros({p.B, p.Nk, p.Hkv, p.D}, q.options());
+
+  // Split each (batch, kv head) over query blocks only when there are too few of them to keep
+  // every thread busy; each split then keeps its own dK/dV accumulator (memory linear in Nk).
+  // With `deterministic` the split depends on the shape only, so results do not change with the
+  // thread count either.
+  const int64_t threads = deterministic ? 4 : at::get_num_threads(), units = p.B * p.Hkv;
+  const int64_t nqb = (p.Nq + kBwdBlockQ - 1) / kBwdBlockQ;
+  int64_t nsplit = 1;
+  if (units > 0 && !(units % threads == 0 || units >= 4 * threads))
+    nsplit = std::clamp<int64_t>((4 * threads + units - 1) / units, 1, std::max<int64_t>(nqb, 1));
+  const BwdStrides st{strides_of(dout), strides_of(q), strides_of(k), strides_of(v), strides_of(out)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "attention_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bwd_kernel<scalar_t, acc_t>(p, st, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
+                                dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), nsplit);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
