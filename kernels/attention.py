@@ -1,0 +1,609 @@
+"""FlashAttention-2 in Triton: forward and backward launchers for the pyllm attention op.
+
+Math, per (batch b, query head h), with kv head g = h // (Hq // Hkv) and scale c:
+
+    S = c * Q K_g^T                         (Nq, Nk), masked entries -inf
+    lse_i = log sum_j exp(S_ij)             natural log, -inf for a row that sees no key
+    P = exp(S - lse)                        never stored: recomputed in the backward from lse
+    O = P V_g
+    backward, with delta_i = sum_d dO_id O_id:
+    dV_g += P^T dO      dS = P * (dO V_g^T - delta)      dQ = c dS K_g      dK_g += c dS^T Q
+
+Causal masking is bottom-right aligned (query i sees key j iff j <= i + Nk - Nq), as in
+FlashAttention 2.1+:
+
+    Nq = 2, Nk = 5         Nq = 5, Nk = 2
+      k 0 1 2 3 4            k 0 1
+    q0  x x x x .          q0  . .      <- sees no key: out 0, lse -inf, zero gradients
+    q1  x x x x x          q1  . .
+                           q2  . .
+                           q3  x .
+                           q4  x x
+
+Kernels
+  _attn_fwd        one program per (query block, batch * query head); streams key blocks with an
+                   online softmax (running max and sum in fp32, exp2 with log2(e) folded into the
+                   scale), rescales once at the end, stores lse. Key blocks a causal tile cannot see
+                   are never visited; blocks fully below the diagonal skip the mask arithmetic.
+  _attn_bwd_pre    delta = rowsum(dO * O) in fp32.
+  _attn_bwd_dkdv   one program per (key block, batch * kv head); loops over the query heads of the
+                   GQA group and over the query blocks that see the key block; writes dK, dV once.
+  _attn_bwd_dq     one program per (query block, batch * query head); writes dQ once.
+  No atomics anywhere, so the gradients are bitwise reproducible whatever `deterministic` says.
+  (Unlike the Triton tutorial 06 backward, which is causal-only, every kernel here handles causal
+  and non-causal masks the same way: triton issues 4541, 5660.)
+
+Head dims up to 256 are padded to BLOCK_D = next_power_of_2(D) (at least 16) with masked loads.
+
+On CPU tensors the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before triton
+is imported). Two interpreter numerics differ from a GPU (triton 3.9): `tl.dot` on bf16 operands
+is wrong, and fp32 -> bf16 casts truncate instead of rounding to nearest even. The launchers set
+the INTERPRET flag on CPU tensors, and the kernels then cast dot operands to fp32 (exact) and
+round to bf16 by hand, so the interpreter computes what a GPU computes up to summation order.
+The interpreter also uses one small fixed tile config instead of autotuning (which would time
+the interpreter).
+"""
+
+import os
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention_fwd", "attention_bwd"]
+
+_LOG2E = 1.4426950408889634
+_MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Fixed tiles under the interpreter: per-op overhead dominates there, so fewer, larger tiles win
+# (64 runs seqlen 113 about 2-4x faster than 32). Tests may set 16 to cover many-block paths cheaply.
+_INTERPRET_BLOCK_M = 64
+_INTERPRET_BLOCK_N = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    # (M, K) @ (K, N) -> (M, N) fp32. The interpreter's bf16 dot is wrong; fp32 of the same values is not.
+    if INTERPRET:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    # fp32 -> dtype, rounding to nearest even as the GPU does. The interpreter truncates fp32 -> bf16,
+    # which biases every rounded P, dS and output; there we round the bits by hand first.
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_d,
+              Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+              INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax. MASKED: the tile crosses the causal diagonal or Nk."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Nk
+    ld_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=ld_mask, other=0.0)  # (N, D)
+    s = _dot(q, tl.trans(k), INTERPRET, PRECISION) * qk_scale  # (M, N), log2 domain
+    if MASKED:
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift)
+        s = tl.where(ok, s, float("-inf"))
+    if HAS_MASK:
+        keep = tl.load(mask_base + offs_n * stride_mn, mask=n_ok, other=0) != 0  # (N,)
+        s = tl.where(keep[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing visible yet keeps m = -inf; subtract 0 there instead (-inf - -inf = nan).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])  # (M, N)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=ld_mask, other=0.0)  # (N, D)
+    acc = acc * alpha[:, None] + _dot(_to(p, v.dtype, INTERPRET), v, INTERPRET, PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Mask, Out, Lse,  # pointers; Mask is uint8 (B, Nk) or a dummy when not HAS_MASK
+    stride_qb, stride_qn, stride_qh,  # q strides (the last dim has stride 1)
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_mb, stride_mn,
+    stride_ob, stride_on, stride_oh,
+    Hq, Nq, Nk, GROUP,  # GROUP = Hq // Hkv
+    qk_scale,  # softmax_scale * log2(e)
+    TUNE_NQ, TUNE_NK,  # bucketed seqlens: autotune keys only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)  # int64: batch offsets overflow int32 on large inputs
+    h = (pid_bh % Hq).to(tl.int64)
+    g = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Nq
+    d_ok = offs_d < HEAD_DIM
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    mask_base = Mask + b * stride_mb
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (M, D)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    # Key blocks [0, n_full) are seen whole by every row of the tile; [n_full, hi) need the mask.
+    shift = Nk - Nq
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), Nk)
+        n_full = tl.minimum(tl.maximum(start_m + shift + 1, 0), Nk) // BLOCK_N * BLOCK_N
+    else:
+        hi = Nk
+        n_full = Nk // BLOCK_N * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_d,
+                                  Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
+                                  HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_MASK, INTERPRET, PRECISION)
+    for start_n in range(n_full, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_d,
+                                  Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
+                                  HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_MASK, INTERPRET, PRECISION)
+
+    # Rows that saw no key have l = 0 and acc = 0: out 0, lse -inf.
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_base = Out + b * stride_ob + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], _to(out, Out.dtype.element_ty, INTERPRET),
+             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_pre(
+    Out, DO, Delta,
+    stride_ob, stride_on, stride_oh,
+    stride_db, stride_dn, stride_dh,
+    Hq, Nq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # delta (B, Hq, Nq) fp32 = rowsum(dO * O)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dn + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh.to(tl.int64) * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
+
+
+@triton.jit
+def _load_row_stats(Lse, Delta, row_base, offs_m, Nq):
+    # lse in log2 units with +inf for rows past Nq and rows that see no key, so exp2(s - lse) = 0.
+    m_ok = offs_m < Nq
+    lse = tl.load(Lse + row_base + offs_m, mask=m_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, row_base, Lse, Delta, start_m, offs_n, offs_d,
+               Nq, shift, qk_scale, stride_qn, stride_don,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+               INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """One query block against the program's key block, in the transposed (N, M) orientation."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    ld_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=ld_mask, other=0.0)  # (M, D)
+    do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=ld_mask, other=0.0)  # (M, D)
+    lse2, delta = _load_row_stats(Lse, Delta, row_base, offs_m, Nq)
+    s_t = _dot(k, tl.trans(q), INTERPRET, PRECISION) * qk_scale  # (N, M), log2 domain
+    p_t = tl.math.exp2(s_t - lse2[None, :])
+    if MASKED:  # causal diagonal; padded keys are zeroed once at the end of the program
+        p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, p_t, 0.0)
+    dv += _dot(_to(p_t, do.dtype, INTERPRET), do, INTERPRET, PRECISION)
+    dp_t = _dot(v, tl.trans(do), INTERPRET, PRECISION)  # (N, M)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _dot(_to(ds_t, q.dtype, INTERPRET), q, INTERPRET, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, Lse, Delta, Mask, DK, DV,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_mb, stride_mn,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    Hq, Hkv, Nq, Nk, GROUP,
+    qk_scale, sm_scale,
+    TUNE_NQ, TUNE_NK,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bkv = tl.program_id(1)
+    b = (pid_bkv // Hkv).to(tl.int64)
+    g = (pid_bkv % Hkv).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # (N, D)
+    v = tl.load(V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # (N, D)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+
+    # Query blocks [lo, m_full) cross the causal diagonal; [m_full, Nq) see the whole key block.
+    shift = Nk - Nq
+    if CAUSAL:
+        lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
+        m_full = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M, Nq)
+        m_full = tl.maximum(m_full, lo)
+    else:
+        lo = 0
+        m_full = 0
+    # Each key block reads every query head of its GQA group: dK, dV summed in registers, in order.
+    for i in range(0, GROUP):
+        h = g * GROUP + i
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row_base = (b * Hq + h) * Nq
+        for start_m in range(lo, m_full, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, row_base, Lse, Delta, start_m, offs_n, offs_d,
+                                Nq, shift, qk_scale, stride_qn, stride_don,
+                                HEAD_DIM, BLOCK_M, True, INTERPRET, PRECISION)
+        for start_m in range(m_full, Nq, BLOCK_M):
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, row_base, Lse, Delta, start_m, offs_n, offs_d,
+                                Nq, shift, qk_scale, stride_qn, stride_don,
+                                HEAD_DIM, BLOCK_M, False, INTERPRET, PRECISION)
+
+    dk = dk * sm_scale
+    if HAS_MASK:  # a padded key gets no probability, so its dK and dV are 0 (columns are independent)
+        keep = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=offs_n < Nk, other=0) != 0
+        dk = tl.where(keep[:, None], dk, 0.0)
+        dv = tl.where(keep[:, None], dv, 0.0)
+    tl.store(DK + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             _to(dk, DK.dtype.element_ty, INTERPRET), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + g * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             _to(dv, DV.dtype.element_ty, INTERPRET), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_d,
+             Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
+             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+             INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < Nk
+    ld_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=ld_mask, other=0.0)  # (N, D)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=ld_mask, other=0.0)  # (N, D)
+    s = _dot(q, tl.trans(k), INTERPRET, PRECISION) * qk_scale  # (M, N), log2 domain
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED:
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift)
+        p = tl.where(ok, p, 0.0)
+    if HAS_MASK:
+        keep = tl.load(mask_base + offs_n * stride_mn, mask=n_ok, other=0) != 0
+        p = tl.where(keep[None, :], p, 0.0)
+    dp = _dot(do, tl.trans(v), INTERPRET, PRECISION)  # (M, N)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(_to(ds, k.dtype, INTERPRET), k, INTERPRET, PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, Lse, Delta, Mask, DQ,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_mb, stride_mn,
+    stride_dqb, stride_dqn, stride_dqh,
+    Hq, Nq, Nk, GROUP,
+    qk_scale, sm_scale,
+    TUNE_NQ, TUNE_NK,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    g = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ld_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=ld_mask, other=0.0)  # (M, D)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+                 mask=ld_mask, other=0.0)  # (M, D)
+    lse2, delta = _load_row_stats(Lse, Delta, pid_bh.to(tl.int64) * Nq, offs_m, Nq)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    mask_base = Mask + b * stride_mb
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    shift = Nk - Nq
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), Nk)
+        n_full = tl.minimum(tl.maximum(start_m + shift + 1, 0), Nk) // BLOCK_N * BLOCK_N
+    else:
+        hi = Nk
+        n_full = Nk // BLOCK_N * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_d,
+                      Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
+                      HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_MASK, INTERPRET, PRECISION)
+    for start_n in range(n_full, hi, BLOCK_N):
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_d,
+                      Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
+                      HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_MASK, INTERPRET, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+             _to(dq, DQ.dtype.element_ty, INTERPRET), mask=ld_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotuning (GPU only)
+# ----------------------------------------------------------------------------------------------
+
+# Meant for sm_80 / sm_90; keyed on bucketed seqlens, head dim, flags (and dtypes, which the
+# autotuner adds itself), so a growing KV cache does not re-tune at every decoding step.
+# PYLLM_TRITON_AUTOTUNE=0 launches the one heuristic config instead (each new shape then compiles
+# one kernel rather than timing all of them: quick GPU checks).
+_AUTOTUNE = os.environ.get("PYLLM_TRITON_AUTOTUNE", "1") != "0"
+_TUNE_KEY = ["TUNE_NQ", "TUNE_NK", "HEAD_DIM", "CAUSAL", "HAS_MASK"]
+_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+        (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (128, 32, 4, 4),
+    ]
+]
+
+
+def _heuristic(dtype, block_d, tune_nq):
+    """One good-enough config, used for fp32, without autotuning, and as the pruning fallback."""
+    if dtype == torch.float32:
+        # fp32 dots run on CUDA cores with fp32 tiles in shared memory (and compile slowly): keep them small.
+        bm, bn, w, s = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
+                        128: (64, 32, 4, 2)}.get(block_d, (32, 32, 4, 1))
+    elif block_d <= 64:
+        bm, bn, w, s = 128, 64, 4, 3
+    elif block_d <= 128:
+        bm, bn, w, s = 128, 64, 8, 3
+    else:
+        bm, bn, w, s = 64, 64, 4, 2
+    if tune_nq <= 64:  # decoding / short queries: a 128-row tile would be mostly padding
+        bm = min(bm, 64)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+def _prune(configs, named_args, **kwargs):
+    # Large tiles of D >= 128 overflow shared memory or spill; short query sides waste 128-row
+    # tiles; fp32 gets its one small config (every fp32 config takes minutes to compile).
+    args = {**named_args, **kwargs}
+    dtype, block_d, tune_nq = args["Q"].dtype, args["BLOCK_D"], args["TUNE_NQ"]
+    if dtype == torch.float32:
+        return [_heuristic(dtype, block_d, tune_nq)]
+    keep = [c for c in configs
+            if (block_d < 256 or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 64)
+            and (block_d < 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64)
+            and (tune_nq > 64 or c.kwargs["BLOCK_M"] == 64)]
+    return keep or [_heuristic(dtype, block_d, tune_nq)]
+
+
+def _tuned(kernel):
+    return triton.autotune(configs=_CONFIGS, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+_attn_fwd_tuned = _tuned(_attn_fwd)
+_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpreted():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_attn_fwd, InterpretedFunction)
+
+
+def _bucket(n):
+    # Seqlen bucket for the autotune key: powers of two, capped (tiling choices stop changing).
+    return min(triton.next_power_of_2(max(n, 1)), 8192)
+
+
+def _last_dim_contiguous(x):
+    # Kernels take any strides but a unit stride on head_dim; only odd views (expanded gradients) copy.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check(q, k, v, key_padding_mask, fn):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{fn}: q, k, v must be 4-D (batch, seqlen, heads, head_dim); "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"{fn}: q dtype must be float16, bfloat16 or float32; got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{fn}: k and v must have q's dtype {q.dtype}; got {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{fn}: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    B, Nq, Hq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{fn}: k and v must be ({B}, seqlen_k, heads_kv, {D}); "
+                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
+    Hkv = k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{fn}: heads_q ({Hq}) must be a multiple of heads_kv ({Hkv})")
+    if D > _MAX_HEAD_DIM or D < 1:
+        raise ValueError(f"{fn}: head_dim must be in 1..{_MAX_HEAD_DIM}; got {D}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, k.shape[1]):
+            raise ValueError(f"{fn}: key_padding_mask must be bool ({B}, {k.shape[1]}); "
+                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"{fn}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if q.device.type == "cpu":
+        if not _interpreted():
+            raise ValueError(f"{fn}: CPU tensors need the Triton interpreter "
+                             "(TRITON_INTERPRET=1 set before triton is imported)")
+    elif q.device.type != "cuda":
+        raise ValueError(f"{fn}: q must be on a CUDA device (or the CPU under TRITON_INTERPRET=1); got {q.device}")
+
+
+def _launch_args(q, key_padding_mask):
+    """Shared launch arguments: (mask tensor, mask strides, constexprs, launch config or None to autotune)."""
+    D = q.shape[3]
+    on_cpu = q.device.type == "cpu"
+    if key_padding_mask is None:
+        mask, mask_strides = q, (0, 0)  # dummy pointer, never read
+    else:
+        mask = key_padding_mask.view(torch.uint8)  # same bytes; triton loads bools awkwardly
+        mask_strides = (mask.stride(0), mask.stride(1))
+    consts = dict(
+        HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        HAS_MASK=key_padding_mask is not None,
+        INTERPRET=on_cpu,
+        # fp32 inputs get true fp32 products (TF32 would miss the fp32-vs-fp64 error bound)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    if on_cpu:
+        fixed = dict(BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOCK_N)
+    elif not _AUTOTUNE:
+        c = _heuristic(q.dtype, consts["BLOCK_D"], _bucket(q.shape[1]))
+        fixed = dict(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    else:
+        fixed = None  # autotune
+    return mask, mask_strides, consts, fixed
+
+
+def attention_fwd(q, k, v, key_padding_mask, causal: bool, softmax_scale: float):
+    """FlashAttention-2 forward.
+
+    q (B, Nq, Hq, D); k, v (B, Nk, Hkv, D), Hq % Hkv == 0; any strides with stride(-1) == 1;
+    key_padding_mask (B, Nk) bool (True = real token) or None; causal is bottom-right aligned.
+    Returns out (B, Nq, Hq, D) contiguous in q.dtype and lse (B, Hq, Nq) float32 (natural log;
+    -inf, with out = 0, for a row that sees no key).
+    """
+    _check(q, k, v, key_padding_mask, "attention_fwd")
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    B, Nq, Hq, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    out = torch.zeros((B, Nq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Nq), float("-inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or Nk == 0:
+        return out, lse  # nothing to attend to: zeros and -inf, as the kernel would write
+    mask, mask_strides, consts, fixed = _launch_args(q, key_padding_mask)
+    args = (q, k, v, mask, out, lse,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
+            Hq, Nq, Nk, Hq // Hkv, softmax_scale * _LOG2E, _bucket(Nq), _bucket(Nk))
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+        if fixed is None:
+            _attn_fwd_tuned[grid](*args, CAUSAL=bool(causal), **consts)
+        else:
+            _attn_fwd[grid](*args, CAUSAL=bool(causal), **consts, **fixed)
+    return out, lse
+
+
+def attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal: bool, softmax_scale: float,
+                  deterministic: bool):
+    """FlashAttention-2 backward.
+
+    dout, out (B, Nq, Hq, D); q, k, v and key_padding_mask as in attention_fwd; lse (B, Hq, Nq)
+    float32 from attention_fwd. Returns dq, dk, dv, contiguous, shaped and typed like q, k, v.
+    Rows with lse = -inf contribute nothing. No atomics are used, so the result is bitwise
+    reproducible for any `deterministic`.
+    """
+    _check(q, k, v, key_padding_mask, "attention_bwd")
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"attention_bwd: dout and out must have q's shape {tuple(q.shape)}; "
+                         f"got {tuple(dout.shape)}, {tuple(out.shape)}")
+    B, Nq, Hq, D = q.shape
+    Nk, Hkv = k.shape[1], k.shape[2]
+    if tuple(lse.shape) != (B, Hq, Nq):
+        raise ValueError(f"attention_bwd: lse must be ({B}, {Hq}, {Nq}); got {tuple(lse.shape)}")
+    q, k, v, dout, out = (_last_dim_contiguous(x) for x in (q, k, v, dout, out))
+    dout = dout.to(q.dtype)
+    lse = lse.to(torch.float32).contiguous()
+    dq = torch.zeros((B, Nq, Hq, D), dtype=q.dtype, device=q.device)
+    dk = torch.zeros((B, Nk, Hkv, D), dtype=k.dtype, device=k.device)
+    dv = torch.zeros((B, Nk, Hkv, D), dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq, dk, dv  # no pairs at all: every gradient is zero
+    mask, mask_strides, consts, fixed = _launch_args(q, key_padding_mask)
+    delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    common = (Nq, Nk, Hq // Hkv, softmax_scale * _LOG2E, softmax_scale, _bucket(Nq), _bucket(Nk))
+    with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
+        pre_block = max(16, min(64, 8192 // consts["BLOCK_D"]))  # (pre_block, BLOCK_D) fp32 tiles stay in registers
+        _attn_bwd_pre[(triton.cdiv(Nq, pre_block), B * Hq)](
+            out, dout, delta, *out.stride()[:3], *dout.stride()[:3], Hq, Nq,
+            HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=pre_block)
+        dkdv_args = (q, k, v, dout, lse, delta, mask, dk, dv,
+                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *mask_strides,
+                     *dk.stride()[:3], *dv.stride()[:3], Hq, Hkv, *common)
+        dkdv_grid = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+        dq_args = (q, k, v, dout, lse, delta, mask, dq,
+                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *mask_strides,
+                   *dq.stride()[:3], Hq, *common)
+        dq_grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        if fixed is None:
+            _attn_bwd_dkdv_tuned[dkdv_grid](*dkdv_args, CAUSAL=bool(causal), **consts)
+            _attn_bwd_dq_tuned[dq_grid](*dq_args, CAUSAL=bool(causal), **consts)
+        else:
+            _attn_bwd_dkdv[dkdv_grid](*dkdv_args, CAUSAL=bool(causal), **consts, **fixed)
+            _attn_bwd_dq[dq_grid](*dq_args, CAUSAL=bool(causal), **consts, **fixed)
+    return dq, dk, dv
