@@ -152,7 +152,9 @@ FAILED=0
 
 # ---- tests and harnesses ------------------------------------------------------------------------------
 if ((EXT_RC == 0)); then
-  PYLLM_TEST_DEVICE=cuda run_step pytest 200 "$PY" -m pytest -x -q tests || FAILED=1
+  # the op tests on CUDA tensors (cuda and triton backends); one heuristic Triton config per shape keeps
+  # compile time inside the budget
+  PYLLM_TEST_DEVICE=cuda PYLLM_TRITON_AUTOTUNE=0 run_step pytest 200 "$PY" -m pytest -x -q tests/test_attention.py tests/test_layer_norm.py tests/test_dropins.py || FAILED=1
 else
   skip pytest "build_ext failed"
 fi
