@@ -1,14 +1,14 @@
-"""Loads the compiled extension ``pyllm._C`` once; its op registrations make ``torch.ops.pyllm.*`` exist."""
-from __future__ import annotations
+"""Loads the compiled extension ``pyllm._C`` once; its op registrations make ``torch.ops.pyllm.*`` exist.
 
-import functools
+Everything is computed at import into plain module constants, so that the dispatch code that reads them
+traces cleanly under ``torch.compile`` (dynamo treats module globals as constants).
+"""
+from __future__ import annotations
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
-def load_error() -> str | None:
-    """None if ``pyllm._C`` loaded (its ops registered), else the reason as text."""
+def _load() -> str | None:
     try:
         from pyllm import _C  # noqa: F401
     except ImportError as e:  # not built, or built against another torch
@@ -18,17 +18,23 @@ def load_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether ``torch.ops.pyllm.<op>`` has a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
-    if load_error() is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"pyllm::{op}", dispatch_key)
+def _has(op: str, dispatch_key: str) -> bool:
+    return _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"pyllm::{op}", dispatch_key)
 
 
-def has_cuda_kernels() -> bool:
-    return has_kernel("attention_fwd", "CUDA") and has_kernel("layer_norm_fwd", "CUDA")
+_LOAD_ERROR = _load()
+_CPU = _has("attention_fwd", "CPU") and _has("layer_norm_fwd", "CPU")
+_CUDA = _has("attention_fwd", "CUDA") and _has("layer_norm_fwd", "CUDA")
+
+
+def load_error() -> str | None:
+    """None if ``pyllm._C`` loaded (its ops registered), else the reason as text."""
+    return _LOAD_ERROR
 
 
 def has_cpu_kernels() -> bool:
-    return has_kernel("attention_fwd", "CPU") and has_kernel("layer_norm_fwd", "CPU")
+    return _CPU
+
+
+def has_cuda_kernels() -> bool:
+    return _CUDA

@@ -25,6 +25,9 @@ _current: contextvars.ContextVar[str | None] = contextvars.ContextVar("pyllm_bac
 _describers: dict[str, Callable[..., dict]] = {}
 
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -131,7 +134,7 @@ class TritonBackend(Backend):
     devices = ("cuda", "cpu")
 
     def unavailable_reason(self) -> str | None:
-        if importlib.util.find_spec("triton") is None:
+        if not _TRITON_INSTALLED:
             return "triton is not installed"
         if not torch.cuda.is_available() and not _triton_interpreting():
             return "no GPU; set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors (slow)"

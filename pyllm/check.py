@@ -176,8 +176,6 @@ def check(backends_: list[str] | None = None, *, device: str | None = None, full
             for (B, Nq, Nk, Hq, Hkv, D, causal, padded) in (attn[:2] if interp else attn):
                 if name == "cuda" and dtype == torch.float32:
                     continue  # the CUDA attention takes fp16/bf16 only (explain() says so)
-                if interp and dtype == torch.bfloat16:
-                    continue  # tl.dot on bf16 is wrong under the interpreter; bf16 Triton is checked on GPUs
                 rows += attention_case(name, dtype, B, Nq, Nk, Hq, Hkv, D, causal=causal, padded=padded,
                                        device=device)
     _print(rows, out)

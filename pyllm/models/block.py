@@ -1,0 +1,168 @@
+"""The Transformer block shared by both families, the layer stack, and the KV cache.
+
+Attention goes through `pyllm.attention` (no seqlen x seqlen tensor is ever formed) and every
+LayerNorm is a `pyllm.nn.LayerNorm`. Pre-norm blocks carry (hidden, residual) pairs so each
+residual add is fused into the next norm: `norm(x, residual=r)` returns `(norm(x + r), x + r)`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import pyllm
+from pyllm.nn import LayerNorm
+
+from .config import TransformerConfig
+
+
+def activation_fn(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_tanh"):  # GPT-2's tanh approximation
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"activation: unknown name {name!r}")
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, for incremental decoding.
+
+    Storage is (B, capacity, Hkv, D) per layer and grows by doubling, so appending one token is
+    O(1) amortized; attention reads the filled prefix as a strided view (no copy).
+    """
+
+    def __init__(self, num_layers: int, capacity: int = 0):
+        self.k: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.v: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.lengths = [0] * num_layers
+        self.capacity = capacity
+
+    @property
+    def seq_len(self) -> int:
+        """Number of positions already cached (as seen by layer 0)."""
+        return self.lengths[0]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append k, v (B, N, Hkv, D) for `layer`; return all cached k, v (B, past + N, Hkv, D)."""
+        B, N, H, D = k.shape
+        start, end = self.lengths[layer], self.lengths[layer] + k.shape[1]
+        buf_k = self.k[layer]
+        if buf_k is None or buf_k.shape[1] < end:
+            cap = max(end, self.capacity, 2 * (buf_k.shape[1] if buf_k is not None else 0))
+            new_k = k.new_empty(B, cap, H, D)
+            new_v = v.new_empty(B, cap, H, D)
+            if start:
+                new_k[:, :start] = self.k[layer][:, :start]
+                new_v[:, :start] = self.v[layer][:, :start]
+            self.k[layer], self.v[layer] = new_k, new_v
+        self.k[layer][:, start:end] = k
+        self.v[layer][:, start:end] = v
+        self.lengths[layer] = end
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.backend = config.backend
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        # q, k and v in one matmul; GQA makes the k and v parts narrower
+        self.qkv = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x, key_padding_mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0):
+        B, N, C = x.shape
+        hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([hq, hkv, hkv], dim=-1)
+        # views, not copies: pyllm.attention only needs the last dim contiguous
+        q = q.view(B, N, self.num_heads, self.head_dim)  # (B, N, Hq, D)
+        k = k.view(B, N, self.num_kv_heads, self.head_dim)  # (B, N, Hkv, D)
+        v = v.view(B, N, self.num_kv_heads, self.head_dim)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, past + N, Hkv, D)
+        # causal is bottom-right aligned, so N new queries against past + N keys just work
+        o = pyllm.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+                            backend=self.backend)  # (B, N, Hq, D)
+        return self.dropout(self.proj(o.reshape(B, N, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = activation_fn(config.activation)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(self.act(self.fc1(x))))  # (B, N, C)
+
+
+class Block(nn.Module):
+    """attention + MLP, each with a residual connection and a LayerNorm.
+
+    post-norm (BERT):  x = norm1(x + attn(x));  x = norm2(x + mlp(x));  forward returns (x, None)
+    pre-norm (GPT):    takes and returns (hidden, residual) with the residual add deferred, so
+                       each add is fused into the following norm (the next block's norm1, or the
+                       model's final norm):  r = hidden + r;  h = attn(norm1(r));  r = h + r;
+                       hidden = mlp(norm2(r)).  The first block gets residual=None.
+    """
+
+    def __init__(self, config: TransformerConfig, causal: bool, pre_norm: bool):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.norm1 = LayerNorm(config.hidden_size, eps=config.norm_eps, backend=config.backend)
+        self.attn = SelfAttention(config, causal)
+        self.norm2 = LayerNorm(config.hidden_size, eps=config.norm_eps, backend=config.backend)
+        self.mlp = MLP(config)
+
+    def forward(self, x, residual=None, key_padding_mask=None, cache=None, layer_idx=0):
+        # x, residual: (B, N, C); key_padding_mask: (B, past + N) bool or None
+        if not self.pre_norm:
+            a = self.attn(x, key_padding_mask, cache, layer_idx)  # (B, N, C)
+            x, _ = self.norm1(a, residual=x)  # norm(x + attn(x))
+            x, _ = self.norm2(self.mlp(x), residual=x)
+            return x, None
+        if residual is None:
+            residual, normed = x, self.norm1(x)
+        else:
+            normed, residual = self.norm1(x, residual=residual)
+        a = self.attn(normed, key_padding_mask, cache, layer_idx)
+        normed, residual = self.norm2(a, residual=residual)  # residual = x + attn, still un-normed
+        return self.mlp(normed), residual  # (B, N, C) each
+
+
+class Encoder(nn.Module):
+    """The stack of blocks (plus the final norm when pre-norm), with optional per-block checkpointing."""
+
+    def __init__(self, config: TransformerConfig, causal: bool, pre_norm: bool):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.layers = nn.ModuleList(Block(config, causal, pre_norm) for _ in range(config.num_layers))
+        self.norm_f = (LayerNorm(config.hidden_size, eps=config.norm_eps, backend=config.backend)
+                       if pre_norm else None)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, key_padding_mask=None, cache: Optional[KVCache] = None):
+        residual = None
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for i, block in enumerate(self.layers):
+            if use_ckpt:
+                # recompute the block in backward: activation memory is O(layers * B * N * C) of
+                # block inputs only, instead of every intermediate
+                x, residual = checkpoint(block, x, residual, key_padding_mask, None, i, use_reentrant=False)
+            else:
+                x, residual = block(x, residual, key_padding_mask, cache, i)
+        if self.norm_f is not None:
+            x = self.norm_f(x) if residual is None else self.norm_f(x, residual=residual)[0]
+        return x  # (B, N, C)

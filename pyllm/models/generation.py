@@ -1,0 +1,109 @@
+"""Autoregressive decoding for GPTForCausalLM: greedy, temperature, top-k, top-p, EOS, KV cache.
+
+Batched prompts of different lengths are LEFT-padded: every row's last prompt token sits in the
+last column, so one new query per row is decoded per step. Padding is hidden from attention by
+the key padding mask and from the positions by counting real tokens only, so a padded row
+decodes exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import check_inputs
+from .block import KVCache
+
+
+def sample_next(logits, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                generator: Optional[torch.Generator] = None):
+    """logits (B, V) float -> next token ids (B,)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # nucleus: keep the most likely tokens until their mass reaches top_p (the first always stays)
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_generate_args(model, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p):
+    cfg = model.config
+    B, N = check_inputs(cfg, input_ids, attention_mask, who="generate")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if N + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"generate: prompt length {N} + max_new_tokens {max_new_tokens} exceeds "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    if do_sample:
+        if not temperature > 0:
+            raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"generate: top_p must be None or in (0, 1], got {top_p!r}")
+    if attention_mask is not None:
+        mask = attention_mask.bool()
+        # left padding: once a row has a real token, every later column is real
+        right_padded = (mask[:, 1:].int() < mask[:, :-1].int()).any(-1)
+        if bool(right_padded.any()):
+            row = int(right_padded.nonzero()[0])
+            raise ValueError(f"generate: attention_mask row {row} has padding after real tokens; expected LEFT "
+                             f"padding (pad the prompts on the left, e.g. tokenizer(..., padding_side='left'))")
+        if not bool(mask.any(-1).all()):
+            row = int((~mask.any(-1)).nonzero()[0])
+            raise ValueError(f"generate: attention_mask row {row} has no real token; expected at least one")
+    return B, N
+
+
+@torch.no_grad()
+def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+             eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+             generator: Optional[torch.Generator] = None, use_cache: bool = True):
+    """Continue each prompt of `input_ids` (B, N) by up to `max_new_tokens` tokens.
+
+    Greedy unless do_sample (then temperature, then top-k, then top-p filtering, then a draw with
+    `generator`). A row that emits `eos_token_id` (default config.eos_token_id) is finished: it
+    emits `pad_token_id` (default config.pad_token_id, else the EOS id) from then on, and decoding
+    stops early once every row is finished. `attention_mask` (B, N) marks real tokens (1) for
+    LEFT-padded prompts. use_cache=False recomputes the whole sequence each step (the reference
+    the KV-cache path is tested against).
+
+    Returns (B, N + new) token ids, the prompt included.
+    """
+    B, N = _check_generate_args(model, input_ids, max_new_tokens, attention_mask, do_sample,
+                                temperature, top_k, top_p)
+    cfg = model.config
+    eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
+    pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else eos)
+    pad = 0 if pad is None else pad
+    device = input_ids.device
+    mask = (attention_mask.long() if attention_mask is not None
+            else torch.ones(B, N, dtype=torch.long, device=device))
+    tokens = input_ids.long()
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    cache = KVCache(cfg.num_layers, capacity=N + max_new_tokens) if use_cache else None
+    for step in range(max_new_tokens):
+        # with the cache, the prompt goes in once, then one token per step
+        step_ids = tokens[:, -1:] if (use_cache and step > 0) else tokens
+        h = model.transformer(step_ids, attention_mask=mask, cache=cache).last_hidden_state[:, -1]  # (B, C)
+        logits = model.lm_head(h).float()  # (B, V)
+        nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
+        if eos is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            finished |= nxt == eos
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        if eos is not None and bool(finished.all()):
+            break
+    return tokens

@@ -1,0 +1,142 @@
+"""GPT: a pre-norm causal decoder with learned positions (GPT-2's layout), and its heads.
+
+`model(input_ids, attention_mask=None, labels=None)` as in transformers; `attention_mask`
+(B, N) with 1 = real token. Positions are counted over real tokens only (from the mask), so a
+left-padded row gets the same positions, and the same outputs, as the unpadded row.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
+                   check_class_labels, check_inputs, check_labels, padding_mask)
+from .bert import classification_loss
+from .block import Encoder, KVCache
+from .config import TransformerConfig
+from .generation import generate
+
+
+def positions_from_mask(attention_mask, n_new: int):
+    """(B, past + N) mask -> (B, N) positions counting real tokens only (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
+
+
+class GPTModel(PreTrainedModel):
+    """Token + position embeddings -> pre-norm causal blocks -> final LayerNorm.
+
+    forward -> BaseModelOutput(last_hidden_state (B, N, C), cache)
+    With `cache` (a KVCache, filled in place) the N tokens continue the cached ones; then
+    attention_mask, if given, covers cached + new positions: (B, past + N).
+    """
+
+    family = "gpt2"
+    default_norm_position = "pre"
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config)
+        config = self.config
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.encoder = Encoder(config, causal=True, pre_norm=config.norm_position == "pre")
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                cache: Optional[KVCache] = None, use_cache: bool = False):
+        who = type(self).__name__
+        past = cache.seq_len if cache is not None else 0
+        B, N = check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids, past, who)
+        if token_type_ids is not None and bool(token_type_ids.any()):
+            raise ValueError(f"{who}: GPT models have no token-type embeddings; token_type_ids must be "
+                             f"None or all zeros")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask, N)  # (B, N)
+            else:
+                position_ids = torch.arange(past, past + N, device=input_ids.device)[None]  # (1, N)
+        if use_cache and cache is None:
+            cache = KVCache(self.config.num_layers)
+        x = self.dropout(self.word(input_ids) + self.position(position_ids))  # (B, N, C)
+        x = self.encoder(x, key_padding_mask=padding_mask(attention_mask), cache=cache)
+        return BaseModelOutput(last_hidden_state=x, cache=cache)
+
+
+class GPTForCausalLM(PreTrainedModel):
+    """GPT + a language-model head tied to the token embeddings (unless tie_word_embeddings=False).
+
+    labels (B, N): usually input_ids itself; shifted inside (position t predicts token t + 1);
+    -100 positions are ignored.
+    """
+
+    family = "gpt2"
+    default_norm_position = "pre"
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config)
+        config = self.config
+        self.transformer = GPTModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights(self.lm_head)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.word.weight
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                cache: Optional[KVCache] = None, use_cache: bool = False):
+        out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, cache, use_cache)
+        logits = self.lm_head(out.last_hidden_state)  # (B, N, vocab)
+        loss = None
+        if labels is not None:
+            who = type(self).__name__
+            check_labels(labels, input_ids.shape, who)
+            check_class_labels(labels, self.config.vocab_size, who)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
+
+    def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True):
+        """Continue each prompt; returns (B, prompt_len + new) token ids. See generation.generate."""
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
+                        use_cache=use_cache)
+
+
+class GPTForSequenceClassification(PreTrainedModel):
+    """GPT + a linear scorer read at each row's last real token (from attention_mask, else the last
+    token that is not pad_token_id, as transformers does). labels (B,) class ids."""
+
+    family = "gpt2"
+    default_norm_position = "pre"
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__(config)
+        config = self.config
+        self.transformer = GPTModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.init_weights(self.score)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None):
+        h = self.transformer(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
+        B, N = input_ids.shape
+        idx = torch.arange(N, device=input_ids.device)
+        if attention_mask is not None:
+            last = (idx * attention_mask.bool()).argmax(-1)  # rightmost real token, left or right padding
+        elif self.config.pad_token_id is not None:
+            last = (idx * (input_ids != self.config.pad_token_id)).argmax(-1)
+        else:
+            last = torch.full((B,), N - 1, device=input_ids.device)
+        logits = self.score(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = classification_loss(logits, labels, self.config.num_labels, type(self).__name__)
+        return SequenceClassifierOutput(loss=loss, logits=logits, last_hidden_state=h)
+
+
+__all__ = ["GPTModel", "GPTForCausalLM", "GPTForSequenceClassification", "positions_from_mask"]
