@@ -48,7 +48,7 @@ use_cuda, why = _cuda_plan()
 if use_cuda:
     print("pyllm: building the C++ CPU and CUDA kernels (sm_80, sm_90)")
     sources += _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "--threads=2",
             "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
     ext = CUDAExtension("pyllm._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                         extra_compile_args={"cxx": cxx + ["-DPYLLM_WITH_CUDA"], "nvcc": nvcc},
