@@ -37,22 +37,7 @@ def main(argv=None) -> int:
     cases = [Case(op=op, mode=mode, dtype=dt, dims=shape, sweep="hidden")
              for op in ops for dt in ("fp32", "bf16") for shape in (QUICK_SHAPES if args.quick else SHAPES)
              for mode in ("fwd", "fwd+bwd")]
-    try:
-        threads = args.threads or (1 if args.quick and device == "cpu" else None)  # tiny shapes: 1 thread is steadier
-        report = bench.run(cases, device=device, preset="quick" if args.quick else "default", threads=threads,
-                           memory=not args.no_memory)
-    except bench.BenchError as e:
-        print(f"bench_layer_norm: error: {e}", file=sys.stderr)
-        return 2
-    if args.plots:
-        report["plots"] = bench.plot(report, args.plots)
-    print(bench.table(report))
-    print()
-    print(bench.report_ratios(report))
-    if args.json:
-        bench.write_json(report, args.json)
-        print(f"wrote {args.json}")
-    return 1 if any(r["status"] in ("WRONG", "error") for r in report["results"]) else 0
+    return bench.run_script("bench_layer_norm", cases, args, device)
 
 
 if __name__ == "__main__":

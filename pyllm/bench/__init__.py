@@ -19,7 +19,7 @@ _LAZY = {
     "Provider": "providers", "all_providers": "providers", "BASELINES": "providers",
     "run": "runner", "bench": "runner", "SCHEMA": "runner",
     "table": "report", "write_json": "report", "load_json": "report", "plot": "report",
-    "report_ratios": "report", "markdown": "report",
+    "report_ratios": "report", "markdown": "report", "run_script": "report",
 }
 
 __all__ = sorted(_LAZY)

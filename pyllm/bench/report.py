@@ -303,3 +303,28 @@ def markdown(report: dict, images: list[str] = ()) -> str:
     for img in images:
         out += [f"![{os.path.splitext(os.path.basename(img))[0]}]({img})", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def run_script(name: str, cases, args, device: str) -> int:
+    """The body shared by the fixed comparisons in benchmarks/: run, print the table and ratios, write JSON
+    and plots when asked. Returns the exit code (2 bad arguments, 1 a provider WRONG or failed, else 0)."""
+    import sys
+
+    from pyllm.bench import runner, spec
+
+    try:
+        threads = args.threads or (1 if args.quick and device == "cpu" else None)  # tiny shapes: 1 thread is steadier
+        report = runner.run(cases, device=device, preset="quick" if args.quick else "default", threads=threads,
+                            memory=not args.no_memory)
+    except spec.BenchError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    if args.plots:
+        report["plots"] = plot(report, args.plots)
+    print(table(report))
+    print()
+    print(report_ratios(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 1 if any(r["status"] in ("WRONG", "error") for r in report["results"]) else 0
