@@ -1,4 +1,4 @@
-"""The ``pyllm`` command: check, info, bench, pretrain, finetune, evaluate, predict, generate.
+"""The pyllm command: check, info, bench, pretrain, finetune, evaluate, predict, generate.
 
 Subcommand modules add their own parsers (``add_parsers(subparsers)``) and import their heavy
 dependencies only when run, so ``pyllm --help`` stays fast.
