@@ -10,9 +10,11 @@
 //   dweight = sum_rows dy * xhat,  dbias = sum_rows dy
 //
 // Memory traffic: each row is read from memory once and written once; the statistics passes re-read
-// it from cache (a row of 65536 fp32 is 256 KiB, it stays in L2). Low-precision rows are converted
-// to fp32 into a per-thread row buffer first. All statistics are fp32 (fp64 for fp64 input), summed
-// in two levels (lanes within 1024-element chunks, then chunks) so long rows keep fp32 accuracy.
+// it from cache (a row of 65536 fp32 is 256 KiB, it stays in L2). Forward statistics take one pass
+// (shifted sums, see row_mean_var). bf16 rows without residual are read and written as bf16 directly;
+// other low-precision rows are converted to fp32 into a per-thread row buffer first. All statistics
+// are fp32 (fp64 for fp64 input), summed in two levels (lanes within 1024-element chunks, then
+// chunks) so long rows keep fp32 accuracy.
 // Large outputs get transparent huge pages (their first-touch page faults cost more than the kernel),
 // and outputs beyond the last-level cache are written with streaming stores.
 //
@@ -35,7 +37,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -207,22 +211,50 @@ constexpr int64_t kStreamBytes = PYLLM_LN_STREAM_BYTES;
 
 // ---- forward --------------------------------------------------------------------------------------
 
+// sum((h - c)^2): the variance around the mean (c = mean) or the mean square (c = 0).
+// Element k of a row in A: the row is in A already, or bfloat16 bits (uint16_t) widened on the fly.
 template <typename A>
-A row_sum(const A* __restrict h, int64_t n) {
-  A s;
-  cascade_sum<A, 1>(n, [&](int64_t k, int64_t l, A (*acc)[kLanes]) { acc[0][l] += h[k]; }, &s);
-  return s;
+inline A elem(const A* h, int64_t k) { return h[k]; }
+inline float elem(const uint16_t* h, int64_t k) {
+  const uint32_t u = static_cast<uint32_t>(h[k]) << 16;  // bf16 is the top half of an fp32
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
 }
 
-// sum((h - c)^2): the variance around the mean (c = mean) or the mean square (c = 0).
-template <typename A>
-A row_sq_dev(const A* __restrict h, int64_t n, A c) {
+template <typename A, typename E>
+A row_sq_dev(const E* __restrict h, int64_t n, A c) {
   A s;
   cascade_sum<A, 1>(n, [&](int64_t k, int64_t l, A (*acc)[kLanes]) {
-    const A d = h[k] - c;
+    const A d = elem(h, k) - c;
     acc[0][l] += d * d;
   }, &s);
   return s;
+}
+
+// LayerNorm statistics in one pass over the row: sums of d = h - c and d^2 around a shift c, the mean
+// of the first 64 elements (a cheap estimate of the mean), then mean = c + sum(d) / N and
+// var = sum(d^2) / N - (mean - c)^2. The subtraction loses little while (mean - c)^2 is a small part
+// of sum(d^2) / N; where it is not (rows whose head is unlike the rest), the variance is recomputed
+// around the mean in a second pass, as in the two-pass method. Returns {mean, var}.
+template <typename A, typename E>
+std::pair<A, A> row_mean_var(const E* __restrict h, int64_t n, A inv_n) {
+  const int64_t n0 = std::min<int64_t>(n, 64);
+  A c = 0;
+  for (int64_t k = 0; k < n0; ++k) c += elem(h, k);
+  c /= A(n0);
+  A s[2];
+  cascade_sum<A, 2>(n, [&](int64_t k, int64_t l, A (*acc)[kLanes]) {
+    const A d = elem(h, k) - c;
+    acc[0][l] += d;
+    acc[1][l] += d * d;
+  }, s);
+  const A dm = s[0] * inv_n;  // mean - c
+  const A msq = s[1] * inv_n;  // mean of d^2 = var + dm^2
+  const A mean = c + dm;
+  // dm^2 <= msq / 16: the variance keeps at least 15/16 of msq, so rounding errors grow by < 7%.
+  if (dm * dm <= msq * A(0.0625)) return {mean, std::max(msq - dm * dm, A(0))};
+  return {mean, row_sq_dev<A>(h, n, mean) * inv_n};
 }
 
 // y = (h - mean) * rstd [* w] [+ b]; y may be h itself (the low-precision path works in place).
@@ -235,6 +267,30 @@ void normalize_row(const A* h, A* y, int64_t n, A mean, A rstd, const A* __restr
     if constexpr (kB) v += b[j];
     y[j] = v;
   }
+}
+
+// The same for a bfloat16 row without residual: read and written as bf16, no fp32 row buffer.
+template <bool kW, bool kB>
+void normalize_row_bf16(const uint16_t* x, uint16_t* y, int64_t n, float mean, float rstd,
+                        const float* __restrict w, const float* __restrict b) {
+  for (int64_t j = 0; j < n; ++j) {
+    float v = (elem(x, j) - mean) * rstd;
+    if constexpr (kW) v *= w[j];
+    if constexpr (kB) v += b[j];
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    // Round to nearest even, as c10::BFloat16 does; NaN stays a (quiet) NaN.
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    y[j] = (v != v) ? static_cast<uint16_t>(0x7FC0) : rounded;
+  }
+}
+
+using NormalizeBF16Fn = void (*)(const uint16_t*, uint16_t*, int64_t, float, float, const float*,
+                                 const float*);
+
+inline NormalizeBF16Fn pick_normalize_bf16(bool has_w, bool has_b) {
+  if (has_w) return has_b ? normalize_row_bf16<true, true> : normalize_row_bf16<true, false>;
+  return has_b ? normalize_row_bf16<false, true> : normalize_row_bf16<false, false>;
 }
 
 template <typename A>
@@ -276,6 +332,25 @@ void layer_norm_fwd_rows(const FwdArgs<T>& a, int64_t r0, int64_t r1, acc_t<T>* 
   A* buf = scratch;
   A* buf2 = scratch + N;
   void* tmp = scratch + 2 * N;  // a row in T, for streaming
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (!a.res && !a.stream) {  // bf16 rows without residual: stats and output straight from x
+      const NormalizeBF16Fn normalize_bf16 = pick_normalize_bf16(a.w != nullptr, a.b != nullptr);
+      for (int64_t i = r0; i < r1; ++i) {
+        const auto* xr = reinterpret_cast<const uint16_t*>(a.x + i * a.x_stride);
+        A mean = 0, var;
+        if (a.rms) {
+          var = row_sq_dev<A>(xr, N, A(0)) * inv_n;
+        } else {
+          std::tie(mean, var) = row_mean_var<A>(xr, N, inv_n);
+        }
+        const A rstd = A(1) / std::sqrt(var + a.eps);
+        if (a.mean) a.mean[i] = mean;
+        a.rstd[i] = rstd;
+        normalize_bf16(xr, reinterpret_cast<uint16_t*>(a.y + i * N), N, mean, rstd, a.w, a.b);
+      }
+      return;
+    }
+  }
   for (int64_t i = r0; i < r1; ++i) {
     const T* xr = a.x + i * a.x_stride;
     const A* hr;  // the row to normalize, in A
@@ -303,9 +378,12 @@ void layer_norm_fwd_rows(const FwdArgs<T>& a, int64_t r0, int64_t r1, acc_t<T>* 
       hr = buf;
       yr = buf;
     }
-    A mean = 0;
-    if (!a.rms) mean = row_sum(hr, N) * inv_n;
-    const A var = row_sq_dev(hr, N, mean) * inv_n;
+    A mean = 0, var;
+    if (a.rms) {
+      var = row_sq_dev<A>(hr, N, A(0)) * inv_n;
+    } else {
+      std::tie(mean, var) = row_mean_var<A>(hr, N, inv_n);
+    }
     const A rstd = A(1) / std::sqrt(var + a.eps);
     if (a.mean) a.mean[i] = mean;
     a.rstd[i] = rstd;
@@ -318,18 +396,20 @@ void layer_norm_fwd_rows(const FwdArgs<T>& a, int64_t r0, int64_t r1, acc_t<T>* 
 // ---- backward -------------------------------------------------------------------------------------
 
 // Pass 1 over a row: s1 = sum(w*dy), s2 = sum(w*dy*xhat), and the dweight/dbias partials of this block.
-template <typename A, bool kW, bool kDW, bool kDB>
-void bwd_row_sums(const A* __restrict h, const A* __restrict g, int64_t n, A mean, A rstd,
+// h and g are rows in A, or bfloat16 bits (E = uint16_t).
+template <typename A, bool kW, bool kDW, bool kDB, typename E = A>
+void bwd_row_sums(const E* __restrict h, const E* __restrict g, int64_t n, A mean, A rstd,
                   const A* __restrict w, A* __restrict dw_part, A* __restrict db_part, A* s1,
                   A* s2) {
   A sums[2];
   cascade_sum<A, 2>(n, [&](int64_t k, int64_t l, A (*acc)[kLanes]) {
-    const A xhat = (h[k] - mean) * rstd;
-    const A gw = kW ? g[k] * w[k] : g[k];
+    const A gk = elem(g, k);
+    const A xhat = (elem(h, k) - mean) * rstd;
+    const A gw = kW ? gk * w[k] : gk;
     acc[0][l] += gw;
     acc[1][l] += gw * xhat;
-    if constexpr (kDW) dw_part[k] += g[k] * xhat;
-    if constexpr (kDB) db_part[k] += g[k];
+    if constexpr (kDW) dw_part[k] += gk * xhat;
+    if constexpr (kDB) db_part[k] += gk;
   }, sums);
   *s1 = sums[0];
   *s2 = sums[1];
@@ -348,20 +428,36 @@ void bwd_row_dx(const A* h, const A* g, const A* dh, A* dx, int64_t n, A mean, A
   }
 }
 
-template <typename A>
-using RowSumsFn = void (*)(const A*, const A*, int64_t, A, A, const A*, A*, A*, A*, A*);
+// Pass 2 for a bfloat16 row without dh, read and written as bf16 (no fp32 row buffers).
+template <bool kW>
+void bwd_row_dx_bf16(const uint16_t* h, const uint16_t* g, uint16_t* dx, int64_t n, float mean,
+                     float rstd, const float* __restrict w, float c1, float c2) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float xhat = (elem(h, k) - mean) * rstd;
+    const float gw = kW ? elem(g, k) * w[k] : elem(g, k);
+    const float v = rstd * (gw - c1 - xhat * c2);
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    // Round to nearest even, as c10::BFloat16 does; NaN stays a (quiet) NaN.
+    const uint16_t rounded = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    dx[k] = (v != v) ? static_cast<uint16_t>(0x7FC0) : rounded;
+  }
+}
+
+template <typename A, typename E = A>
+using RowSumsFn = void (*)(const E*, const E*, int64_t, A, A, const A*, A*, A*, A*, A*);
 template <typename A>
 using RowDxFn = void (*)(const A*, const A*, const A*, A*, int64_t, A, A, const A*, A, A);
 
-template <typename A, bool kW>
-RowSumsFn<A> pick_row_sums_w(bool dw, bool db) {
-  if (dw) return db ? bwd_row_sums<A, kW, true, true> : bwd_row_sums<A, kW, true, false>;
-  return db ? bwd_row_sums<A, kW, false, true> : bwd_row_sums<A, kW, false, false>;
+template <typename A, bool kW, typename E>
+RowSumsFn<A, E> pick_row_sums_w(bool dw, bool db) {
+  if (dw) return db ? bwd_row_sums<A, kW, true, true, E> : bwd_row_sums<A, kW, true, false, E>;
+  return db ? bwd_row_sums<A, kW, false, true, E> : bwd_row_sums<A, kW, false, false, E>;
 }
 
-template <typename A>
-RowSumsFn<A> pick_row_sums(bool w, bool dw, bool db) {
-  return w ? pick_row_sums_w<A, true>(dw, db) : pick_row_sums_w<A, false>(dw, db);
+template <typename A, typename E = A>
+RowSumsFn<A, E> pick_row_sums(bool w, bool dw, bool db) {
+  return w ? pick_row_sums_w<A, true, E>(dw, db) : pick_row_sums_w<A, false, E>(dw, db);
 }
 
 template <typename A>
@@ -402,6 +498,26 @@ void layer_norm_bwd_rows(const BwdArgs<T>& a, int64_t r0, int64_t r1, acc_t<T>* 
   A* gb = scratch + N;
   A* dhb = scratch + 2 * N;
   void* tmp = scratch + 3 * N;  // a row in T, for streaming
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (!a.dh && !a.stream) {  // bf16 rows without dh: both passes straight from h and dy
+      const RowSumsFn<A, uint16_t> row_sums_bf16 =
+          pick_row_sums<A, uint16_t>(a.w != nullptr, dw_part != nullptr, db_part != nullptr);
+      const auto row_dx_bf16 = a.w ? bwd_row_dx_bf16<true> : bwd_row_dx_bf16<false>;
+      for (int64_t i = r0; i < r1; ++i) {
+        const auto* hr = reinterpret_cast<const uint16_t*>(a.h + i * a.h_stride);
+        const auto* gr = reinterpret_cast<const uint16_t*>(a.dy + i * a.dy_stride);
+        const A mean = a.mean ? a.mean[i] : A(0);
+        const A rstd = a.rstd[i];
+        A s1, s2;
+        row_sums_bf16(hr, gr, N, mean, rstd, a.w, dw_part, db_part, &s1, &s2);
+        const A c1 = a.mean ? s1 * inv_n : A(0);  // RMSNorm has no mean term
+        const A c2 = s2 * inv_n;
+        const A scale = (N == 1 && a.mean) ? A(0) : rstd;  // see below
+        row_dx_bf16(hr, gr, reinterpret_cast<uint16_t*>(a.dx + i * N), N, mean, scale, a.w, c1, c2);
+      }
+      return;
+    }
+  }
   for (int64_t i = r0; i < r1; ++i) {
     const A *hr, *gr, *dhr = nullptr;
     A* dxr;
@@ -456,7 +572,9 @@ at::Tensor empty_large(c10::IntArrayRef sizes, const at::TensorOptions& options)
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  if (t.nbytes() >= 4 * kHuge) {
+  // Only at 32 MiB and up: glibc serves smaller blocks again from its heap, whose pages are
+  // already mapped after the first call; advising those measured slower (4096x768 fp32, 2 threads).
+  if (t.nbytes() >= 16 * kHuge) {
     // only whole huge pages inside this buffer, so no neighbouring allocation is affected
     const uintptr_t a = (begin + kHuge - 1) & ~(kHuge - 1);
     const uintptr_t e = (begin + t.nbytes()) & ~(kHuge - 1);
@@ -677,3 +795,4 @@ TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
 }
 
 }  // namespace pyllm
+
