@@ -117,7 +117,7 @@ class PretrainConfig(TrainConfig):
     learning_rate: float = 2e-3
     warmup_steps: Optional[int] = 10
     batch_size: int = 16
-    max_steps: Optional[int] = 150
+    max_steps: Optional[int] = 250
     eval_every: Optional[int] = 50
 
     def validate(self) -> None:
