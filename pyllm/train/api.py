@@ -171,6 +171,17 @@ def _saver(tokenizer, task_info: dict):
 # -- pretraining ----------------------------------------------------------------------------
 
 
+def _launch(config_cls, job, config, kwargs) -> TrainResult:
+    """Build the job's config (a resumed run's saved options first), set up processes, run, tear down."""
+    base, given = _resume_base(config, kwargs)
+    cfg = config_from(config_cls, base, **given)
+    info, device = dist.setup(cfg.distributed, dist.resolve_device(cfg.device))
+    try:
+        return job(cfg, info, device)
+    finally:
+        dist.teardown(info)
+
+
 def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
     """Pretrain a language model; returns a :class:`TrainResult`.
 
@@ -184,13 +195,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
         result = pyllm.train.pretrain(max_steps=50, output_dir="runs/tiny-gpt")
         result.metrics["eval_perplexity"], result.output_dir
     """
-    base, given = _resume_base(config, kwargs)
-    cfg = config_from(PretrainConfig, base, **given)
-    info, device = dist.setup(cfg.distributed, dist.resolve_device(cfg.device))
-    try:
-        return _pretrain(cfg, info, device)
-    finally:
-        dist.teardown(info)
+    return _launch(PretrainConfig, _pretrain, config, kwargs)
 
 
 def _pretrain(cfg: PretrainConfig, info, device) -> TrainResult:
@@ -351,13 +356,7 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> TrainResult:
                                       model="path/to/bert", epochs=3)
         result.metrics["eval_accuracy"]
     """
-    base, given = _resume_base(config, kwargs)
-    cfg = config_from(FinetuneConfig, base, **given)
-    info, device = dist.setup(cfg.distributed, dist.resolve_device(cfg.device))
-    try:
-        return _finetune(cfg, info, device)
-    finally:
-        dist.teardown(info)
+    return _launch(FinetuneConfig, _finetune, config, kwargs)
 
 
 def _finetune(cfg: FinetuneConfig, info, device) -> TrainResult:
