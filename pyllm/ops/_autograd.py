@@ -42,13 +42,21 @@ def register_layer_norm(fwd_name: str, bwd: Callable) -> None:
         _, h, mean, rstd = output
         ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.has_residual = rms, bias is not None, residual is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
 
     def backward(ctx, dy, dh, _dmean, _drstd):
         hx, weight, mean, rstd = ctx.saved_tensors
         dy = torch.zeros_like(hx) if dy is None else dy.contiguous()
         dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
-        dx, dw, db = bwd(dy, hx, weight, mean, rstd, dh, ctx.rms, ctx.has_bias)
-        return (dx, dw if weight is not None else None, db if ctx.has_bias else None,
+        # The bwd ops return dbias in the weight's dtype (x's without a weight). An fp32 bias beside a 16-bit
+        # weight (or none) must get its gradient in fp32, not rounded to 16 bits: ask the kernel for fp32
+        # dweight/dbias with an fp32 weight (ones when there is none), and round dweight once afterwards.
+        w = weight
+        pdtype = weight.dtype if weight is not None else hx.dtype
+        if ctx.bias_dtype == torch.float32 and pdtype in (torch.float16, torch.bfloat16):
+            w = weight.float() if weight is not None else hx.new_ones(hx.shape[1], dtype=torch.float32)
+        dx, dw, db = bwd(dy, hx, w, mean, rstd, dh, ctx.rms, ctx.has_bias)
+        return (dx, dw.to(weight.dtype) if weight is not None else None, db if ctx.has_bias else None,
                 dx if ctx.has_residual else None, None, None)
 
     torch.library.register_fake(fwd_name)(layer_norm_fwd_fake)
