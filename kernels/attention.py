@@ -400,18 +400,36 @@ def _attn_bwd_dq(
 # one kernel rather than timing all of them: quick GPU checks).
 _AUTOTUNE = os.environ.get("PYLLM_TRITON_AUTOTUNE", "1") != "0"
 _TUNE_KEY = ["TUNE_NQ", "TUNE_NK", "HEAD_DIM", "CAUSAL", "HAS_MASK"]
-_CONFIGS = [
+_CONFIGS_SM80 = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [
         (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
         (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (128, 32, 4, 4),
     ]
 ]
+# Hopper (sm_90): tl.dot becomes wgmma when every warpgroup (4 warps) owns a multiple of 64 query rows, so
+# BLOCK_M is 64 or 128 on 4 warps, 128 on 8; BLOCK_N 64-128 with 3-4 stages, which its 227 KB of shared
+# memory holds. _prune keeps the list of the GPU at hand.
+_CONFIGS_SM90 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+        (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
+    ]
+]
+_CONFIGS = _CONFIGS_SM80 + _CONFIGS_SM90
+_SM90_IDS = {id(c) for c in _CONFIGS_SM90}
 
 
-def _heuristic(dtype, block_d, tune_nq):
+def _hopper(t) -> bool:
+    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] == 9
+
+
+def _heuristic(dtype, block_d, tune_nq, hopper=False):
     """One good-enough config, used for fp32, without autotuning, and as the pruning fallback."""
-    if dtype == torch.float32:
+    if hopper and dtype != torch.float32 and block_d <= 128:
+        bm, bn, w, s = (128, 128, 8, 3) if block_d <= 64 else (128, 64, 8, 3)
+    elif dtype == torch.float32:
         # fp32 dots run on CUDA cores with fp32 tiles in shared memory (and compile slowly): keep them small.
         bm, bn, w, s = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
                         128: (64, 32, 4, 2)}.get(block_d, (32, 32, 4, 1))
@@ -431,13 +449,15 @@ def _prune(configs, named_args, **kwargs):
     # tiles; fp32 gets its one small config (every fp32 config takes minutes to compile).
     args = {**named_args, **kwargs}
     dtype, block_d, tune_nq = args["Q"].dtype, args["BLOCK_D"], args["TUNE_NQ"]
+    hopper = _hopper(args["Q"])
     if dtype == torch.float32:
         return [_heuristic(dtype, block_d, tune_nq)]
+    configs = [c for c in configs if (id(c) in _SM90_IDS) == hopper] or configs  # this GPU's own list
     keep = [c for c in configs
             if (block_d < 256 or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 64)
             and (block_d < 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64)
             and (tune_nq > 64 or c.kwargs["BLOCK_M"] == 64)]
-    return keep or [_heuristic(dtype, block_d, tune_nq)]
+    return keep or [_heuristic(dtype, block_d, tune_nq, hopper)]
 
 
 def _tuned(kernel):
@@ -523,7 +543,7 @@ def _launch_args(q, key_padding_mask):
     if on_cpu:
         fixed = dict(BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOCK_N)
     elif not _AUTOTUNE:
-        c = _heuristic(q.dtype, consts["BLOCK_D"], _bucket(q.shape[1]))
+        c = _heuristic(q.dtype, consts["BLOCK_D"], _bucket(q.shape[1]), _hopper(q))
         fixed = dict(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         fixed = None  # autotune
