@@ -209,6 +209,7 @@ int main(int argc, char** argv) {
       {600, 320, f32, f32, false, false, false, true, true, 0},  // many rows, bias only
       {3, 40000, f16, f32, false, true, true, true, true, 0},    // column sums too big for shared memory
       {5, 12000, f32, f32, false, false, true, true, false, 0},  // 96 KB of opt-in shared memory
+      {5000, 64, b16, f32, false, false, true, true, false, 0},  // 1250 partial rows (more than 256 blocks)
   };
   int failed = 0;
   std::printf("validation (layer_norm fwd/bwd vs CPU reference):\n");
