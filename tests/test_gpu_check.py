@@ -67,3 +67,12 @@ def test_gpu_record_appends_once(tmp_path):
     assert data == {"records": [{"backend": "cuda", "ops": ["attention", "layer_norm"], "gpu": "NVIDIA H200",
                                  "capability": "9.0", "date": "2026-11-30", "commit": "abc", "torch": "2.11.0",
                                  "triton": "3.6.0"}]}
+
+
+def test_mma_fragment_layouts_simulated():
+    """csrc/dev/mma_fragments_sim.py: the attention kernels' ldmatrix/mma.sync address formulas, on the CPU."""
+    pytest.importorskip("numpy")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "csrc", "dev", "mma_fragments_sim.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "dV = P^T dO" in r.stdout
