@@ -361,6 +361,7 @@ __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_delta, con
 //   Phase 2: warp w adds P^T dO and dS^T Q into dV and dK for its 16 keys and the head-dim columns
 //            (w / KG) * DW .. + DW - 1, reading P^T and dS^T from shared memory (mma_atb).
 //   dQ (non-deterministic mode): dQ += dS K from sdS, atomically added to dq_accum.
+// Causal: the first key blocks see the most query blocks, and the grid already starts with them.
 template <typename T, int DP, int BM, int BN, int NW, int STAGES>
 __global__ void __launch_bounds__(NW * 32, 1) attn_bwd_dkdv_kernel(const AttentionBwdParams p, bool vec) {
   constexpr int NT = NW * 32, LD = DP + kPad, LDS = BN + kPad;
