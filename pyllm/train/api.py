@@ -162,7 +162,7 @@ def _subset(items: list, n: Optional[int], seed: int) -> list:
 def _saver(tokenizer, task_info: dict):
     def save(model, folder):
         model.save_pretrained(folder, overwrite=True)
-        tokenizer.save(folder)
+        tokenizer.save_pretrained(folder)
         _write_task(folder, task_info)
 
     return save
@@ -207,13 +207,13 @@ def _pretrain(cfg: PretrainConfig, info, device) -> TrainResult:
     kind = "bpe" if cfg.objective == "clm" else "wordpiece"
     source = cfg.tokenizer or cfg.init_from or (out if cfg.resume else None)
     if source:
-        tokenizer = D.Tokenizer.from_folder(source)
+        tokenizer = D.load_tokenizer(source)
     else:
         if info.is_main:  # train once; the other processes read the saved copy
-            D.train_tokenizer(kind, texts, cfg.vocab_size).save(out)
+            D.train_tokenizer(kind, texts, cfg.vocab_size).save_pretrained(out)
         dist.barrier(info)
-        tokenizer = D.Tokenizer.from_folder(out)
-    if cfg.objective == "mlm" and tokenizer.mask_id is None:
+        tokenizer = D.load_tokenizer(out)
+    if cfg.objective == "mlm" and tokenizer.mask_token_id is None:
         raise ValueError("pretrain: objective 'mlm' needs a tokenizer with a [MASK] token (a WordPiece one)")
 
     features = D.lm_features(texts, tokenizer, objective=cfg.objective, block_size=cfg.block_size)
@@ -236,13 +236,13 @@ def _pretrain(cfg: PretrainConfig, info, device) -> TrainResult:
             num_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
             max_position_embeddings=max(cfg.block_size, 512), hidden_dropout=cfg.dropout,
             type_vocab_size=2 if family == "bert" else 0,
-            pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id if family == "gpt2" else None,
-            bos_token_id=tokenizer.eos_id if family == "gpt2" else None,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id if family == "gpt2" else None,
+            bos_token_id=tokenizer.eos_token_id if family == "gpt2" else None,
             activation="gelu_new" if family == "gpt2" else "gelu",
         )
         model = cls(mc)
     causal = cfg.objective == "clm"
-    collator = D.PadCollator(tokenizer.pad_id, copy_labels=True) if causal else D.MLMCollator(
+    collator = D.PadCollator(tokenizer.pad_token_id, copy_labels=True) if causal else D.MLMCollator(
         tokenizer, cfg.mlm_probability)
 
     def evaluate(m, feats, **kw):
@@ -267,12 +267,12 @@ def _pretrain(cfg: PretrainConfig, info, device) -> TrainResult:
 def _sample(model, tokenizer, prompt: str, max_new_tokens: int, device, seed: int,
             temperature: float = 0.8, top_k: int = 40) -> str:
     model.eval()
-    ids = torch.tensor([tokenizer.encode([prompt], add_special_tokens=False)[0].ids], device=device)
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                              temperature=max(temperature, 1e-5), top_k=top_k, generator=gen,
-                             eos_token_id=tokenizer.eos_id)
+                             eos_token_id=tokenizer.eos_token_id)
     return tokenizer.decode(out[0].tolist())
 
 
@@ -331,7 +331,7 @@ def _features(task: str, examples, tokenizer, labels, max_length: int, family: s
 
 
 def _task_evaluator(task: str, tokenizer, labels, examples=None):
-    pad = tokenizer.pad_id
+    pad = tokenizer.pad_token_id
     if task == "sequence-classification":
         return (lambda m, f, **kw: evaluate_classification(m, f, pad_id=pad, num_labels=len(labels), **kw)), (
             "accuracy", "max")
@@ -371,7 +371,7 @@ def _finetune(cfg: FinetuneConfig, info, device) -> TrainResult:
                            "progress": cfg.progress, "plot": False, "seed": cfg.seed})
         model_dir = base.output_dir
     family = _family(model_dir)
-    tokenizer = D.Tokenizer.from_folder(out if cfg.resume else model_dir)
+    tokenizer = D.load_tokenizer(out if cfg.resume else model_dir)
     train_x, val_x, labels, data_name = _task_data(cfg)
     train_x = _subset(train_x, cfg.max_train_examples, cfg.seed)
     val_x = _subset(val_x, cfg.max_eval_examples, cfg.seed + 1)
@@ -385,7 +385,7 @@ def _finetune(cfg: FinetuneConfig, info, device) -> TrainResult:
     if cfg.dropout is not None:
         overrides["hidden_dropout"] = cfg.dropout
     if family == "gpt2":
-        overrides["pad_token_id"] = tokenizer.pad_id
+        overrides["pad_token_id"] = tokenizer.pad_token_id
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*newly initialized.*")  # the new head: expected
         model = cls.from_pretrained(model_dir, **overrides)
@@ -396,7 +396,7 @@ def _finetune(cfg: FinetuneConfig, info, device) -> TrainResult:
     evaluate, monitor = _task_evaluator(cfg.task, tokenizer, labels, val_x)
     task_info = {"task": cfg.task, "family": family, "labels": labels, "max_length": cfg.max_length,
                  "data": data_name, "base_model": str(model_dir)}
-    collator = D.PadCollator(tokenizer.pad_id)
+    collator = D.PadCollator(tokenizer.pad_token_id)
     trainer = Trainer(model, train_f, collator, cfg, out, eval_features=val_f, evaluate=evaluate,
                       monitor=monitor, save_model=_saver(tokenizer, task_info), description=f"finetune {cfg.task}")
     result = trainer.train()
@@ -424,7 +424,7 @@ def load_run(folder, device: str = "auto"):
     family = task.get("family") or _family(folder)
     model = _model_class(family, task["task"]).from_pretrained(folder)
     model.to(dist.resolve_device(device)).eval()
-    return model, D.Tokenizer.from_folder(folder), task
+    return model, D.load_tokenizer(folder), task
 
 
 def evaluate(folder, data_file: Optional[str] = None, *, batch_size: int = 32, device: str = "auto",
@@ -439,7 +439,7 @@ def evaluate(folder, data_file: Optional[str] = None, *, batch_size: int = 32, d
         texts = D.read_texts(data_file) if data_file else _every_kth_split(D.stdlib_corpus(max_files), 0.05)[1]
         feats = D.lm_features(texts, tokenizer, objective=name, block_size=task["max_length"])
         feats = _subset(feats, max_examples, 0)
-        collator = D.PadCollator(tokenizer.pad_id, copy_labels=True) if name == "clm" else D.MLMCollator(tokenizer)
+        collator = D.PadCollator(tokenizer.pad_token_id, copy_labels=True) if name == "clm" else D.MLMCollator(tokenizer)
         with torch.no_grad():
             return evaluate_lm(model, feats, batch_size=batch_size, device=dev, autocast=_nullctx,
                                collator=collator, causal=name == "clm")
@@ -496,7 +496,7 @@ def predict(folder, inputs: Sequence, *, batch_size: int = 32, device: str = "au
         if task["family"] == "gpt2":
             for f in feats:
                 f.pop("token_type_ids", None)
-        batch = D.pad_batch(feats, tokenizer.pad_id)
+        batch = D.pad_batch(feats, tokenizer.pad_token_id)
         inputs_ = {k: v.to(model.device) for k, v in batch.items()
                    if k in ("input_ids", "attention_mask", "token_type_ids")}
         with torch.no_grad():
