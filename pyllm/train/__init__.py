@@ -15,7 +15,8 @@ import importlib
 _EXPORTS = {
     "pretrain": "api", "finetune": "api", "evaluate": "api", "predict": "api", "generate": "api",
     "load_run": "api", "prepare_output_dir": "api",
-    "TrainConfig": "config", "PretrainConfig": "config", "FinetuneConfig": "config",
+    "TrainConfig": "config", "PretrainConfig": "config", "FinetuneConfig": "config", "EvaluateConfig": "config",
+    "PredictConfig": "config", "GenerateConfig": "config", "ConfigError": "config",
     "Trainer": "trainer", "TrainResult": "trainer", "NonFiniteLossError": "trainer",
 }
 

@@ -93,11 +93,11 @@ def test_finetune_evaluate_predict_end_to_end(tmp_path, tiny_bert, cls_files, ca
     assert rec["label"] in ("neg", "pos") and 0 <= rec["score"] <= 1
 
 
-def test_bad_config_file_is_a_clear_error(tmp_path):
+def test_bad_config_file_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "c.json"
     bad.write_text('{"max_stepz": 3}')
-    with pytest.raises(SystemExit, match=r"unknown key\(s\) \['max_stepz'\]"):
-        run(["pretrain", "--config", str(bad)])
+    assert run(["pretrain", "--config", str(bad)]) == 2
+    assert "unknown key(s) ['max_stepz']" in capsys.readouterr().err
 
 
 def test_simple_commands_take_config_files(tmp_path, corpus_file, capsys):
