@@ -80,14 +80,14 @@ def _rules(model, hf_prefix: str) -> list[Rule]:
     else:
         rules += [Rule(P + "word.weight", (H + "wte.weight",)), Rule(P + "position.weight", (H + "wpe.weight",))]
         for i in range(cfg.num_layers):
-            L, HL = f"{P}encoder.layers.{i}.", f"{H}h.{i}."
+            L, HL = f"{P}blocks.layers.{i}.", f"{H}h.{i}."
             rules += _linear(L + "norm1", HL + "ln_1")
             rules += _linear(L + "attn.qkv", HL + "attn.c_attn", "t")
             rules += _linear(L + "attn.proj", HL + "attn.c_proj", "t")
             rules += _linear(L + "norm2", HL + "ln_2")
             rules += _linear(L + "mlp.fc1", HL + "mlp.c_fc", "t")
             rules += _linear(L + "mlp.fc2", HL + "mlp.c_proj", "t")
-        rules += _linear(P + "encoder.norm_f", H + "ln_f")
+        rules += _linear(P + "blocks.norm_f", H + "ln_f")
     tied = cfg.tie_word_embeddings
     if name == "BertForMaskedLM":
         rules += _linear("transform", "cls.predictions.transform.dense", head=True)
