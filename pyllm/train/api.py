@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import json
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,8 +38,7 @@ import torch
 from pyllm import data as D
 
 from . import dist
-from .config import (ConfigError, EvaluateConfig, FinetuneConfig, GenerateConfig, PredictConfig, PretrainConfig,
-                     build)
+from .config import EvaluateConfig, FinetuneConfig, GenerateConfig, PredictConfig, PretrainConfig, build, from_sources
 from .evaluation import (best_span, evaluate_classification, evaluate_lm, evaluate_qa,
                          evaluate_token_classification, span_text)
 from .trainer import Trainer, TrainResult
@@ -80,20 +80,17 @@ def _family(folder) -> str:
 
 
 def _configure(cls, config, kwargs: dict):
-    """The run's options, each checked as it is read: a resumed run's saved options < ``config``
-    (a dataclass or dict) < keyword arguments. So ``output_dir=X, resume=True`` alone continues
-    run X with its own model size, data and so on; a full ``config`` given with resume wins entirely."""
-    if dataclasses.is_dataclass(config):
-        config = dataclasses.asdict(config)
-    elif config is not None and not isinstance(config, dict):
-        raise ConfigError(cls.command, f"config must be a {cls.__name__}, a dict or None, got {type(config).__name__}")
-    layers = [("config", config)] if config else []
-    given = {**(config or {}), **kwargs}
-    marker = Path(str(given.get("output_dir") or ".")) / RUN_MARKER
-    if config is None and given.get("resume") is True and given.get("output_dir") and marker.is_file():
-        saved = json.loads(marker.read_text()).get("config", {})
-        layers.insert(0, (str(marker), {**saved, "overwrite": False}))
-    return build(cls, *layers, ("", kwargs))
+    """The run's options, each checked as it is read (:func:`pyllm.train.config.from_sources`): a
+    resumed run's saved options < ``config`` (a JSON file's path, a dict or a config object) <
+    keyword arguments. So ``output_dir=X, resume=True`` alone continues run X with its own model
+    size, data and so on."""
+    def saved(given: dict):
+        marker = Path(str(given.get("output_dir") or ".")) / RUN_MARKER
+        if given.get("resume") is True and given.get("output_dir") and marker.is_file():
+            return str(marker), {**json.loads(marker.read_text()).get("config", {}), "overwrite": False}
+        return None
+
+    return from_sources(cls, config, kwargs, saved)
 
 
 @contextlib.contextmanager
@@ -112,6 +109,9 @@ def _open_run(cfg, proc) -> Path:
     """The run folder, prepared by rank 0 (marked with what runs, unless resuming); every process gets its path."""
     out = None
     if proc.is_main:
+        if cfg.progress and cfg.max_time is not None and cfg.max_time == getattr(cfg, "time_cap", None):
+            print(f"{cfg.command}: the default run stops after {cfg.max_time:.0f} s of training "
+                  "(--max-steps / --epochs / --max-time change this)", file=sys.stderr)
         out = prepare_output_dir(cfg.output_dir, cfg.command, overwrite=cfg.overwrite, resume=cfg.resume)
         if not cfg.resume:
             marker = {"command": cfg.command, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

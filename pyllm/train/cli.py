@@ -32,7 +32,7 @@ def _add_options(p: argparse.ArgumentParser, cls) -> None:
     p.add_argument("--config", metavar="FILE.json",
                    help="JSON object of options; keys are the flag names with underscores (flags override)")
     for f in dataclasses.fields(cls):
-        kind, _ = C._base_type(f)
+        kind, _ = C.base_type(f)
         nargs = f.metadata["positional"]
         if nargs:
             p.add_argument(f.name, nargs=nargs, help=_help(f))
@@ -45,15 +45,6 @@ def _add_options(p: argparse.ArgumentParser, cls) -> None:
                            help=_help(f))
 
 
-def _options(args: argparse.Namespace) -> dict:
-    """The options of a command line: its --config file's, then its flags' (which win)."""
-    cls = args.config_class
-    opts = C.read_config_file(args.config, cls) if getattr(args, "config", None) else {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    opts.update(C.read_options("flags", cls, {k: v for k, v in vars(args).items() if k in names}))
-    return opts
-
-
 def _print_metrics(metrics: dict, keys) -> None:
     for k in keys:
         if k in metrics:
@@ -62,38 +53,34 @@ def _print_metrics(metrics: dict, keys) -> None:
 
 
 def _command(fn):
-    """Run ``fn(options)``: a clear one-line message and exit code, no traceback, for the user's
-    mistakes (2) and failed runs (1); Ctrl-C -> 130 after the trainer has saved."""
+    """Run ``fn(config_file, flags)``: a clear one-line message and exit code, no traceback, for the
+    user's mistakes (2) and failed runs (1); Ctrl-C -> 130 after the trainer has saved."""
 
     def run(args) -> int:
-        command = args.config_class.command
+        cls = args.config_class
+        flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
         try:
-            return fn(_options(args))
+            return fn(getattr(args, "config", None), flags)
         except KeyboardInterrupt:
-            print(f"\npyllm {command}: interrupted; the run was saved (continue it with --resume)", file=sys.stderr)
+            print(f"\npyllm {cls.command}: interrupted; the run was saved (continue it with --resume)",
+                  file=sys.stderr)
             return 130
         except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
-            print(f"pyllm {command}: error: {e.detail if isinstance(e, C.ConfigError) else e}", file=sys.stderr)
+            print(f"pyllm {cls.command}: error: {e.as_flags() if isinstance(e, C.ConfigError) else e}",
+                  file=sys.stderr)
             return 2
         except RuntimeError as e:  # NonFiniteLossError and friends
-            print(f"pyllm {command}: error: {e}", file=sys.stderr)
+            print(f"pyllm {cls.command}: error: {e}", file=sys.stderr)
             return 1
 
     return run
 
 
-def _note_default_run(cls, opts: dict) -> None:
-    if C.is_default_run(cls, opts):
-        print(f"pyllm {cls.command}: default run, capped at {cls.time_cap:.0f} s of training "
-              "(--max-steps / --epochs / --max-time change this)", file=sys.stderr)
-
-
 @_command
-def cmd_pretrain(opts: dict) -> int:
+def cmd_pretrain(config_file, flags: dict) -> int:
     from .api import pretrain
 
-    _note_default_run(C.PretrainConfig, opts)
-    result = pretrain(**opts)
+    result = pretrain(config_file, **flags)
     m = result.metrics
     print(f"pretrained {m.get('parameters', 0) / 1e6:.2f}M parameters for {m['steps']} steps "
           f"({m['tokens']} tokens, {m['train_seconds']:.0f} s, {m['tokens_per_s']:.0f} tokens/s) -> "
@@ -108,11 +95,10 @@ def cmd_pretrain(opts: dict) -> int:
 
 
 @_command
-def cmd_finetune(opts: dict) -> int:
+def cmd_finetune(config_file, flags: dict) -> int:
     from .api import finetune
 
-    _note_default_run(C.FinetuneConfig, opts)
-    result = finetune(**opts)
+    result = finetune(config_file, **flags)
     m = result.metrics
     print(f"fine-tuned for {m['steps']} steps on {m['train_examples']} examples "
           f"({m['train_seconds']:.0f} s) -> {result.output_dir}")
@@ -122,10 +108,10 @@ def cmd_finetune(opts: dict) -> int:
 
 
 @_command
-def cmd_evaluate(opts: dict) -> int:
+def cmd_evaluate(config_file, flags: dict) -> int:
     from .api import evaluate
 
-    cfg = C.build(C.EvaluateConfig, ("", opts))
+    cfg = C.from_sources(C.EvaluateConfig, config_file, flags)
     metrics = evaluate(cfg.folder, cfg.data, batch_size=cfg.batch_size, device=cfg.device,
                        max_examples=cfg.max_examples, max_files=cfg.max_files)
     print(f"evaluated {cfg.folder}:")
@@ -155,10 +141,10 @@ def _read_inputs(cfg: C.PredictConfig) -> list:
 
 
 @_command
-def cmd_predict(opts: dict) -> int:
+def cmd_predict(config_file, flags: dict) -> int:
     from .api import predict
 
-    cfg = C.build(C.PredictConfig, ("", opts))
+    cfg = C.from_sources(C.PredictConfig, config_file, flags)
     items = _read_inputs(cfg)
     for x, r in zip(items, predict(cfg.folder, items, batch_size=cfg.batch_size, device=cfg.device)):
         if cfg.json:
@@ -173,10 +159,10 @@ def cmd_predict(opts: dict) -> int:
 
 
 @_command
-def cmd_generate(opts: dict) -> int:
+def cmd_generate(config_file, flags: dict) -> int:
     from .api import generate
 
-    cfg = C.build(C.GenerateConfig, ("", opts))
+    cfg = C.from_sources(C.GenerateConfig, config_file, flags)
     outs = generate(cfg.folder, cfg.prompt or ["Return the"], max_new_tokens=cfg.max_new_tokens,
                     temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, device=cfg.device)
     for text in outs:

@@ -31,11 +31,18 @@ LENGTH_OPTIONS = ("max_steps", "max_time", "epochs", "resume")
 
 
 class ConfigError(ValueError):
-    """An option with a value of the wrong type or out of range, or an unknown option."""
+    """An option with a value of the wrong type or out of range, or an unknown option. ``key`` is the
+    option and ``source`` where its value came from ("" for keyword arguments or flags)."""
 
-    def __init__(self, command: str, detail: str):
+    def __init__(self, command: str, detail: str, key: Optional[str] = None, source: str = ""):
         super().__init__(f"{command}: {detail}")
-        self.command, self.detail = command, detail
+        self.command, self.detail, self.key, self.source = command, detail, key, source
+
+    def as_flags(self) -> str:
+        """The detail with a keyword argument named as the command-line flag that gave it."""
+        if self.key is None or self.source:
+            return self.detail
+        return self.detail.replace(self.key, "--" + self.key.replace("_", "-"), 1)
 
 
 def option(default, help: str, *, shown: Optional[str] = None, choices=None, pattern: Optional[str] = None,
@@ -70,7 +77,7 @@ def config_class(cls):
 # -- checking one value --------------------------------------------------------------------------
 
 
-def _base_type(f: dataclasses.Field):
+def base_type(f: dataclasses.Field):
     """(the type without Optional, whether None is allowed)."""
     args = typing.get_args(f.type)
     if type(None) in args:
@@ -81,7 +88,7 @@ def _base_type(f: dataclasses.Field):
 def expected(f: dataclasses.Field) -> str:
     """What a field accepts, in words: 'an integer >= 1 (or null)'."""
     m = f.metadata
-    kind, optional = _base_type(f)
+    kind, optional = base_type(f)
     if m.get("choices"):
         text = f"one of {list(m['choices'])}"
     elif m.get("pattern"):
@@ -100,7 +107,7 @@ def expected(f: dataclasses.Field) -> str:
 def check_value(f: dataclasses.Field, value):
     """``value`` as field ``f`` holds it (ints become floats for float fields), or None when it does
     not fit the field's type and allowed values."""
-    kind, optional = _base_type(f)
+    kind, optional = base_type(f)
     m = f.metadata
     if value is None:
         return (True, None) if optional else (False, None)
@@ -128,15 +135,14 @@ def check_value(f: dataclasses.Field, value):
 def _checked(cls, source: str, key: str, value):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     name = key.replace("-", "_")
-    where = f"{source}: " if source and source != "flags" else ""
+    where = f"{source}: " if source else ""
     if name not in fields:
         raise ConfigError(cls.command, f"{where}unknown option {key!r} (the options are the flags of "
                                        f"`pyllm {cls.command} --help`, with underscores)")
     ok, held = check_value(fields[name], value)
     if not ok:
-        shown = "--" + name.replace("_", "-") if source == "flags" else name
         got = "null" if value is None else f"{value!r} ({type(value).__name__})"
-        raise ConfigError(cls.command, f"{where}{shown} must be {expected(fields[name])}, got {got}")
+        raise ConfigError(cls.command, f"{where}{name} must be {expected(fields[name])}, got {got}", name, source)
     return name, held
 
 
@@ -162,11 +168,6 @@ class _Checked:
         return dataclasses.replace(self, **changes)
 
 
-def read_options(source: str, cls, values: dict) -> dict:
-    """``values`` (option -> value, read from ``source``) checked against ``cls``'s fields."""
-    return dict(_checked(cls, source, k, v) for k, v in values.items())
-
-
 def is_default_run(cls, values: dict) -> bool:
     """A training run given no length option (:data:`LENGTH_OPTIONS`): it gets ``cls.time_cap``."""
     return bool(getattr(cls, "time_cap", None)) and not {k.replace("-", "_") for k in values} & set(LENGTH_OPTIONS)
@@ -179,14 +180,35 @@ def build(cls, *layers: tuple[str, dict]):
     A default run (:func:`is_default_run`) stops after its command's ``time_cap`` seconds."""
     values = {}
     for source, layer in layers:
-        values.update(read_options(source, cls, layer))
+        values.update(_checked(cls, source, k, v) for k, v in layer.items())
     if is_default_run(cls, values):
         values["max_time"] = cls.time_cap
     return cls(**values)
 
 
+def from_sources(cls, config=None, overrides: Optional[dict] = None, saved=None):
+    """``cls`` from its sources, later ones winning: the saved options of a resumed run <
+    ``config`` (a ``--config`` JSON file's path, a dict, or a config object) < ``overrides``
+    (keyword arguments, or the flags of a command line). ``saved(given) -> (source, options) | None``
+    finds a resumed run's options from what is given; a dict or config object wins over them entirely."""
+    if isinstance(config, (str, Path)):
+        layers = [(f"--config {config}", read_config_file(config, cls))]
+    elif dataclasses.is_dataclass(config) or isinstance(config, dict):
+        layers = [("config", dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config)]
+    elif config is None:
+        layers = []
+    else:
+        raise ConfigError(cls.command, f"config must be a JSON file's path, a dict, a {cls.__name__} or None, "
+                                       f"got {type(config).__name__}")
+    layers.append(("", overrides or {}))
+    if saved is not None and not layers[0][0] == "config":
+        base = saved({k.replace("-", "_"): v for _, layer in layers for k, v in layer.items()})
+        layers = [base, *layers] if base else layers
+    return build(cls, *layers)
+
+
 def read_config_file(path, cls) -> dict:
-    """The options in a ``--config`` JSON file (an object whose keys are option names), checked."""
+    """The options in a ``--config`` JSON file (an object whose keys are option names)."""
     path = Path(path)
     source = f"--config {path}"
     try:
@@ -203,7 +225,7 @@ def read_config_file(path, cls) -> dict:
     if unknown:
         raise ConfigError(cls.command, f"{source} has unknown key(s) {unknown} (the keys are the flags of "
                                        f"`pyllm {cls.command} --help`, with underscores)")
-    return read_options(source, cls, loaded)
+    return loaded
 
 
 # -- the commands ---------------------------------------------------------------------------------

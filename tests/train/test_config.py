@@ -62,15 +62,17 @@ def test_defect_11_config_file_values_are_typed(tmp_path, key, value, message, c
 
 
 def test_defect_11_same_checks_for_every_command_and_keyword_arguments(tmp_path):
+    from pyllm.train import config as C
+
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"folder": str(tmp_path), "batch_size": "8"}))
-    for command in ("evaluate", "predict"):
-        with pytest.raises(ConfigError, match=rf"{command}: --config .*c.json: batch_size must be an integer >= 1, "
-                                              rf"got '8' \(str\)"):
-            cli._options(cli_args(command, "--config", str(cfg)))
+    for cls in (C.EvaluateConfig, C.PredictConfig):
+        with pytest.raises(ConfigError, match=rf"{cls.command}: --config .*c.json: batch_size must be an integer "
+                                              rf">= 1, got '8' \(str\)"):
+            C.from_sources(cls, str(cfg))
     cfg.write_text("[1, 2]")
     with pytest.raises(ConfigError, match=r"must hold a JSON object, got a list"):
-        cli._options(cli_args("generate", "--config", str(cfg)))
+        C.from_sources(C.GenerateConfig, cfg)
     with pytest.raises(ConfigError, match=r"pretrain: max_steps must be an integer >= 1 \(or null\), got True"):
         PretrainConfig(max_steps=True)
     with pytest.raises(ConfigError, match=r"pretrain: unknown option 'max_stepz'"):
