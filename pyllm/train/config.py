@@ -105,8 +105,8 @@ def expected(f: dataclasses.Field) -> str:
 
 
 def check_value(f: dataclasses.Field, value):
-    """``value`` as field ``f`` holds it (ints become floats for float fields), or None when it does
-    not fit the field's type and allowed values."""
+    """(whether ``value`` fits field ``f``'s type and allowed values, the value as the field holds it:
+    ints become floats for float fields)."""
     kind, optional = base_type(f)
     m = f.metadata
     if value is None:
@@ -230,7 +230,14 @@ def read_config_file(path, cls) -> dict:
 
 # -- the commands ---------------------------------------------------------------------------------
 
-DEVICE = dict(pattern=r"auto|cpu|mps|cuda(:\d+)?", pattern_words="auto, cpu, mps, cuda or cuda:N")
+# Options that several commands take, described once.
+def _device():
+    return option("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N", pattern=r"auto|cpu|mps|cuda(:\d+)?",
+                  pattern_words="auto, cpu, mps, cuda or cuda:N")
+
+
+def _max_files():
+    return option(None, "embedded data: read only the first N stdlib source files (quick runs)", at_least=1)
 
 
 @config_class
@@ -271,7 +278,7 @@ class TrainConfig(_Checked):
     precision: str = option("fp32", "fp32, or bf16/fp16 autocast (fp16 with a gradient scaler)", choices=PRECISIONS)
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory, "
                                                  "~1/3 more compute)")
-    device: str = option("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N", **DEVICE)
+    device: str = _device()
     distributed: str = option("auto", "data parallelism under torchrun: ddp, or fsdp to shard the model too "
                                       "(auto: ddp when launched with more than one process)", choices=DISTRIBUTED)
     # evaluation and stopping
@@ -310,8 +317,7 @@ class PretrainConfig(TrainConfig):
                                             shown="--validation-fraction of the blocks")
     validation_fraction: float = option(0.02, "share of the blocks held out when there is no --validation-file",
                                         above=0, below=1)
-    max_files: Optional[int] = option(None, "embedded data: read only the first N stdlib source files (quick runs)",
-                                      at_least=1)
+    max_files: Optional[int] = _max_files()
     tokenizer: Optional[str] = option(None, "folder with tokenizer.json to use", shown="train one on the corpus")
     vocab_size: int = option(8192, "vocabulary size of the tokenizer trained on the corpus", at_least=2)
     init_from: Optional[str] = option(None, "model folder to continue pretraining from")
@@ -353,8 +359,7 @@ class FinetuneConfig(TrainConfig):
     max_length: int = option(64, "truncate inputs to this many tokens", at_least=8)
     max_train_examples: Optional[int] = option(None, "train on a random subset of this size", at_least=1)
     max_eval_examples: Optional[int] = option(None, "evaluate on a random subset of this size", at_least=1)
-    max_files: Optional[int] = option(None, "embedded data: read only the first N stdlib source files (quick runs)",
-                                      at_least=1)
+    max_files: Optional[int] = _max_files()
     dropout: Optional[float] = option(None, "hidden dropout", shown="the model's own", at_least=0, below=1)
     learning_rate = 1e-4
     batch_size = 16
@@ -373,7 +378,7 @@ class _UseRun(_Checked):
     """What every command that uses a trained folder takes."""
 
     folder: Optional[str] = option(None, "run folder written by pyllm pretrain or finetune", positional="?")
-    device: str = option("auto", "auto (cuda if present, else cpu), cpu, cuda or cuda:N", **DEVICE)
+    device: str = _device()
 
     def check(self) -> None:
         self.need(bool(self.folder), "give the run folder (the first argument, or 'folder' in --config)")
@@ -389,7 +394,7 @@ class EvaluateConfig(_UseRun):
                                  shown="the embedded validation set, when the run used it")
     batch_size: int = option(32, "evaluation batch size", at_least=1)
     max_examples: Optional[int] = option(None, "score a random subset of this size", at_least=1)
-    max_files: Optional[int] = option(None, "embedded data: read only the first N stdlib source files", at_least=1)
+    max_files: Optional[int] = _max_files()
 
 
 @config_class
