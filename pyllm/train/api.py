@@ -424,15 +424,14 @@ def _features(task: str, examples, tokenizer, labels, max_length: int, family: s
 
 
 def _task_evaluator(task: str, tokenizer, labels, examples=None):
+    """(the task's evaluation function, (the metric early stopping watches, "max"))."""
     pad = tokenizer.pad_token_id
     if task == "sequence-classification":
-        return (lambda m, f, **kw: evaluate_classification(m, f, pad_id=pad, num_labels=len(labels), **kw)), (
-            "accuracy", "max")
+        return functools.partial(evaluate_classification, pad_id=pad, num_labels=len(labels)), ("accuracy", "max")
     if task == "token-classification":
         outside = labels.index("O") if "O" in labels else None
-        return (lambda m, f, **kw: evaluate_token_classification(m, f, pad_id=pad, outside_id=outside, **kw)), (
-            "f1", "max")
-    return (lambda m, f, **kw: evaluate_qa(m, f, pad_id=pad, examples=examples, **kw)), ("f1", "max")
+        return functools.partial(evaluate_token_classification, pad_id=pad, outside_id=outside), ("f1", "max")
+    return functools.partial(evaluate_qa, pad_id=pad, examples=examples), ("f1", "max")
 
 
 # -- using a trained folder -------------------------------------------------------------------
