@@ -38,7 +38,8 @@ import torch
 from pyllm import data as D
 
 from . import dist
-from .config import EvaluateConfig, FinetuneConfig, GenerateConfig, PredictConfig, PretrainConfig, build, from_sources
+from .config import (ConfigError, EvaluateConfig, FinetuneConfig, GenerateConfig, PredictConfig, PretrainConfig, build,
+                     from_sources)
 from .evaluation import (best_span, evaluate_classification, evaluate_lm, evaluate_qa,
                          evaluate_token_classification, span_text)
 from .trainer import Trainer, TrainResult
@@ -86,9 +87,13 @@ def _configure(cls, config, kwargs: dict):
     size, data and so on."""
     def saved(given: dict):
         marker = Path(str(given.get("output_dir") or ".")) / RUN_MARKER
-        if given.get("resume") is True and given.get("output_dir") and marker.is_file():
-            return str(marker), {**json.loads(marker.read_text()).get("config", {}), "overwrite": False}
-        return None
+        if not (given.get("resume") is True and given.get("output_dir") and marker.is_file()):
+            return None
+        try:
+            options = json.loads(marker.read_text(encoding="utf-8"))["config"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(cls.command, f"cannot resume: {marker} is not a pyllm run record ({e!r})") from None
+        return str(marker), {**options, "overwrite": False}
 
     return from_sources(cls, config, kwargs, saved)
 

@@ -104,3 +104,9 @@ def test_default_run_is_capped_in_one_place():
     assert C.build(PretrainConfig, ("", {})).max_time == PretrainConfig.time_cap
     assert C.build(PretrainConfig, ("", {"max_steps": 5})).max_time is None
     assert PretrainConfig().max_steps == 250 and PretrainConfig.time_cap == 150.0  # what README and docs state
+
+
+def test_resume_from_a_broken_run_record_is_a_clear_error(tmp_path):
+    (tmp_path / "pyllm_run.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"cannot resume: .*pyllm_run.json is not a pyllm run record"):
+        pretrain(output_dir=str(tmp_path), resume=True)
