@@ -91,7 +91,8 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig: backend must be None or one of {BACKENDS}, got {self.backend!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             tid = getattr(self, name)
-            if tid is not None and not (isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < self.vocab_size):
+            if tid is not None and not (isinstance(tid, int) and not isinstance(tid, bool)
+                                        and 0 <= tid < self.vocab_size):
                 raise ValueError(f"TransformerConfig: {name} must be in [0, vocab_size={self.vocab_size}), got {tid}")
         if self.id2label is not None:
             if not isinstance(self.id2label, dict):

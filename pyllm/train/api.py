@@ -468,7 +468,8 @@ def evaluate(folder, data_file: Optional[str] = None, **options) -> dict:
         texts = D.read_texts(cfg.data) if cfg.data else _every_kth_split(D.stdlib_corpus(cfg.max_files), 0.05)[1]
         feats = _subset(D.lm_features(texts, tokenizer, objective=name, block_size=task["max_length"]),
                         cfg.max_examples, 0)
-        collator = D.PadCollator(tokenizer.pad_token_id, copy_labels=True) if name == "clm" else D.MLMCollator(tokenizer)
+        collator = (D.PadCollator(tokenizer.pad_token_id, copy_labels=True) if name == "clm"
+                    else D.MLMCollator(tokenizer))
         fn = functools.partial(evaluate_lm, collator=collator, causal=name == "clm")
     else:
         if cfg.data is None and task.get("data") != "stdlib-topics":

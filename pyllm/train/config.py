@@ -128,7 +128,8 @@ def check_value(f: dataclasses.Field, value):
         ok = re.fullmatch(m["pattern"], value) is not None
     if ok and kind in (int, float):
         ok = ((m.get("at_least") is None or value >= m["at_least"]) and (m.get("above") is None or value > m["above"])
-              and (m.get("at_most") is None or value <= m["at_most"]) and (m.get("below") is None or value < m["below"]))
+              and (m.get("at_most") is None or value <= m["at_most"])
+              and (m.get("below") is None or value < m["below"]))
     return ok, value
 
 
