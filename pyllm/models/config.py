@@ -10,9 +10,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pyllm import backends
+
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_tanh", "relu", "silu")
 NORM_POSITIONS = ("pre", "post")
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+BACKENDS = ("auto",) + backends.NAMES
 
 
 @dataclass
