@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pyllm import accuracy, backends, ops, reference
+from pyllm import accuracy, backends, capabilities, ops, reference
 
 
 @dataclasses.dataclass
@@ -143,8 +143,9 @@ def check(backends_: list[str] | None = None, *, device: str | None = None, full
                 for op in ("layer_norm", "rms_norm"):
                     rows += norm_case(op, name, dtype, M, N, residual=(N % 2 == 1), device=device)
             for (B, Nq, Nk, Hq, Hkv, D, causal, padded) in (attn[:2] if interp else attn):
-                if name == "cuda" and dtype == torch.float32:
-                    continue  # the CUDA attention takes fp16/bf16 only (explain() says so)
+                caps = capabilities.TABLES[name]
+                if str(dtype).replace("torch.", "") not in caps.op_dtypes.get("attention", caps.dtypes):
+                    continue  # e.g. the CUDA attention takes fp16/bf16 only (pyllm/capabilities.py)
                 rows += attention_case(name, dtype, B, Nq, Nk, Hq, Hkv, D, causal=causal, padded=padded,
                                        device=device)
     _print(rows, out)

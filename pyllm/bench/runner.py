@@ -212,51 +212,21 @@ def _jsonable_check(v):
 
 
 def _measure_case(case, provs, verdicts, inputs, s: Settings, limits, mem_queue):
-    device, threads, st = s.device, s.threads, s.timing
+    """One result row per provider: checked ones are timed, then their peak memory measured (CPU: queued
+    for the worker process)."""
     rows, fns = {}, {}
     for p in provs:
-        v = verdicts[p.name]
-        row = {"_case": case, **case.to_dict(), "provider": p.name, "status": v["status"], "reason": v["reason"],
-               "check": _jsonable_check(v["check"]), "time": None, "tflops": None, "gbps": None,
-               "peak_bytes": None, "memory_error": None}
-        rows[p.name] = row
-        if v["status"] != "ok":
-            continue
-        c = v["check"]
-        if c.get("grad_error") and case.mode != "fwd":
-            row["status"], row["reason"] = "error", c["grad_error"]
-            continue
-        if not c["out_ok"] or (case.mode != "fwd" and not c["grad_ok"]):
-            row["status"], row["reason"] = "WRONG", c["worst"]
-            continue
-        if p.quadratic and case.op == "attention" and _quadratic_bytes(case) > _mem_budget(device):
-            row["status"] = "skipped"
-            row["reason"] = (f"needs ~{_quadratic_bytes(case) / 2**30:.1f} GiB for the Nq x Nk scores "
-                             f"(budget {_mem_budget(device) / 2**30:.1f} GiB)")
-            continue
-        try:
-            fns[p.name] = build_timed(case, p, device, s.seed, inputs=inputs)
-        except Exception as e:  # noqa: BLE001
-            row["status"], row["reason"] = "error", f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        rows[p.name], fn = _row(case, p, verdicts[p.name], inputs, s)
+        if fn is not None:
+            fns[p.name] = fn
     if case.timed and fns:
-        try:
-            times = time_interleaved(fns, device, threads=threads, repeats=st["repeats"], warmup=st["warmup"],
-                                     min_run_s=st["min_run_s"], max_s=st["max_s"])
-        except Exception as e:  # noqa: BLE001 (one bad provider: time the rest one by one)
-            times = {}
-            for n, fn in fns.items():
-                try:
-                    times.update(time_interleaved({n: fn}, device, threads=threads, repeats=st["repeats"],
-                                                  warmup=st["warmup"], min_run_s=st["min_run_s"], max_s=st["max_s"]))
-                except Exception as e2:  # noqa: BLE001
-                    rows[n]["status"], rows[n]["reason"] = "error", f"{type(e2).__name__}: {e2}".splitlines()[0][:300]
-        for n, ts in times.items():
+        for n, ts in _time(fns, rows, s).items():
             _figures(rows[n], case, summarize(ts), limits)
     if s.memory and case.mode != "bwd":  # bwd's peak is inside fwd+bwd's; measuring it too doubles the cost
         for n, fn in fns.items():
             if rows[n]["status"] != "ok":
                 continue
-            if device == "cuda":
+            if s.device == "cuda":
                 try:
                     rows[n]["peak_bytes"] = peak_memory_cuda(fn)
                 except Exception as e:  # noqa: BLE001
@@ -265,6 +235,45 @@ def _measure_case(case, provs, verdicts, inputs, s: Settings, limits, mem_queue)
                 mem_queue.append(rows[n])
     fns.clear()
     return list(rows.values())
+
+
+def _row(case, p: Provider, v: dict, inputs, s: Settings):
+    """(the result row of provider ``p`` given its check verdict ``v``, its timed callable or None)."""
+    row = {"_case": case, **case.to_dict(), "provider": p.name, "status": v["status"], "reason": v["reason"],
+           "check": _jsonable_check(v["check"]), "time": None, "tflops": None, "gbps": None,
+           "peak_bytes": None, "memory_error": None}
+    c = v["check"]
+    if v["status"] != "ok":
+        return row, None
+    if c.get("grad_error") and case.mode != "fwd":
+        row["status"], row["reason"] = "error", c["grad_error"]
+    elif not c["out_ok"] or (case.mode != "fwd" and not c["grad_ok"]):
+        row["status"], row["reason"] = "WRONG", c["worst"]
+    elif p.quadratic and case.op == "attention" and _quadratic_bytes(case) > _mem_budget(s.device):
+        row["status"] = "skipped"
+        row["reason"] = (f"needs ~{_quadratic_bytes(case) / 2**30:.1f} GiB for the Nq x Nk scores "
+                         f"(budget {_mem_budget(s.device) / 2**30:.1f} GiB)")
+    else:
+        try:
+            return row, build_timed(case, p, s.device, s.seed, inputs=inputs)
+        except Exception as e:  # noqa: BLE001
+            row["status"], row["reason"] = "error", f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return row, None
+
+
+def _time(fns: dict, rows: dict, s: Settings) -> dict:
+    """{provider: [seconds per call]}, interleaved; if one provider fails, the rest are timed one by one."""
+    timing = dict(threads=s.threads, **s.timing)
+    try:
+        return time_interleaved(fns, s.device, **timing)
+    except Exception:  # noqa: BLE001 (one bad provider must not lose the others' times)
+        times = {}
+        for n, fn in fns.items():
+            try:
+                times.update(time_interleaved({n: fn}, s.device, **timing))
+            except Exception as e:  # noqa: BLE001
+                rows[n]["status"], rows[n]["reason"] = "error", f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return times
 
 
 def _figures(row: dict, case: Case, t: dict, limits: Limits) -> None:
