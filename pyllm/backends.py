@@ -192,7 +192,10 @@ def unavailable() -> dict[str, str]:
 
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
-    """Run the ops inside the block on backend ``name`` (or ``"auto"``), unless a call passes ``backend=``."""
+    """Run the ops inside the block on backend ``name`` (or ``"auto"``), unless a call passes ``backend=``.
+
+    The choice is process-wide while the block runs (other threads see it too), as ``torch.backends`` flags
+    are; that is what lets ``torch.compile`` trace it."""
     global _current
     saved, _current = _current, _check_name(name, "pyllm.backends.use")
     try:
