@@ -37,6 +37,7 @@ def _cmd_info(args) -> int:
     import torch
 
     import pyllm
+    from pyllm import capabilities
 
     print(f"pyllm {pyllm.__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
@@ -56,6 +57,11 @@ def _cmd_info(args) -> int:
     print("\nbackends available:", ", ".join(pyllm.backends.available()))
     for name, why in pyllm.backends.unavailable().items():
         print(f"  {name}: not available: {why}")
+    print("\nwhat each backend serves (pyllm/capabilities.py):")
+    print("\n".join("  " + line for line in capabilities.table().splitlines()))
+    print("\nverified on a GPU (pyllm/verified.json, written by benchmarks/gpu_check.sh runs):")
+    for name in pyllm.backends.NAMES:
+        print("  " + pyllm.backends.verification(name))
     return 0
 
 

@@ -11,13 +11,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pyllm import backends
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_tanh", "relu", "silu")
 NORM_POSITIONS = ("pre", "post")
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+BACKENDS = ("auto",) + backends.NAMES
 
 
 @dataclass
