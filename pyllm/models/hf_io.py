@@ -9,7 +9,9 @@ stacked into pyllm's single qkv projection). transformers itself is never import
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +112,10 @@ def _rules(model, hf_prefix: str) -> list[Rule]:
 
 
 def _read_tensors(folder: Path) -> dict:
+    """transformers' order: model.safetensors, its sharded index, pytorch_model.bin, its index."""
     from safetensors.torch import load_file
+    if (folder / "model.safetensors").exists():
+        return load_file(folder / "model.safetensors")
     for index_name, loader in (("model.safetensors.index.json", load_file),
                                ("pytorch_model.bin.index.json", None)):
         index = folder / index_name
@@ -121,8 +126,6 @@ def _read_tensors(folder: Path) -> dict:
                 out.update(load_file(folder / s) if loader else torch.load(folder / s, map_location="cpu",
                                                                             weights_only=True))
             return out
-    if (folder / "model.safetensors").exists():
-        return load_file(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").exists():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"from_pretrained: {folder} holds no model.safetensors or pytorch_model.bin "
@@ -231,5 +234,42 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
             _ARCH[type(model).__name__][2] + "embeddings.word.weight"].new_zeros(1, C)
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # Both files are written under temporary names and renamed into place (a failed or killed
+    # save leaves the old files), then the weights of an earlier save that would shadow or
+    # outlive the new ones (a sharded index and its shards) are removed, as transformers does.
+    written = []
+    try:
+        for name, write in (("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                            ("config.json", lambda p: Path(p).write_text(
+                                json.dumps(hf_config, indent=2, sort_keys=True) + "\n"))):
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            written.append((tmp, folder / name))
+            write(tmp)
+        for tmp, path in written:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in written:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    for stale in _earlier_weight_files(folder):
+        stale.unlink()
+
+
+_SHARD = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
+
+
+def _earlier_weight_files(folder: Path) -> list[Path]:
+    """Sharded weights (index files, the shards they list, shard-named files) in ``folder``."""
+    stale = set()
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.exists():
+            stale.add(index)
+            try:
+                shards = json.loads(index.read_text()).get("weight_map", {}).values()
+            except (ValueError, AttributeError):
+                shards = []
+            stale.update(folder / s for s in shards if isinstance(s, str) and "/" not in s)
+    stale.update(p for p in folder.iterdir() if _SHARD.match(p.name))
+    return sorted(p for p in stale if p.is_file())
