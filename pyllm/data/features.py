@@ -7,6 +7,7 @@ along for evaluation and are ignored by the collators.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 from .collate import IGNORE_INDEX, pack_blocks
@@ -70,12 +71,15 @@ def qa_features(examples: Sequence[dict], tokenizer, *, max_length: int) -> list
     context is cut short and the answer falls outside, both positions point at
     [CLS] (index 0), the SQuAD 2.0 "no answer" convention. Each feature keeps the
     context offsets for turning predicted spans back into text.
+
+    A question longer than half of ``max_length`` (less the 3 special tokens) is cut to that
+    many tokens so the context keeps the other half; a warning counts the questions cut and
+    the answers left outside the context.
     """
-    encs = tokenizer.encode(
-        [x["question"] for x in examples], [x["context"] for x in examples],
-        max_length=max_length, truncation="only_second",
-    )
-    out = []
+    questions = _cap_questions(examples, tokenizer, max_length)
+    encs = tokenizer.encode(questions, [x["context"] for x in examples], max_length=max_length,
+                            truncation="only_second")
+    out, outside = [], 0
     for e, x in zip(encs, examples):
         ctx = [i for i, s in enumerate(e.sequence_ids) if s == 1]
         if not ctx:
@@ -89,10 +93,36 @@ def qa_features(examples: Sequence[dict], tokenizer, *, max_length: int) -> list
             if e.offsets[ctx[0]][0] <= c0 and e.offsets[ctx[-1]][1] >= c1:
                 start = next(i for i in ctx if e.offsets[i][1] > c0)
                 end = next(i for i in reversed(ctx) if e.offsets[i][0] < c1)
+            else:
+                outside += 1
         offsets = [e.offsets[i] if s == 1 else None for i, s in enumerate(e.sequence_ids)]
         out.append({
             "input_ids": e.ids, "token_type_ids": e.type_ids,
             "start_positions": start, "end_positions": end,
             "offsets": offsets, "example_id": x["id"],
         })
+    if outside:
+        warnings.warn(f"qa_features: the answers of {outside} of {len(examples)} questions lie beyond the "
+                      f"context that max_length={max_length} keeps; they are labelled 'no answer' (position 0)",
+                      stacklevel=2)
+    return out
+
+
+def _cap_questions(examples: Sequence[dict], tokenizer, max_length: int) -> list[str]:
+    """Questions, each cut to at most half the room [CLS] q [SEP] c [SEP] leaves in max_length."""
+    room = max_length - 3
+    cap = room - max(1, room // 2)
+    if cap < 1:
+        raise ValueError(f"qa_features: max_length={max_length} leaves no room for a question and its context "
+                         "(need at least 5 tokens)")
+    out, cut = [], 0
+    for x, e in zip(examples, tokenizer.encode([x["question"] for x in examples], add_special_tokens=False)):
+        q = x["question"]
+        if len(e.ids) > cap:
+            q, cut = q[: e.offsets[cap - 1][1]], cut + 1
+        out.append(q)
+    if cut:
+        warnings.warn(f"qa_features: {cut} of {len(examples)} questions were longer than max_length={max_length} "
+                      f"allows ({cap} tokens, half of what the special tokens leave) and were truncated to "
+                      f"their first {cap} tokens", stacklevel=3)
     return out

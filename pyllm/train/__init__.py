@@ -14,7 +14,7 @@ import importlib
 
 _EXPORTS = {
     "pretrain": "api", "finetune": "api", "evaluate": "api", "predict": "api", "generate": "api",
-    "load_run": "api", "prepare_output_dir": "api",
+    "load_run": "api",
     "TrainConfig": "config", "PretrainConfig": "config", "FinetuneConfig": "config",
     "Trainer": "trainer", "TrainResult": "trainer", "NonFiniteLossError": "trainer",
 }

@@ -11,7 +11,10 @@ Each assembles data, tokenizer and model for the :class:`~pyllm.train.trainer.Tr
         pyllm_task.json       task, labels, max length: what evaluate/predict need
         metrics.jsonl         one JSON record per logged step / evaluation / event
         loss_curve.png
-        checkpoint.pt         everything needed to --resume
+        checkpoint.safetensors everything needed to --resume (tensors + JSON, no pickle)
+
+The folder is written as a transaction (see :mod:`pyllm.train.run_folder`): checked before
+anything is written, staged next to the target, moved into place at the first checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -29,13 +31,13 @@ import torch
 
 from pyllm import data as D
 
-from . import dist
+from . import dist, run_folder
 from .config import FinetuneConfig, PretrainConfig, config_from
 from .evaluation import (best_span, evaluate_classification, evaluate_lm, evaluate_qa,
                          evaluate_token_classification, span_text)
 from .trainer import Trainer, TrainResult
 
-RUN_MARKER = "pyllm_run.json"
+RUN_MARKER = run_folder.RUN_MARKER
 TASK_FILE = "pyllm_task.json"
 
 _MODEL_CLASSES = {
@@ -75,46 +77,15 @@ def default_output_dir(command: str) -> Path:
     return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_output_dir(output_dir, command: str, *, overwrite: bool, resume: bool) -> Path:
-    """Create (or check) the run folder. Nothing that exists is overwritten unless
-    ``overwrite``; and even then only a folder pyllm wrote (one holding its run
-    marker) is cleared -- never a folder of someone's other files."""
-    out = Path(output_dir) if output_dir else default_output_dir(command)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{command}: output_dir {out} exists and is not a folder")
-    held = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if resume:
-        if not (out / "checkpoint.pt").is_file():
-            raise FileNotFoundError(f"{command}: cannot resume: {out} holds no checkpoint.pt")
-        return out
-    if held:
-        if not (out / RUN_MARKER).is_file():
-            raise FileExistsError(
-                f"{command}: output_dir {out} already holds files that pyllm did not write ({held[:6]}); "
-                "choose another output_dir (pyllm never deletes files it did not write)"
-            )
-        if not overwrite:
-            prev = json.loads((out / RUN_MARKER).read_text()).get("command", "?")
-            raise FileExistsError(
-                f"{command}: output_dir {out} already holds a '{prev}' run; pass --overwrite "
-                "(overwrite=True) to replace it, --resume to continue it, or choose another --output-dir"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def _start_run(cfg, command: str, info) -> Path:
-    """Rank 0 prepares the folder; every process gets its path."""
-    out = None
+    """Rank 0 checks the run folder and stages it (see :mod:`pyllm.train.run_folder`); every
+    process gets the folder to write in."""
+    work = None
     if info.is_main:
-        out = prepare_output_dir(cfg.output_dir, command, overwrite=cfg.overwrite, resume=cfg.resume)
-        if not cfg.resume:
-            marker = {"command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "config": dataclasses.asdict(cfg)}
-            (out / RUN_MARKER).write_text(json.dumps(marker, indent=2, default=str) + "\n")
-    out = Path(dist.gather_objects(str(out) if out else None, info)[0])
-    return out
+        out = cfg.output_dir or default_output_dir(command)
+        work = run_folder.open_run(out, command, overwrite=cfg.overwrite, resume=cfg.resume,
+                                   config=dataclasses.asdict(cfg)).work
+    return Path(dist.gather_objects(str(work) if work else None, info)[0])
 
 
 def _resume_base(config, kwargs: dict) -> tuple:
@@ -161,9 +132,12 @@ def _subset(items: list, n: Optional[int], seed: int) -> list:
 
 def _saver(tokenizer, task_info: dict):
     def save(model, folder):
-        model.save_pretrained(folder, overwrite=True)
-        tokenizer.save(folder)
-        _write_task(folder, task_info)
+        def write(tmp):
+            model.save_pretrained(tmp, overwrite=True)
+            tokenizer.save(tmp)
+            _write_task(tmp, task_info)
+
+        run_folder.write_files(folder, write)  # each file replaced atomically
 
     return save
 
@@ -177,7 +151,11 @@ def _launch(config_cls, job, config, kwargs) -> TrainResult:
     cfg = config_from(config_cls, base, **given)
     info, device = dist.setup(cfg.distributed, dist.resolve_device(cfg.device))
     try:
-        return job(cfg, info, device)
+        with run_folder.transaction() as runs:
+            result = job(cfg, info, device)
+        if runs:
+            result.output_dir = runs[0].target
+        return result
     finally:
         dist.teardown(info)
 
@@ -252,7 +230,7 @@ def _pretrain(cfg: PretrainConfig, info, device) -> TrainResult:
                  "data": cfg.train_file or "stdlib-docstrings"}
     trainer = Trainer(model, train_f, collator, cfg, out, eval_features=val_f, evaluate=evaluate,
                       monitor=("loss", "min"), save_model=_saver(tokenizer, task_info),
-                      description=f"pretrain {cfg.objective}")
+                      description=f"pretrain {cfg.objective}", on_checkpoint=run_folder.publish)
     result = trainer.train()
     result.metrics["train_blocks"] = len(train_f)
     result.metrics["parameters"] = sum(p.numel() for p in model.parameters())
@@ -310,9 +288,20 @@ def _task_data(cfg: FinetuneConfig):
         train = D.read_squad(cfg.train_file)
         labels = []
         val = D.read_squad(cfg.validation_file) if cfg.validation_file else None
+    if cfg.task != "question-answering":
+        _check_classes(train, cfg.train_file)
     if val is None:
         train, val = _every_kth_split(train, 0.1)
     return train, val, labels, cfg.train_file
+
+
+def _check_classes(examples: list, path) -> None:
+    """A classifier trained on one class learns nothing and scores 1.0: refuse it."""
+    seen = sorted({x["label"] for x in examples} if "label" in examples[0] else
+                  {t for x in examples for t in x["tags"]})
+    if len(seen) < 2:
+        raise ValueError(f"finetune: {path} holds only one class ({seen[0]!r}); a classifier needs examples "
+                         "of at least two classes")
 
 
 def _features(task: str, examples, tokenizer, labels, max_length: int, family: str) -> list[dict]:
@@ -398,7 +387,8 @@ def _finetune(cfg: FinetuneConfig, info, device) -> TrainResult:
                  "data": data_name, "base_model": str(model_dir)}
     collator = D.PadCollator(tokenizer.pad_id)
     trainer = Trainer(model, train_f, collator, cfg, out, eval_features=val_f, evaluate=evaluate,
-                      monitor=monitor, save_model=_saver(tokenizer, task_info), description=f"finetune {cfg.task}")
+                      monitor=monitor, save_model=_saver(tokenizer, task_info), description=f"finetune {cfg.task}",
+                      on_checkpoint=run_folder.publish)
     result = trainer.train()
     result.metrics["train_examples"] = len(train_f)
     result.metrics["eval_examples"] = len(val_f)
@@ -476,6 +466,7 @@ def predict(folder, inputs: Sequence, *, batch_size: int = 32, device: str = "au
     """
     model, tokenizer, task = load_run(folder, device)
     name, labels, max_length = task["task"], task.get("labels") or [], task["max_length"]
+    _check_predict_inputs(folder, name, inputs)
     results = []
     for start in range(0, len(inputs), batch_size):
         chunk = list(inputs[start : start + batch_size])
@@ -521,10 +512,34 @@ def predict(folder, inputs: Sequence, *, batch_size: int = 32, device: str = "au
     return results
 
 
+_PREDICT_INPUTS = {
+    "sequence-classification": ('texts or {"text": ..., "text_pair": ...}',
+                                lambda x: isinstance(x, str) or isinstance(x, dict) and isinstance(x.get("text"), str)),
+    "token-classification": ("texts or lists of words",
+                             lambda x: isinstance(x, str) or isinstance(x, (list, tuple))
+                             and all(isinstance(w, str) for w in x)),
+    "question-answering": ('{"question": ..., "context": ...}',
+                           lambda x: isinstance(x, dict) and isinstance(x.get("question"), str)
+                           and isinstance(x.get("context"), str)),
+}
+
+
+def _check_predict_inputs(folder, task: str, inputs) -> None:
+    if task not in _PREDICT_INPUTS:
+        return  # language models: predict says to use generate
+    what, ok = _PREDICT_INPUTS[task]
+    for i, x in enumerate(inputs):
+        if not ok(x):
+            raise ValueError(f"predict: {folder} holds a {task} model, which takes {what}; input {i} is {x!r:.80}")
+
+
 def generate(folder, prompts: Sequence[str], *, max_new_tokens: int = 50, temperature: float = 0.8,
              top_k: Optional[int] = 40, seed: int = 0, device: str = "auto") -> list[str]:
     """Completions of a causal LM folder (prompt included). ``temperature=0`` is greedy."""
     model, tokenizer, task = load_run(folder, device)
     if task["task"] != "clm":
         raise ValueError(f"generate: {folder} holds a {task['task']!r} model, not a causal language model")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"generate: prompt {i} is {p!r}, an empty prompt; give some text to continue")
     return [_sample(model, tokenizer, p, max_new_tokens, model.device, seed, temperature, top_k) for p in prompts]

@@ -79,13 +79,16 @@ class Trainer:
         train_features: a sequence of feature dicts (see :mod:`pyllm.data.features`).
         collator: ``collator(list_of_features, generator) -> dict of tensors``.
         cfg: a :class:`~pyllm.train.config.TrainConfig` (or subclass).
-        output_dir: the run folder (already prepared: see :func:`pyllm.train.api.prepare_output_dir`).
+        output_dir: the folder to write in (the api stages it: see :mod:`pyllm.train.run_folder`).
         eval_features / evaluate: ``evaluate(model, eval_features, batch_size=, device=, autocast=)``
             returning a dict of metrics (``loss``, ``accuracy`` ...); logged with an ``eval_`` prefix.
         monitor: (metric name, "min"|"max") for early stopping and the best model.
         save_model: ``save_model(unwrapped_model, folder)`` writes the model folder
-            (weights, config, tokenizer); called at the end, on Ctrl-C, and at each new best
-            evaluation when early stopping is on.
+            (weights, config, tokenizer); called at the end, on Ctrl-C, at each new best
+            evaluation when early stopping is on, and with the first checkpoint (so a folder
+            holding a checkpoint always holds a loadable model too).
+        on_checkpoint: called (rank 0) after each checkpoint, when the folder holds a complete,
+            loadable and resumable run (see :mod:`pyllm.train.run_folder`).
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Trainer:
         monitor: tuple[str, str] = ("loss", "min"),
         save_model: Optional[Callable] = None,
         description: str = "train",
+        on_checkpoint: Optional[Callable[[], None]] = None,
     ):
         self.model = model
         self.train_features = train_features
@@ -112,6 +116,8 @@ class Trainer:
         self.monitor = monitor
         self.save_model = save_model
         self.description = description
+        self.on_checkpoint = on_checkpoint
+        self._model_saved = False
 
     # -- public -------------------------------------------------------------------
 
@@ -222,8 +228,8 @@ class Trainer:
             # Save what we have (the last completed step), then let the caller see the interrupt.
             if bar is not None:
                 bar.close()
-            self._save(ctx, elapsed=time.perf_counter() - t_start)
             self._save_model(model, wrapped, info)
+            self._save(ctx, elapsed=time.perf_counter() - t_start)
             if info.is_main:
                 log.write({"step": state.step, "event": "interrupted"})
                 self._plot(log)
@@ -236,9 +242,9 @@ class Trainer:
         if self.evaluate_fn is not None and self.eval_features and stopped != "early_stopping":
             last_eval = self._evaluate(ctx, state)
             self._should_stop_early(last_eval, state, model, wrapped, info)  # updates the best model
-        self._save(ctx, elapsed=elapsed)
         if not (cfg.early_stopping_patience and state.best is not None):
             self._save_model(model, wrapped, info)
+        self._save(ctx, elapsed=elapsed)
         metrics = {
             "steps": state.step,
             "epochs": round(state.epoch + state.batch / steps_per_epoch, 4),
@@ -372,6 +378,7 @@ class Trainer:
         process joins in gathering them and rank 0 saves a plain copy of the model."""
         if self.save_model is None:
             return
+        self._model_saved = True
         if info.mode == "fsdp":
             state = self._model_state(wrapped, info)
             if info.is_main:
@@ -401,6 +408,8 @@ class Trainer:
 
     def _save(self, ctx, elapsed: float) -> None:
         info, state, wrapped = ctx["info"], ctx["state"], ctx["wrapped"]
+        if not self._model_saved:  # the first checkpoint comes with a loadable model
+            self._save_model(dist.unwrap(wrapped), wrapped, info)
         model_state = self._model_state(wrapped, info)  # collective under FSDP: every rank calls it
         optim_state = self._optim_state(wrapped, ctx["optimizer"], info)
         rngs = dist.gather_objects(rng_state(), info)
@@ -415,6 +424,8 @@ class Trainer:
                 "world_size": info.world_size,
                 "config": vars(self.cfg),
             }, self.output_dir)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint()
         dist.barrier(info)
 
     def _restore(self, ck, wrapped, optimizer, scheduler, scaler, state, info) -> None:
