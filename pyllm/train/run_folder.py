@@ -108,7 +108,7 @@ class RunFolder:
                 continue
             p = Path(value).resolve()
             if p == t or t in p.parents and p.relative_to(t).parts[0] in owned:
-                where = "is the output folder" if p == t else f"lies in the output folder, among the files of its run"
+                where = "is the output folder" if p == t else "lies in the output folder, among the files of its run"
                 raise ValueError(f"{self.command}: --{key.replace('_', '-')} {value} {where}, which --overwrite "
                                  f"would replace; write the new run to another --output-dir")
 

@@ -48,8 +48,8 @@ def _loads_and_resumes(folder):
 # -- defect 1: --overwrite never deletes before the new run has something to keep --------------------------
 
 
-@pytest.mark.parametrize("bad", ["malformed", "empty", "no_model", "own_input"])
-def test_defect1_failing_overwrite_keeps_the_old_run(tmp_path, old_run, tiny_bert, bad):
+@pytest.mark.parametrize("bad", ["malformed", "empty", "no_model", "own_input", "lr_inf"])
+def test_defect1_failing_overwrite_keeps_the_old_run(tmp_path, old_run, tiny_bert, cls_files, bad):
     before = snapshot(old_run)
     kw = dict(output_dir=str(old_run), overwrite=True, max_steps=1, batch_size=4, **QUIET)
     data = tmp_path / "train.jsonl"
@@ -57,6 +57,10 @@ def test_defect1_failing_overwrite_keeps_the_old_run(tmp_path, old_run, tiny_ber
     if bad in ("malformed", "empty"):
         with pytest.raises(ValueError, match=str(data)):
             finetune(model=str(tiny_bert), train_file=str(data), **kw)
+    elif bad == "lr_inf":  # refused by the config check, or stopped by the NaN guard: either way before publishing
+        with pytest.raises((ValueError, RuntimeError), match="learning_rate|loss is nan"):
+            finetune(model=str(tiny_bert), train_file=str(cls_files[0]), learning_rate=float("inf"),
+                     **{**kw, "max_steps": 3})
     elif bad == "no_model":
         with pytest.raises(FileNotFoundError, match="/nope"):
             finetune(model="/nope", **kw)
@@ -242,11 +246,10 @@ def test_defect10_commands_on_the_wrong_input_say_so(tmp_path, tiny_bert, squad_
     assert "empty prompt" in capsys.readouterr().err
 
 
-def test_defect10_check_on_a_device_this_build_lacks(capsys):
+def test_defect10_check_on_a_device_this_build_lacks(capsys, monkeypatch):
     from pyllm.cli import main
 
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine without CUDA")  # the defect is about CPU builds
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU build, on any machine
     assert main(["check", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "--device cuda" in err and "CUDA" in err
