@@ -7,8 +7,8 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
-import time
 
 import pytest
 import torch
@@ -257,45 +257,79 @@ def test_defect10_check_on_a_device_this_build_lacks(capsys, monkeypatch):
 
 # -- the kill test: SIGKILL at random moments ------------------------------------------------------------
 
+# The file-system calls a run makes; the child kills itself with SIGKILL just before the k-th, so
+# the folder is seen in every state a crash can leave (a kill inside a write is the same state as
+# one just before the rename that would publish it).
+_FS_CALLS = [(os, "replace"), (os, "rename"), (os, "link"), (os, "symlink"), (os, "unlink"), (os, "mkdir"),
+             (os, "rmdir"), (shutil, "rmtree")]
 
-def _child_run(kw):
-    """Fork a process that runs pretrain(**kw); the parent gets its pid."""
+
+def _child_run(kw, kill_at: int, report_fd: int):
+    """Fork a process that runs pretrain(**kw) and SIGKILLs itself before its kill_at-th file-system
+    call (0: never; it then writes how many calls it made to report_fd). Returns the pid."""
     pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        code = 1
-        try:
-            torch.set_num_threads(1)
-            pretrain(**kw)
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
+    if pid:
+        return pid
+    code = 1
+    try:  # the child: never return into pytest
+        from pyllm.train import run_folder
+
+        calls = [0]
+
+        def counted(fn):
+            def call(*a, **k):
+                calls[0] += 1
+                if calls[0] == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return fn(*a, **k)
+            return call
+
+        for mod, name in _FS_CALLS:
+            setattr(mod, name, counted(getattr(mod, name)))
+        run_folder._exchange = counted(run_folder._exchange)  # renameat2 goes through ctypes
+        torch.set_num_threads(1)
+        pretrain(**kw)
+        os.write(report_fd, str(calls[0]).encode())
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _run_child(kw, kill_at):
+    r, w = os.pipe()
+    pid = _child_run(kw, kill_at, w)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    out = os.read(r, 64)
+    os.close(r)
+    return status, out
 
 
 def test_kill_at_random_moments_leaves_old_or_loadable_run(tmp_path, corpus_file):
-    """SIGKILL an --overwrite run at a random moment (six seeds, from before the first checkpoint to
-    after the end): the folder holds the old run untouched or a new run that loads and resumes, and
-    the user's file is always there."""
+    """SIGKILL an --overwrite run at random moments (eight seeds, anywhere from its first file-system
+    call to its last): the folder holds the old run untouched or a new run that loads and resumes,
+    and the user's file is always there."""
     target = tmp_path / "target"
-    kw = dict(train_file=str(corpus_file), output_dir=str(target), **{**RUN, "max_steps": 6, "save_every": 2})
-    t0 = time.perf_counter()
+    kw = dict(train_file=str(corpus_file), output_dir=str(target), **{**RUN, "max_steps": 4, "save_every": 2})
     pretrain(**kw)
-    full = time.perf_counter() - t0
     (target / "NOTES.md").write_text("keep me")
+    status, out = _run_child({**kw, "overwrite": True}, 0)
+    assert status == 0, "the uninterrupted run failed"
+    n_calls = int(out)
     outcomes = []
-    for seed in range(6):
+    for seed in range(8):
         before = snapshot(target)
-        pid = _child_run({**kw, "overwrite": True, "seed": seed + 1})
-        time.sleep(random.Random(seed).uniform(0.0, 1.3 * full))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        kill_at = random.Random(seed).randint(1, n_calls)
+        status, _ = _run_child({**kw, "overwrite": True, "seed": seed + 1}, kill_at)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         assert (target / "NOTES.md").read_text() == "keep me"
         if snapshot(target) == before:
-            outcomes.append("old")
+            outcomes.append(f"{kill_at}/{n_calls}: old")
         else:
             _loads_and_resumes(target)
-            outcomes.append("new")
+            outcomes.append(f"{kill_at}/{n_calls}: new")
     print("kill outcomes:", outcomes)
+    assert any(o.endswith("old") for o in outcomes) and any(o.endswith("new") for o in outcomes)
     # A later run clears what killed runs left next to the folder.
     pretrain(**{**kw, "overwrite": True})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
