@@ -9,7 +9,7 @@ A training run never edits its output folder ``T`` while it has nothing to keep:
 2. **Stage.** The run writes into a hidden sibling, ``.<name>.pyllm-run-<pid>``, on the same
    file system.
 3. **Publish** when there is something to keep -- the first checkpoint (written together with a
-   loadable model), an interrupted run's checkpoint, or the end. A new folder is renamed into
+   loadable model), an interrupted run's checkpoint once a step is done, or the end. A new folder is renamed into
    place. Over an old run, the entries of ``T`` that the old run did not write (its manifest,
    the ``files`` list of ``pyllm_run.json``) are hard-linked into the stage, and the stage and
    ``T`` are exchanged in one atomic ``renameat2(RENAME_EXCHANGE)`` (Linux; elsewhere two renames,
@@ -137,8 +137,12 @@ class RunFolder:
         else:
             owned = manifest(t)
             for entry in t.iterdir():  # keep what the old run did not write
-                if entry.name not in owned and not _TEMP.search(entry.name) and not (w / entry.name).exists():
-                    _link_copy(entry, w / entry.name)
+                if entry.name in owned or _TEMP.search(entry.name):
+                    continue
+                if (w / entry.name).exists():
+                    raise FileExistsError(f"{self.command}: {entry} was not written by pyllm, and this run wrote a "
+                                          f"file of that name; the old run is kept (move {entry.name} away)")
+                _link_copy(entry, w / entry.name)
             _exchange(w, t)  # now t is the new run, w the old one
             shutil.rmtree(w)
         os.symlink(t.resolve(), w, target_is_directory=True)  # the run keeps writing to w: it lands in t
@@ -157,13 +161,13 @@ class RunFolder:
     # -- 4. close -------------------------------------------------------------------------------
 
     def close(self, keep: bool) -> None:
-        """``keep``: publish what the stage holds (the end, or an interrupt after a checkpoint)."""
+        """``keep``: the job ended (or was interrupted) normally: list what the run wrote since it
+        was published. A run never published (it failed, or stopped before its first step) is
+        dropped with its stage."""
+        if keep and self.published:
+            self._write_manifest(self.target)
         if self.resume:
-            if keep:
-                self._write_manifest(self.target)
             return
-        if keep and (self.published or has_checkpoint(self.work)):
-            self.publish()
         if self.work.is_symlink():
             self.work.unlink()
         elif self.work.exists():

@@ -87,8 +87,8 @@ class Trainer:
             (weights, config, tokenizer); called at the end, on Ctrl-C, at each new best
             evaluation when early stopping is on, and with the first checkpoint (so a folder
             holding a checkpoint always holds a loadable model too).
-        on_checkpoint: called (rank 0) after each checkpoint, when the folder holds a complete,
-            loadable and resumable run (see :mod:`pyllm.train.run_folder`).
+        on_checkpoint: called (rank 0) after each checkpoint past step 0, when the folder holds a
+            complete, loadable and resumable run (see :mod:`pyllm.train.run_folder`).
     """
 
     def __init__(
@@ -424,7 +424,7 @@ class Trainer:
                 "world_size": info.world_size,
                 "config": vars(self.cfg),
             }, self.output_dir)
-            if self.on_checkpoint is not None:
+            if self.on_checkpoint is not None and state.step > 0:  # step 0 (Ctrl-C at once): nothing to keep
                 self.on_checkpoint()
         dist.barrier(info)
 

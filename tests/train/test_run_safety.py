@@ -335,6 +335,21 @@ def test_kill_at_random_moments_leaves_old_or_loadable_run(tmp_path, corpus_file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
 
 
+def test_ctrl_c_before_the_first_step_keeps_the_old_run(old_run, corpus_file, monkeypatch):
+    from pyllm.train import trainer
+
+    before = snapshot(old_run)
+
+    def interrupt(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.Trainer, "_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(train_file=str(corpus_file), output_dir=str(old_run), overwrite=True, **RUN)
+    assert snapshot(old_run) == before
+    assert sorted(p.name for p in old_run.parent.iterdir() if p.name.startswith(".")) == []
+
+
 def test_interrupted_overwrite_publishes_only_a_resumable_run(tmp_path, old_run, corpus_file):
     """Ctrl-C mid-run: the folder then holds the new run, loadable and resumable, and the user's file."""
     from pyllm.train import trainer
