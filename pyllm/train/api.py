@@ -33,8 +33,8 @@ from pyllm import data as D
 
 from . import dist, run_folder
 from .config import FinetuneConfig, PretrainConfig, config_from
-from .evaluation import (best_span, evaluate_classification, evaluate_lm, evaluate_qa,
-                         evaluate_token_classification, span_text)
+from .evaluation import (best_answers, evaluate_classification, evaluate_lm, evaluate_qa,
+                         evaluate_token_classification)
 from .trainer import Trainer, TrainResult
 
 RUN_MARKER = run_folder.RUN_MARKER
@@ -448,7 +448,7 @@ def evaluate(folder, data_file: Optional[str] = None, *, batch_size: int = 32, d
     fn, _ = _task_evaluator(name, tokenizer, labels, examples)
     with torch.no_grad():
         metrics = fn(model, feats, batch_size=batch_size, device=dev, autocast=_nullctx)
-    metrics["examples"] = len(feats)
+    metrics["examples"] = len(examples)
     return metrics
 
 
@@ -502,13 +502,11 @@ def predict(folder, inputs: Sequence, *, batch_size: int = 32, device: str = "au
             for s, f, p in zip(sents, feats, pred):
                 tags = [labels[int(p[j])] for j, y in enumerate(f["labels"]) if y != D.IGNORE_INDEX]
                 results.append({"tokens": s["tokens"], "tags": tags + ["O"] * (len(s["tokens"]) - len(tags))})
-        else:
-            for x, f, s, e in zip(exs, feats, out.start_logits.cpu(), out.end_logits.cpu()):
-                n = len(f["offsets"])
-                span = best_span(s[:n], e[:n], f["offsets"])
-                text = span_text(x["context"], f["offsets"], span)
-                st = f["offsets"][span[0]][0] if span else -1
-                results.append({"answer": text, "start": st, "end": st + len(text) if span else -1})
+        else:  # a long context is read in windows: the best span over them answers
+            answers = best_answers(feats, list(zip(out.start_logits.float().cpu(), out.end_logits.float().cpu())), exs)
+            for x in exs:
+                text, st = answers[x["id"]]
+                results.append({"answer": text, "start": st, "end": st + len(text) if st >= 0 else -1})
     return results
 
 

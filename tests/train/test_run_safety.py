@@ -394,3 +394,34 @@ def test_nan_after_a_checkpoint_keeps_it_published_and_names_the_folder(tmp_path
     monkeypatch.setattr(trainer.Trainer, "_step", real_step)
     _loads_and_resumes(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_defect7_a_long_context_is_read_in_overlapping_windows(tmp_path, tiny_bert, squad_file):
+    from pyllm import data as D
+    from pyllm.train import predict
+
+    tok = D.Tokenizer.from_folder(tiny_bert)
+    x = D.read_squad(squad_file)[0]
+    # short: one window, the same ids as the tokenizer's own pair encoding
+    (f,) = D.qa_features([x], tok, max_length=64)
+    e = tok.encode([x["question"]], [x["context"]], max_length=64, truncation="only_second")[0]
+    assert f["input_ids"] == e.ids and f["token_type_ids"] == e.type_ids
+    # long: the answer sits far past max_length; some window holds it, labelled on the answer
+    pad = "The file is opened first. " * 12
+    long_x = {**x, "context": pad + x["context"],
+              "answers": [{**a, "answer_start": a["answer_start"] + len(pad)} for a in x["answers"]]}
+    feats = D.qa_features([long_x], tok, max_length=32, stride=8)
+    assert len(feats) > 3 and all(len(g["input_ids"]) <= 32 for g in feats)
+    hits = [g for g in feats if g["start_positions"] > 0]
+    assert hits
+    for g in hits:
+        s, t = g["start_positions"], g["end_positions"]
+        assert long_x["context"][g["offsets"][s][0]:g["offsets"][t][1]] == x["answers"][0]["text"]
+    covered = sorted({o for g in feats for o in g["offsets"] if o})
+    assert covered[0][0] == 0 and covered[-1][1] == len(long_x["context"].rstrip())  # nothing skipped
+    # a QA run answers each question once, from the best of its windows
+    qa = finetune(task="question-answering", model=str(tiny_bert), train_file=str(squad_file),
+                  output_dir=str(tmp_path / "qa"), max_steps=1, batch_size=4, max_length=32, **QUIET).output_dir
+    out = predict(qa, [{"question": x["question"], "context": long_x["context"]}], device="cpu")
+    assert len(out) == 1 and (out[0]["start"] == -1 or
+                              long_x["context"][out[0]["start"]:out[0]["end"]] == out[0]["answer"])
