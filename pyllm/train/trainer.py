@@ -378,6 +378,7 @@ class Trainer:
         process joins in gathering them and rank 0 saves a plain copy of the model."""
         if self.save_model is None:
             return
+        self._check_weights(wrapped, info)
         self._model_saved = True
         if info.mode == "fsdp":
             state = self._model_state(wrapped, info)
@@ -406,8 +407,20 @@ class Trainer:
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return optimizer.state_dict()
 
+    def _check_weights(self, wrapped, info) -> None:
+        """Never save weights that are not finite (an update can break them without a NaN loss:
+        the last step of a run with a huge learning rate). Every process checks its own copy or shard."""
+        params = [getattr(p, "_local_tensor", p) for p in wrapped.parameters()]  # FSDP2: the local shard
+        bad = next((n for n, p in zip((n for n, _ in wrapped.named_parameters()), params)
+                    if not bool(torch.isfinite(p).all())), None)
+        if dist.all_sum([float(bad is not None)], info)[0]:
+            raise NonFiniteLossError(f"the weights are not finite after the last update ({bad or 'on another process'}"
+                                     "); nothing was saved over the last good checkpoint. Common causes: a learning "
+                                     "rate too high, fp16 overflow (try bf16), bad data.")
+
     def _save(self, ctx, elapsed: float) -> None:
         info, state, wrapped = ctx["info"], ctx["state"], ctx["wrapped"]
+        self._check_weights(wrapped, info)
         if not self._model_saved:  # the first checkpoint comes with a loadable model
             self._save_model(dist.unwrap(wrapped), wrapped, info)
         model_state = self._model_state(wrapped, info)  # collective under FSDP: every rank calls it

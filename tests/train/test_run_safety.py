@@ -57,10 +57,11 @@ def test_defect1_failing_overwrite_keeps_the_old_run(tmp_path, old_run, tiny_ber
     if bad in ("malformed", "empty"):
         with pytest.raises(ValueError, match=str(data)):
             finetune(model=str(tiny_bert), train_file=str(data), **kw)
-    elif bad == "lr_inf":  # refused by the config check, or stopped by the NaN guard: either way before publishing
-        with pytest.raises((ValueError, RuntimeError), match="learning_rate|loss is nan"):
-            finetune(model=str(tiny_bert), train_file=str(cls_files[0]), learning_rate=float("inf"),
-                     **{**kw, "max_steps": 3})
+    elif bad == "lr_inf":  # refused by the config check, or stopped by the NaN guards: either way before publishing
+        for steps in (1, 3):  # one step: finite loss, then inf weights; three: a NaN loss at step 2
+            with pytest.raises((ValueError, RuntimeError), match="learning_rate|loss is nan|weights are not finite"):
+                finetune(model=str(tiny_bert), train_file=str(cls_files[0]), learning_rate=float("inf"),
+                         **{**kw, "max_steps": steps})
     elif bad == "no_model":
         with pytest.raises(FileNotFoundError, match="/nope"):
             finetune(model="/nope", **kw)
