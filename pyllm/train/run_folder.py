@@ -56,7 +56,7 @@ class RunFolder:
     """One run's output folder ``target`` and the folder it writes in (``work``)."""
 
     def __init__(self, target: Path, command: str, *, overwrite: bool, resume: bool, config: dict):
-        self.target = Path(target)
+        self.target = Path(os.path.abspath(target))  # "." and "runs/.." have a name and a parent too
         self.command = command
         self.overwrite, self.resume = overwrite, resume
         self.config = config
@@ -92,6 +92,11 @@ class RunFolder:
                 raise FileExistsError(f"{cmd}: output_dir {t} holds {clash}, which this run would write but an "
                                       "earlier pyllm run did not; move them away first")
             self._check_inputs(owned)
+        cwd = Path.cwd().resolve()
+        if t.is_dir() and (cwd == t.resolve() or t.resolve() in cwd.parents):
+            raise ValueError(f"{cmd}: output_dir {t} holds the current folder; a run replaces its folder as a whole "
+                             "when it moves into place, which would leave this shell in a deleted folder. Run "
+                             "from outside it (cd ..) or choose another --output-dir")
         parent = t.parent
         if not parent.exists():
             _mkdir(parent, cmd)

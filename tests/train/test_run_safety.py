@@ -88,6 +88,15 @@ def test_defect1_overwrite_writes_nothing_until_the_run_has_something_to_keep(tm
     assert snapshot(old_run) == before
 
 
+def test_output_dir_holding_the_current_folder_is_refused(old_run, corpus_file, monkeypatch):
+    """Publishing exchanges the folder as a whole: the shell inside it would be left in a deleted folder."""
+    before = snapshot(old_run)
+    monkeypatch.chdir(old_run)
+    with pytest.raises(ValueError, match="holds the current folder"):
+        pretrain(train_file=str(corpus_file), output_dir=".", overwrite=True, **RUN)
+    assert snapshot(old_run) == before
+
+
 # -- defect 2: --overwrite keeps what pyllm did not write --------------------------------------------------
 
 
