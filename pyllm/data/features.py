@@ -19,17 +19,17 @@ def lm_features(texts: Sequence[str], tokenizer, *, objective: str, block_size: 
     clm: documents joined with ``<|endoftext|>`` and cut into blocks.
     mlm: the same with room for ``[CLS] ... [SEP]`` around each block.
     """
-    encs = tokenizer.encode(texts, add_special_tokens=False)
+    encs = tokenizer.encode_batch(texts, add_special_tokens=False)
     docs = [e.ids for e in encs]
     if objective == "clm":
-        blocks = pack_blocks(docs, block_size, eos_id=tokenizer.eos_id)
+        blocks = pack_blocks(docs, block_size, eos_id=tokenizer.eos_token_id)
         return [{"input_ids": row} for row in blocks.tolist()]
     if objective == "mlm":
-        if tokenizer.cls_id is None or tokenizer.sep_id is None:
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise ValueError("lm_features: MLM needs a tokenizer with [CLS] and [SEP] (a WordPiece tokenizer)")
-        blocks = pack_blocks(docs, block_size - 2, eos_id=tokenizer.sep_id)
+        blocks = pack_blocks(docs, block_size - 2, eos_id=tokenizer.sep_token_id)
         return [
-            {"input_ids": [tokenizer.cls_id, *row, tokenizer.sep_id], "token_type_ids": [0] * block_size}
+            {"input_ids": [tokenizer.cls_token_id, *row, tokenizer.sep_token_id], "token_type_ids": [0] * block_size}
             for row in blocks.tolist()
         ]
     raise ValueError(f"lm_features: objective must be 'clm' or 'mlm', got {objective!r}")
@@ -40,7 +40,7 @@ def classification_features(rows: Sequence[dict], tokenizer, label_to_id: dict, 
     has_pair = any("text_pair" in r for r in rows)
     texts = [r["text"] for r in rows]
     pairs = [r.get("text_pair", "") for r in rows] if has_pair else None
-    encs = tokenizer.encode(texts, pairs, max_length=max_length)
+    encs = tokenizer.encode_batch(texts, pairs, max_length=max_length)
     return [
         {"input_ids": e.ids, "token_type_ids": e.type_ids, "labels": label_to_id[r["label"]]}
         for e, r in zip(encs, rows)
@@ -51,7 +51,7 @@ def token_classification_features(sentences: Sequence[dict], tokenizer, tag_to_i
                                   max_length: int) -> list[dict]:
     """CoNLL sentences -> subword ids with one tag per word (on its first subword;
     the other subwords and the special tokens get -100 and carry no loss)."""
-    encs = tokenizer.encode([s["tokens"] for s in sentences], max_length=max_length, is_pretokenized=True)
+    encs = tokenizer.encode_batch([s["tokens"] for s in sentences], max_length=max_length, is_pretokenized=True)
     out = []
     for e, s in zip(encs, sentences):
         labels, previous = [], None
@@ -77,11 +77,11 @@ def qa_features(examples: Sequence[dict], tokenizer, *, max_length: int, stride:
     A question longer than half of ``max_length`` (less the 3 special tokens) is cut to that
     many tokens so its context keeps the other half; a warning counts the questions cut.
     """
-    if tokenizer.cls_id is None or tokenizer.sep_id is None:
+    if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
         raise ValueError("qa_features: question answering needs a tokenizer with [CLS] and [SEP] (a BERT one)")
     questions = _cap_questions(examples, tokenizer, max_length)
-    q_encs = tokenizer.encode(questions, add_special_tokens=False)
-    c_encs = tokenizer.encode([x["context"] for x in examples], add_special_tokens=False)
+    q_encs = tokenizer.encode_batch(questions, add_special_tokens=False)
+    c_encs = tokenizer.encode_batch([x["context"] for x in examples], add_special_tokens=False)
     stride = max_length // 4 if stride is None else stride
     out = []
     for q, c, x in zip(q_encs, c_encs, examples):
@@ -91,7 +91,7 @@ def qa_features(examples: Sequence[dict], tokenizer, *, max_length: int, stride:
         if x["answers"]:
             a = x["answers"][0]
             answer = (a["answer_start"], a["answer_start"] + len(a["text"]))
-        head = [tokenizer.cls_id, *q.ids, tokenizer.sep_id]
+        head = [tokenizer.cls_token_id, *q.ids, tokenizer.sep_token_id]
         for a in range(0, max(1, len(c.ids) - room + step), step):
             ids, offs = c.ids[a : a + room], c.offsets[a : a + room]
             start = end = 0
@@ -99,7 +99,7 @@ def qa_features(examples: Sequence[dict], tokenizer, *, max_length: int, stride:
                 start = len(head) + next(i for i, o in enumerate(offs) if o[1] > answer[0])
                 end = len(head) + max(i for i, o in enumerate(offs) if o[0] < answer[1])
             out.append({
-                "input_ids": [*head, *ids, tokenizer.sep_id],
+                "input_ids": [*head, *ids, tokenizer.sep_token_id],
                 "token_type_ids": [0] * len(head) + [1] * (len(ids) + 1),
                 "start_positions": start, "end_positions": end,
                 "offsets": [None] * len(head) + [tuple(o) for o in offs] + [None], "example_id": x["id"],
@@ -115,7 +115,7 @@ def _cap_questions(examples: Sequence[dict], tokenizer, max_length: int) -> list
         raise ValueError(f"qa_features: max_length={max_length} leaves no room for a question and its context "
                          "(need at least 5 tokens)")
     out, cut = [], 0
-    for x, e in zip(examples, tokenizer.encode([x["question"] for x in examples], add_special_tokens=False)):
+    for x, e in zip(examples, tokenizer.encode_batch([x["question"] for x in examples], add_special_tokens=False)):
         q = x["question"]
         if len(e.ids) > cap:
             q, cut = q[: e.offsets[cap - 1][1]], cut + 1
