@@ -120,7 +120,7 @@ def _read_tensors(folder: Path) -> dict:
                                ("pytorch_model.bin.index.json", None)):
         index = folder / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = _index_shards(index)
             out = {}
             for s in shards:
                 out.update(load_file(folder / s) if loader else torch.load(folder / s, map_location="cpu",
@@ -130,6 +130,22 @@ def _read_tensors(folder: Path) -> dict:
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"from_pretrained: {folder} holds no model.safetensors or pytorch_model.bin "
                             f"(found: {sorted(p.name for p in folder.iterdir())})")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index lists (its ``weight_map``: tensor name -> file)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"from_pretrained: {index}: not valid JSON ({e}); expected an object with a 'weight_map' "
+                         "of tensor name -> shard file") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        got = f"a {type(data).__name__}" if not isinstance(data, dict) else (
+            "no 'weight_map'" if "weight_map" not in data else f"'weight_map' {str(weight_map)[:60]}")
+        raise ValueError(f"from_pretrained: {index}: expected an object with a 'weight_map' of tensor name -> "
+                         f"shard file (a string), got {got}")
+    return sorted(set(weight_map.values()))
 
 
 def _normalize_hf_keys(sd: dict) -> dict:
