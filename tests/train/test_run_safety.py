@@ -88,6 +88,26 @@ def test_defect1_overwrite_writes_nothing_until_the_run_has_something_to_keep(tm
     assert snapshot(old_run) == before
 
 
+def test_non_finite_weights_after_the_last_step_are_never_saved(old_run, corpus_file, monkeypatch):
+    """An update can break the weights while the loss it was computed from was finite (the typed config
+    now refuses --learning-rate inf, which did this): the run stops before saving, the old run stays."""
+    from pyllm.train import NonFiniteLossError, trainer
+
+    before = snapshot(old_run)
+    real_step = trainer.Trainer._step
+
+    def breaks_the_weights(self, idx):
+        out = real_step(self, idx)
+        with torch.no_grad():
+            next(self.model.parameters()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer.Trainer, "_step", breaks_the_weights)
+    with pytest.raises(NonFiniteLossError, match=r"weights are not finite after the last update \(.*weight"):
+        pretrain(train_file=str(corpus_file), output_dir=str(old_run), overwrite=True, **{**RUN, "max_steps": 1})
+    assert snapshot(old_run) == before
+
+
 def test_output_dir_holding_the_current_folder_is_refused(old_run, corpus_file, monkeypatch):
     """Publishing exchanges the folder as a whole: the shell inside it would be left in a deleted folder."""
     before = snapshot(old_run)
