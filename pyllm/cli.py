@@ -29,6 +29,14 @@ def _cmd_check(args) -> int:
             for b, r in missing.items():
                 print(f"pyllm check: backend {b!r} is not available: {r}", file=sys.stderr)
             return 2
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            print(f"pyllm check: --device cuda, but {why} (torch {torch.__version__}); run it on a machine "
+                  "with a GPU, or check --device cpu", file=sys.stderr)
+            return 2
     ok = pyllm.check(chosen, device=args.device, full=args.full)
     return 0 if ok else 1
 

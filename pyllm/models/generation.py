@@ -38,6 +38,9 @@ def sample_next(logits, do_sample: bool, temperature: float, top_k: Optional[int
 
 def _check_generate_args(model, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p):
     cfg = model.config
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 0:
+        raise ValueError(f"generate: input_ids has batch size 0 (shape {tuple(input_ids.shape)}); expected at "
+                         "least one prompt")
     B, N = check_inputs(cfg, input_ids, attention_mask, who="generate")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -87,6 +90,11 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
     eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else eos)
     pad = 0 if pad is None else pad
+    # checked now, not when the first row finishes and the id is fed back to the model
+    for name, value in (("eos_token_id", eos), ("pad_token_id", pad)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < cfg.vocab_size):
+            raise ValueError(f"generate: {name} must be a token id in [0, {cfg.vocab_size}), got {value!r}")
     device = input_ids.device
     mask = (attention_mask.long() if attention_mask is not None
             else torch.ones(B, N, dtype=torch.long, device=device))

@@ -9,7 +9,9 @@ stacked into pyllm's single qkv projection). transformers itself is never import
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,23 +112,40 @@ def _rules(model, hf_prefix: str) -> list[Rule]:
 
 
 def _read_tensors(folder: Path) -> dict:
+    """transformers' order: model.safetensors, its sharded index, pytorch_model.bin, its index."""
     from safetensors.torch import load_file
+    if (folder / "model.safetensors").exists():
+        return load_file(folder / "model.safetensors")
     for index_name, loader in (("model.safetensors.index.json", load_file),
                                ("pytorch_model.bin.index.json", None)):
         index = folder / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = _index_shards(index)
             out = {}
             for s in shards:
                 out.update(load_file(folder / s) if loader else torch.load(folder / s, map_location="cpu",
                                                                             weights_only=True))
             return out
-    if (folder / "model.safetensors").exists():
-        return load_file(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").exists():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"from_pretrained: {folder} holds no model.safetensors or pytorch_model.bin "
                             f"(found: {sorted(p.name for p in folder.iterdir())})")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index lists (its ``weight_map``: tensor name -> file)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"from_pretrained: {index}: not valid JSON ({e}); expected an object with a 'weight_map' "
+                         "of tensor name -> shard file") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        got = f"a {type(data).__name__}" if not isinstance(data, dict) else (
+            "no 'weight_map'" if "weight_map" not in data else f"'weight_map' {str(weight_map)[:60]}")
+        raise ValueError(f"from_pretrained: {index}: expected an object with a 'weight_map' of tensor name -> "
+                         f"shard file (a string), got {got}")
+    return sorted(set(weight_map.values()))
 
 
 def _normalize_hf_keys(sd: dict) -> dict:
@@ -249,5 +268,42 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
             _ARCH[type(model).__name__][2] + "embeddings.word.weight"].new_zeros(1, C)
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # Both files are written under temporary names and renamed into place (a failed or killed
+    # save leaves the old files), then the weights of an earlier save that would shadow or
+    # outlive the new ones (a sharded index and its shards) are removed, as transformers does.
+    written = []
+    try:
+        for name, write in (("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                            ("config.json", lambda p: Path(p).write_text(
+                                json.dumps(hf_config, indent=2, sort_keys=True) + "\n"))):
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            written.append((tmp, folder / name))
+            write(tmp)
+        for tmp, path in written:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in written:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    for stale in _earlier_weight_files(folder):
+        stale.unlink()
+
+
+_SHARD = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
+
+
+def _earlier_weight_files(folder: Path) -> list[Path]:
+    """Sharded weights (index files, the shards they list, shard-named files) in ``folder``."""
+    stale = set()
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.exists():
+            stale.add(index)
+            try:
+                shards = json.loads(index.read_text()).get("weight_map", {}).values()
+            except (ValueError, AttributeError):
+                shards = []
+            stale.update(folder / s for s in shards if isinstance(s, str) and "/" not in s)
+    stale.update(p for p in folder.iterdir() if _SHARD.match(p.name))
+    return sorted(p for p in stale if p.is_file())

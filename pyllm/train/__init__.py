@@ -12,7 +12,7 @@ from pyllm._lazy import lazy_exports
 
 _EXPORTS = {
     **{name: f"pyllm.train.api:{name}" for name in (
-        "pretrain", "finetune", "evaluate", "predict", "generate", "load_run", "prepare_output_dir")},
+        "pretrain", "finetune", "evaluate", "predict", "generate", "load_run")},
     **{name: f"pyllm.train.config:{name}" for name in (
         "TrainConfig", "PretrainConfig", "FinetuneConfig", "EvaluateConfig", "PredictConfig", "GenerateConfig",
         "ConfigError")},

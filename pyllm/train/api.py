@@ -14,7 +14,10 @@ which writes one run folder:
         pyllm_task.json       task, labels, max length: what evaluate/predict need
         metrics.jsonl         one JSON record per logged step / evaluation / event
         loss_curve.png
-        checkpoint.pt         everything needed to --resume
+        checkpoint.safetensors everything needed to --resume (tensors + JSON, no pickle)
+
+The folder is written as a transaction (see :mod:`pyllm.train.run_folder`): checked before
+anything is written, staged next to the target, moved into place at the first checkpoint.
 
 The defaults of each run (model size, steps, the time cap of a run given no length) are the
 defaults of :class:`~pyllm.train.config.PretrainConfig` and ``FinetuneConfig``.
@@ -26,7 +29,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import shutil
 import sys
 import time
 import warnings
@@ -37,14 +39,14 @@ import torch
 
 from pyllm import data as D
 
-from . import dist
+from . import dist, run_folder
 from .config import (ConfigError, EvaluateConfig, FinetuneConfig, GenerateConfig, PredictConfig, PretrainConfig, build,
                      from_sources)
-from .evaluation import (best_span, evaluate_classification, evaluate_lm, evaluate_qa,
-                         evaluate_token_classification, span_text)
+from .evaluation import (best_answers, evaluate_classification, evaluate_lm, evaluate_qa,
+                         evaluate_token_classification)
 from .trainer import Trainer, TrainResult
 
-RUN_MARKER = "pyllm_run.json"
+RUN_MARKER = run_folder.RUN_MARKER
 TASK_FILE = "pyllm_task.json"
 
 _MODEL_CLASSES = {
@@ -101,28 +103,32 @@ def _configure(cls, config, kwargs: dict):
 @contextlib.contextmanager
 def _process(cfg):
     """Process setup, once per run: join the process group when launched by torchrun, pick this
-    process's device, seed torch; leave the group at the end."""
+    process's device, seed torch; leave the group at the end. Inside it, the run's transaction
+    (:func:`pyllm.train.run_folder.transaction`): the folder :func:`_open_run` opens is published
+    at the end (or after Ctrl-C, once a step is done) and dropped on any failure."""
     proc = dist.setup(cfg.distributed, dist.resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     try:
-        yield proc
+        with run_folder.transaction():
+            yield proc
     finally:
         dist.teardown(proc)
 
 
-def _open_run(cfg, proc) -> Path:
-    """The run folder, prepared by rank 0 (marked with what runs, unless resuming); every process gets its path."""
-    out = None
+def _open_run(cfg, proc) -> tuple[Path, Path]:
+    """(the folder the run writes in, the run folder it is published as). Rank 0 checks the run
+    folder and stages it (:mod:`pyllm.train.run_folder`: nothing exists is touched yet); every
+    process gets both paths."""
+    paths = None
     if proc.is_main:
         if cfg.progress and cfg.max_time is not None and cfg.max_time == getattr(cfg, "time_cap", None):
             print(f"{cfg.command}: the default run stops after {cfg.max_time:.0f} s of training "
                   "(--max-steps / --epochs / --max-time change this)", file=sys.stderr)
-        out = prepare_output_dir(cfg.output_dir, cfg.command, overwrite=cfg.overwrite, resume=cfg.resume)
-        if not cfg.resume:
-            marker = {"command": cfg.command, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                      "config": dataclasses.asdict(cfg)}
-            (out / RUN_MARKER).write_text(json.dumps(marker, indent=2, default=str) + "\n")
-    return Path(dist.gather_objects(str(out) if out else None, proc)[0])
+        run = run_folder.open_run(cfg.output_dir or default_output_dir(cfg.command), cfg.command,
+                                  overwrite=cfg.overwrite, resume=cfg.resume, config=dataclasses.asdict(cfg))
+        paths = (str(run.work), str(run.target))
+    work, target = dist.gather_objects(paths, proc)[0]
+    return Path(work), Path(target)
 
 
 # -- run folders --------------------------------------------------------------------------
@@ -130,35 +136,6 @@ def _open_run(cfg, proc) -> Path:
 
 def default_output_dir(command: str) -> Path:
     return Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def prepare_output_dir(output_dir, command: str, *, overwrite: bool, resume: bool) -> Path:
-    """Create (or check) the run folder. Nothing that exists is overwritten unless
-    ``overwrite``; and even then only a folder pyllm wrote (one holding its run
-    marker) is cleared -- never a folder of someone's other files."""
-    out = Path(output_dir) if output_dir else default_output_dir(command)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{command}: output_dir {out} exists and is not a folder")
-    held = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    if resume:
-        if not (out / "checkpoint.pt").is_file():
-            raise FileNotFoundError(f"{command}: cannot resume: {out} holds no checkpoint.pt")
-        return out
-    if held:
-        if not (out / RUN_MARKER).is_file():
-            raise FileExistsError(
-                f"{command}: output_dir {out} already holds files that pyllm did not write ({held[:6]}); "
-                "choose another output_dir (pyllm never deletes files it did not write)"
-            )
-        if not overwrite:
-            prev = json.loads((out / RUN_MARKER).read_text()).get("command", "?")
-            raise FileExistsError(
-                f"{command}: output_dir {out} already holds a '{prev}' run; pass --overwrite "
-                "(overwrite=True) to replace it, --resume to continue it, or choose another --output-dir"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _write_task(folder: Path, info: dict) -> None:
@@ -190,9 +167,12 @@ def _subset(items: list, n: Optional[int], seed: int) -> list:
 
 def _saver(tokenizer, task_info: dict):
     def save(model, folder):
-        model.save_pretrained(folder, overwrite=True)
-        tokenizer.save_pretrained(folder)
-        _write_task(folder, task_info)
+        def write(tmp):
+            model.save_pretrained(tmp, overwrite=True)
+            tokenizer.save_pretrained(tmp)
+            _write_task(tmp, task_info)
+
+        run_folder.write_files(folder, write)  # each file replaced atomically
 
     return save
 
@@ -215,7 +195,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
     """
     cfg = _configure(PretrainConfig, config, kwargs)
     with _process(cfg) as proc:
-        out = _open_run(cfg, proc)
+        out, target = _open_run(cfg, proc)
         texts = D.read_texts(cfg.train_file) if cfg.train_file else D.stdlib_corpus(cfg.max_files)
         tokenizer = _lm_tokenizer(cfg, texts, out, proc)
         train_f, val_f = _lm_blocks(cfg, texts, tokenizer)
@@ -231,7 +211,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
         trainer = Trainer(model, train_f, collator, cfg, out, proc, eval_features=val_f,
                           evaluate=functools.partial(evaluate_lm, collator=collator, causal=causal),
                           monitor=("loss", "min"), save_model=_saver(tokenizer, task_info),
-                          description=f"pretrain {cfg.objective}")
+                          description=f"pretrain {cfg.objective}", on_checkpoint=run_folder.publish)
         result = trainer.train()
         result.metrics["train_blocks"] = len(train_f)
         result.metrics["parameters"] = sum(p.numel() for p in model.parameters())
@@ -240,6 +220,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
             sampler = cls.from_pretrained(out).to(proc.device) if proc.mode == "fsdp" else model
             result.metrics["sample"] = _sample(sampler, tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                                                proc.device, cfg.seed)
+    result.output_dir = target
     return result
 
 
@@ -330,7 +311,7 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> TrainResult:
     """
     cfg = _configure(FinetuneConfig, config, kwargs)
     with _process(cfg) as proc:
-        out = _open_run(cfg, proc)
+        out, target = _open_run(cfg, proc)
         model_dir = Path(cfg.model) if cfg.model else (default_base_model() or _pretrain_base_model(cfg, out))
         family = _family(model_dir)
         tokenizer = D.load_tokenizer(out if cfg.resume else model_dir)
@@ -345,8 +326,10 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> TrainResult:
                      "data": data_name, "base_model": str(model_dir)}
         trainer = Trainer(model, train_f, D.PadCollator(tokenizer.pad_token_id), cfg, out, proc,
                           eval_features=val_f, evaluate=evaluate, monitor=monitor,
-                          save_model=_saver(tokenizer, task_info), description=f"finetune {cfg.task}")
+                          save_model=_saver(tokenizer, task_info), description=f"finetune {cfg.task}",
+                          on_checkpoint=run_folder.publish)
         result = trainer.train()
+    result.output_dir = target
     result.metrics["train_examples"] = len(train_f)
     result.metrics["eval_examples"] = len(val_f)
     if cfg.task == "sequence-classification":
@@ -399,9 +382,20 @@ def _task_data(cfg: FinetuneConfig):
         labels = sorted({t for s in train for t in s["tags"]})
     else:
         labels = []
+    if cfg.task != "question-answering":
+        _check_classes(train, cfg.train_file)
     if cfg.validation_file:
         return train, _read_examples(cfg.task, cfg.validation_file, labels), labels, cfg.train_file
     return *_every_kth_split(train, 0.1), labels, cfg.train_file
+
+
+def _check_classes(examples: list, path) -> None:
+    """A classifier trained on one class learns nothing and scores 1.0: refuse it."""
+    seen = sorted({x["label"] for x in examples} if "label" in examples[0] else
+                  {t for x in examples for t in x["tags"]})
+    if len(seen) < 2:
+        raise ValueError(f"finetune: {path} holds only one class ({seen[0]!r}); a classifier needs examples "
+                         "of at least two classes")
 
 
 def _read_examples(task: str, path, labels):
@@ -481,7 +475,7 @@ def evaluate(folder, data_file: Optional[str] = None, **options) -> dict:
         fn, _ = _task_evaluator(name, tokenizer, labels, examples)
     with torch.no_grad():
         metrics = fn(model, feats, batch_size=cfg.batch_size, device=model.device, autocast=contextlib.nullcontext)
-    return metrics if name in ("clm", "mlm") else {**metrics, "examples": len(feats)}
+    return metrics if name in ("clm", "mlm") else {**metrics, "examples": len(examples)}
 
 
 def predict(folder, inputs: Sequence, **options) -> list[dict]:
@@ -498,6 +492,7 @@ def predict(folder, inputs: Sequence, **options) -> list[dict]:
     name, labels = task["task"], task.get("labels") or []
     if name not in ("sequence-classification", "token-classification", "question-answering"):
         raise ValueError(f"predict: {folder} holds a {name!r} model; use `generate` for language models")
+    _check_predict_inputs(folder, name, inputs)
     results = []
     for start in range(0, len(inputs), cfg.batch_size):
         examples = _predict_examples(name, list(inputs[start : start + cfg.batch_size]), labels)
@@ -508,6 +503,27 @@ def predict(folder, inputs: Sequence, **options) -> list[dict]:
                            if k in ("input_ids", "attention_mask", "token_type_ids")})
         results += _predictions(name, labels, examples, feats, out)
     return results
+
+
+_PREDICT_INPUTS = {
+    "sequence-classification": ('texts or {"text": ..., "text_pair": ...}',
+                                lambda x: isinstance(x, str) or isinstance(x, dict) and isinstance(x.get("text"), str)),
+    "token-classification": ("texts or lists of words",
+                             lambda x: isinstance(x, str) or isinstance(x, (list, tuple))
+                             and all(isinstance(w, str) for w in x)),
+    "question-answering": ('{"question": ..., "context": ...}',
+                           lambda x: isinstance(x, dict) and isinstance(x.get("question"), str)
+                           and isinstance(x.get("context"), str)),
+}
+
+
+def _check_predict_inputs(folder, task: str, inputs) -> None:
+    """Each input in the form the folder's task takes (what it is depends on the model, so it is
+    checked here, not by the config)."""
+    what, ok = _PREDICT_INPUTS[task]
+    for i, x in enumerate(inputs):
+        if not ok(x):
+            raise ValueError(f"predict: {folder} holds a {task} model, which takes {what}; input {i} is {x!r:.80}")
 
 
 def _predict_examples(name: str, inputs: list, labels: list) -> list[dict]:
@@ -532,12 +548,11 @@ def _predictions(name: str, labels: list, examples: list, feats: list, out) -> l
             tags = [labels[int(p[j])] for j, y in enumerate(f["labels"]) if y != D.IGNORE_INDEX]
             results.append({"tokens": x["tokens"], "tags": tags + ["O"] * (len(x["tokens"]) - len(tags))})
         return results
-    for x, f, s, e in zip(examples, feats, out.start_logits.cpu(), out.end_logits.cpu()):
-        n = len(f["offsets"])
-        span = best_span(s[:n], e[:n], f["offsets"])
-        text = span_text(x["context"], f["offsets"], span)
-        st = f["offsets"][span[0]][0] if span else -1
-        results.append({"answer": text, "start": st, "end": st + len(text) if span else -1})
+    # A long context is read in windows (several features per question): the best span over them answers.
+    answers = best_answers(feats, list(zip(out.start_logits.float().cpu(), out.end_logits.float().cpu())), examples)
+    for x in examples:
+        text, st = answers[x["id"]]
+        results.append({"answer": text, "start": st, "end": st + len(text) if st >= 0 else -1})
     return results
 
 

@@ -65,7 +65,7 @@ def _command(fn):
             print(f"\npyllm {cls.command}: interrupted; the run was saved (continue it with --resume)",
                   file=sys.stderr)
             return 130
-        except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+        except (ValueError, OSError, TypeError) as e:  # OSError: missing, existing, unwritable paths
             print(f"pyllm {cls.command}: error: {e.as_flags() if isinstance(e, C.ConfigError) else e}",
                   file=sys.stderr)
             return 2
@@ -130,9 +130,14 @@ def _read_inputs(cfg: C.PredictConfig) -> list:
                 continue
             if path.suffix == ".jsonl":
                 try:
-                    items.append(json.loads(line))
+                    item = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(item, dict) or not ("text" in item or {"question", "context"} <= set(item)):
+                    got = sorted(item) if isinstance(item, dict) else type(item).__name__
+                    raise ValueError(f"{path}:{lineno}: expected an object with 'text' (and optionally "
+                                     f"'text_pair'), or with 'question' and 'context'; got {got}")
+                items.append(item)
             else:
                 items.append(line)
     if not items:

@@ -424,5 +424,11 @@ class GenerateConfig(_UseRun):
     top_k: int = option(40, "sample among the k likeliest tokens (0: all)", at_least=0)
     seed: int = option(0, "sampling seed", at_least=0)
 
+    def check(self) -> None:
+        super().check()
+        for i, p in enumerate(self.prompt or []):
+            self.need(isinstance(p, str), f"prompt {i} must be a string, got {p!r} ({type(p).__name__})")
+            self.need(bool(p.strip()), f"prompt {i} is {p!r}, an empty prompt; give some text to continue")
+
 
 COMMANDS = {c.command: c for c in (PretrainConfig, FinetuneConfig, EvaluateConfig, PredictConfig, GenerateConfig)}

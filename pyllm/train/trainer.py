@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import dist
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .optim import build_optimizer, build_scheduler
 from .report import MetricsLog, peak_memory_mb, plot_loss_curve
 
@@ -96,15 +96,18 @@ class Trainer:
         train_features: a sequence of feature dicts (see :mod:`pyllm.data.features`).
         collator: ``collator(list_of_features, generator) -> dict of tensors``.
         cfg: a :class:`~pyllm.train.config.TrainConfig` (or subclass).
-        output_dir: the run folder (prepared by :mod:`pyllm.train.api`; created if missing).
+        output_dir: the folder to write in (the api stages it: see :mod:`pyllm.train.run_folder`).
         process: this process's rank, world size and device (:func:`pyllm.train.dist.setup`);
             default: this process alone, on ``cfg.device``.
         eval_features / evaluate: ``evaluate(model, eval_features, batch_size=, device=, autocast=)``
             returning a dict of metrics (``loss``, ``accuracy`` ...); logged with an ``eval_`` prefix.
         monitor: (metric name, "min"|"max") for early stopping and the best model.
         save_model: ``save_model(unwrapped_model, folder)`` writes the model folder
-            (weights, config, tokenizer); called at the end, on Ctrl-C, and at each new best
-            evaluation when early stopping is on.
+            (weights, config, tokenizer); called at the end, on Ctrl-C, at each new best
+            evaluation when early stopping is on, and with the first checkpoint (so a folder
+            holding a checkpoint always holds a loadable model too).
+        on_checkpoint: called (rank 0) after each checkpoint past step 0, when the folder holds a
+            complete, loadable and resumable run (see :mod:`pyllm.train.run_folder`).
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class Trainer:
         monitor: tuple[str, str] = ("loss", "min"),
         save_model: Optional[Callable] = None,
         description: str = "train",
+        on_checkpoint: Optional[Callable[[], None]] = None,
     ):
         self.model = model
         self.train_features = train_features
@@ -133,6 +137,8 @@ class Trainer:
         self.monitor = monitor
         self.save_model = save_model
         self.description = description
+        self.on_checkpoint = on_checkpoint
+        self._model_saved = False
 
     def train(self) -> TrainResult:
         self._setup()
@@ -269,7 +275,7 @@ class Trainer:
 
     def _non_finite(self, value: float):
         if self.saved_step is not None:
-            where = (f"the last good checkpoint is kept: {self.output_dir / 'checkpoint.pt'} (step {self.saved_step}); "
+            where = (f"the last good checkpoint is kept: {self.output_dir / CHECKPOINT} (step {self.saved_step}); "
                      f"resume from it with resume=True (--resume) after lowering the learning rate")
         else:
             where = "no checkpoint had been written yet (set save_every to keep one)"
@@ -344,9 +350,9 @@ class Trainer:
         elapsed = time.perf_counter() - self.t_start
         if self.stopped != "early_stopping" and self._evaluate():
             self._no_longer_improving()  # updates the best model
-        self._save_checkpoint(elapsed)
         if not (cfg.early_stopping_patience and s.best is not None):
             self._save_model()
+        self._save_checkpoint(elapsed)  # publishes the run: the model is saved first
         metrics = {
             "steps": s.step,
             "epochs": round(s.epoch + s.batch / self.steps_per_epoch, 4),
@@ -370,8 +376,8 @@ class Trainer:
     def _interrupted(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self._save_checkpoint()
         self._save_model()
+        self._save_checkpoint()  # publishes the run (once a step is done): the model is saved first
         if self.process.is_main:
             self.log.write({"step": self.state.step, "event": "interrupted"})
             self._plot()
@@ -387,6 +393,8 @@ class Trainer:
         process joins in gathering them and rank 0 saves a plain copy of the model."""
         if self.save_model is None:
             return
+        self._check_weights()
+        self._model_saved = True
         p = self.process
         if p.mode == "fsdp":
             state = self._model_state()
@@ -415,10 +423,25 @@ class Trainer:
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optimizer.state_dict()
 
+    def _check_weights(self) -> None:
+        """Never save weights that are not finite (an update can break them without a NaN loss:
+        the last step of a run with a huge learning rate). Every process checks its own copy or shard."""
+        names = [n for n, _ in self.wrapped.named_parameters()]
+        params = [getattr(q, "_local_tensor", q) for q in self.wrapped.parameters()]  # FSDP2: the local shard
+        bad = next((n for n, q in zip(names, params) if not bool(torch.isfinite(q).all())), None)
+        if dist.all_sum([float(bad is not None)], self.process)[0]:
+            raise NonFiniteLossError(f"the weights are not finite after the last update ({bad or 'on another process'}"
+                                     "); nothing was saved over the last good checkpoint. Common causes: a learning "
+                                     "rate too high, fp16 overflow (try bf16), bad data.")
+
     def _save_checkpoint(self, elapsed: Optional[float] = None) -> None:
-        """Everything a resumed run needs, in ``output_dir/checkpoint.pt`` (every process joins in)."""
+        """Everything a resumed run needs, in ``output_dir/checkpoint.safetensors`` (every process joins
+        in), with a loadable model the first time; then the run is published (``on_checkpoint``)."""
         p = self.process
         elapsed = time.perf_counter() - self.t_start if elapsed is None else elapsed
+        self._check_weights()
+        if not self._model_saved:  # the first checkpoint comes with a loadable model
+            self._save_model()
         model_state = self._model_state()  # collective under FSDP: every rank calls it
         optim_state = self._optimizer_state()
         rngs = dist.gather_objects(rng_state(), p)
@@ -433,6 +456,8 @@ class Trainer:
                 "world_size": p.world_size,
                 "config": vars(self.cfg),
             }, self.output_dir)
+            if self.on_checkpoint is not None and self.state.step > 0:  # step 0 (Ctrl-C at once): nothing to keep
+                self.on_checkpoint()
         self.saved_step = self.state.step
         dist.barrier(p)
 

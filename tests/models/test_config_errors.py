@@ -52,3 +52,13 @@ def test_transformer_config_checks_float_fields():
         TransformerConfig(norm_eps="1e-12")
     with pytest.raises(ValueError, match=r"TransformerConfig: hidden_dropout must be in \[0, 1\), got '0.1'"):
         TransformerConfig(hidden_dropout="0.1")
+
+
+@pytest.mark.parametrize("index", ['{"metadata": {}}', '{"weight_map": ["model-1.safetensors"]}',
+                                   '{"weight_map": {"w": 3}}', "[]", "{not json"])
+def test_defect_11_shard_index_without_a_weight_map(bert_folder, index):
+    (bert_folder / "model.safetensors").unlink()
+    path = bert_folder / "model.safetensors.index.json"
+    path.write_text(index)
+    with pytest.raises(ValueError, match=rf"from_pretrained: {path}: .*weight_map"):
+        BertModel.from_pretrained(bert_folder)
