@@ -130,6 +130,11 @@ def check_class_labels(labels, num_classes: int, who: str, name: str = "labels")
                          f"[0, {num_classes}) or -100 (ignored)")
 
 
+def _is_layer_stack(m: nn.Module) -> bool:
+    """The modules that own a `gradient_checkpointing` switch (Encoder, LlamaModel)."""
+    return isinstance(m, Encoder) or getattr(m, "is_layer_stack", False)
+
+
 class PreTrainedModel(nn.Module):
     """Base of every pyllm model: config, weight init, gradient checkpointing, HF checkpoints."""
 
@@ -165,13 +170,13 @@ class PreTrainedModel(nn.Module):
 
     @property
     def gradient_checkpointing(self) -> bool:
-        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Encoder))
+        return any(m.gradient_checkpointing for m in self.modules() if _is_layer_stack(m))
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, on: bool):
         """Recompute each block in the backward pass (torch.utils.checkpoint): less memory, ~1/3 more compute."""
         for m in self.modules():
-            if isinstance(m, Encoder):
+            if _is_layer_stack(m):
                 m.gradient_checkpointing = bool(on)
 
     def gradient_checkpointing_enable(self):

@@ -1,4 +1,4 @@
-"""Autoregressive decoding for GPTForCausalLM: greedy, temperature, top-k, top-p, EOS, KV cache.
+"""Autoregressive decoding for GPTForCausalLM and LlamaForCausalLM: greedy, temperature, top-k, top-p, EOS, KV cache.
 
 Batched prompts of different lengths are LEFT-padded: every row's last prompt token sits in the
 last column, so one new query per row is decoded per step. Padding is hidden from attention by
@@ -37,7 +37,7 @@ def sample_next(logits, do_sample: bool, temperature: float, top_k: Optional[int
 
 
 def _check_generate_args(model, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p):
-    cfg = model.config
+    cfg = getattr(model, "position_limits", model.config)  # Llama with dynamic rope runs past max positions
     B, N = check_inputs(cfg, input_ids, attention_mask, who="generate")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -93,10 +93,11 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
     tokens = input_ids.long()
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     cache = KVCache(cfg.num_layers, capacity=N + max_new_tokens) if use_cache else None
+    body = model.transformer if hasattr(model, "transformer") else model.model  # GPT / Llama backbone
     for step in range(max_new_tokens):
         # with the cache, the prompt goes in once, then one token per step
         step_ids = tokens[:, -1:] if (use_cache and step > 0) else tokens
-        h = model.transformer(step_ids, attention_mask=mask, cache=cache).last_hidden_state[:, -1]  # (B, C)
+        h = body(step_ids, attention_mask=mask, cache=cache).last_hidden_state[:, -1]  # (B, C)
         logits = model.lm_head(h).float()  # (B, V)
         nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
         if eos is not None:
