@@ -39,6 +39,12 @@ def _extension_error() -> str | None:
     return _ext.load_error()
 
 
+def _ext_has_kernel(op: str, dispatch_key: str) -> bool:
+    from pyllm import _ext
+
+    return _ext.has_kernel(op, dispatch_key)
+
+
 class Backend:
     """One way to run the ops. Subclasses declare what they support; ``auto`` ranks them by ``speed``."""
 
@@ -46,7 +52,8 @@ class Backend:
     speed: int = 0  # larger = preferred by auto
     devices: tuple[str, ...] = ()
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-    ops: tuple[str, ...] = ("attention", "layer_norm", "rms_norm")
+    ops: tuple[str, ...] = ("attention", "layer_norm", "rms_norm", "rotary")
+    dispatch_key: str | None = None  # the C++ backends: whose kernels in pyllm._C serve them
     max_head_dim: int = 256
 
     def unavailable_reason(self) -> str | None:
@@ -60,6 +67,8 @@ class Backend:
             return [why]
         if op not in self.ops:
             return [f"{self.name} has no kernel for {op}"]
+        if self.dispatch_key is not None and not _ext_has_kernel(op, self.dispatch_key):
+            return [f"pyllm._C has no {self.dispatch_key} kernel for {op} (built before the op existed: rebuild)"]
         device = call["device"]
         if device.type not in self.devices:
             reasons.append(f"device {device.type} not supported (supports {', '.join(self.devices)})")
@@ -86,6 +95,7 @@ class ReferenceBackend(Backend):
 class CPUBackend(Backend):
     name = "cpu"
     speed = 10
+    dispatch_key = "CPU"
     devices = ("cpu",)
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -103,6 +113,7 @@ class CPUBackend(Backend):
 class CUDABackend(Backend):
     name = "cuda"
     speed = 30
+    dispatch_key = "CUDA"
     devices = ("cuda",)
 
     def unavailable_reason(self) -> str | None:

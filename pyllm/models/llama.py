@@ -153,26 +153,27 @@ def position_limits(config: LlamaConfig):
 
 
 class RotaryEmbedding(nn.Module):
-    """position_ids (B or 1, N) -> cos, sin (B or 1, N, head_dim // 2) in the model's dtype."""
+    """position_ids (B or 1, N) -> cos, sin (B or 1, N, head_dim // 2) float32, the tables of pyllm.rotary."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+    def forward(self, position_ids: torch.Tensor):
         inv_freq = self.inv_freq
         if self.config.rope_type == "dynamic":
             n = int(position_ids.max()) + 1
             if n > self.config.max_position_embeddings:
                 inv_freq = rope_inv_freq(self.config, n).to(inv_freq.device)
         freqs = position_ids[..., None].float() * inv_freq.float()  # (B, N, D/2), fp32 like transformers
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+        return freqs.cos(), freqs.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: x (B, N, H, D), cos/sin (B or 1, N, D/2) -> (B, N, H, D).
-    Pairs are (x[i], x[i + D/2]), the layout of transformers' Llama weights."""
+    """Rotate-half RoPE in plain PyTorch (what pyllm.rotary fuses; the benchmark's baseline):
+    x (B, N, H, D), cos/sin (B or 1, N, D/2) -> (B, N, H, D). Pairs are (x[i], x[i + D/2]), the layout
+    of transformers' Llama weights."""
     x1, x2 = x.chunk(2, dim=-1)
     c, s = cos[:, :, None], sin[:, :, None]  # (B, N, 1, D/2)
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
@@ -213,8 +214,9 @@ class LlamaAttention(nn.Module):
         B, N, _ = x.shape
         hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([hq, hkv, hkv], dim=-1)
-        q = apply_rotary(q.view(B, N, self.num_heads, self.head_dim), cos, sin)  # (B, N, Hq, D)
-        k = apply_rotary(k.view(B, N, self.num_kv_heads, self.head_dim), cos, sin)  # (B, N, Hkv, D)
+        # views of the packed projection go into the fused rotary op as they are (no copies)
+        q, k = pyllm.rotary(q.view(B, N, self.num_heads, self.head_dim), k.view(B, N, self.num_kv_heads, self.head_dim),
+                            cos, sin, backend=self.backend)  # (B, N, Hq, D), (B, N, Hkv, D)
         v = v.view(B, N, self.num_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, past + N, Hkv, D)
@@ -304,7 +306,7 @@ class LlamaModel(PreTrainedModel):
         if use_cache and cache is None:
             cache = KVCache(self.config.num_layers)
         x = self.embed_tokens(input_ids)  # (B, N, C)
-        cos, sin = self.rotary(position_ids, x.dtype)  # (B or 1, N, D/2), shared by every layer
+        cos, sin = self.rotary(position_ids)  # (B or 1, N, D/2) float32, shared by every layer
         kpm = padding_mask(attention_mask)
         use_ckpt = self.layers.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         residual = None
