@@ -39,6 +39,11 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
         return {"q": randn(B, Nq, Hq, D), "k": randn(B, Nk, Hkv, D), "v": randn(B, Nk, Hkv, D),
                 "mask": padding_mask(B, Nk, device) if case.padding else None,
                 "dout": randn(B, Nq, Hq, D), "scale": D ** -0.5}
+    if case.op == "rotary":  # Llama's tables: (1, N, D/2) float32, theta = position * 10000^(-2i/D)
+        B, N, Hq, Hk, D = case.dims
+        theta = torch.arange(N, dtype=torch.float64)[None, :, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
+        return {"q": randn(B, N, Hq, D), "k": randn(B, N, Hk, D), "dq": randn(B, N, Hq, D), "dk": randn(B, N, Hk, D),
+                "cos": theta.cos().float().to(device), "sin": theta.sin().float().to(device)}
     M, N = case.dims
     res = case.residual
     return {"x": randn(M, N), "w": randn(N, scale=0.5) + 1,
@@ -64,6 +69,12 @@ def _leaf(t):
 def build_call(case: Case, provider: Provider, inputs: dict) -> Call:
     if case.op == "attention":
         return _attention_call(case, provider, inputs)
+    if case.op == "rotary":
+        q, k = _leaf(inputs["q"]), _leaf(inputs["k"])
+        fn = provider.rotary_fn(case, q, k, inputs["cos"], inputs["sin"])
+        ident = lambda ts: tuple(ts)  # noqa: E731
+        return Call(forward=lambda: tuple(fn()), leaves=[q, k], grad_outs=[inputs["dq"], inputs["dk"]],
+                    outs_to_common=ident, grads_to_common=ident)
     return _norm_call(case, provider, inputs)
 
 
