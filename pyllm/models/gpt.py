@@ -61,9 +61,15 @@ class GPTModel(PreTrainedModel):
                 position_ids = torch.arange(past, past + N, device=input_ids.device)[None]  # (1, N)
         if use_cache and cache is None:
             cache = KVCache(self.config.num_layers)
-        x = self.dropout(self.word(input_ids) + self.position(position_ids))  # (B, N, C)
-        x = self.encoder(x, key_padding_mask=padding_mask(attention_mask), cache=cache)
+        x = self.decode_step(input_ids, position_ids, padding_mask(attention_mask), cache)
         return BaseModelOutput(last_hidden_state=x, cache=cache)
+
+    def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
+        """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
+        once: input_ids (B, N), position_ids (B or 1, N), key_padding_mask (B, past + N) bool or None
+        -> last hidden state (B, N, C)."""
+        x = self.dropout(self.word(input_ids) + self.position(position_ids))  # (B, N, C)
+        return self.encoder(x, key_padding_mask=key_padding_mask, cache=cache)
 
 
 class GPTForCausalLM(PreTrainedModel):

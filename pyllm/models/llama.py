@@ -305,18 +305,23 @@ class LlamaModel(PreTrainedModel):
                 position_ids = torch.arange(past, past + N, device=input_ids.device)[None]  # (1, N)
         if use_cache and cache is None:
             cache = KVCache(self.config.num_layers)
+        x = self.decode_step(input_ids, position_ids, padding_mask(attention_mask), cache)
+        return BaseModelOutput(last_hidden_state=x, cache=cache)
+
+    def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
+        """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
+        once: input_ids (B, N), position_ids (B or 1, N), key_padding_mask (B, past + N) bool or None
+        -> last hidden state (B, N, C)."""
         x = self.embed_tokens(input_ids)  # (B, N, C)
         cos, sin = self.rotary(position_ids)  # (B or 1, N, D/2) float32, shared by every layer
-        kpm = padding_mask(attention_mask)
         use_ckpt = self.layers.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         residual = None
         for i, layer in enumerate(self.layers):
             if use_ckpt:
-                x, residual = checkpoint(layer, x, residual, cos, sin, kpm, None, i, use_reentrant=False)
+                x, residual = checkpoint(layer, x, residual, cos, sin, key_padding_mask, None, i, use_reentrant=False)
             else:
-                x, residual = layer(x, residual, cos, sin, kpm, cache, i)
-        x = self.norm(x, residual=residual)[0]
-        return BaseModelOutput(last_hidden_state=x, cache=cache)
+                x, residual = layer(x, residual, cos, sin, key_padding_mask, cache, i)
+        return self.norm(x, residual=residual)[0]  # (B, N, C)
 
 
 class LlamaForCausalLM(PreTrainedModel):
