@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pyllm.nn import LayerNorm
@@ -115,6 +116,25 @@ def padding_mask(attention_mask) -> Optional[torch.Tensor]:
         return None
     mask = attention_mask.bool()
     return None if bool(mask.all()) else mask
+
+
+def causal_lm_loss(logits, labels, input_ids, vocab_size: int, who: str):
+    """Next-token cross entropy: position t predicts labels[t + 1]; -100 is ignored. logits (B, N, V)."""
+    check_labels(labels, input_ids.shape, who)
+    check_class_labels(labels, vocab_size, who)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def last_token(input_ids, attention_mask, pad_token_id):
+    """(B,) index of each row's last real token: from attention_mask (left or right padding), else the last
+    token that is not pad_token_id (as transformers does), else the last column."""
+    B, N = input_ids.shape
+    idx = torch.arange(N, device=input_ids.device)
+    if attention_mask is not None:
+        return (idx * attention_mask.bool()).argmax(-1)
+    if pad_token_id is not None:
+        return (idx * (input_ids != pad_token_id)).argmax(-1)
+    return torch.full((B,), N - 1, device=input_ids.device)
 
 
 def check_labels(labels, shape, who: str, name: str = "labels"):

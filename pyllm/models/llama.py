@@ -29,12 +29,12 @@ import pyllm
 from pyllm.nn import RMSNorm
 
 from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
-                   check_class_labels, check_inputs, check_labels, padding_mask)
+                   causal_lm_loss, check_inputs, last_token, padding_mask)
 from .bert import classification_loss
 from .block import KVCache
 from .config import TransformerConfig
 from .generation import generate
-from .gpt import positions_from_mask
+from .gpt import default_positions
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -299,10 +299,7 @@ class LlamaModel(PreTrainedModel):
         past = cache.seq_len if cache is not None else 0
         B, N = check_inputs(position_limits(self.config), input_ids, attention_mask, None, position_ids, past, who)
         if position_ids is None:
-            if attention_mask is not None:
-                position_ids = positions_from_mask(attention_mask, N)  # (B, N)
-            else:
-                position_ids = torch.arange(past, past + N, device=input_ids.device)[None]  # (1, N)
+            position_ids = default_positions(attention_mask, past, N, input_ids.device)
         if use_cache and cache is None:
             cache = KVCache(self.config.num_layers)
         x = self.decode_step(input_ids, position_ids, padding_mask(attention_mask), cache)
@@ -349,10 +346,7 @@ class LlamaForCausalLM(PreTrainedModel):
         logits = self.lm_head(out.last_hidden_state)  # (B, N, vocab)
         loss = None
         if labels is not None:
-            who = type(self).__name__
-            check_labels(labels, input_ids.shape, who)
-            check_class_labels(labels, self.config.vocab_size, who)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = causal_lm_loss(logits, labels, input_ids, self.config.vocab_size, type(self).__name__)
         return CausalLMOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
 
     @property
@@ -380,14 +374,8 @@ class LlamaForSequenceClassification(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
         h = self.model(input_ids, attention_mask, position_ids).last_hidden_state
-        B, N = input_ids.shape
-        idx = torch.arange(N, device=input_ids.device)
-        if attention_mask is not None:
-            last = (idx * attention_mask.bool()).argmax(-1)  # rightmost real token, left or right padding
-        elif self.config.pad_token_id is not None:
-            last = (idx * (input_ids != self.config.pad_token_id)).argmax(-1)
-        else:
-            last = torch.full((B,), N - 1, device=input_ids.device)
+        B = input_ids.shape[0]
+        last = last_token(input_ids, attention_mask, self.config.pad_token_id)  # (B,)
         logits = self.score(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
         loss = None
         if labels is not None:
