@@ -158,3 +158,27 @@ def test_bad_input_names_what_is_wrong(tmp_path):
         LlamaForCausalLM.from_pretrained(folder)
     with pytest.raises(ValueError, match="must be a LlamaConfig"):
         LlamaModel(config=__import__("pyllm").models.TransformerConfig())
+
+
+def test_llama_style_tokenizer_folder_loads_through_load_tokenizer(tmp_path):
+    """A byte-level BPE tokenizer.json with <s> / </s> (as Llama 3 / Qwen2 folders ship) reads like transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from pyllm.models import load_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["pyllm runs llama on fused kernels", "rotary embeddings and grouped queries"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>")
+    fast.save_pretrained(tmp_path)
+    ours, theirs = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["pyllm runs llama", "grouped queries on fused kernels, rotary"]
+    enc, want = ours(texts), theirs(texts, padding=True, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], want["input_ids"]) and torch.equal(enc["attention_mask"], want["attention_mask"])
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 2, 0)
+    assert ours.decode(enc["input_ids"][0].tolist()) == theirs.decode(want["input_ids"][0], skip_special_tokens=True)
