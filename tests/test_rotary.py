@@ -116,7 +116,8 @@ def test_tables_that_require_grad_go_to_the_reference():
 def test_bad_input_names_the_argument():
     q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 1, 8)
     cos, sin = _tables(2, 4, 8)
-    with pytest.raises(ValueError, match=r"rotary: k has \(batch, seqlen, head_dim\) \(2, 4, 6\) but q has \(2, 4, 8\)"):
+    with pytest.raises(ValueError, match=r"rotary: k has \(batch, seqlen, head_dim\) \(2, 4, 6\) "
+                                         r"but q has \(2, 4, 8\)"):
         pyllm.rotary(q, torch.randn(2, 4, 1, 6), cos, sin)
     with pytest.raises(ValueError, match=r"rotary: cos has shape \(4, 5\); expected .* with 1 <= 2r <= head_dim 8"):
         pyllm.rotary(q, k, torch.randn(4, 5), torch.randn(4, 5))

@@ -348,7 +348,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_cuda(const at::Tensor& q_in, const at:
   TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type(), op, ": k has dtype ", k_in.scalar_type(), " but q has ",
               q_in.scalar_type());
   TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kHalf ||
-              q_in.scalar_type() == at::kBFloat16, op, ": takes float32, float16 or bfloat16, got ", q_in.scalar_type());
+              q_in.scalar_type() == at::kBFloat16,
+              op, ": takes float32, float16 or bfloat16, got ", q_in.scalar_type());
   TORCH_CHECK(k_in.size(0) == q_in.size(0) && k_in.size(1) == q_in.size(1) && k_in.size(3) == q_in.size(3), op,
               ": k has shape ", k_in.sizes(), " but q has ", q_in.sizes());
   TORCH_CHECK(cos_in.scalar_type() == at::kFloat && sin_in.scalar_type() == at::kFloat && cos_in.dim() == 3 &&

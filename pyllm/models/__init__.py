@@ -13,7 +13,7 @@ from .config import TransformerConfig
 from .generation import generate
 from .gpt import GPTForCausalLM, GPTForSequenceClassification, GPTModel
 from .llama import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
-from .tokenizer import Tokenizer, load_tokenizer
+from pyllm.data.tokenizer import Tokenizer, load_tokenizer  # the one tokenizer, re-exported here
 
 __all__ = [
     "TransformerConfig", "Block", "KVCache", "PreTrainedModel",

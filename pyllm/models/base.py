@@ -12,7 +12,7 @@ from torch import nn
 
 from pyllm.nn import LayerNorm
 
-from .block import Encoder, KVCache
+from .block import BlockStack, KVCache
 from .config import TransformerConfig
 
 
@@ -151,14 +151,15 @@ def check_class_labels(labels, num_classes: int, who: str, name: str = "labels")
 
 
 def _is_layer_stack(m: nn.Module) -> bool:
-    """The modules that own a `gradient_checkpointing` switch (Encoder, LlamaModel)."""
-    return isinstance(m, Encoder) or getattr(m, "is_layer_stack", False)
+    """The modules that own a `gradient_checkpointing` switch (BlockStack, LlamaLayers)."""
+    return isinstance(m, BlockStack) or getattr(m, "is_layer_stack", False)
 
 
 class PreTrainedModel(nn.Module):
     """Base of every pyllm model: config, weight init, gradient checkpointing, HF checkpoints."""
 
     family = ""  # "bert" or "gpt2": which Hugging Face model_type this class reads and writes
+    config_class = TransformerConfig  # what from_pretrained builds from config.json
     default_norm_position = "post"
 
     def __init__(self, config: TransformerConfig):

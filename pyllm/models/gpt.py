@@ -15,7 +15,7 @@ from torch import nn
 from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
                    causal_lm_loss, check_inputs, last_token, padding_mask)
 from .bert import classification_loss
-from .block import Encoder, KVCache
+from .block import BlockStack, KVCache
 from .config import TransformerConfig
 from .generation import generate
 
@@ -31,6 +31,12 @@ def default_positions(attention_mask, past: int, n_new: int, device):
     if attention_mask is not None:
         return positions_from_mask(attention_mask, n_new)
     return torch.arange(past, past + n_new, device=device)[None]
+
+
+def _renamed_blocks(module, state_dict, prefix, *args):
+    """State dicts saved before the layer stack was renamed (``encoder.`` -> ``blocks.``) still load."""
+    for key in [k for k in state_dict if k.startswith(prefix + "encoder.")]:
+        state_dict[prefix + "blocks." + key[len(prefix + "encoder."):]] = state_dict.pop(key)
 
 
 class GPTModel(PreTrainedModel):
@@ -50,8 +56,9 @@ class GPTModel(PreTrainedModel):
         self.word = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.encoder = Encoder(config, causal=True, pre_norm=config.norm_position == "pre")
+        self.blocks = BlockStack(config, causal=True, pre_norm=config.norm_position == "pre")
         self.init_weights()
+        self.register_load_state_dict_pre_hook(_renamed_blocks)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 cache: Optional[KVCache] = None, use_cache: bool = False):
@@ -73,7 +80,7 @@ class GPTModel(PreTrainedModel):
         once: input_ids (B, N), position_ids (B or 1, N), key_padding_mask (B, past + N) bool or None
         -> last hidden state (B, N, C)."""
         x = self.dropout(self.word(input_ids) + self.position(position_ids))  # (B, N, C)
-        return self.encoder(x, key_padding_mask=key_padding_mask, cache=cache)
+        return self.blocks(x, key_padding_mask=key_padding_mask, cache=cache)
 
 
 class GPTForCausalLM(PreTrainedModel):

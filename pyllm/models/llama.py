@@ -281,6 +281,7 @@ class LlamaModel(PreTrainedModel):
 
     family = "llama"
     default_norm_position = "pre"
+    config_class = LlamaConfig
 
     def __init__(self, config: LlamaConfig):
         if not isinstance(config, LlamaConfig):
@@ -330,6 +331,7 @@ class LlamaForCausalLM(PreTrainedModel):
 
     family = "llama"
     default_norm_position = "pre"
+    config_class = LlamaConfig
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)
@@ -364,6 +366,7 @@ class LlamaForSequenceClassification(PreTrainedModel):
 
     family = "llama"
     default_norm_position = "pre"
+    config_class = LlamaConfig
 
     def __init__(self, config: LlamaConfig):
         super().__init__(config)

@@ -46,9 +46,9 @@ def _tree(source: str) -> str:
         if isinstance(node, ast.Name) and node.id == arg:
             node.id = "hidden_states"
     body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-    fn = ast.FunctionDef(name="forward", args=ast.arguments(posonlyargs=[], args=[ast.arg("self"), ast.arg("hidden_states")],
-                         kwonlyargs=[], kw_defaults=[], defaults=[]), body=body, decorator_list=[], returns=None,
-                         type_params=[])
+    args = ast.arguments(posonlyargs=[], args=[ast.arg("self"), ast.arg("hidden_states")], kwonlyargs=[],
+                         kw_defaults=[], defaults=[])
+    fn = ast.FunctionDef(name="forward", args=args, body=body, decorator_list=[], returns=None, type_params=[])
     return ast.dump(fn, annotate_fields=False)
 
 
@@ -98,7 +98,8 @@ class MatchedRMSNorm(RMSNorm):
     def _out_dtype(self, x: Tensor) -> torch.dtype:
         w = self.weight.dtype
         if self.kind == "t5":
-            return w if w in (torch.float16, torch.bfloat16) else torch.promote_types(torch.promote_types(x.dtype, torch.float32), w)
+            half = w in (torch.float16, torch.bfloat16)
+            return w if half else torch.promote_types(torch.promote_types(x.dtype, torch.float32), w)
         return torch.promote_types(x.dtype, w)
 
     def forward(self, x: Tensor, residual: Tensor | None = None):

@@ -179,6 +179,7 @@ def test_llama_style_tokenizer_folder_loads_through_load_tokenizer(tmp_path):
     ours, theirs = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
     texts = ["pyllm runs llama", "grouped queries on fused kernels, rotary"]
     enc, want = ours(texts), theirs(texts, padding=True, return_tensors="pt")
-    assert torch.equal(enc["input_ids"], want["input_ids"]) and torch.equal(enc["attention_mask"], want["attention_mask"])
+    assert torch.equal(enc["input_ids"], want["input_ids"])
+    assert torch.equal(enc["attention_mask"], want["attention_mask"])
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 2, 0)
     assert ours.decode(enc["input_ids"][0].tolist()) == theirs.decode(want["input_ids"][0], skip_special_tokens=True)
