@@ -66,12 +66,19 @@ def _extension_error() -> str | None:
     return _ext.load_error()
 
 
+def _ext_has_kernel(op: str, dispatch_key: str) -> bool:
+    from pyllm import _ext
+
+    return _ext.has_kernel(op, dispatch_key)
+
+
 class Backend:
     """One way to run the ops, with the capability table of :mod:`pyllm.capabilities` named ``name``;
     ``auto`` ranks backends by ``speed`` (see :func:`auto_order`)."""
 
     name: str = ""
     speed: int = 0  # larger = preferred by auto
+    dispatch_key: str | None = None  # the C++ backends: whose kernels in pyllm._C serve them
 
     def __init__(self) -> None:
         caps = capabilities.TABLES[self.name]
@@ -91,6 +98,8 @@ class Backend:
             return [why]
         if op not in self.ops:
             return [f"{self.name} has no kernel for {op}"]
+        if self.dispatch_key is not None and not _ext_has_kernel(op, self.dispatch_key):
+            return [f"pyllm._C has no {self.dispatch_key} kernel for {op} (built before the op existed: rebuild)"]
         device = call["device"]
         if device.type not in self.devices:
             reasons.append(f"device {device.type} not supported (supports {', '.join(self.devices)})")
@@ -115,6 +124,7 @@ class ReferenceBackend(Backend):
 class CPUBackend(Backend):
     name = "cpu"
     speed = 10
+    dispatch_key = "CPU"
 
     def unavailable_reason(self) -> str | None:
         err = _extension_error()
@@ -130,6 +140,7 @@ class CPUBackend(Backend):
 class CUDABackend(Backend):
     name = "cuda"
     speed = 30
+    dispatch_key = "CUDA"
 
     def unavailable_reason(self) -> str | None:
         err = _extension_error()

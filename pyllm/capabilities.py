@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-OPS = ("attention", "layer_norm", "rms_norm")
+OPS = ("attention", "layer_norm", "rms_norm", "rotary")
 _HALF_AND_FP32 = ("float32", "float16", "bfloat16")
 
 

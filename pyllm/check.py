@@ -4,8 +4,8 @@ The rule, its reference precision and the inputs are defined once, in :mod:`pyll
 
     max|fast - ref_hi| <= 2 * max|torch_same_dtype - ref_hi| + 1e-5
 
-for the output and every gradient. The same functions (:func:`attention_case`, :func:`norm_case`) drive
-the test suite.
+for the output and every gradient. The same functions (:func:`attention_case`, :func:`norm_case`,
+:func:`rotary_case`) drive the test suite.
 """
 from __future__ import annotations
 
@@ -96,6 +96,36 @@ def norm_case(op: str, backend: str, dtype: torch.dtype, M: int, N: int, *, resi
     return _rows(op, backend, dtype, shape, outs + ["d" + n for n in names], fast, ref, base)
 
 
+def rotary_case(backend: str, dtype: torch.dtype, B: int, N: int, Hq: int, Hk: int, D: int, R: int | None = None,
+                *, interleaved: bool = False, batch_tables: bool = False, device="cpu", seed: int = 0) -> list[Row]:
+    """Errors of ``pyllm.rotary(backend=...)`` for q_out, k_out, dq, dk on one random case; rotary_dim R
+    (default D); cos/sin per batch row when batch_tables, else shared (1, N, R/2). The baseline is the
+    plain formula in the inputs' precision (cos/sin cast to it, as transformers' Llama does)."""
+    R = D if R is None else R
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    q, k, dq, dk = mk(B, N, Hq, D), mk(B, N, Hk, D), mk(B, N, Hq, D), mk(B, N, Hk, D)
+    pos = torch.arange(N, dtype=torch.float64)[None, :, None] + (
+        torch.arange(B, dtype=torch.float64)[:, None, None] * 7 if batch_tables else 0)
+    theta = pos * (10000.0 ** (-torch.arange(0, R, 2, dtype=torch.float64) / R))  # (1 or B, N, R/2)
+    cos, sin = (t.to(device=device, dtype=torch.float32) for t in (theta.cos(), theta.sin()))
+
+    def run(fn, tensors, tables):
+        out = fn(*tensors, *tables, interleaved=interleaved)
+        return [*out, *_grads(list(out), tensors, [dq.to(out[0].dtype), dk.to(out[1].dtype)])]
+
+    hi_dtype = accuracy.reference_dtype(dtype)
+    leaves = [t.detach().requires_grad_() for t in (q, k)]
+    hi = [t.detach().to(hi_dtype).requires_grad_() for t in (q, k)]
+    lo = [t.detach().requires_grad_() for t in (q, k)]
+    fast = run(lambda *a, **kw: ops.rotary(*a, **kw, backend=backend), leaves, (cos, sin))
+    ref = run(lambda *a, **kw: reference.rotary(*a, **kw, upcast=False), hi, (cos.to(hi_dtype), sin.to(hi_dtype)))
+    base = run(lambda *a, **kw: reference.rotary(*a, **kw, upcast=False), lo, (cos, sin))
+    shape = (f"B{B} N{N} H{Hq}/{Hk} D{D}" + (f" R{R}" if R != D else "") + (" il" if interleaved else "")
+             + (" perB" if batch_tables else ""))
+    return _rows("rotary", backend, dtype, shape, ["q", "k", "dq", "dk"], fast, ref, base)
+
+
 def _torch_norm(op):
     """PyTorch's own kernel in the input's precision (the baseline error of the rule)."""
 
@@ -125,6 +155,11 @@ def _grid(device: str, full: bool):
     return dtypes, norm, attn
 
 
+# rotary: (B, N, Hq, Hk, D, rotary_dim, interleaved, per-batch tables)
+ROTARY_GRID = [(2, 17, 4, 2, 64, 64, False, False), (3, 13, 3, 1, 40, 24, True, True),
+               (1, 97, 2, 2, 128, 128, False, True)]
+
+
 def check(backends_: list[str] | None = None, *, device: str | None = None, full: bool = False,
           out=sys.stdout) -> bool:
     """Run every available backend (or ``backends_``) against the reference; print the table; True if all pass.
@@ -148,6 +183,9 @@ def check(backends_: list[str] | None = None, *, device: str | None = None, full
                     continue  # e.g. the CUDA attention takes fp16/bf16 only (pyllm/capabilities.py)
                 rows += attention_case(name, dtype, B, Nq, Nk, Hq, Hkv, D, causal=causal, padded=padded,
                                        device=device)
+            for (B, N, Hq, Hk, D, R, inter, per_batch) in (ROTARY_GRID[:2] if interp else ROTARY_GRID):
+                rows += rotary_case(name, dtype, B, N, Hq, Hk, D, R, interleaved=inter, batch_tables=per_batch,
+                                    device=device)
     _print(rows, out)
     bad = [r for r in rows if not r.ok]
     print(f"\n{len(rows) - len(bad)} passed, {len(bad)} failed  ({device}, backends: {', '.join(names)}, "

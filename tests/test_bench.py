@@ -246,3 +246,24 @@ def test_forward_only_provider_times_forward(report):
     assert rows["fwd"]["status"] == "ok" and rows["fwd"]["time"] is not None
     assert rows["bwd"]["status"] == "error" and "backward failed" in rows["bwd"]["reason"]
     assert rows["fwd+bwd"]["time"] is None
+
+
+class WrongRotary(providers.RotateHalf):
+    """Deliberately wrong: rotates by the wrong sign."""
+
+    name = "wrong-rotary"
+
+    def rotary_fn(self, case, q, k, cos, sin):
+        return super().rotary_fn(case, q, k, cos, -sin)
+
+
+def test_rotary_case_checked_then_timed_against_rotate_half():
+    cases = [Case(op="rotary", mode=m, dtype="fp32", dims=(2, 9, 4, 2, 16), sweep="model") for m in ("fwd", "fwd+bwd")]
+    rep = bench.run(cases, providers=["rotate-half", "pyllm-cpu", "pyllm-reference"], memory=False,
+                    extra_providers=[WrongRotary()], log=lambda s: None, **FAST)
+    rows = {(r["provider"], r["mode"]): r for r in rep["results"]}
+    for mode in ("fwd", "fwd+bwd"):
+        assert rows[("wrong-rotary", mode)]["status"] == "WRONG" and rows[("wrong-rotary", mode)]["time"] is None
+        for p in ("pyllm-cpu", "pyllm-reference"):
+            assert rows[(p, mode)]["status"] == "ok" and rows[(p, mode)]["speedup"] > 0
+    assert rep["baselines"]["rotary"] == "rotate-half" and "B2 N9 H4/2 D16" in bench.table(rep)

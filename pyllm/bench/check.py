@@ -26,6 +26,9 @@ def ref_bytes(case: Case) -> int:
     if case.op == "attention":
         B, Hq, _, Nq, Nk, _ = case.dims
         return 8 * 6 * B * Hq * Nq * Nk
+    if case.op == "rotary":
+        B, N, Hq, Hk, D = case.dims
+        return 8 * 6 * B * N * (Hq + Hk) * D
     M, N = case.dims
     return 8 * 10 * M * N
 
@@ -53,6 +56,8 @@ def check_case(case: Case, device: str) -> Case:
 def _names(case: Case) -> tuple[list[str], list[str]]:
     if case.op == "attention":
         return ["out"], ["dq", "dk", "dv"]
+    if case.op == "rotary":
+        return ["q", "k"], ["dq", "dk"]
     outs = ["y"] + (["h"] if case.residual else [])
     grads = ["dx", "dw"] + (["db"] if case.op == "layer_norm" else []) + (["dresidual"] if case.residual else [])
     return outs, grads
@@ -68,6 +73,11 @@ def _reference_run(case: Case, inputs: dict, to: torch.dtype | None):
         out = R.attention(*leaves, causal=case.causal, softmax_scale=inputs["scale"],
                           key_padding_mask=inputs["mask"], upcast=False)
         outs, gouts = (out,), [cast(inputs["dout"])]
+    elif case.op == "rotary":
+        leaves = [cast(inputs[n]).requires_grad_(True) for n in ("q", "k")]
+        tables = [inputs[n].to(to or leaves[0].dtype) for n in ("cos", "sin")]
+        outs = R.rotary(*leaves, *tables, upcast=False)
+        gouts = [cast(inputs["dq"]), cast(inputs["dk"])]
     else:
         names = [n for n in ("x", "w", "b", "r") if inputs[n] is not None]
         t = {n: cast(inputs[n]).requires_grad_(True) for n in names}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-OPS = ("attention", "layer_norm", "rms_norm", "train_step")
+OPS = ("attention", "layer_norm", "rms_norm", "rotary", "train_step")
 MODES = ("fwd", "bwd", "fwd+bwd")  # train_step has the single mode "step"
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}  # name -> bytes per element
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
@@ -19,7 +19,7 @@ PRESETS = ("quick", "default", "long")
 
 # Attention dims are (B, Hq, Hkv, Nq, Nk, D); norms (M, N); training step (B, T) of a preset model.
 _DIM_NAMES = {"attention": ("B", "Hq", "Hkv", "Nq", "Nk", "D"), "layer_norm": ("M", "N"),
-              "rms_norm": ("M", "N"), "train_step": ("B", "T")}
+              "rms_norm": ("M", "N"), "rotary": ("B", "N", "Hq", "Hk", "D"), "train_step": ("B", "T")}
 
 
 class BenchError(ValueError):
@@ -71,6 +71,9 @@ class Case:
             n = f"N{Nq}" if Nq == Nk else f"N{Nq}:{Nk}"
             extra = (" causal" if self.causal else "") + (" pad" if self.padding else "")
             return f"B{B} {h} {n} D{D}{extra}"
+        if self.op == "rotary":
+            B, N, Hq, Hk, D = self.dims
+            return f"B{B} N{N} H{Hq}/{Hk} D{D}"
         if self.op == "train_step":
             m = dict(self.model)
             return f"B{self.dims[0]} T{self.dims[1]} L{m.get('layers')} d{m.get('hidden')}"
@@ -130,6 +133,10 @@ def bytes_moved(case: Case) -> float | None:
         fwd = e * M * N * (2 + 2 * r) + params  # read x (+res); write y (+h)
         bwd = e * M * N * (3 + r) + 8 * M + 2 * params  # read dy, h (+dh); write dx; stats; dw, db
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
+    if case.op == "rotary":
+        B, N, Hq, Hk, D = case.dims
+        one = e * 2 * B * N * (Hq + Hk) * D + 4 * 2 * N * D // 2  # read q, k (+ fp32 cos, sin); write both
+        return {"fwd": one, "bwd": one, "fwd+bwd": 2 * one}[case.mode]
     return None
 
 
@@ -261,6 +268,11 @@ def preset_points(preset: str, op: str, device: str) -> list[dict]:
         else:
             M, hidden = (32768, [1024, 2048, 4096, 8192, 16384]) if gpu else (8192, [768, 1024, 2048, 4096, 8192])
         return [dict(dims=(M, n), residual=r, sweep="hidden") for r in (False, True) for n in hidden]
+    if op == "rotary":  # (B, N, Hq, Hk, D): a Llama-3-8B-like layer (32/8 heads of 128), a small GQA model
+        if preset == "quick":
+            return [dict(dims=(1, 128, 8, 2, 64), sweep="model")]
+        big = (1, 4096, 32, 8, 128) if gpu else (1, 1024, 32, 8, 128)
+        return [dict(dims=big, sweep="model"), dict(dims=(8, 512, 12, 4, 64), sweep="model")]
     if op == "train_step":
         model = {"quick": dict(layers=2, hidden=64, heads=4, vocab=256),
                  "default": dict(layers=12, hidden=768, heads=12, vocab=50304) if gpu

@@ -29,6 +29,13 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
         inputs = accuracy.attention_inputs(B, Nq, Nk, Hq, Hkv, D, dtype=case.torch_dtype, device=device,
                                            padded=case.padding, min_keys=1, seed=seed)
         return {**inputs, "scale": D ** -0.5}
+    if case.op == "rotary":  # Llama's tables: (1, N, D/2) float32, theta = position * 10000^(-2i/D)
+        B, N, Hq, Hk, D = case.dims
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        randn = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=case.torch_dtype)  # noqa: E731
+        theta = torch.arange(N, dtype=torch.float64)[None, :, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
+        return {"q": randn(B, N, Hq, D), "k": randn(B, N, Hk, D), "dq": randn(B, N, Hq, D), "dk": randn(B, N, Hk, D),
+                "cos": theta.cos().float().to(device), "sin": theta.sin().float().to(device)}
     M, N = case.dims
     return accuracy.norm_inputs(case.op, M, N, dtype=case.torch_dtype, device=device, residual=case.residual,
                                 seed=seed)
@@ -52,6 +59,12 @@ def _leaf(t):
 def build_call(case: Case, provider: Provider, inputs: dict) -> Call:
     if case.op == "attention":
         return _attention_call(case, provider, inputs)
+    if case.op == "rotary":
+        q, k = _leaf(inputs["q"]), _leaf(inputs["k"])
+        fn = provider.rotary_fn(case, q, k, inputs["cos"], inputs["sin"])
+        ident = lambda ts: tuple(ts)  # noqa: E731
+        return Call(forward=lambda: tuple(fn()), leaves=[q, k], grad_outs=[inputs["dq"], inputs["dk"]],
+                    outs_to_common=ident, grads_to_common=ident)
     return _norm_call(case, provider, inputs)
 
 

@@ -122,4 +122,4 @@ class TransformerConfig:
 
     def replace(self, **changes) -> "TransformerConfig":
         """A copy with some fields changed (validated again)."""
-        return TransformerConfig.from_dict({**self.to_dict(), **changes})
+        return type(self).from_dict({**self.to_dict(), **changes})

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint folders <-> pyllm models, for the BERT and GPT-2 families.
+"""Hugging Face checkpoint folders <-> pyllm models: BERT, GPT-2 and the Llama family (llama, qwen2, mistral).
 
 A checkpoint folder holds config.json plus model.safetensors (or pytorch_model.bin, or a sharded
 index of either). Tensor names are mapped by rules: one pyllm tensor comes from one or more HF
@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 
-from .config import TransformerConfig
 from .hf_config import ConfigJsonError, config_from_hf, config_to_hf
 
 # pyllm class name -> (HF architecture name, HF prefix of the backbone, pyllm prefix of the backbone)
@@ -32,12 +31,20 @@ _ARCH = {
     "GPTModel": ("GPT2Model", "", ""),
     "GPTForCausalLM": ("GPT2LMHeadModel", "transformer.", "transformer."),
     "GPTForSequenceClassification": ("GPT2ForSequenceClassification", "transformer.", "transformer."),
+    # Llama family: the architecture name is prefixed by the model type's ("Llama", "Qwen2", "Mistral")
+    "LlamaModel": ("Model", "", ""),
+    "LlamaForCausalLM": ("ForCausalLM", "model.", "model."),
+    "LlamaForSequenceClassification": ("ForSequenceClassification", "model.", "model."),
 }
+_LLAMA_ARCH_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+# HF model_type -> the pyllm family that reads it
+_FAMILY_OF = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
 
 # HF tensors that a model may legitimately not use: buffers, and other heads of the same family
 _IGNORABLE = {
     "bert": re.compile(r"^(bert\.)?embeddings\.position_ids$|^(bert\.)?pooler\.|^cls\.|^classifier\.|^qa_outputs\."),
     "gpt2": re.compile(r"(^|\.)attn\.(masked_)?bias$|^lm_head\.|^score\.|^multiple_choice_head\."),
+    "llama": re.compile(r"(^|\.)rotary_emb\.inv_freq$|^lm_head\.|^score\."),
 }
 
 
@@ -79,6 +86,24 @@ def _rules(model, hf_prefix: str) -> list[Rule]:
         bert = model if name == "BertModel" else model.bert
         if bert.pooler is not None:
             rules += _linear(P + "pooler", H + "pooler.dense", head=True)
+    elif model.family == "llama":
+        rules.append(Rule(P + "embed_tokens.weight", (H + "embed_tokens.weight",)))
+        for i in range(cfg.num_layers):
+            L, HL = f"{P}layers.{i}.", f"{H}layers.{i}."
+            qkv = [f"{HL}self_attn.{n}_proj" for n in "qkv"]
+            rules.append(Rule(L + "self_attn.qkv.weight", tuple(q + ".weight" for q in qkv), "cat"))
+            if cfg.attention_bias:
+                rules.append(Rule(L + "self_attn.qkv.bias", tuple(q + ".bias" for q in qkv), "cat"))
+            rules.append(Rule(L + "self_attn.o_proj.weight", (HL + "self_attn.o_proj.weight",)))
+            gate_up = (HL + "mlp.gate_proj", HL + "mlp.up_proj")
+            rules.append(Rule(L + "mlp.gate_up.weight", tuple(g + ".weight" for g in gate_up), "cat"))
+            rules.append(Rule(L + "mlp.down_proj.weight", (HL + "mlp.down_proj.weight",)))
+            if cfg.mlp_bias:
+                rules.append(Rule(L + "mlp.gate_up.bias", tuple(g + ".bias" for g in gate_up), "cat"))
+                rules.append(Rule(L + "mlp.down_proj.bias", (HL + "mlp.down_proj.bias",)))
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                rules.append(Rule(f"{L}{norm}.weight", (f"{HL}{norm}.weight",)))
+        rules.append(Rule(P + "norm.weight", (H + "norm.weight",)))
     else:
         rules += [Rule(P + "word.weight", (H + "wte.weight",)), Rule(P + "position.weight", (H + "wpe.weight",))]
         for i in range(cfg.num_layers):
@@ -101,9 +126,9 @@ def _rules(model, hf_prefix: str) -> list[Rule]:
         rules += _linear("classifier", "classifier", head=True)
     elif name == "BertForQuestionAnswering":
         rules += _linear("qa_outputs", "qa_outputs", head=True)
-    elif name == "GPTForCausalLM" and not tied:
+    elif name in ("GPTForCausalLM", "LlamaForCausalLM") and not tied:
         rules.append(Rule("lm_head.weight", ("lm_head.weight",), head=True))
-    elif name == "GPTForSequenceClassification":
+    elif name in ("GPTForSequenceClassification", "LlamaForSequenceClassification"):
         rules.append(Rule("score.weight", ("score.weight",), head=True))
     return rules
 
@@ -174,21 +199,22 @@ def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, strict:
         raise ValueError(f"{who}: {folder / 'config.json'} must hold a JSON object, got a {type(hf).__name__}")
     dtype = _as_dtype(dtype, who)
     model_type = hf.get("model_type")
-    if model_type != cls.family:
+    if _FAMILY_OF.get(model_type) != cls.family:
+        mine = sorted(t for t, f in _FAMILY_OF.items() if f == cls.family)
         raise ValueError(f"{who}: {folder} holds a {model_type!r} checkpoint (architectures "
-                         f"{hf.get('architectures')}); {cls.__name__} reads {cls.family!r} checkpoints only "
-                         f"(pyllm supports the BERT 'bert' and GPT-2 'gpt2' families)")
+                         f"{hf.get('architectures')}); {cls.__name__} reads {' / '.join(map(repr, mine))} "
+                         f"checkpoints only (pyllm supports model types {sorted(_FAMILY_OF)})")
     try:
         fields = config_from_hf(hf, cls.family)
     except ConfigJsonError as e:
         raise ValueError(f"{who}: {folder / 'config.json'}: {e}") from None
     if "num_labels" in overrides and "id2label" not in overrides:
         fields["id2label"] = None
-    config = TransformerConfig(**{**fields, **overrides})
+    config = cls.config_class(**{**fields, **overrides})
     model = cls(config)
     sd = _normalize_hf_keys(_read_tensors(folder))
-    # the backbone sits under "bert." / "transformer." in head checkpoints, at the root in base ones
-    base = "bert." if cls.family == "bert" else "transformer."
+    # the backbone sits under "bert." / "transformer." / "model." in head checkpoints, at the root in base ones
+    base = {"bert": "bert.", "gpt2": "transformer.", "llama": "model."}[cls.family]
     hf_prefix = base if any(k.startswith(base) for k in sd) else ""
     params = model.state_dict()
     used, missing, missing_head, bad_shape = set(), [], [], []
@@ -249,7 +275,10 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
         held = sorted(p.name for p in folder.iterdir())
         raise FileExistsError(f"{who}: folder {folder} is not empty (holds {held[:8]}"
                               f"{' ...' if len(held) > 8 else ''}); pass overwrite=True to write into it")
-    hf_config = config_to_hf(model, _ARCH[type(model).__name__][0])
+    arch = _ARCH[type(model).__name__][0]
+    if model.family == "llama":
+        arch = _LLAMA_ARCH_PREFIX[model.config.model_type] + arch
+    hf_config = config_to_hf(model, arch)
     params = model.state_dict()
     hf_prefix = _ARCH[type(model).__name__][1]
     tensors = {}
@@ -258,6 +287,8 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
         if r.kind == "cat":
             sizes = [model.config.num_heads * model.config.head_dim] + [model.config.num_kv_heads *
                                                                         model.config.head_dim] * 2
+            if len(r.hf) == 2:  # Llama's gate and up projections
+                sizes = [model.config.intermediate_size] * 2
             for k, part in zip(r.hf, t.split(sizes, 0)):
                 tensors[k] = part
         else:

@@ -1,4 +1,5 @@
-"""Swap torch's LayerNorm / RMSNorm / MultiheadAttention for pyllm's, in place, weights kept."""
+"""Swap torch's LayerNorm / RMSNorm / MultiheadAttention (and recognised RMSNorm classes of other libraries,
+see pyllm.nn.recognize) for pyllm's, in place, weights kept."""
 from __future__ import annotations
 
 import warnings
@@ -7,6 +8,7 @@ import torch
 
 from pyllm.nn.attention import MultiheadAttention
 from pyllm.nn.norm import LayerNorm, RMSNorm
+from pyllm.nn.recognize import MatchedRMSNorm, rms_norm_kind
 
 
 def _convert(module: torch.nn.Module) -> torch.nn.Module | None:
@@ -23,6 +25,8 @@ def _convert(module: torch.nn.Module) -> torch.nn.Module | None:
             add_bias_kv=module.bias_k is not None, add_zero_attn=module.add_zero_attn,
             kdim=module.kdim, vdim=module.vdim, batch_first=module.batch_first,
         )
+    elif (kind := rms_norm_kind(module)) is not None:  # transformers' LlamaRMSNorm and copies, T5LayerNorm
+        return MatchedRMSNorm(module, kind)  # shares the weight Parameter
     else:
         return None
     ref = next(iter(module.parameters()), None)
@@ -55,7 +59,9 @@ def _turn_off_fast_paths(model: torch.nn.Module) -> int:
 
 
 def replace_modules(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every ``torch.nn.LayerNorm``, ``RMSNorm`` and ``MultiheadAttention`` in ``model`` in place.
+    """Replace every ``torch.nn.LayerNorm``, ``RMSNorm`` and ``MultiheadAttention`` in ``model`` in place, and
+    every module whose forward is a known RMSNorm formula (transformers' ``LlamaRMSNorm`` and its copies in
+    Qwen2, Mistral, ..., ``T5LayerNorm``; see :mod:`pyllm.nn.recognize`).
 
     Parameters (values, dtype, device, requires_grad) and train/eval mode are kept; returns ``model``.
     A model that is itself one of those modules cannot be replaced in place: use the returned module.
