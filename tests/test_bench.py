@@ -370,3 +370,16 @@ def test_forward_only_provider_times_forward(report):
     assert rows["fwd"]["status"] == "ok" and rows["fwd"]["time"] is not None
     assert rows["bwd"]["status"] == "error" and "backward failed" in rows["bwd"]["reason"]
     assert rows["fwd+bwd"]["time"] is None
+
+
+def test_cpu_rounds_stop_when_the_median_is_stable():
+    from pyllm.bench.measure import _stable, time_interleaved
+
+    assert _stable([1.0] * 10, 4, 0.01) and not _stable([1.0] * 3, 4, 0.01)
+    assert not _stable([1.0, 2.0, 1.0, 2.0, 1.0, 2.0], 4, 0.01)  # IQR 1 over sqrt(6): not yet known to 1%
+    ts = time_interleaved({"a": lambda: None, "b": lambda: None}, "cpu", threads=1, repeats=4, warmup=1,
+                          min_run_s=0.0005, max_s=0.3, warmup_s=0.01, max_rounds=40)
+    assert all(4 <= len(v) <= 40 for v in ts.values()), {k: len(v) for k, v in ts.items()}
+    fixed = time_interleaved({"a": lambda: None}, "cpu", threads=1, repeats=5, warmup=1, min_run_s=0.0005,
+                             max_s=0.3)
+    assert len(fixed["a"]) == 5  # without max_rounds: exactly `repeats` rounds, as before

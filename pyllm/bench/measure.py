@@ -67,9 +67,9 @@ def time_interleaved(fns: dict, device: str, *, threads: int, repeats: int, warm
     """{name: [seconds per call, one per round]}.
 
     Warm-up: at least ``warmup`` calls and ``warmup_s`` seconds per provider (at most ``max_s / 2``).
-    GPU: ``repeats`` rounds. CPU: at least ``repeats`` rounds, then more (up to ``max_rounds``, 0 = no cap
-    but the budget) until the median is stable (:func:`_stable` with ``stable_rel``); every provider stops
-    within its budget of ``max_s`` seconds (at least 3 rounds, or 1 if one call alone exceeds ``max_s``)."""
+    GPU: ``repeats`` rounds. CPU: at least ``repeats`` rounds, then more (up to ``max_rounds``; 0 = none
+    more) until the median is stable (:func:`_stable` with ``stable_rel``); every provider stops within its
+    budget of ``max_s`` seconds (at least 3 rounds, or 1 if one call alone exceeds ``max_s``)."""
     global _flusher
     plan = {}
     for name, fn in fns.items():
@@ -81,12 +81,8 @@ def time_interleaved(fns: dict, device: str, *, threads: int, repeats: int, warm
                 break
         t1 = max(min(t1, _once(fn, device)) if spent < max_s / 2 else t1, 1e-7)
         number = 1 if device == "cuda" else max(1, math.ceil(min_run_s / t1))
-        if device == "cuda":
-            budget = 1 if t1 > max_s else max(3, min(repeats, int(max_s / (t1 * number))))
-        else:
-            budget = 1 if t1 > max_s else max(3, int(max_s / (t1 * number)))
-        if device != "cuda" and max_rounds:
-            budget = min(budget, max(repeats, max_rounds))
+        cap = repeats if device == "cuda" else max(repeats, max_rounds)
+        budget = 1 if t1 > max_s else max(3, min(cap, int(max_s / (t1 * number))))
         plan[name] = (fn, number, min(repeats, budget), budget)
     names = list(plan)
     times: dict[str, list[float]] = {n: [] for n in names}
