@@ -9,9 +9,10 @@
 //   combine, per row: M = max_c m_c, L = sum_c l_c exp(m_c - M), out = sum_c acc_c exp(m_c - M) / L,
 //     lse = M + log L  (one log-sum-exp over the chunks; a row with no visible key: out = 0, lse = -inf)
 //
-// K and V are read once per task, in place (no fp32 copies of K/V): bf16/fp16 elements are widened in
-// registers as they are used and every product and sum is fp32. Conventions (layout (B, N, H, D),
-// GQA by index, bottom-right causal, key padding mask) are those of csrc/pyllm.cpp.
+// K and V are read once per task (no fp32 copies of the whole K/V): bf16/fp16 rows are widened into
+// small per-task buffers (one chunk of K, transposed; one row of V) and every product and sum is fp32.
+// Conventions (layout (B, N, H, D), GQA by index, bottom-right causal, key padding mask) are those of
+// csrc/pyllm.cpp.
 //
 // Exposed as the internal op pyllm::attention_decode_fwd (same schema as attention_fwd) for tests and
 // benchmarks, and as pyllm::cpu::attention_decode_fwd for attention.cpp's forward to call when Nq is
@@ -52,18 +53,6 @@ inline void widen(const S* src, int64_t n, T* dst) {
 }
 
 template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  using V = Vectorized<T>;
-  constexpr int64_t W = V::size();
-  V acc(T(0));
-  int64_t i = 0;
-  for (; i + W <= n; i += W) acc = at::vec::fmadd(V::loadu(a + i), V::loadu(b + i), acc);
-  T s = at::vec::vec_reduce_all<T>([](const V& x, const V& y) { return x + y; }, acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-template <typename T>
 inline void axpy(T alpha, const T* x, T* y, int64_t n) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
@@ -71,6 +60,24 @@ inline void axpy(T alpha, const T* x, T* y, int64_t n) {
   int64_t i = 0;
   for (; i + W <= n; i += W) at::vec::fmadd(va, V::loadu(x + i), V::loadu(y + i)).store(y + i);
   for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// x[i] = exp(x[i] - mx) in place (exp(-inf) = 0); returns the sum.
+template <typename T>
+inline T exp_shifted(T* x, int64_t n, T mx) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  const V vm(mx);
+  V vs(T(0));
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V e = (V::loadu(x + i) - vm).exp();
+    e.store(x + i);
+    vs = vs + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](const V& a, const V& b) { return a + b; }, vs);
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - mx));
+  return sum;
 }
 
 struct Shape {
@@ -89,12 +96,14 @@ void decode_kernel(const Shape& p, const S* q, const int64_t* sq, const S* k, co
   const int64_t units = p.B * p.Hkv, threads = at::get_num_threads();
   int64_t nc = std::max<int64_t>(1, (4 * threads + units - 1) / units);
   nc = std::min<int64_t>(nc, std::max<int64_t>(1, p.Nk / 32));
+  nc = std::max<int64_t>(nc, (p.Nk + 511) / 512);  // at most 512 keys per chunk: its tiles stay in L2
   const int64_t chunk = (p.Nk + nc - 1) / nc;
   nc = std::max<int64_t>(1, (p.Nk + chunk - 1) / chunk);
+  const int64_t ldk = chunk + 16;  // kt's row stride: not a power of two, so its D rows do not alias in cache
   // Partials per (b, g, c, row r): m, l, acc[D].
   std::vector<T> pm(units * nc * R), pl(units * nc * R), pacc(units * nc * R * D);
   at::parallel_for(0, units * nc, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> qf(R * D), kf(D), vf(D), s(R * chunk);
+    std::vector<T> qf(R * D), kt(D * ldk), vf(D), s(R * chunk);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (p.Hkv * nc), g = (t / nc) % p.Hkv, c = t % nc;
       const int64_t j0 = c * chunk, j1 = std::min(p.Nk, j0 + chunk);
@@ -111,24 +120,31 @@ void decode_kernel(const Shape& p, const S* q, const int64_t* sq, const S* k, co
       std::fill(m, m + R, ninf);
       std::fill(l, l + R, T(0));
       std::fill(acc, acc + R * D, T(0));
-      // Scores of the chunk, -inf where hidden.
-      for (int64_t j = j0; j < j1; ++j) {
-        const bool real = p.mask == nullptr || p.mask[b * p.Nk + j];
-        if (real) widen(k + b * sk[0] + j * sk[1] + g * sk[2], D, kf.data());
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t i = r / G;
-          const bool seen = real && (!p.causal || j <= i + p.Nk - p.Nq);
-          const T sc = seen ? dot(qf.data() + r * D, kf.data(), D) : ninf;
-          s[r * chunk + (j - j0)] = sc;
-          m[r] = std::max(m[r], sc);
-        }
+      // K of the chunk, widened and transposed (kt[d][jj]): the scores of a row are then D vector
+      // updates over the keys, with no horizontal sum per (row, key).
+      const int64_t n = j1 - j0;
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const S* src = k + b * sk[0] + (j0 + jj) * sk[1] + g * sk[2];
+        for (int64_t d = 0; d < D; ++d) kt[d * ldk + jj] = static_cast<T>(src[d]);
       }
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t j = j0; j < j1; ++j) {
-          T& e = s[r * chunk + (j - j0)];
-          e = e == ninf ? T(0) : std::exp(e - m[r]);
-          l[r] += e;
+      for (int64_t r = 0; r < R; ++r) {
+        T* sr = s.data() + r * chunk;
+        std::fill(sr, sr + n, T(0));
+        const T* qr = qf.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) axpy(qr[d], kt.data() + d * ldk, sr, n);
+        const int64_t last = p.causal ? r / G + p.Nk - p.Nq : p.Nk - 1;  // the last key row r sees
+        T mr = ninf;
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const int64_t j = j0 + jj;
+          if (j > last || (p.mask != nullptr && !p.mask[b * p.Nk + j])) sr[jj] = ninf;
+          mr = std::max(mr, sr[jj]);
         }
+        m[r] = mr;
+        if (mr == ninf)
+          std::fill(sr, sr + n, T(0));
+        else
+          l[r] += exp_shifted(sr, n, mr);
+      }
       for (int64_t j = j0; j < j1; ++j) {
         bool any = false;
         for (int64_t r = 0; r < R && !any; ++r) any = s[r * chunk + (j - j0)] != T(0);
