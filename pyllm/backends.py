@@ -236,9 +236,47 @@ def reasons_for(op: str, call: dict) -> dict[str, list[str]]:
     return {name: b.not_supported_reasons(op, call) for name, b in _BACKENDS.items()}
 
 
+_selected: dict[tuple, str] = {}  # select's answers per (op, requested name, call, TRITON_INTERPRET): small calls
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.device, torch.dtype)
+
+
+def _call_key(call: dict) -> tuple | None:
+    """The call description as a cache key, or None when it holds anything but plain values (never a tensor:
+    the cache must not keep one alive)."""
+    key = []
+    for k, v in call.items():
+        if isinstance(v, (list, tuple)):
+            if not all(isinstance(e, str) for e in v):
+                return None
+            v = tuple(v)
+        elif not isinstance(v, _PLAIN):
+            return None
+        key.append((k, v))
+    return tuple(key)
+
+
 def select(op: str, call: dict, backend: str | None = None) -> str:
-    """Pick the backend for one validated call; raise ValueError with reasons if an explicit one cannot serve."""
+    """Pick the backend for one validated call; raise ValueError with reasons if an explicit one cannot serve.
+
+    Answers are cached per (op, requested backend, the call's description, ``TRITON_INTERPRET``): the call
+    description holds everything the choice depends on (device, dtypes, sizes, the op layer's limits)."""
     name = requested(backend)
+    ck = _call_key(call)
+    if ck is None:
+        return _select(op, call, name)
+    key = (op, name, os.environ.get("TRITON_INTERPRET"), ck)
+    hit = _selected.get(key)
+    if hit is not None:
+        return hit
+    if len(_selected) > 1024:
+        _selected.clear()
+    _selected[key] = chosen = _select(op, call, name)
+    return chosen
+
+
+def _select(op: str, call: dict, name: str) -> str:
     if name != "auto":
         reasons = _BACKENDS[name].not_supported_reasons(op, call)
         if reasons:
