@@ -48,6 +48,8 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     ops: tuple[str, ...] = ("attention", "layer_norm", "rms_norm")
     max_head_dim: int = 256
+    # FlashAttention features the attention kernels implement (pyllm.ops.attention.Extras.features, "varlen")
+    attention_features: frozenset[str] = frozenset()
 
     def unavailable_reason(self) -> str | None:
         """None when this backend can run on this machine at all, else why not."""
@@ -69,6 +71,9 @@ class Backend:
         if op == "attention" and call["head_dim"] > self.max_head_dim:
             reasons.append(f"head_dim {call['head_dim']} > {self.max_head_dim}")
         reasons.extend(call.get("unsupported", ()))  # call-specific limits the op layer found
+        missing = [f for f in call.get("features", ()) if f not in self.attention_features]
+        if missing:
+            reasons.append(f"{', '.join(missing)} not implemented in the {self.name} kernels")
         return reasons
 
 
