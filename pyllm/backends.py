@@ -93,6 +93,7 @@ class CPUBackend(Backend):
     speed = 10
     devices = ("cpu",)
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    attention_features = frozenset({"dropout", "window", "softcap", "alibi", "attn_bias", "varlen"})
 
     def unavailable_reason(self) -> str | None:
         err = _extension_error()

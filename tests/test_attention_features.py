@@ -155,12 +155,35 @@ def test_window_softcap_alibi_bias_match_torch_sdpa(backend):
 
 
 def test_bias_gradient_reduced_over_broadcast_dims():
-    q, k, v = (torch.randn(3, 7, 4, 8, dtype=torch.float64) for _ in range(3))
-    for shape in [(1, 4, 7, 7), (3, 1, 1, 7), (7, 7), (1, 1, 7, 1)]:
+    q, k, v = (torch.randn(3, 5, 2, 8, dtype=torch.float64) for _ in range(3))
+    for shape in [(1, 2, 5, 5), (3, 1, 1, 5), (5, 5), (1, 1, 5, 1)]:
         bias = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda b: pyllm.attention(q, k, v, attn_bias=b), (bias,))
+        assert torch.autograd.gradcheck(lambda b: pyllm.attention(q, k, v, attn_bias=b), (bias,), fast_mode=True)
         pyllm.attention(q, k, v, attn_bias=bias).sum().backward()
         assert bias.grad.shape == bias.shape
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "cuda"])
+def test_fp64_gradcheck_every_feature(backend):
+    """The kernel's own backward (dropout mask regenerated, softcap's 1 - tanh^2, window, ALiBi, bias)."""
+    need(backend)
+    if not set(FEATURES) - {"varlen"} <= pyllm.backends.get(backend).attention_features:
+        with pytest.raises(ValueError, match="not implemented"):
+            pyllm.attention(*(torch.randn(1, 3, 1, 8, dtype=torch.float64),) * 3, dropout_p=0.1, backend=backend)
+        return
+    if torch.float64 not in pyllm.backends.get(backend).dtypes:
+        return
+    q = torch.randn(2, 6, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 9, 1, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 9, 1, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(2, 1, 6, 9, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v, bias):
+        torch.manual_seed(11)  # the same dropout mask on every evaluation
+        return pyllm.attention(q, k, v, causal=True, dropout_p=0.2, window_size=(4, -1), softcap=1.5,
+                               alibi_slopes=torch.tensor([0.2, 0.5]), attn_bias=bias, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias), fast_mode=True)
 
 
 def test_window_with_causal_and_rows_without_keys():
@@ -316,3 +339,33 @@ def test_bad_probs_input():
         pyllm.attention_probs(q, q, heads=[0, 2])
     with pytest.raises(ValueError, match=r"lse must have shape .* \(1, 2, 5\), got \(1, 5\)"):
         pyllm.attention_probs(q, q, lse=torch.zeros(1, 5))
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "cuda"])
+def test_opcheck_and_compile_feature_ops(backend):
+    need(backend)
+    if not {"dropout", "window", "softcap", "alibi", "attn_bias"} <= pyllm.backends.get(backend).attention_features:
+        pytest.skip(f"{backend} has no fused feature op (its calls are served elsewhere; tested above)")
+    op = torch.ops.pyllm.triton_attention_ext_fwd if backend == "triton" else torch.ops.pyllm.attention_ext_fwd
+    q = torch.randn(1, 9, 2, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 11, 1, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 11, 1, 16, device=DEVICE, requires_grad=True)
+    bias = torch.randn(1, 2, 9, 1, device=DEVICE, requires_grad=True)
+    slopes = torch.tensor([0.1, 0.3], device=DEVICE)
+    for args in ((q, k, v, None, True, 0.25, 3, -1, 2.0, slopes, bias, 0.2, 123, 7, 9, 11),
+                 (q, k, v, None, False, 0.25, 2, 4, 0.0, None, None, 0.0, 0, 0, 9, 11)):
+        torch.library.opcheck(op, args)
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v, b):
+        return pyllm.attention(q, k, v, causal=True, window_size=(3, -1), softcap=2.0, alibi_slopes=slopes,
+                               attn_bias=b, backend=backend).sum()
+
+    f(q, k, v, bias).backward()
+    got = (q.grad.clone(), bias.grad.clone())
+    ref = reference.attention(q, k, v, causal=True, window_size=(3, -1), softcap=2.0, alibi_slopes=slopes,
+                              attn_bias=bias).sum()
+    gq, gb = torch.autograd.grad(ref, (q, bias))
+    torch.testing.assert_close(got[0], gq, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], gb, atol=1e-4, rtol=1e-4)

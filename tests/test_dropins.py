@@ -50,6 +50,8 @@ def test_sdpa_matches_torch(backend, name):
     elif mask == "float":
         mask = torch.randn(B, 1, Lq, S, device=DEVICE)
     kernel_can = name in ("plain", "causal_square", "bool_key_padding", "scale", "gqa")
+    if name in ("bool_full_mask", "float_mask") and backend in KERNEL_BACKENDS:  # masks map to attn_bias
+        kernel_can = "attn_bias" in pyllm.backends.get(backend).attention_features
     if backend in KERNEL_BACKENDS and not kernel_can:
         with pytest.raises(ValueError, match="cannot serve"):
             pyllm.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend, **c)

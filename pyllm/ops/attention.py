@@ -205,14 +205,33 @@ def check_extras(fn: str, q: Tensor, k: Tensor, *, dropout_p=0.0, window_size=(-
     return Extras(p, ws, cap, alibi_slopes, attn_bias)
 
 
-def _run_extras(q, k, v, causal, scale, key_padding_mask, return_lse, name, ext: Extras):
-    seed = reference.draw_dropout_seed() if ext.dropout_p > 0 else (0, 0)
-    if name != "reference":
-        raise NotImplementedError(f"attention: backend {name!r} declares {ext.features()} but has no launcher")
-    o, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
-                                 dropout_p=ext.dropout_p, dropout_seed=seed, window_size=ext.window_size,
-                                 softcap=ext.softcap, alibi_slopes=ext.alibi_slopes, attn_bias=ext.attn_bias,
-                                 return_lse=True)
+def _ext_kernel(name: str):
+    """The fused op with the features for a kernel backend (contract: csrc/pyllm.cpp, attention_ext_fwd)."""
+    return torch.ops.pyllm.attention_ext_fwd
+
+
+def _run_extras(q, k, v, causal, scale, key_padding_mask, return_lse, name, ext: Extras, seed=None, layout=None):
+    """One (batch, seqlen, heads, head_dim) call with features; ``layout`` = (b0, Lq, Lk) places it in a
+    larger dropout index space (packed sequences): element (b, h, i, j) gets index ((b0 + b) Hq + h) Lq ..."""
+    if seed is None:
+        seed = reference.draw_dropout_seed() if ext.dropout_p > 0 else (0, 0)
+    if name == "reference":
+        index = None
+        if ext.dropout_p > 0 and layout is not None:
+            b0, Lq, Lk = layout
+            ar = lambda n: torch.arange(n, device=q.device, dtype=torch.int64)  # noqa: E731
+            index = (((b0 + ar(q.shape[0])[:, None, None, None]) * q.shape[2] + ar(q.shape[2])[:, None, None]) * Lq
+                     + ar(q.shape[1])[:, None]) * Lk + ar(k.shape[1])
+        o, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
+                                     dropout_p=ext.dropout_p, dropout_seed=seed, window_size=ext.window_size,
+                                     softcap=ext.softcap, alibi_slopes=ext.alibi_slopes, attn_bias=ext.attn_bias,
+                                     return_lse=True, _dropout_index=index)
+        return (o, lse.detach()) if return_lse else o
+    b0, Lq, Lk = layout if layout is not None else (0, q.shape[1], k.shape[1])
+    offset = seed[1] + b0 * q.shape[2] * Lq * Lk
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    o, lse = _ext_kernel(name)(q, k, v, key_padding_mask, causal, scale, ext.window_size[0], ext.window_size[1],
+                               ext.softcap, ext.alibi_slopes, ext.attn_bias, ext.dropout_p, seed[0], offset, Lq, Lk)
     return (o, lse.detach()) if return_lse else o
 
 
@@ -293,13 +312,28 @@ def attention_varlen(
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     name = backends.select("attention", _call(q, k, features=("varlen",) + ext.features()), backend)
     seed = reference.draw_dropout_seed() if ext.dropout_p > 0 else (0, 0)
-    if name != "reference":
-        raise NotImplementedError(f"attention_varlen: backend {name!r} declares varlen but has no launcher")
-    o, lse = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        causal=bool(causal), softmax_scale=scale, dropout_p=ext.dropout_p,
-                                        dropout_seed=seed, window_size=ext.window_size, softcap=ext.softcap,
-                                        alibi_slopes=ext.alibi_slopes, return_lse=True)
-    return (o, lse.detach()) if return_lse else o
+    # One fused call per sequence on views of the packed tensors (nothing padded, nothing copied); each
+    # call is placed in the (batch, Hq, max_seqlen_q, max_seqlen_k) dropout index space.
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(nseq):
+        nq, nk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if nq == 0:
+            continue
+        if nk == 0:  # a sequence without keys: zeros, lse = -inf
+            outs.append(q.new_zeros((nq,) + tuple(q.shape[1:])))
+            lses.append(torch.full((q.shape[1], nq), -math.inf, device=q.device, dtype=torch.float32))
+            continue
+        slopes = ext.alibi_slopes
+        eb = dataclasses.replace(ext, alibi_slopes=slopes[b] if slopes is not None and slopes.dim() == 2 else slopes)
+        o, lse = _run_extras(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                             bool(causal), scale, None, True, name, eb, seed, (b, max_seqlen_q, max_seqlen_k))
+        outs.append(o[0])
+        lses.append(lse[0])
+    o = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    if not return_lse:
+        return o
+    return o, (torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)).detach()
 
 
 def attention_probs(
