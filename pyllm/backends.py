@@ -138,6 +138,7 @@ class TritonBackend(Backend):
     name = "triton"
     speed = 20
     devices = ("cuda", "cpu")
+    attention_features = frozenset({"dropout", "window", "softcap", "alibi", "attn_bias", "varlen"})
 
     def unavailable_reason(self) -> str | None:
         if not _TRITON_INSTALLED:

@@ -170,10 +170,38 @@ def triton_attention_bwd(
     return K.attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, deterministic)
 
 
+@torch.library.custom_op("pyllm::triton_attention_ext_fwd", mutates_args=())
+def triton_attention_ext_fwd(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool, softmax_scale: float,
+    window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor], attn_bias: Optional[Tensor],
+    dropout_p: float, seed: int, offset: int, drop_lq: int, drop_lk: int,
+) -> tuple[Tensor, Tensor]:
+    from pyllm.kernels import attention as K
+
+    return K.attention_ext_fwd(q, k, v, key_padding_mask, causal, softmax_scale, window_left, window_right, softcap,
+                               alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq, drop_lk)
+
+
+@torch.library.custom_op("pyllm::triton_attention_ext_bwd", mutates_args=())
+def triton_attention_ext_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
+    causal: bool, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+    alibi_slopes: Optional[Tensor], attn_bias: Optional[Tensor], dropout_p: float, seed: int, offset: int,
+    drop_lq: int, drop_lk: int, bias_grad: bool, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from pyllm.kernels import attention as K
+
+    return K.attention_ext_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, window_left,
+                               window_right, softcap, alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq,
+                               drop_lk, bias_grad, deterministic)
+
+
 torch.library.register_fake("pyllm::triton_layer_norm_bwd")(layer_norm_bwd_fake)
 torch.library.register_fake("pyllm::triton_attention_bwd")(attention_bwd_fake)
 register_layer_norm("pyllm::triton_layer_norm_fwd", triton_layer_norm_bwd)
 register_attention("pyllm::triton_attention_fwd", triton_attention_bwd)
+torch.library.register_fake("pyllm::triton_attention_ext_bwd")(attention_ext_bwd_fake)
+register_attention_ext("pyllm::triton_attention_ext_fwd", triton_attention_ext_bwd)
 
 
 def _register_extension_ops() -> None:

@@ -207,6 +207,8 @@ def check_extras(fn: str, q: Tensor, k: Tensor, *, dropout_p=0.0, window_size=(-
 
 def _ext_kernel(name: str):
     """The fused op with the features for a kernel backend (contract: csrc/pyllm.cpp, attention_ext_fwd)."""
+    if name == "triton":
+        return torch.ops.pyllm.triton_attention_ext_fwd
     return torch.ops.pyllm.attention_ext_fwd
 
 
