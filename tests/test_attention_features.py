@@ -270,6 +270,8 @@ def test_sdpa_maps_dropout_and_masks_onto_attention():
         have = pyllm.backends.get(b).attention_features
         if not {"dropout", "attn_bias"} <= have:
             assert any("not implemented" in r for r in reasons[b]), reasons[b]
+        else:  # fused: the kernel backend serves it
+            assert reasons[b] == [], reasons[b]
     # dropout goes through pyllm's Philox dropout: the same as pyllm.attention with the same seed
     torch.manual_seed(5)
     o = pyllm.scaled_dot_product_attention(q, k, v, attn_mask=fmask, dropout_p=0.3)

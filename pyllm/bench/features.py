@@ -126,10 +126,17 @@ def window_case(dims, device, dtype, backend, flex=False):
         flex_attention, create_block_mask = fx
         bm = create_block_mask(lambda b, h, i, j: (j <= i) & (i - j <= w), None, None, N, N, device=device)
         lf = _leaves(*(t.transpose(1, 2).contiguous() for t in (q, k, v)))
+        if device == "cpu":  # torch 2.13's FlexAttention has no CPU backward: compare forwards
+            lf = [t.detach() for t in lf]
         o = flex_attention(*lf, block_mask=bm).transpose(1, 2)
         checks["flex window"] = _close(o[:, -300:], pyllm.reference.attention(
             *(t.double() for t in (q, k, v)), causal=True, window_size=(w, -1))[:, -300:], "flex")
-        fns[f"flex N{N} window {w}"] = _fwd_bwd(lambda: flex_attention(*lf, block_mask=bm), lf)
+        if device == "cpu":
+            fns[f"pyllm-{backend} N{N} window {w} fwd"] = lambda: pyllm.attention(
+                q, k, v, causal=True, window_size=(w, -1), backend=backend)
+            fns[f"flex N{N} window {w} fwd"] = lambda: flex_attention(*lf, block_mask=bm)
+        else:
+            fns[f"flex N{N} window {w}"] = _fwd_bwd(lambda: flex_attention(*lf, block_mask=bm), lf)
     return fns, checks, f"B{B} H{H} D{D} causal: N{N} window {w} vs N{N0}"
 
 
