@@ -696,7 +696,9 @@ def _feature_args(q, k, causal, softmax_scale, window_left=-1, window_right=-1, 
     Nk = k.shape[1]
     right = 0 if causal else window_right
     alibi, stride_ab = q, 0  # dummy pointers when a feature is off: never read
-    if alibi_slopes is not None:
+    if alibi_slopes is not None:  # memory-safety guard only (the op layer validated the call)
+        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+            raise ValueError(f"attention: alibi_slopes must be ({Hq},) or ({B}, {Hq}); got {tuple(alibi_slopes.shape)}")
         alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
         stride_ab = Hq if alibi.dim() == 2 else 0
     bias, bias_strides = q, (0, 0, 0, 0)
