@@ -256,23 +256,33 @@ struct Problem {
   }
 };
 
-// Philox4x32-10, word 0, for key (lo, hi of seed) and counter (lo, hi of ctr, 0, 0): the generator of
-// Triton's tl.randint and pyllm.reference.philox_bits. Written so the compiler vectorizes a row of it
-// (32 x 32 -> 64-bit products).
-inline uint32_t philox_word0(uint64_t seed, uint64_t ctr) {
-  uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0, c3 = 0;
+// Philox4x32-10, word 0, for key (lo, hi of seed) and counters (lo, hi of base + i * stride, 0, 0), i < n:
+// the generator of Triton's tl.randint and pyllm.reference.philox_bits. Rounds outside, lanes inside, so
+// the compiler vectorizes the lanes (32 x 32 -> 64-bit products).
+constexpr int64_t kPhiloxLanes = 256;
+inline void philox_word0(uint64_t seed, uint64_t base, uint64_t stride, int64_t n, uint32_t* out) {
+  uint32_t c1[kPhiloxLanes], c2[kPhiloxLanes], c3[kPhiloxLanes];
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t ctr = base + static_cast<uint64_t>(i) * stride;
+    out[i] = static_cast<uint32_t>(ctr);
+    c1[i] = static_cast<uint32_t>(ctr >> 32);
+    c2[i] = 0;
+    c3[i] = 0;
+  }
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int r = 0; r < 10; ++r) {
-    const uint64_t pb = uint64_t(0xCD9E8D57u) * c2, pa = uint64_t(0xD2511F53u) * c0;
-    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0, n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
-    c1 = static_cast<uint32_t>(pb);
-    c3 = static_cast<uint32_t>(pa);
-    c0 = n0;
-    c2 = n2;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t pb = uint64_t(0xCD9E8D57u) * c2[i], pa = uint64_t(0xD2511F53u) * out[i];
+      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1[i] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3[i] ^ k1;
+      c1[i] = static_cast<uint32_t>(pb);
+      c3[i] = static_cast<uint32_t>(pa);
+      out[i] = n0;
+      c2[i] = n2;
+    }
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
 }
 
 // Dropout on a transposed tile (nk keys x mq queries, row stride ld): ST *= keep / (1 - p); with Z also
@@ -282,13 +292,13 @@ void dropout_tile(const Problem& p, T* ST, T* Z, int64_t ld, int64_t b, int64_t 
                   int64_t k0, int64_t nk) {
   const Features& f = p.f;
   const T r = static_cast<T>(f.drop_scale);
-  uint32_t bits[512];
+  uint32_t bits[kPhiloxLanes];
   for (int64_t j = 0; j < nk; ++j) {
     const uint64_t base = f.offset + static_cast<uint64_t>(((b * p.Hq + h) * f.drop_lq + q0) * f.drop_lk + k0 + j);
     const uint64_t stride = static_cast<uint64_t>(f.drop_lk);
-    for (int64_t i0 = 0; i0 < mq; i0 += 512) {
-      const int64_t n = std::min<int64_t>(512, mq - i0);
-      for (int64_t i = 0; i < n; ++i) bits[i] = philox_word0(f.seed, base + (i0 + i) * stride);
+    for (int64_t i0 = 0; i0 < mq; i0 += kPhiloxLanes) {
+      const int64_t n = std::min<int64_t>(kPhiloxLanes, mq - i0);
+      philox_word0(f.seed, base + static_cast<uint64_t>(i0) * stride, stride, n, bits);
       T* row = ST + j * ld + i0;
       T* zrow = Z ? Z + j * ld + i0 : nullptr;
       for (int64_t i = 0; i < n; ++i) {
