@@ -61,6 +61,7 @@ else:
 setup(
     packages=find_packages(include=["pyllm", "pyllm.*"]) + ["pyllm.kernels"],
     package_dir={"pyllm.kernels": "kernels"},
+    package_data={"pyllm": ["verified.json"]},  # which backends passed benchmarks/gpu_check.sh on a GPU
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

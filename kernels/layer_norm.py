@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pyllm.kernels import interpreting
+
 __all__ = ["layer_norm_fwd", "layer_norm_bwd"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -383,7 +385,7 @@ def _layer_norm_bwd_reduce_kernel(
 
 # triton.jit decides when this module is imported: TRITON_INTERPRET=1 then gives interpreted
 # functions, which run on CPU tensors (and copy CUDA tensors to the host and back).
-_INTERPRETED = not isinstance(_layer_norm_fwd_kernel, triton.runtime.JITFunction)
+_INTERPRETED = interpreting()
 
 # Largest row kept whole in registers (elements). On a GPU, 16K fp32 values over 16 warps are
 # 32 registers per thread per live tensor; the backward pass keeps more tensors live, so it

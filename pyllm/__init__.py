@@ -3,11 +3,9 @@
 Ops: :func:`attention`, :func:`attention_varlen`, :func:`attention_probs`, :func:`scaled_dot_product_attention`,
 :func:`layer_norm`, :func:`rms_norm`.
 Backends: :mod:`pyllm.backends`. Modules: :mod:`pyllm.nn`. Models: :mod:`pyllm.models`.
+Each name loads its module (and torch) on first use (:mod:`pyllm._lazy`), so ``pyllm --help`` is fast.
 """
-from pyllm import backends, reference
-from pyllm.ops import attention, attention_probs, attention_varlen, layer_norm, rms_norm, scaled_dot_product_attention
-from pyllm import nn
-from pyllm.check import check
+from pyllm._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -15,3 +13,10 @@ __all__ = [
     "attention", "attention_varlen", "attention_probs", "scaled_dot_product_attention", "layer_norm", "rms_norm",
     "backends", "reference", "nn", "check", "__version__",
 ]
+
+lazy_exports(__name__, {
+    "attention": "pyllm.ops:attention", "scaled_dot_product_attention": "pyllm.ops:scaled_dot_product_attention",
+    "attention_varlen": "pyllm.ops:attention_varlen", "attention_probs": "pyllm.ops:attention_probs",
+    "layer_norm": "pyllm.ops:layer_norm", "rms_norm": "pyllm.ops:rms_norm",
+    "backends": "pyllm.backends", "reference": "pyllm.reference", "nn": "pyllm.nn", "check": "pyllm.check:check",
+})

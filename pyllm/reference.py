@@ -304,7 +304,7 @@ def scaled_dot_product_attention(
             s = s + attn_mask.to(mdt)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
+    m = s.amax(dim=-1, keepdim=True) if S else s.new_zeros(s.shape[:-1] + (1,))  # S = 0: torch returns zeros
     m = m.masked_fill(torch.isinf(m), 0.0)
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)

@@ -1,8 +1,9 @@
 """FlashAttention's feature set: dropout (Philox, the same mask on every backend), packed sequences, sliding
 window, softcap, ALiBi, additive bias with gradient, attention maps, the SDPA drop-in's mapping, bad input.
 
-Backends are tested on the features they declare (``Backend.attention_features``); for the others the test
-checks that they decline with a reason and that auto still answers (from the next backend or the reference).
+Backends are tested on the features they declare (``attention_features`` in pyllm/capabilities.py); for the
+others the test checks that they decline with a reason and that auto still answers (from the next backend or
+the reference).
 """
 import math
 
@@ -19,9 +20,14 @@ from tests.test_attention import assert_rows
 FEATURES = ("dropout", "window", "softcap", "alibi", "attn_bias", "varlen")
 
 
+def feats(backend: str) -> set[str]:
+    """The attention features ``backend``'s kernels declare (pyllm/capabilities.py)."""
+    return set(pyllm.capabilities.TABLES[backend].attention_features)
+
+
 def serving(feature: str) -> list[str]:
     """reference plus the kernel backends that declare ``feature``."""
-    return ["reference"] + [b for b in KERNEL_BACKENDS if feature in pyllm.backends.get(b).attention_features]
+    return ["reference"] + [b for b in KERNEL_BACKENDS if feature in feats(b)]
 
 
 def _dtype(backend):
@@ -85,7 +91,7 @@ def test_features_accuracy_rule(backend, dtype):
     need(backend)
     if backend == "cuda" and dtype == torch.float32:
         pytest.skip("the CUDA attention takes fp16/bf16")
-    have = pyllm.backends.get(backend).attention_features if backend != "reference" else set(FEATURES)
+    have = feats(backend) if backend != "reference" else set(FEATURES)
     # the interpreter is slow: fp16/bf16 there run the case with every feature at once, fp32 runs them all
     few = backend == "triton" and DEVICE == "cpu" and dtype != torch.float32
     ran = 0
@@ -141,7 +147,7 @@ def test_window_softcap_alibi_bias_match_torch_sdpa(backend):
         return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
 
     kw = dict(window_size=(4, 1), softcap=cap, alibi_slopes=slopes, attn_bias=bias)
-    want = pyllm.backends.get(backend).attention_features if backend != "auto" else set(FEATURES)
+    want = feats(backend) if backend != "auto" else set(FEATURES)
     if not {"window", "softcap", "alibi", "attn_bias"} <= set(want):
         with pytest.raises(ValueError, match="not implemented"):
             pyllm.attention(q, k, v, backend=backend, **kw)
@@ -173,11 +179,11 @@ def test_bias_gradient_reduced_over_broadcast_dims():
 def test_fp64_gradcheck_every_feature(backend):
     """The kernel's own backward (dropout mask regenerated, softcap's 1 - tanh^2, window, ALiBi, bias)."""
     need(backend)
-    if not set(FEATURES) - {"varlen"} <= pyllm.backends.get(backend).attention_features:
+    if not set(FEATURES) - {"varlen"} <= feats(backend):
         with pytest.raises(ValueError, match="not implemented"):
             pyllm.attention(*(torch.randn(1, 3, 1, 8, dtype=torch.float64),) * 3, dropout_p=0.1, backend=backend)
         return
-    if torch.float64 not in pyllm.backends.get(backend).dtypes:
+    if "float64" not in pyllm.capabilities.TABLES[backend].dtypes:
         return
     q = torch.randn(2, 6, 2, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 9, 1, 8, dtype=torch.float64, requires_grad=True)
@@ -267,7 +273,7 @@ def test_sdpa_maps_dropout_and_masks_onto_attention():
     reasons = pyllm.backends.explain("scaled_dot_product_attention", q, k, v, attn_mask=fmask, dropout_p=0.1)
     assert reasons["reference"] == []
     for b in KERNEL_BACKENDS:
-        have = pyllm.backends.get(b).attention_features
+        have = feats(b)
         if not {"dropout", "attn_bias"} <= have:
             assert any("not implemented" in r for r in reasons[b]), reasons[b]
         else:  # fused: the kernel backend serves it
@@ -352,7 +358,7 @@ def test_bad_probs_input():
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "cuda"])
 def test_opcheck_and_compile_feature_ops(backend):
     need(backend)
-    if not {"dropout", "window", "softcap", "alibi", "attn_bias"} <= pyllm.backends.get(backend).attention_features:
+    if not {"dropout", "window", "softcap", "alibi", "attn_bias"} <= feats(backend):
         pytest.skip(f"{backend} has no fused feature op (its calls are served elsewhere; tested above)")
     op = torch.ops.pyllm.triton_attention_ext_fwd if backend == "triton" else torch.ops.pyllm.attention_ext_fwd
     q = torch.randn(1, 9, 2, 16, device=DEVICE, requires_grad=True)

@@ -190,5 +190,6 @@ def run(device="cpu", quick=False, threads=None, which=None, flex=False, out=pri
         if "per_query_ratio" in row:
             out(f"  time per query, long window / short full causal: {row['per_query_ratio']:.2f}")
         if "peak_mib" in row:
-            out("  peak extra memory, one fwd+bwd: " + ", ".join(f"{n} {m:.0f} MiB" for n, m in row["peak_mib"].items()))
+            peaks = ", ".join(f"{n} {m:.0f} MiB" for n, m in row["peak_mib"].items())
+            out(f"  peak extra memory, one fwd+bwd: {peaks}")
     return results

@@ -161,20 +161,9 @@ def plot(report: dict, outdir: str) -> list[str]:
                                      squeeze=False)
             for i, fl in enumerate(flags):
                 for j, mode in enumerate(modes):
-                    ax = axes[i][j]
                     sub = [r for r in rs if r[flag] == fl and r["mode"] == mode]
-                    for prov, pts in _series(sub, lambda r: r["shape"][xname], lambda r: r.get(ykey)).items():
-                        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=prov, color=color[prov])
-                    lim = sorted({(r["shape"][xname], r[limkey]) for r in sub if r.get(limkey)})
-                    if lim:
-                        ax.plot([x for x, _ in lim], [y for _, y in lim], "--", color="grey",
-                                label="matmul" if op == "attention" else "copy")
-                    ax.set_xscale("log", base=2)
-                    ax.set_title(f"{op} {mode} {dtype}" + (f" {flag}" if fl else ""), fontsize=9)
-                    ax.set_xlabel("seqlen" if op == "attention" else "hidden size")
-                    ax.set_ylabel(yname)
-                    ax.grid(alpha=0.3)
-                    ax.legend(fontsize=7)
+                    _throughput_panel(axes[i][j], sub, op, (xname, yname, ykey, limkey), color,
+                                      f"{op} {mode} {dtype}" + (f" {flag}" if fl else ""))
             fig.suptitle(f"{op} throughput on {dev}", fontsize=10)
             _adjust(fig, 3.6 * len(flags))
             path = os.path.join(outdir, f"{op}_throughput_{dtype}.png")
@@ -183,6 +172,23 @@ def plot(report: dict, outdir: str) -> list[str]:
             paths.append(path)
     paths += _plot_memory(rows, outdir, dev, plt, color)
     return paths
+
+
+def _throughput_panel(ax, sub: list[dict], op: str, keys: tuple, color: dict, title: str) -> None:
+    """One panel: a line per provider of ``ykey`` against the shape dim ``xname``, the device limit dashed."""
+    xname, yname, ykey, limkey = keys
+    for prov, pts in _series(sub, lambda r: r["shape"][xname], lambda r: r.get(ykey)).items():
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=prov, color=color[prov])
+    lim = sorted({(r["shape"][xname], r[limkey]) for r in sub if r.get(limkey)})
+    if lim:
+        ax.plot([x for x, _ in lim], [y for _, y in lim], "--", color="grey",
+                label="matmul" if op == "attention" else "copy")
+    ax.set_xscale("log", base=2)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("seqlen" if op == "attention" else "hidden size")
+    ax.set_ylabel(yname)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _plot_memory(rows, outdir, dev, plt, color) -> list[str]:

@@ -9,6 +9,7 @@ import math
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,7 +19,8 @@ from .measure import (CPU_MEMORY_METHOD, GPU_MEMORY_METHOD, Limits, machine_info
                       peak_memory_cuda, summarize, time_interleaved)
 from .providers import BASELINES, Provider, select
 from .spec import BenchError, Case, build_cases, bytes_moved, flops
-from .work import TORCH_DTYPES, build_call, build_timed, make_inputs
+from .train_step import check_step
+from .work import build_call, build_timed, make_inputs
 
 SCHEMA = "pyllm-bench/1"
 
@@ -31,6 +33,20 @@ SETTINGS = {
              "default": dict(repeats=30, warmup=5, min_run_s=0.0, max_s=2.0),
              "long": dict(repeats=30, warmup=5, min_run_s=0.0, max_s=5.0)},
 }
+
+
+@dataclass
+class Settings:
+    """How one run measures: device, preset, CPU threads, timing (repeats, warmup, min_run_s, max_s; see
+    ``SETTINGS``), whether to measure peak memory, the input seed, and where progress lines go."""
+
+    device: str
+    preset: str
+    threads: int
+    timing: dict
+    memory: bool
+    seed: int
+    log: Callable[[str], None]
 
 
 def _mem_budget(device: str) -> int:
@@ -94,12 +110,13 @@ def run(cases: list[Case], *, providers=None, device: str = "cpu", preset: str =
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # restored below: a library call must not change the caller's setting
     try:
-        return _run(cases, usable, table, ops, device, preset, threads, st, memory, seed, log)
+        return _run(cases, usable, table, ops, Settings(device, preset, threads, st, memory, seed, log))
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _run(cases, usable, table, ops, device, preset, threads, st, memory, seed, log) -> dict:
+def _run(cases, usable, table, ops, s: Settings) -> dict:
+    device, threads, seed, log, st = s.device, s.threads, s.seed, s.log, s.timing
     limits = Limits(device, threads)
     t_start = time.time()
     results, mem_queue = [], []
@@ -114,8 +131,7 @@ def _run(cases, usable, table, ops, device, preset, threads, st, memory, seed, l
         inputs = make_inputs(c0, device, seed) if c0.op != "train_step" else None
         verdicts = _check_group(c0, provs, device, seed, inputs)
         for case in group:
-            results += _measure_case(case, provs, verdicts, inputs, device, threads, st, memory, limits, seed,
-                                     mem_queue, log)
+            results += _measure_case(case, provs, verdicts, inputs, s, limits, mem_queue)
         del inputs
     if mem_queue:
         log(f"{time.time() - t_start:6.1f}s measuring peak memory of {len(mem_queue)} calls in a worker process")
@@ -127,15 +143,16 @@ def _run(cases, usable, table, ops, device, preset, threads, st, memory, seed, l
         r.pop("_case", None)
     return {
         "schema": SCHEMA, "machine": machine_info(device, threads),
-        "settings": {"preset": preset, "device": device, "threads": threads, **st, "seed": seed,
+        "settings": {"preset": s.preset, "device": device, "threads": threads, **st, "seed": seed,
                      "timer": ("CUDA events per call, L2 flushed (256 MB buffer zeroed) before each, providers "
                                "interleaved" if device == "cuda" else
                                f"torch.utils.benchmark.Timer(num_threads={threads}), providers interleaved"),
-                     "memory": (GPU_MEMORY_METHOD if device == "cuda" else CPU_MEMORY_METHOD) if memory else None,
+                     "memory": (GPU_MEMORY_METHOD if device == "cuda" else CPU_MEMORY_METHOD) if s.memory else None,
                      "flops": "FlashAttention's count: 4*B*H*Nq*Nk*D forward, /2 causal, x2.5 bwd, x3.5 fwd+bwd",
                      "bytes": "minimal bytes: each input read once, each output written once",
-                     "check": ("max|provider - fp64 ref| <= 2*max(|torch math in the dtype - fp64 ref|, "
-                               "|baseline op - fp64 ref|) + 1e-5 + floor*max|ref|, per output and gradient"),
+                     "check": ("max|provider - ref| <= 2*max(|torch math in the dtype - ref|, |baseline op - ref|) "
+                               "+ 1e-5 (+ floor*max|ref| for torch and peers), ref in fp64 for fp32, fp32 for "
+                               "fp16/bf16, per output and gradient (pyllm.accuracy)"),
                      "elapsed_s": round(time.time() - t_start, 2)},
         "providers": table, "baselines": {op: BASELINES[op] for op in ops}, "limits": limits.to_json(),
         "results": results,
@@ -146,8 +163,6 @@ def _check_group(c0: Case, provs: list[Provider], device: str, seed: int, full_i
     """{provider name: {"status", "reason", "check": {...}}} for the mode-less case ``c0``."""
     out = {}
     if c0.op == "train_step":
-        from .train_step import check_step
-
         for p in provs:
             try:
                 v = check_step(c0, p, device, seed)
@@ -176,7 +191,7 @@ def _check_group(c0: Case, provs: list[Provider], device: str, seed: int, full_i
             warnings.simplefilter("always")
             try:
                 outs, grads = chk.run_provider(build_call(cc, p, inputs))
-                v = chk.verdict(cc, ref, outs, grads)
+                v = chk.verdict(cc, ref, outs, grads, peer=p.kind != "pyllm")
                 v["check_label"] = cc.label()
                 out[p.name] = {"status": "ok", "reason": "", "check": v}
             except Exception as e:  # noqa: BLE001 (a provider that raises is reported, not fatal)
@@ -196,51 +211,22 @@ def _jsonable_check(v):
     return {"passed_out": v["out_ok"], "passed_grad": v["grad_ok"], "shape": v.get("check_label"), "errors": errs}
 
 
-def _measure_case(case, provs, verdicts, inputs, device, threads, st, memory, limits, seed, mem_queue, log):
+def _measure_case(case, provs, verdicts, inputs, s: Settings, limits, mem_queue):
+    """One result row per provider: checked ones are timed, then their peak memory measured (CPU: queued
+    for the worker process)."""
     rows, fns = {}, {}
     for p in provs:
-        v = verdicts[p.name]
-        row = {"_case": case, **case.to_dict(), "provider": p.name, "status": v["status"], "reason": v["reason"],
-               "check": _jsonable_check(v["check"]), "time": None, "tflops": None, "gbps": None,
-               "peak_bytes": None, "memory_error": None}
-        rows[p.name] = row
-        if v["status"] != "ok":
-            continue
-        c = v["check"]
-        if c.get("grad_error") and case.mode != "fwd":
-            row["status"], row["reason"] = "error", c["grad_error"]
-            continue
-        if not c["out_ok"] or (case.mode != "fwd" and not c["grad_ok"]):
-            row["status"], row["reason"] = "WRONG", c["worst"]
-            continue
-        if p.quadratic and case.op == "attention" and _quadratic_bytes(case) > _mem_budget(device):
-            row["status"] = "skipped"
-            row["reason"] = (f"needs ~{_quadratic_bytes(case) / 2**30:.1f} GiB for the Nq x Nk scores "
-                             f"(budget {_mem_budget(device) / 2**30:.1f} GiB)")
-            continue
-        try:
-            fns[p.name] = build_timed(case, p, device, seed, inputs=inputs)
-        except Exception as e:  # noqa: BLE001
-            row["status"], row["reason"] = "error", f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        rows[p.name], fn = _row(case, p, verdicts[p.name], inputs, s)
+        if fn is not None:
+            fns[p.name] = fn
     if case.timed and fns:
-        try:
-            times = time_interleaved(fns, device, threads=threads, repeats=st["repeats"], warmup=st["warmup"],
-                                     min_run_s=st["min_run_s"], max_s=st["max_s"])
-        except Exception as e:  # noqa: BLE001 (one bad provider: time the rest one by one)
-            times = {}
-            for n, fn in fns.items():
-                try:
-                    times.update(time_interleaved({n: fn}, device, threads=threads, repeats=st["repeats"],
-                                                  warmup=st["warmup"], min_run_s=st["min_run_s"], max_s=st["max_s"]))
-                except Exception as e2:  # noqa: BLE001
-                    rows[n]["status"], rows[n]["reason"] = "error", f"{type(e2).__name__}: {e2}".splitlines()[0][:300]
-        for n, ts in times.items():
+        for n, ts in _time(fns, rows, s).items():
             _figures(rows[n], case, summarize(ts), limits)
-    if memory and case.mode != "bwd":  # bwd's peak is inside fwd+bwd's; measuring it too doubles the cost
+    if s.memory and case.mode != "bwd":  # bwd's peak is inside fwd+bwd's; measuring it too doubles the cost
         for n, fn in fns.items():
             if rows[n]["status"] != "ok":
                 continue
-            if device == "cuda":
+            if s.device == "cuda":
                 try:
                     rows[n]["peak_bytes"] = peak_memory_cuda(fn)
                 except Exception as e:  # noqa: BLE001
@@ -251,11 +237,50 @@ def _measure_case(case, provs, verdicts, inputs, device, threads, st, memory, li
     return list(rows.values())
 
 
+def _row(case, p: Provider, v: dict, inputs, s: Settings):
+    """(the result row of provider ``p`` given its check verdict ``v``, its timed callable or None)."""
+    row = {"_case": case, **case.to_dict(), "provider": p.name, "status": v["status"], "reason": v["reason"],
+           "check": _jsonable_check(v["check"]), "time": None, "tflops": None, "gbps": None,
+           "peak_bytes": None, "memory_error": None}
+    c = v["check"]
+    if v["status"] != "ok":
+        return row, None
+    if c.get("grad_error") and case.mode != "fwd":
+        row["status"], row["reason"] = "error", c["grad_error"]
+    elif not c["out_ok"] or (case.mode != "fwd" and not c["grad_ok"]):
+        row["status"], row["reason"] = "WRONG", c["worst"]
+    elif p.quadratic and case.op == "attention" and _quadratic_bytes(case) > _mem_budget(s.device):
+        row["status"] = "skipped"
+        row["reason"] = (f"needs ~{_quadratic_bytes(case) / 2**30:.1f} GiB for the Nq x Nk scores "
+                         f"(budget {_mem_budget(s.device) / 2**30:.1f} GiB)")
+    else:
+        try:
+            return row, build_timed(case, p, s.device, s.seed, inputs=inputs)
+        except Exception as e:  # noqa: BLE001
+            row["status"], row["reason"] = "error", f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return row, None
+
+
+def _time(fns: dict, rows: dict, s: Settings) -> dict:
+    """{provider: [seconds per call]}, interleaved; if one provider fails, the rest are timed one by one."""
+    timing = dict(threads=s.threads, **s.timing)
+    try:
+        return time_interleaved(fns, s.device, **timing)
+    except Exception:  # noqa: BLE001 (one bad provider must not lose the others' times)
+        times = {}
+        for n, fn in fns.items():
+            try:
+                times.update(time_interleaved({n: fn}, s.device, **timing))
+            except Exception as e:  # noqa: BLE001
+                rows[n]["status"], rows[n]["reason"] = "error", f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return times
+
+
 def _figures(row: dict, case: Case, t: dict, limits: Limits) -> None:
     row["time"] = t
     sec = t["median_ms"] / 1e3
     f, b = flops(case), bytes_moved(case)
-    dt = TORCH_DTYPES[case.dtype]
+    dt = case.torch_dtype
     if f is not None:
         row["tflops"] = f / sec / 1e12
         n = limits.matmul_size(case)

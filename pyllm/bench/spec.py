@@ -53,6 +53,13 @@ class Case:
     def elem_bytes(self) -> int:
         return DTYPES[self.dtype]
 
+    @property
+    def torch_dtype(self):
+        """The case's dtype as a ``torch.dtype`` (torch is imported here, not when spec is)."""
+        import torch
+
+        return getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}[self.dtype])
+
     def with_(self, **kw) -> "Case":
         return dataclasses.replace(self, **kw)
 

@@ -18,17 +18,17 @@ def lm_features(texts: Sequence[str], tokenizer, *, objective: str, block_size: 
     clm: documents joined with ``<|endoftext|>`` and cut into blocks.
     mlm: the same with room for ``[CLS] ... [SEP]`` around each block.
     """
-    encs = tokenizer.encode(texts, add_special_tokens=False)
+    encs = tokenizer.encode_batch(texts, add_special_tokens=False)
     docs = [e.ids for e in encs]
     if objective == "clm":
-        blocks = pack_blocks(docs, block_size, eos_id=tokenizer.eos_id)
+        blocks = pack_blocks(docs, block_size, eos_id=tokenizer.eos_token_id)
         return [{"input_ids": row} for row in blocks.tolist()]
     if objective == "mlm":
-        if tokenizer.cls_id is None or tokenizer.sep_id is None:
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
             raise ValueError("lm_features: MLM needs a tokenizer with [CLS] and [SEP] (a WordPiece tokenizer)")
-        blocks = pack_blocks(docs, block_size - 2, eos_id=tokenizer.sep_id)
+        blocks = pack_blocks(docs, block_size - 2, eos_id=tokenizer.sep_token_id)
         return [
-            {"input_ids": [tokenizer.cls_id, *row, tokenizer.sep_id], "token_type_ids": [0] * block_size}
+            {"input_ids": [tokenizer.cls_token_id, *row, tokenizer.sep_token_id], "token_type_ids": [0] * block_size}
             for row in blocks.tolist()
         ]
     raise ValueError(f"lm_features: objective must be 'clm' or 'mlm', got {objective!r}")
@@ -39,7 +39,7 @@ def classification_features(rows: Sequence[dict], tokenizer, label_to_id: dict, 
     has_pair = any("text_pair" in r for r in rows)
     texts = [r["text"] for r in rows]
     pairs = [r.get("text_pair", "") for r in rows] if has_pair else None
-    encs = tokenizer.encode(texts, pairs, max_length=max_length)
+    encs = tokenizer.encode_batch(texts, pairs, max_length=max_length)
     return [
         {"input_ids": e.ids, "token_type_ids": e.type_ids, "labels": label_to_id[r["label"]]}
         for e, r in zip(encs, rows)
@@ -50,7 +50,7 @@ def token_classification_features(sentences: Sequence[dict], tokenizer, tag_to_i
                                   max_length: int) -> list[dict]:
     """CoNLL sentences -> subword ids with one tag per word (on its first subword;
     the other subwords and the special tokens get -100 and carry no loss)."""
-    encs = tokenizer.encode([s["tokens"] for s in sentences], max_length=max_length, is_pretokenized=True)
+    encs = tokenizer.encode_batch([s["tokens"] for s in sentences], max_length=max_length, is_pretokenized=True)
     out = []
     for e, s in zip(encs, sentences):
         labels, previous = [], None
@@ -71,7 +71,7 @@ def qa_features(examples: Sequence[dict], tokenizer, *, max_length: int) -> list
     [CLS] (index 0), the SQuAD 2.0 "no answer" convention. Each feature keeps the
     context offsets for turning predicted spans back into text.
     """
-    encs = tokenizer.encode(
+    encs = tokenizer.encode_batch(
         [x["question"] for x in examples], [x["context"] for x in examples],
         max_length=max_length, truncation="only_second",
     )

@@ -12,7 +12,7 @@ from .block import Block, KVCache
 from .config import TransformerConfig
 from .generation import generate
 from .gpt import GPTForCausalLM, GPTForSequenceClassification, GPTModel
-from .tokenizer import Tokenizer, load_tokenizer
+from pyllm.data.tokenizer import Tokenizer, load_tokenizer  # the one tokenizer, re-exported here
 
 __all__ = [
     "TransformerConfig", "Block", "KVCache", "PreTrainedModel",

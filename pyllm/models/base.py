@@ -11,7 +11,7 @@ from torch import nn
 
 from pyllm.nn import LayerNorm
 
-from .block import Encoder, KVCache
+from .block import BlockStack, KVCache
 from .config import TransformerConfig
 
 
@@ -165,13 +165,13 @@ class PreTrainedModel(nn.Module):
 
     @property
     def gradient_checkpointing(self) -> bool:
-        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Encoder))
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, BlockStack))
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, on: bool):
         """Recompute each block in the backward pass (torch.utils.checkpoint): less memory, ~1/3 more compute."""
         for m in self.modules():
-            if isinstance(m, Encoder):
+            if isinstance(m, BlockStack):
                 m.gradient_checkpointing = bool(on)
 
     def gradient_checkpointing_enable(self):

@@ -16,7 +16,7 @@ from torch import nn
 from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
                    check_class_labels, check_inputs, check_labels, padding_mask)
 from .bert import classification_loss
-from .block import Encoder, KVCache
+from .block import BlockStack, KVCache
 from .config import TransformerConfig
 from .generation import generate
 
@@ -24,6 +24,12 @@ from .generation import generate
 def positions_from_mask(attention_mask, n_new: int):
     """(B, past + N) mask -> (B, N) positions counting real tokens only (pads get 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
+
+
+def _renamed_blocks(module, state_dict, prefix, *args):
+    """State dicts saved before the layer stack was renamed (``encoder.`` -> ``blocks.``) still load."""
+    for key in [k for k in state_dict if k.startswith(prefix + "encoder.")]:
+        state_dict[prefix + "blocks." + key[len(prefix + "encoder."):]] = state_dict.pop(key)
 
 
 class GPTModel(PreTrainedModel):
@@ -43,8 +49,9 @@ class GPTModel(PreTrainedModel):
         self.word = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.encoder = Encoder(config, causal=True, pre_norm=config.norm_position == "pre")
+        self.blocks = BlockStack(config, causal=True, pre_norm=config.norm_position == "pre")
         self.init_weights()
+        self.register_load_state_dict_pre_hook(_renamed_blocks)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 cache: Optional[KVCache] = None, use_cache: bool = False):
@@ -62,7 +69,7 @@ class GPTModel(PreTrainedModel):
         if use_cache and cache is None:
             cache = KVCache(self.config.num_layers)
         x = self.dropout(self.word(input_ids) + self.position(position_ids))  # (B, N, C)
-        x = self.encoder(x, key_padding_mask=padding_mask(attention_mask), cache=cache)
+        x = self.blocks(x, key_padding_mask=padding_mask(attention_mask), cache=cache)
         return BaseModelOutput(last_hidden_state=x, cache=cache)
 
 

@@ -13,11 +13,24 @@ _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "ge
 _ACT_TO_HF = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
 
 
+class ConfigJsonError(ValueError):
+    """A config.json value of the wrong type (the caller adds which file)."""
+
+
 def config_from_hf(hf: dict, family: str) -> dict:
     """TransformerConfig keyword arguments from a checkpoint's config.json (`family`: "bert" / "gpt2")."""
     def get(key, default):
+        """hf[key] (default when absent or null), of the default's type: a clear error otherwise."""
         v = hf.get(key)
-        return default if v is None else v
+        if v is None:
+            return default
+        kind = type(default)
+        ok = isinstance(v, bool) if kind is bool else isinstance(v, int) and not isinstance(v, bool) if kind is int \
+            else isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else isinstance(v, kind)
+        if not ok:
+            words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+            raise ConfigJsonError(f"{key} must be {words}, got {v!r} ({type(v).__name__})")
+        return v
 
     def act(name):
         if name not in _ACT_FROM_HF:
@@ -26,7 +39,9 @@ def config_from_hf(hf: dict, family: str) -> dict:
         return _ACT_FROM_HF[name]
 
     id2label = hf.get("id2label")
-    num_labels = len(id2label) if id2label else int(get("num_labels", 2))
+    if id2label is not None and not isinstance(id2label, dict):
+        raise ConfigJsonError(f"id2label must be an object {{id: label}}, got {type(id2label).__name__}")
+    num_labels = len(id2label) if id2label else get("num_labels", 2)
     common = dict(num_labels=num_labels, id2label=id2label, initializer_range=get("initializer_range", 0.02),
                   tie_word_embeddings=bool(get("tie_word_embeddings", True)),
                   bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))

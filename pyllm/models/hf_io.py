@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .config import TransformerConfig
-from .hf_config import config_from_hf, config_to_hf
+from .hf_config import ConfigJsonError, config_from_hf, config_to_hf
 
 # pyllm class name -> (HF architecture name, HF prefix of the backbone, pyllm prefix of the backbone)
 _ARCH = {
@@ -80,14 +80,14 @@ def _rules(model, hf_prefix: str) -> list[Rule]:
     else:
         rules += [Rule(P + "word.weight", (H + "wte.weight",)), Rule(P + "position.weight", (H + "wpe.weight",))]
         for i in range(cfg.num_layers):
-            L, HL = f"{P}encoder.layers.{i}.", f"{H}h.{i}."
+            L, HL = f"{P}blocks.layers.{i}.", f"{H}h.{i}."
             rules += _linear(L + "norm1", HL + "ln_1")
             rules += _linear(L + "attn.qkv", HL + "attn.c_attn", "t")
             rules += _linear(L + "attn.proj", HL + "attn.c_proj", "t")
             rules += _linear(L + "norm2", HL + "ln_2")
             rules += _linear(L + "mlp.fc1", HL + "mlp.c_fc", "t")
             rules += _linear(L + "mlp.fc2", HL + "mlp.c_proj", "t")
-        rules += _linear(P + "encoder.norm_f", H + "ln_f")
+        rules += _linear(P + "blocks.norm_f", H + "ln_f")
     tied = cfg.tie_word_embeddings
     if name == "BertForMaskedLM":
         rules += _linear("transform", "cls.predictions.transform.dense", head=True)
@@ -147,13 +147,22 @@ def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, strict:
     who = f"{cls.__name__}.from_pretrained"
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{who}: no config.json in {folder}")
-    hf = json.loads((folder / "config.json").read_text())
+    try:
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{who}: {folder / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{who}: {folder / 'config.json'} must hold a JSON object, got a {type(hf).__name__}")
+    dtype = _as_dtype(dtype, who)
     model_type = hf.get("model_type")
     if model_type != cls.family:
         raise ValueError(f"{who}: {folder} holds a {model_type!r} checkpoint (architectures "
                          f"{hf.get('architectures')}); {cls.__name__} reads {cls.family!r} checkpoints only "
                          f"(pyllm supports the BERT 'bert' and GPT-2 'gpt2' families)")
-    fields = config_from_hf(hf, cls.family)
+    try:
+        fields = config_from_hf(hf, cls.family)
+    except ConfigJsonError as e:
+        raise ValueError(f"{who}: {folder / 'config.json'}: {e}") from None
     if "num_labels" in overrides and "id2label" not in overrides:
         fields["id2label"] = None
     config = TransformerConfig(**{**fields, **overrides})
@@ -200,6 +209,15 @@ def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, strict:
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _as_dtype(dtype, who: str) -> Optional[torch.dtype]:
+    """None, a floating torch.dtype, or its name ("float16", "bfloat16", "float32", "float64")."""
+    named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if dtype is not None and not (isinstance(named, torch.dtype) and named.is_floating_point):
+        raise ValueError(f"{who}: dtype must be a torch floating dtype or its name ('float16', 'bfloat16', "
+                         f"'float32', 'float64'), got {dtype!r}")
+    return named
 
 
 def save_pretrained(model, folder, *, overwrite: bool = False):
