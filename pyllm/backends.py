@@ -86,6 +86,8 @@ class Backend:
         self.devices, self.ops, self.max_head_dim = caps.devices, caps.ops, caps.max_head_dim
         self.dtypes = tuple(getattr(torch, d) for d in caps.dtypes)
         self.op_dtypes = {op: tuple(getattr(torch, d) for d in ds) for op, ds in caps.op_dtypes.items()}
+        # FlashAttention features the attention kernels implement (pyllm.ops.attention.Extras.features, "varlen")
+        self.attention_features = frozenset(caps.attention_features)
 
     def unavailable_reason(self) -> str | None:
         """None when this backend can run on this machine at all, else why not."""
@@ -110,6 +112,9 @@ class Backend:
         if op == "attention" and self.max_head_dim is not None and call["head_dim"] > self.max_head_dim:
             reasons.append(f"head_dim {call['head_dim']} > {self.max_head_dim}")
         reasons.extend(call.get("unsupported", ()))  # call-specific limits the op layer found
+        missing = [f for f in call.get("features", ()) if f not in self.attention_features]
+        if missing:
+            reasons.append(f"{', '.join(missing)} not implemented in the {self.name} kernels")
         return reasons
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 OPS = ("attention", "layer_norm", "rms_norm", "rotary")
 _HALF_AND_FP32 = ("float32", "float16", "bfloat16")
+ATTENTION_FEATURES = ("dropout", "window", "softcap", "alibi", "attn_bias", "varlen")
 
 
 @dataclass(frozen=True)
@@ -29,15 +30,18 @@ class Capabilities:
     min_compute_capability: tuple[int, int] | None = None
     capability_ops: tuple[str, ...] = ()
     notes: str = ""
+    # FlashAttention features the attention kernels implement (pyllm.ops.attention.Extras.features + "varlen")
+    attention_features: tuple[str, ...] = ()
 
 
 REFERENCE = Capabilities(devices=("cpu", "cuda", "mps", "xpu", "meta"), dtypes=_HALF_AND_FP32 + ("float64",),
                          max_head_dim=None, notes="plain PyTorch: serves every call; O(N^2) attention memory")
-CPU = Capabilities(devices=("cpu",), dtypes=_HALF_AND_FP32 + ("float64",), notes="C++ kernels in pyllm._C")
+CPU = Capabilities(devices=("cpu",), dtypes=_HALF_AND_FP32 + ("float64",), notes="C++ kernels in pyllm._C",
+                   attention_features=ATTENTION_FEATURES)
 CUDA = Capabilities(devices=("cuda",), op_dtypes={"attention": ("float16", "bfloat16")},
                     min_compute_capability=(8, 0), capability_ops=("attention",),
                     notes="CUDA C++ kernels in pyllm._C; attention on tensor cores (mma.sync bf16 needs sm_80)")
-TRITON = Capabilities(devices=("cuda", "cpu"),
+TRITON = Capabilities(devices=("cuda", "cpu"), attention_features=ATTENTION_FEATURES,
                       notes="CPU tensors only under TRITON_INTERPRET=1 (tests), never chosen by auto there")
 
 TABLES = {"reference": REFERENCE, "cpu": CPU, "cuda": CUDA, "triton": TRITON}
@@ -51,5 +55,6 @@ def table() -> str:
         hd = "any" if c.max_head_dim is None else f"1-{c.max_head_dim}"
         cc = f", sm_{c.min_compute_capability[0]}{c.min_compute_capability[1]}+ for {', '.join(c.capability_ops)}" \
             if c.min_compute_capability else ""
-        lines.append(f"{name:<10} devices {', '.join(c.devices)}; dtypes {dt}; head_dim {hd}{cc}. {c.notes}")
+        feats = f"; attention features: {', '.join(c.attention_features)}" if c.attention_features else ""
+        lines.append(f"{name:<10} devices {', '.join(c.devices)}; dtypes {dt}; head_dim {hd}{cc}{feats}. {c.notes}")
     return "\n".join(lines)

@@ -45,21 +45,73 @@ def _rows(op, backend, dtype, shape, names, fast, ref, base) -> list[Row]:
 
 
 def attention_case(backend: str, dtype: torch.dtype, B: int, Nq: int, Nk: int, Hq: int, Hkv: int, D: int, *,
-                   causal: bool = False, padded: bool = False, device="cpu", seed: int = 0) -> list[Row]:
-    """Errors of ``pyllm.attention(backend=...)`` for out, dq, dk, dv on one random case."""
+                   causal: bool = False, padded: bool = False, device="cpu", seed: int = 0,
+                   dropout_p: float = 0.0, window_size=(-1, -1), softcap: float = 0.0, alibi: bool = False,
+                   bias_shape: tuple[int, ...] | None = None) -> list[Row]:
+    """Errors of ``pyllm.attention(backend=...)`` for out, dq, dk, dv (and dbias) on one random case.
+
+    The feature keywords are those of :func:`pyllm.attention` (``alibi``: random slopes of shape (Hq,);
+    ``bias_shape``: an attn_bias of that shape, broadcastable to (B, Hq, Nq, Nk), whose gradient is checked
+    too). With dropout every run uses the same Philox seed, so all compute with the same mask.
+    """
     inp = accuracy.attention_inputs(B, Nq, Nk, Hq, Hkv, D, dtype=dtype, device=device, padded=padded, seed=seed)
     q, k, v, do, mask = inp["q"], inp["k"], inp["v"], inp["dout"], inp["mask"]
     hi_dtype = accuracy.reference_dtype(dtype)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    hi = [t.detach().to(hi_dtype).requires_grad_() for t in (q, k, v)]
-    lo = [t.detach().requires_grad_() for t in (q, k, v)]
-    o = ops.attention(*leaves, causal=causal, key_padding_mask=mask, backend=backend)
-    o_hi = reference.attention(*hi, causal=causal, key_padding_mask=mask, upcast=False)
-    o_lo = reference.attention(*lo, causal=causal, key_padding_mask=mask, upcast=False)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    extra = {k_: v_ for k_, v_ in (("dropout_p", dropout_p), ("window_size", tuple(window_size)),
+                                    ("softcap", softcap)) if v_ not in (0.0, (-1, -1))}
+    if alibi:
+        extra["alibi_slopes"] = (0.05 + torch.rand(Hq, generator=g)).to(device)
+    inputs = [q, k, v] + ([torch.randn(*bias_shape, generator=g).to(device=device, dtype=dtype)] if bias_shape else [])
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    hi = [t.detach().to(hi_dtype).requires_grad_() for t in inputs]
+    lo = [t.detach().requires_grad_() for t in inputs]
+    torch.manual_seed(seed)
+    drop_seed = reference.draw_dropout_seed()
+    torch.manual_seed(seed)  # the op draws the same (seed, offset)
+
+    def run(fn, ts, **kw):
+        return fn(*ts[:3], causal=causal, key_padding_mask=mask, attn_bias=ts[3] if bias_shape else None,
+                  **extra, **kw)
+
+    o = run(ops.attention, leaves, backend=backend)
+    o_hi = run(reference.attention, hi, upcast=False, dropout_seed=drop_seed)
+    o_lo = run(reference.attention, lo, upcast=False, dropout_seed=drop_seed)
     fast = [o, *_grads(o, leaves, do)]
     ref = [o_hi, *_grads(o_hi, hi, do.to(hi_dtype))]
     base = [o_lo, *_grads(o_lo, lo, do)]
     shape = f"B{B} Nq{Nq} Nk{Nk} H{Hq}/{Hkv} D{D}" + (" causal" if causal else "") + (" pad" if padded else "")
+    shape += "".join(f" {n}" for n in (["drop"] if dropout_p else []) + (["win"] if "window_size" in extra else [])
+                     + (["cap"] if softcap else []) + (["alibi"] if alibi else []) + (["bias"] if bias_shape else []))
+    names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias_shape else [])
+    return _rows("attention", backend, dtype, shape, names, fast, ref, base)
+
+
+def varlen_case(backend: str, dtype: torch.dtype, lens_q: list[int], lens_k: list[int], Hq: int, Hkv: int, D: int,
+                *, causal: bool = False, device="cpu", seed: int = 0, **features) -> list[Row]:
+    """Errors of ``pyllm.attention_varlen(backend=...)`` (out, dq, dk, dv) against the reference run one
+    sequence at a time; ``features`` are attention_varlen's keywords (dropout_p, window_size, softcap, ...)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    hi_dtype = accuracy.reference_dtype(dtype)
+    tq, tk = sum(lens_q), sum(lens_k)
+    q, k, v, do = mk(tq, Hq, D), mk(tk, Hkv, D), mk(tk, Hkv, D), mk(tq, Hq, D)
+    cu = lambda lens: torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)  # noqa: E731
+    args = (cu(lens_q), cu(lens_k), max(lens_q, default=0), max(lens_k, default=0))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    hi = [t.detach().to(hi_dtype).requires_grad_() for t in (q, k, v)]
+    lo = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(seed)
+    drop_seed = reference.draw_dropout_seed()
+    torch.manual_seed(seed)
+    o = ops.attention_varlen(*leaves, *args, causal=causal, backend=backend, **features)
+    o_hi = reference.attention_varlen(*hi, *args, causal=causal, upcast=False, dropout_seed=drop_seed, **features)
+    o_lo = reference.attention_varlen(*lo, *args, causal=causal, upcast=False, dropout_seed=drop_seed, **features)
+    fast = [o, *_grads(o, leaves, do)]
+    ref = [o_hi, *_grads(o_hi, hi, do.to(hi_dtype))]
+    base = [o_lo, *_grads(o_lo, lo, do)]
+    shape = f"varlen q{lens_q} k{lens_k} H{Hq}/{Hkv} D{D}" + (" causal" if causal else "")
+    shape += "".join(f" {n}" for n in sorted(features))
     return _rows("attention", backend, dtype, shape, ["out", "dq", "dk", "dv"], fast, ref, base)
 
 
@@ -158,6 +210,54 @@ def _grid(device: str, full: bool):
 # rotary: (B, N, Hq, Hk, D, rotary_dim, interleaved, per-batch tables)
 ROTARY_GRID = [(2, 17, 4, 2, 64, 64, False, False), (3, 13, 3, 1, 40, 24, True, True),
                (1, 97, 2, 2, 128, 128, False, True)]
+# FlashAttention's features: (keywords of attention_case, (B, Nq, Nk, Hq, Hkv, D, causal, padded))
+FEATURE_CASES = [
+    (dict(dropout_p=0.17), (2, 37, 29, 4, 2, 32, False, True)),
+    (dict(dropout_p=0.1), (1, 33, 33, 2, 1, 64, True, False)),
+    (dict(window_size=(7, 3)), (2, 45, 45, 2, 1, 64, False, True)),
+    (dict(window_size=(11, -1)), (1, 29, 53, 2, 2, 40, True, False)),
+    (dict(softcap=3.0), (2, 23, 31, 4, 2, 32, True, True)),
+    (dict(alibi=True), (2, 31, 31, 4, 4, 32, True, False)),
+    (dict(bias_shape=(1, 4, 19, 27)), (2, 19, 27, 4, 2, 32, False, True)),
+    (dict(bias_shape=(2, 1, 1, 27)), (2, 19, 27, 2, 1, 16, True, False)),
+    (dict(dropout_p=0.1, window_size=(5, 5), softcap=4.0, alibi=True, bias_shape=(2, 2, 17, 21)),
+     (2, 17, 21, 2, 1, 32, False, True)),
+]
+# (lens_q, lens_k, Hq, Hkv, D, causal, features)
+VARLEN_CASES = [
+    ([5, 0, 17, 9], [5, 3, 17, 12], 4, 2, 32, True, {}),
+    ([7, 13], [11, 13], 2, 1, 64, False, dict(dropout_p=0.2, window_size=(4, 2), softcap=2.5)),
+]
+
+
+def _feature_names(kw: dict) -> list[str]:
+    names = {"dropout_p": "dropout", "window_size": "window", "softcap": "softcap", "alibi": "alibi",
+             "alibi_slopes": "alibi", "bias_shape": "attn_bias"}
+    return [names[k] for k in kw]
+
+
+def feature_rows(name: str, dtype: torch.dtype, device: str, notes: set[str] | None = None,
+                 few: bool = False) -> list[Row]:
+    """The feature grid for one backend; features it does not implement are added to ``notes``, not run.
+    ``few``: only the cases that combine features (the Triton interpreter is slow)."""
+    rows: list[Row] = []
+    notes = set() if notes is None else notes
+    have = capabilities.TABLES[name].attention_features if name != "reference" else None
+    for kw, (B, Nq, Nk, Hq, Hkv, D, causal, padded) in FEATURE_CASES:
+        if few and len(kw) < 5:
+            continue
+        missing = [f for f in _feature_names(kw) if have is not None and f not in have]
+        if missing:
+            notes.add(f"{name}: {', '.join(missing)} not implemented (auto serves such calls elsewhere)")
+            continue
+        rows += attention_case(name, dtype, B, Nq, Nk, Hq, Hkv, D, causal=causal, padded=padded, device=device, **kw)
+    for lq, lk, Hq, Hkv, D, causal, kw in VARLEN_CASES:
+        missing = [f for f in ["varlen"] + _feature_names(kw) if have is not None and f not in have]
+        if missing:
+            notes.add(f"{name}: {', '.join(missing)} not implemented (auto serves such calls elsewhere)")
+            continue
+        rows += varlen_case(name, dtype, lq, lk, Hq, Hkv, D, causal=causal, device=device, **kw)
+    return rows
 
 
 def check(backends_: list[str] | None = None, *, device: str | None = None, full: bool = False,
@@ -170,6 +270,7 @@ def check(backends_: list[str] | None = None, *, device: str | None = None, full
     names = backends_ or backends.available()
     dtypes, norm, attn = _grid(device, full)
     rows: list[Row] = []
+    notes: set[str] = set()
     t0 = time.time()
     for name in names:
         interp = name == "triton" and device == "cpu"
@@ -186,7 +287,12 @@ def check(backends_: list[str] | None = None, *, device: str | None = None, full
             for (B, N, Hq, Hk, D, R, inter, per_batch) in (ROTARY_GRID[:2] if interp else ROTARY_GRID):
                 rows += rotary_case(name, dtype, B, N, Hq, Hk, D, R, interleaved=inter, batch_tables=per_batch,
                                     device=device)
+            caps = capabilities.TABLES[name]
+            if str(dtype).replace("torch.", "") in caps.op_dtypes.get("attention", caps.dtypes):
+                rows += feature_rows(name, dtype, device, notes, few=interp)
     _print(rows, out)
+    for note in sorted(notes):
+        print(note, file=out)
     bad = [r for r in rows if not r.ok]
     print(f"\n{len(rows) - len(bad)} passed, {len(bad)} failed  ({device}, backends: {', '.join(names)}, "
           f"{time.time() - t0:.1f}s)", file=out)

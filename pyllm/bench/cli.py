@@ -51,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--causal", choices=("no", "yes", "both"), default="preset", help="attention masking")
     g.add_argument("--padding", action="store_true", help="attention with a key padding mask")
     g.add_argument("--residual", choices=("no", "yes", "both"), default="preset", help="norms with fused residual")
+    g.add_argument("--features", nargs="*", default=None, metavar="CASE",
+                   help="instead: attention feature comparisons dropout, packed, window, bias (default all; "
+                        "pyllm.bench.features)")
+    g.add_argument("--flex", action="store_true", help="with --features: FlexAttention too (torch.compile first)")
     h = p.add_argument_group("how")
     h.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     h.add_argument("--threads", type=int, default=None,
@@ -116,6 +120,22 @@ def _run(args) -> int:
             print(f"{name:<16} {row['kind']:<6} {','.join(row['ops']):<30} {state}")
         return 0
     threads = args.threads or (1 if preset == "quick" and device == "cpu" else None)
+    if args.features is not None:
+        import json
+
+        from . import features
+
+        bad = [c for c in args.features if c not in features.CASES]
+        if bad:
+            raise BenchError(f"--features: expected some of {', '.join(features.CASES)}, got {bad}")
+        res = features.run(device, quick=preset == "quick", threads=threads, which=args.features or None,
+                           flex=args.flex)
+        json_path = args.json or os.path.join(args.out, "bench-features.json")
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"\nwrote {json_path}")
+        return 0
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     report = runner.bench(ops, preset=preset, device=device, shapes=shapes, dtypes=dtypes, modes=modes,
                           causal=args.causal, padding=args.padding, residual=args.residual, providers=args.provider,

@@ -120,6 +120,45 @@ def register_rotary(name: str, op: Callable) -> None:
 
     torch.library.register_fake(name)(rotary_fake)
     torch.library.register_autograd(name, backward, setup_context=setup_context)
+# ---------------------------------------------------------------- attention with FlashAttention's features
+# attention_ext_fwd(q, k, v, key_padding_mask, causal, softmax_scale, window_left, window_right, softcap,
+#                   alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq, drop_lk) -> (out, lse)
+# attention_ext_bwd(dout, q, k, v, out, lse, <the same from key_padding_mask on>, bias_grad, deterministic)
+#   -> (dq, dk, dv, dbias)   (contract: csrc/pyllm.cpp)
+def attention_ext_fwd_fake(q, k, v, key_padding_mask, causal, softmax_scale, *features):
+    return attention_fwd_fake(q, k, v, key_padding_mask, causal, softmax_scale)
+
+
+def attention_ext_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, window_left, window_right,
+                           softcap, alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq, drop_lk, bias_grad,
+                           deterministic):
+    dbias = attn_bias.new_empty(attn_bias.shape) if (bias_grad and attn_bias is not None) else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def register_attention_ext(fwd_name: str, bwd: Callable) -> None:
+    """Fake kernels and autograd for an attention_ext fwd op whose backward op is ``bwd``; attn_bias
+    (input 10) gets its gradient when it requires one."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, key_padding_mask = inputs[:4]
+        alibi, bias = inputs[9], inputs[10]
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, alibi, bias)
+        ctx.args = inputs[4:9] + inputs[11:]  # causal, scale, window_left, window_right, softcap, p, seed, ...
+        ctx.bias_grad = bias is not None and ctx.needs_input_grad[10]
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, mask, alibi, bias = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        causal, scale, wl, wr, cap = ctx.args[:5]
+        rest = ctx.args[5:]
+        dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, mask, causal, scale, wl, wr, cap, alibi, bias, *rest,
+                                ctx.bias_grad, torch.are_deterministic_algorithms_enabled())
+        return (dq, dk, dv) + (None,) * 7 + (dbias if ctx.bias_grad else None,) + (None,) * 5
+
+    torch.library.register_fake(fwd_name)(attention_ext_fwd_fake)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
 # ---------------------------------------------------------------- Triton custom ops
@@ -169,6 +208,30 @@ def triton_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: b
     from pyllm.kernels import rotary as K
 
     return K.rotary(q, k, cos, sin, interleaved, conjugate)
+@torch.library.custom_op("pyllm::triton_attention_ext_fwd", mutates_args=())
+def triton_attention_ext_fwd(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool, softmax_scale: float,
+    window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor], attn_bias: Optional[Tensor],
+    dropout_p: float, seed: int, offset: int, drop_lq: int, drop_lk: int,
+) -> tuple[Tensor, Tensor]:
+    from pyllm.kernels import attention as K
+
+    return K.attention_ext_fwd(q, k, v, key_padding_mask, causal, softmax_scale, window_left, window_right, softcap,
+                               alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq, drop_lk)
+
+
+@torch.library.custom_op("pyllm::triton_attention_ext_bwd", mutates_args=())
+def triton_attention_ext_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
+    causal: bool, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+    alibi_slopes: Optional[Tensor], attn_bias: Optional[Tensor], dropout_p: float, seed: int, offset: int,
+    drop_lq: int, drop_lk: int, bias_grad: bool, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from pyllm.kernels import attention as K
+
+    return K.attention_ext_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, window_left,
+                               window_right, softcap, alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq,
+                               drop_lk, bias_grad, deterministic)
 
 
 torch.library.register_fake("pyllm::triton_layer_norm_bwd")(layer_norm_bwd_fake)
@@ -176,6 +239,8 @@ torch.library.register_fake("pyllm::triton_attention_bwd")(attention_bwd_fake)
 register_layer_norm("pyllm::triton_layer_norm_fwd", triton_layer_norm_bwd)
 register_attention("pyllm::triton_attention_fwd", triton_attention_bwd)
 register_rotary("pyllm::triton_rotary", triton_rotary)
+torch.library.register_fake("pyllm::triton_attention_ext_bwd")(attention_ext_bwd_fake)
+register_attention_ext("pyllm::triton_attention_ext_fwd", triton_attention_ext_bwd)
 
 
 def _register_extension_ops() -> None:
@@ -191,6 +256,9 @@ def _register_extension_ops() -> None:
     register_attention("pyllm::attention_fwd", ops.attention_bwd)
     if hasattr(ops, "rotary"):  # absent from an extension built before the op existed (backends say so)
         register_rotary("pyllm::rotary", ops.rotary)
+    if hasattr(ops, "attention_ext_fwd"):
+        torch.library.register_fake("pyllm::attention_ext_bwd")(attention_ext_bwd_fake)
+        register_attention_ext("pyllm::attention_ext_fwd", ops.attention_ext_bwd)
 
 
 _register_extension_ops()
