@@ -18,7 +18,7 @@ pyllm's fused RMSNorm, reusing the same Parameter objects, so optimizers built b
 Per call, anything the fused op cannot express exactly goes to transformers' own implementation of the
 model (its `eager_attention_forward`, else SDPA), never to a silent wrong answer: see `fallback_reason`
 (T5's position_bias, custom 4-D masks, sliding windows, soft-capping, attention sinks, packed sequences,
-output_attentions, attention dropout in training).
+output_attentions together with attention dropout in training).
 """
 
 from __future__ import annotations
@@ -54,13 +54,12 @@ def _tf(name: str = "transformers"):
 def fallback_reason(module: nn.Module, query, key, attention_mask, dropout: float, kwargs: dict) -> Optional[str]:
     """None when `pyllm.attention` computes this call exactly; else why transformers' own implementation must.
 
-    This is the one place to switch a case to the fused path once pyllm.attention expresses it (dropout_p,
-    attn_bias for T5's position_bias, window_size for sliding windows, attention_probs for output_attentions).
+    This is the one place to switch a case to the fused path once pyllm.attention expresses it (attn_bias
+    for T5's position_bias, window_size for sliding windows). Attention dropout runs fused (``dropout_p``) and
+    output_attentions comes from ``pyllm.attention_probs`` (exact maps recomputed from the log-sum-exp).
     """
-    if kwargs.get("output_attentions"):
-        return "output_attentions (the fused kernel never forms the attention probabilities)"
-    if dropout > 0 and module.training:
-        return f"attention dropout {dropout} in training"
+    if kwargs.get("output_attentions") and dropout > 0 and module.training:
+        return "output_attentions with attention dropout in training (transformers returns the maps after dropout)"
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
         return "a custom or 4-D attention mask"
     if kwargs.get("position_bias") is not None:
@@ -118,10 +117,17 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
         return _transformers_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                        reason, kwargs)
     # (B, H, N, D) -> (B, N, H, D): transposed views, no copies (kernels take strides); GQA served as is
-    o = pyllm.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                        causal=_causal(module, is_causal) and query.shape[2] > 1, softmax_scale=scaling,
-                        key_padding_mask=attention_mask, backend=getattr(module, "_pyllm_backend", None))
-    return o, None
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    causal = _causal(module, is_causal) and query.shape[2] > 1
+    p = dropout if module.training else 0.0  # transformers passes the module's rate; eval never drops
+    kw = dict(causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
+              backend=getattr(module, "_pyllm_backend", None))
+    if not kwargs.get("output_attentions"):
+        return pyllm.attention(q, k, v, dropout_p=p, **kw), None
+    o, lse = pyllm.attention(q, k, v, dropout_p=p, return_lse=True, **kw)
+    # the exact softmax maps (B, Hq, Nq, Nk), recomputed from q, k and the saved log-sum-exp
+    return o, pyllm.attention_probs(q, k, causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
+                                    lse=lse)
 
 
 def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,

@@ -189,32 +189,40 @@ def test_every_architecture_patched_matches_unpatched(name, count_attention):
 
 
 @pytest.mark.parametrize("B,N", [(3, 8), (4, 4)])  # B == N once: a 2-D mask must never be read as (Nq, Nk)
-def test_bert_output_attentions_on_padded_batch_falls_back_exactly(B, N, count_attention):
+def test_bert_output_attentions_on_padded_batch_fused_maps_equal_eager(B, N, count_attention):
     model = _tiny("bert").eval()
     ids, mask = batch(B=B, N=N, lengths=[N - i for i in range(B)])
     with torch.no_grad():
         want = model(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
         patch(model)
         got = model(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
-    assert count_attention == []  # output_attentions: every call is transformers' own
+    assert len(count_attention) == 2  # fused in both layers (maps from pyllm.attention_probs)
     real = mask.bool()
     torch.testing.assert_close(got.hidden_states[-1][real], want.hidden_states[-1][real], atol=1e-5, rtol=0)
     for a, b in zip(got.attentions, want.attentions):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-def test_attention_dropout_in_training_is_transformers_own(count_attention):
+def test_attention_dropout_in_training_runs_fused(monkeypatch):
+    """Issue 13: a patched model trains with its attention dropout applied inside the fused kernel."""
     model = _tiny("llama").train()
     for m in model.modules():
         if hasattr(m, "attention_dropout"):
             m.attention_dropout = 0.5
     patch(model)
+    rates, real = [], pyllm.attention
+    monkeypatch.setattr(pyllm, "attention", lambda *a, **kw: rates.append(kw.get("dropout_p")) or real(*a, **kw))
     ids, mask = batch(B=2, N=6)
-    model(ids, attention_mask=mask)
-    assert count_attention == []
+    torch.manual_seed(1)
+    a = model(ids, attention_mask=mask).logits
+    torch.manual_seed(1)
+    b = model(ids, attention_mask=mask).logits
+    assert rates == [0.5, 0.5, 0.5, 0.5]  # both layers, both calls: fused with the module's rate
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # the mask follows torch's seed
     model.eval()
-    model(ids, attention_mask=mask)
-    assert len(count_attention) == 2  # eval: no dropout, fused again
+    c = model(ids, attention_mask=mask).logits
+    assert rates[-2:] == [0.0, 0.0]  # eval: no dropout
+    assert not torch.allclose(a, c)  # dropout changed the training output
 
 
 def test_norm_classes_pyllm_does_not_know_are_left_and_reported():
