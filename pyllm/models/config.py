@@ -30,9 +30,9 @@ class TransformerConfig:
     Defaults are BERT-base sized. `norm_position=None` means the family's own choice:
     "post" for BERT (LayerNorm after each residual add), "pre" for GPT (before each sublayer).
 
-    `attention_dropout` is recorded (checkpoints carry it) but not applied: pyllm.attention is
-    fused and never forms the attention probabilities, so it has nothing to drop. Hidden
-    dropout (after embeddings, attention output and MLP output) is applied as usual.
+    `attention_dropout` is applied in training inside the fused kernel (`pyllm.attention(dropout_p=...)`:
+    a Philox mask that torch's seed reproduces; the probabilities are never stored). Hidden dropout
+    (after embeddings, attention output and MLP output) is applied as usual.
     """
 
     vocab_size: int = 30522
@@ -46,7 +46,7 @@ class TransformerConfig:
     norm_position: Optional[str] = None  # "pre" / "post" / None (family default)
     activation: str = "gelu"  # gelu (erf), gelu_new / gelu_tanh (tanh approx.), relu, silu
     hidden_dropout: float = 0.1
-    attention_dropout: float = 0.0  # recorded only, see the class docstring
+    attention_dropout: float = 0.0  # on the attention probabilities, in training (fused)
     classifier_dropout: Optional[float] = None  # None = hidden_dropout
     norm_eps: float = 1e-12
     initializer_range: float = 0.02

@@ -239,3 +239,23 @@ def test_gpt_layer_stack_is_not_called_encoder_and_old_state_dicts_load():
     fresh.load_state_dict(old)
     for k, v in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_attention_dropout_is_applied_in_training_and_reproducible():
+    """attention_dropout drops attention probabilities inside the fused kernel, in training only."""
+    ids, mask = batch()
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config(attention_dropout=0.5))
+    torch.manual_seed(0)
+    plain = BertForMaskedLM(tiny_config(attention_dropout=0.0))
+    model.train(), plain.train()
+    torch.manual_seed(3)
+    a = model(ids, attention_mask=mask).logits
+    torch.manual_seed(3)
+    b = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # the Philox mask follows torch's seed
+    torch.manual_seed(3)
+    assert not torch.allclose(a, plain(ids, attention_mask=mask).logits)  # something was dropped
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)
