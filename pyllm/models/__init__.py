@@ -13,6 +13,9 @@ from .config import TransformerConfig
 from .generation import generate
 from .gpt import GPTForCausalLM, GPTForSequenceClassification, GPTModel
 from .tokenizer import Tokenizer, load_tokenizer
+from .bart import BartForConditionalGeneration, BartModel
+from .seq2seq import Seq2SeqCache, Seq2SeqConfig, Seq2SeqLMOutput, Seq2SeqModelOutput
+from .t5 import T5ForConditionalGeneration, T5Model
 
 __all__ = [
     "TransformerConfig", "Block", "KVCache", "PreTrainedModel",
@@ -21,4 +24,6 @@ __all__ = [
     "generate", "Tokenizer", "load_tokenizer",
     "ModelOutput", "BaseModelOutput", "MaskedLMOutput", "CausalLMOutput", "SequenceClassifierOutput",
     "TokenClassifierOutput", "QuestionAnsweringOutput",
+    "Seq2SeqConfig", "Seq2SeqCache", "Seq2SeqModelOutput", "Seq2SeqLMOutput",
+    "BartModel", "BartForConditionalGeneration", "T5Model", "T5ForConditionalGeneration",
 ]
