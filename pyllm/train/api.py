@@ -356,6 +356,10 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> TrainResult:
                                       model="path/to/bert", epochs=3)
         result.metrics["eval_accuracy"]
     """
+    task = kwargs.get("task", getattr(config, "task", None) if not isinstance(config, dict) else config.get("task"))
+    if task in ("translation", "summarization"):  # encoder-decoders: pyllm.train.seq2seq (issue 16)
+        from . import seq2seq
+        return _launch(FinetuneConfig, seq2seq.finetune_job, config, seq2seq.defaults(config, kwargs))
     return _launch(FinetuneConfig, _finetune, config, kwargs)
 
 

@@ -243,7 +243,10 @@ def cmd_finetune(args) -> int:
     print(f"fine-tuned for {m['steps']} steps on {m['train_examples']} examples "
           f"({m['train_seconds']:.0f} s) -> {result.output_dir}")
     _print_metrics(m, ["eval_accuracy", "eval_macro_f1", "majority_class_accuracy", "eval_f1", "eval_exact_match",
+                       "eval_bleu", "eval_chrf", "eval_rouge1", "eval_rouge2", "eval_rougeL",  # seq2seq (issue 16)
                        "eval_loss", "train_loss", "peak_memory_mb", "stopped"])
+    for s in m.get("samples", []):  # seq2seq: a few validation sources, references and outputs
+        print(f"  {s['source']!r}\n    -> {s['output']!r}\n    reference {s['reference']!r}")
     return 0
 
 
@@ -251,7 +254,10 @@ def cmd_finetune(args) -> int:
 def cmd_evaluate(args) -> int:
     args = _simple_options(args)
     from .api import evaluate
+    from .seq2seq import evaluate_run, is_seq2seq_folder
 
+    if is_seq2seq_folder(args.folder):  # translation / summarization runs (issue 16)
+        evaluate = evaluate_run
     metrics = evaluate(args.folder, args.data, batch_size=args.batch_size, device=args.device,
                        max_examples=args.max_examples)
     print(f"evaluated {args.folder}:")
@@ -286,6 +292,12 @@ def cmd_predict(args) -> int:
     from .api import predict
 
     items = _read_inputs(args)
+    from .seq2seq import is_seq2seq_folder, predict_run
+
+    if is_seq2seq_folder(args.folder):  # translation / summarization runs (issue 16): one output per input
+        for x in predict_run(args.folder, items, batch_size=args.batch_size, device=args.device):
+            print(x)
+        return 0
     for x, r in zip(items, predict(args.folder, items, batch_size=args.batch_size, device=args.device)):
         if args.json:
             print(json.dumps({"input": x, **r}))
@@ -303,6 +315,14 @@ def cmd_generate(args) -> int:
     args = _simple_options(args)
     from .api import generate
 
+    from .seq2seq import is_seq2seq_folder, predict_run
+
+    if is_seq2seq_folder(args.folder):  # translation / summarization runs (issue 16): prompts are sources
+        for text in predict_run(args.folder, args.prompt or [], batch_size=8, device=args.device,
+                                max_new_tokens=args.max_new_tokens):
+            print(text)
+            print("---")
+        return 0
     prompts = args.prompt or ["Return the"]
     outs = generate(args.folder, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k or None, seed=args.seed, device=args.device)

@@ -17,7 +17,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 OBJECTIVES = ("clm", "mlm")
-TASKS = ("sequence-classification", "token-classification", "question-answering")
+TASKS = ("sequence-classification", "token-classification", "question-answering", "translation", "summarization")
 
 
 @dataclass
@@ -153,6 +153,12 @@ class FinetuneConfig(TrainConfig):
     warmup_ratio: float = 0.1
     schedule: str = "linear"
     min_lr_ratio: float = 0.0
+    # translation / summarization (pyllm.train.seq2seq)
+    source_column: str = "source"
+    target_column: str = "target"
+    max_target_length: int = 64
+    num_beams: int = 1
+    language: str = "fr"  # the embedded number set: English -> fr, de or es
 
     def validate(self) -> None:
         super().validate()
@@ -160,7 +166,7 @@ class FinetuneConfig(TrainConfig):
             raise ValueError(f"FinetuneConfig: task must be one of {TASKS}, got {self.task!r}")
         if self.max_length < 8:
             raise ValueError(f"FinetuneConfig: max_length must be >= 8, got {self.max_length}")
-        if self.train_file is None and self.task != "sequence-classification":
+        if self.train_file is None and self.task not in ("sequence-classification", "translation"):
             raise ValueError(f"FinetuneConfig: task {self.task!r} needs a train_file (the embedded data is "
                              "for sequence-classification only)")
 
