@@ -202,16 +202,21 @@ def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, strict:
     return model.eval()
 
 
-def save_pretrained(model, folder, *, overwrite: bool = False):
-    from safetensors.torch import save_file
-    folder = Path(folder)
-    who = f"{type(model).__name__}.save_pretrained"
+def check_save_folder(folder: Path, who: str, overwrite: bool):
+    """Nothing a user saved is overwritten: refuse a file, or a non-empty folder unless overwrite=True."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{who}: {folder} exists and is not a folder")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         held = sorted(p.name for p in folder.iterdir())
         raise FileExistsError(f"{who}: folder {folder} is not empty (holds {held[:8]}"
                               f"{' ...' if len(held) > 8 else ''}); pass overwrite=True to write into it")
+
+
+def save_pretrained(model, folder, *, overwrite: bool = False):
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    who = f"{type(model).__name__}.save_pretrained"
+    check_save_folder(folder, who, overwrite)
     hf_config = config_to_hf(model, _ARCH[type(model).__name__][0])
     params = model.state_dict()
     hf_prefix = _ARCH[type(model).__name__][1]

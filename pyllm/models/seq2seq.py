@@ -30,11 +30,12 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import pyllm
 from pyllm.nn import LayerNorm, RMSNorm
 
-from .base import ModelOutput, check_class_labels, check_inputs, check_labels, padding_mask
+from .base import ModelOutput, PreTrainedModel, check_class_labels, check_inputs, check_labels, padding_mask
 from .block import KVCache, activation_fn
 from .config import ACTIVATIONS, BACKENDS
 
@@ -370,6 +371,7 @@ class Seq2SeqStack(nn.Module):
                                     for _ in range(config.decoder_layers if decoder else config.encoder_layers))
         self.norm_f = make_norm(config) if config.norm_position == "pre" else None
         self.dropout = nn.Dropout(config.dropout)
+        self.gradient_checkpointing = False
 
     def position_bias(self, Nq: int, Nk: int, past: int, device) -> torch.Tensor:
         """(1, H, Nq, Nk) T5 bias for queries at positions past..past+Nq-1 against keys 0..Nk-1."""
@@ -394,8 +396,11 @@ class Seq2SeqStack(nn.Module):
             x = self.layernorm_embedding(x)
         x = self.dropout(x)
         residual = None
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, mask, self.decoder, cache, i, bias, memory, memory_mask)
+            args = (x, residual, mask, self.decoder, cache, i, bias, memory, memory_mask)
+            # checkpointing keeps only each layer's inputs alive and recomputes the rest in backward
+            x, residual = checkpoint(layer, *args, use_reentrant=False) if ckpt else layer(*args)
         if self.norm_f is not None:
             x = self.norm_f(x) if residual is None else self.norm_f(x, residual=residual)[0]
             x = self.dropout(x)
@@ -426,13 +431,14 @@ def _encoder_states(encoder_outputs):
     return encoder_outputs.last_hidden_state
 
 
-class Seq2SeqPreTrainedModel(nn.Module):
-    """Base of the encoder-decoders: config, weight init, Hugging Face checkpoints (seq2seq_io.py)."""
+class Seq2SeqPreTrainedModel(PreTrainedModel):
+    """Base of the encoder-decoders: config, weight init, Hugging Face checkpoints (seq2seq_io.py); device,
+    dtype and num_parameters() come from pyllm's PreTrainedModel."""
 
     families: tuple = ()  # the model_type values this class reads and writes
 
     def __init__(self, config: Seq2SeqConfig):
-        super().__init__()
+        nn.Module.__init__(self)  # PreTrainedModel.__init__ takes a TransformerConfig
         who = type(self).__name__
         if not isinstance(config, Seq2SeqConfig):
             raise ValueError(f"{who}: config must be a Seq2SeqConfig, got {type(config).__name__}")
@@ -456,15 +462,15 @@ class Seq2SeqPreTrainedModel(nn.Module):
                     nn.init.zeros_(module.bias)
 
     @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
+    def gradient_checkpointing(self) -> bool:
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Seq2SeqStack))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool):
+        """Recompute each layer in the backward pass (torch.utils.checkpoint), encoder and decoder."""
+        for m in self.modules():
+            if isinstance(m, Seq2SeqStack):
+                m.gradient_checkpointing = bool(on)
 
     @classmethod
     def from_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, **overrides):

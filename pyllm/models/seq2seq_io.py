@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .hf_io import Rule, _read_tensors
+from .hf_io import Rule, _read_tensors, check_save_folder
 from .seq2seq import Seq2SeqConfig
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
@@ -255,12 +255,7 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
     from safetensors.torch import save_file
     folder = Path(folder)
     who = f"{type(model).__name__}.save_pretrained"
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{who}: {folder} exists and is not a folder")
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        held = sorted(p.name for p in folder.iterdir())
-        raise FileExistsError(f"{who}: folder {folder} is not empty (holds {held[:8]}"
-                              f"{' ...' if len(held) > 8 else ''}); pass overwrite=True to write into it")
+    check_save_folder(folder, who, overwrite)
     hf_config = config_to_hf(model)
     params = model.state_dict()
     inner = model.config.inner_dim

@@ -223,3 +223,18 @@ def test_tokenizer_json_of_a_t5_style_folder_round_trips(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert t.decode(enc["input_ids"][0]) == "un deux trois"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = Seq2SeqConfig(model_type="t5", vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, num_heads=4,
+                        ffn_dim=48, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout=0.0)
+    model = T5ForConditionalGeneration(cfg).train()
+    ids, labels = torch.randint(2, V, (2, 7)), torch.randint(2, V, (2, 5))
+    model(ids, labels=labels).loss.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing = True
+    assert model.gradient_checkpointing
+    model(ids, labels=labels).loss.backward()
+    for w, p in zip(want, model.parameters()):
+        torch.testing.assert_close(p.grad, w, atol=1e-6, rtol=1e-5)
