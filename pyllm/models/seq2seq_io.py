@@ -59,6 +59,7 @@ def config_from_hf(hf: dict) -> dict:
                     norm_eps=get("layer_norm_epsilon", 1e-6),
                     init_std=get("initializer_factor", 1.0) * get("d_model", 512) ** -0.5,
                     scale_decoder_outputs=hf.get("tie_word_embeddings", True) is not False,
+                    tie_word_embeddings=hf.get("tie_word_embeddings", True) is not False,  # T5 v1.1: own lm_head
                     decoder_start_token_id=get("decoder_start_token_id", hf.get("pad_token_id", 0)))
     if mt not in ("bart", "marian"):
         raise ValueError(f"from_pretrained: model type {mt!r} is not an encoder-decoder pyllm reads; expected one of "
@@ -237,6 +238,10 @@ def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, **overr
             continue
         loaded[r.pyllm] = t
     unexpected = [k for k in sd if k not in used and not _IGNORABLE.search(k)]
+    shared = next(k for k in sd if k.endswith("shared.weight")) if any(k.endswith("shared.weight") for k in sd) else None
+    if config.tie_word_embeddings and "lm_head.weight" in sd and shared and not torch.equal(sd["lm_head.weight"],
+                                                                                          sd[shared]):
+        unexpected.append("lm_head.weight (differs from the shared embedding, but config.json ties them)")
     problems = [f"{name}: {items}" for name, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
                                                         ("mis-shaped tensors", bad_shape)) if items]
     if problems:

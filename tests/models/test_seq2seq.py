@@ -238,3 +238,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(ids, labels=labels).loss.backward()
     for w, p in zip(want, model.parameters()):
         torch.testing.assert_close(p.grad, w, atol=1e-6, rtol=1e-5)
+
+
+def test_untied_lm_head_is_read_not_dropped(tmp_path):
+    cfg = Seq2SeqConfig(model_type="bart", vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, num_heads=4,
+                        ffn_dim=48, max_position_embeddings=16, tie_word_embeddings=False)
+    model = BartForConditionalGeneration(cfg).eval()
+    model.save_pretrained(tmp_path / "untied")
+    back = BartForConditionalGeneration.from_pretrained(tmp_path / "untied")
+    assert not back.config.tie_word_embeddings
+    torch.testing.assert_close(back.lm_head.weight, model.lm_head.weight)
+    # a tied config with a different lm_head tensor is refused, not silently ignored
+    hf_cfg = json.loads((tmp_path / "untied" / "config.json").read_text())
+    (tmp_path / "untied" / "config.json").write_text(json.dumps({**hf_cfg, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="lm_head.weight \\(differs from the shared embedding"):
+        BartForConditionalGeneration.from_pretrained(tmp_path / "untied")
