@@ -33,19 +33,17 @@ SEQ2SEQ_MODEL_TYPES = ("bart", "marian", "t5")
 # the from-scratch model of a run without --model (about 1.1M parameters with the default vocabulary)
 SMALL_BART = dict(d_model=128, encoder_layers=2, decoder_layers=2, num_heads=4, ffn_dim=512)
 SMALL_VOCAB = 2000  # its byte-level BPE vocabulary, trained on the pairs
-# what a seq2seq run changes from finetune's defaults (which suit a pretrained classifier)
-RUN_DEFAULTS = dict(learning_rate=2e-3, batch_size=32, epochs=12.0, warmup_ratio=0.05, max_eval_examples=300,
-                    schedule="cosine")
-
-
 def defaults(config, kwargs: dict) -> dict:
-    """kwargs with RUN_DEFAULTS for keys not given (a --model run keeps finetune's learning rate); a full
-    config object or a resumed run keeps its own values."""
+    """kwargs plus what a seq2seq run needs that finetune's defaults (made for a pretrained classifier) do not
+    give, for keys not given: a from-scratch model (no --model) learns at 5e-4 with cosine decay; the embedded
+    set (no --train-file) runs 6 epochs. A full config object or a resumed run keeps its own values."""
     if config is not None or kwargs.get("resume"):
         return kwargs
-    base = dict(RUN_DEFAULTS)
-    if kwargs.get("model"):
-        base.pop("learning_rate")
+    base = {"batch_size": 32, "max_eval_examples": 300}
+    if not kwargs.get("model"):
+        base.update(learning_rate=5e-4, warmup_ratio=0.05, schedule="cosine")
+    if not kwargs.get("train_file"):
+        base["epochs"] = 6.0
     return {**base, **kwargs}
 
 
