@@ -21,6 +21,7 @@ H heads, D head_dim.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -185,7 +186,9 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_to
 # ----------------------------------------------------------------------------- attention
 
 
+@functools.lru_cache(maxsize=None)
 def _fused_bias_supported() -> bool:
+    """Whether pyllm.attention takes `attn_bias` (added by the attention issue; then T5 runs fully fused)."""
     return "attn_bias" in inspect.signature(pyllm.attention).parameters
 
 
