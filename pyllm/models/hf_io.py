@@ -142,12 +142,18 @@ def _normalize_hf_keys(sd: dict) -> dict:
     return out
 
 
-def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, strict: bool = False, **overrides):
-    folder = Path(folder)
-    who = f"{cls.__name__}.from_pretrained"
+def read_config(folder: Path, who: str) -> dict:
+    """The folder's config.json, or FileNotFoundError naming the folder."""
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{who}: no config.json in {folder}")
     hf = json.loads((folder / "config.json").read_text())
+    return hf
+
+
+def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, strict: bool = False, **overrides):
+    folder = Path(folder)
+    who = f"{cls.__name__}.from_pretrained"
+    hf = read_config(folder, who)
     model_type = hf.get("model_type")
     if model_type != cls.family:
         raise ValueError(f"{who}: {folder} holds a {model_type!r} checkpoint (architectures "

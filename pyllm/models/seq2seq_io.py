@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .hf_io import Rule, _read_tensors, check_save_folder
+from .hf_io import Rule, _read_tensors, check_save_folder, read_config
 from .seq2seq import Seq2SeqConfig
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
@@ -209,9 +209,7 @@ def _read_generation_config(folder: Path) -> dict:
 def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, **overrides):
     folder = Path(folder)
     who = f"{cls.__name__}.from_pretrained"
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{who}: no config.json in {folder}")
-    hf = json.loads((folder / "config.json").read_text())
+    hf = read_config(folder, who)
     mt = hf.get("model_type")
     if mt not in cls.families:
         kind = ("an encoder-decoder" if hf.get("is_encoder_decoder") else "a decoder-only or encoder-only")
