@@ -33,6 +33,14 @@
 // attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, deterministic)
 //   -> (dq, dk, dv), each contiguous and shaped/typed like q, k, v; rows with lse = -inf contribute
 //   nothing (no NaN). deterministic = true: bitwise-reproducible gradients (no atomics order dependence).
+//
+// rotary(q, k, cos, sin, interleaved, conjugate) -> (q_out, k_out)
+//   q (B, N, Hq, D), k (B, N, Hk, D), stride(-1) == 1, any other strides; fp32 / fp16 / bf16 (fp64 on the CPU)
+//   cos, sin (Bc, N, R/2) contiguous, Bc = 1 or B, R <= D; float32 (float64 for fp64 q, k)
+//   rotates the pairs (x[i], x[i + R/2]) (rotate-half, interleaved = false) or (x[2i], x[2i + 1])
+//   (interleaved = true) of the first R dims by angle theta (cos, sin): (x1 c - x2 s, x2 c + x1 s);
+//   conjugate = true rotates by -theta (the backward pass); dims R..D are copied.
+//   q_out, k_out contiguous, q's shape and dtype / k's; math in fp32 (fp64 for fp64)
 #include <Python.h>
 #include <torch/library.h>
 
@@ -46,6 +54,7 @@ TORCH_LIBRARY(pyllm, m) {
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor? key_padding_mask, bool causal, float softmax_scale, bool deterministic)"
         " -> (Tensor, Tensor, Tensor)");
+  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool conjugate) -> (Tensor, Tensor)");
 }
 
 // `import pyllm._C` loads this library, which runs the registrations above; the module itself is empty.

@@ -51,11 +51,14 @@ import torch
 import triton
 import triton.language as tl
 
+from pyllm.capabilities import TRITON
+from pyllm.kernels import interpreting
+
 __all__ = ["attention_fwd", "attention_bwd"]
 
 _LOG2E = 1.4426950408889634
-_MAX_HEAD_DIM = 256
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = TRITON.max_head_dim
+_DTYPES = tuple(getattr(torch, d) for d in TRITON.dtypes)
 # Fixed tiles under the interpreter: per-op overhead dominates there, so fewer, larger tiles win
 # (64 runs seqlen 113 about 2-4x faster than 32). Tests may set 16 to cover many-block paths cheaply.
 _INTERPRET_BLOCK_M = 64
@@ -400,18 +403,36 @@ def _attn_bwd_dq(
 # one kernel rather than timing all of them: quick GPU checks).
 _AUTOTUNE = os.environ.get("PYLLM_TRITON_AUTOTUNE", "1") != "0"
 _TUNE_KEY = ["TUNE_NQ", "TUNE_NK", "HEAD_DIM", "CAUSAL", "HAS_MASK"]
-_CONFIGS = [
+_CONFIGS_SM80 = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [
         (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
         (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (128, 32, 4, 4),
     ]
 ]
+# Hopper (sm_90): tl.dot becomes wgmma when every warpgroup (4 warps) owns a multiple of 64 query rows, so
+# BLOCK_M is 64 or 128 on 4 warps, 128 on 8; BLOCK_N 64-128 with 3-4 stages, which its 227 KB of shared
+# memory holds. _prune keeps the list of the GPU at hand.
+_CONFIGS_SM90 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+        (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
+    ]
+]
+_CONFIGS = _CONFIGS_SM80 + _CONFIGS_SM90
+_SM90_IDS = {id(c) for c in _CONFIGS_SM90}
 
 
-def _heuristic(dtype, block_d, tune_nq):
+def _hopper(t) -> bool:
+    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] == 9
+
+
+def _heuristic(dtype, block_d, tune_nq, hopper=False):
     """One good-enough config, used for fp32, without autotuning, and as the pruning fallback."""
-    if dtype == torch.float32:
+    if hopper and dtype != torch.float32 and block_d <= 128:
+        bm, bn, w, s = (128, 128, 8, 3) if block_d <= 64 else (128, 64, 8, 3)
+    elif dtype == torch.float32:
         # fp32 dots run on CUDA cores with fp32 tiles in shared memory (and compile slowly): keep them small.
         bm, bn, w, s = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
                         128: (64, 32, 4, 2)}.get(block_d, (32, 32, 4, 1))
@@ -431,13 +452,15 @@ def _prune(configs, named_args, **kwargs):
     # tiles; fp32 gets its one small config (every fp32 config takes minutes to compile).
     args = {**named_args, **kwargs}
     dtype, block_d, tune_nq = args["Q"].dtype, args["BLOCK_D"], args["TUNE_NQ"]
+    hopper = _hopper(args["Q"])
     if dtype == torch.float32:
         return [_heuristic(dtype, block_d, tune_nq)]
+    configs = [c for c in configs if (id(c) in _SM90_IDS) == hopper] or configs  # this GPU's own list
     keep = [c for c in configs
             if (block_d < 256 or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 64)
             and (block_d < 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64)
             and (tune_nq > 64 or c.kwargs["BLOCK_M"] == 64)]
-    return keep or [_heuristic(dtype, block_d, tune_nq)]
+    return keep or [_heuristic(dtype, block_d, tune_nq, hopper)]
 
 
 def _tuned(kernel):
@@ -454,12 +477,6 @@ _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq)
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreted():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_attn_fwd, InterpretedFunction)
-
-
 def _bucket(n):
     # Seqlen bucket for the autotune key: powers of two, capped (tiling choices stop changing).
     return min(triton.next_power_of_2(max(n, 1)), 8192)
@@ -471,35 +488,19 @@ def _last_dim_contiguous(x):
 
 
 def _check(q, k, v, key_padding_mask, fn):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{fn}: q, k, v must be 4-D (batch, seqlen, heads, head_dim); "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"{fn}: q dtype must be float16, bfloat16 or float32; got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"{fn}: k and v must have q's dtype {q.dtype}; got {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{fn}: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    B, Nq, Hq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{fn}: k and v must be ({B}, seqlen_k, heads_kv, {D}); "
-                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
-    Hkv = k.shape[2]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"{fn}: heads_q ({Hq}) must be a multiple of heads_kv ({Hkv})")
-    if D > _MAX_HEAD_DIM or D < 1:
-        raise ValueError(f"{fn}: head_dim must be in 1..{_MAX_HEAD_DIM}; got {D}")
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, k.shape[1]):
-            raise ValueError(f"{fn}: key_padding_mask must be bool ({B}, {k.shape[1]}); "
-                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"{fn}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-    if q.device.type == "cpu":
-        if not _interpreted():
-            raise ValueError(f"{fn}: CPU tensors need the Triton interpreter "
-                             "(TRITON_INTERPRET=1 set before triton is imported)")
-    elif q.device.type != "cuda":
+    # Cheap guards against calls that would read out of bounds; pyllm.attention validates every argument
+    # with a precise message before it gets here, so these only stop direct calls of the raw op.
+    B, _, Hq, D = q.shape if q.dim() == 4 else (0, 0, 0, 0)
+    mask_ok = key_padding_mask is None or (key_padding_mask.dtype == torch.bool and key_padding_mask.device == q.device
+                                           and tuple(key_padding_mask.shape) == (B, k.shape[1]))
+    if not (q.dim() == 4 and k.dim() == 4 and k.shape == v.shape and k.shape[0] == B and k.shape[3] == D
+            and k.shape[2] > 0 and Hq % k.shape[2] == 0 and 1 <= D <= _MAX_HEAD_DIM and q.dtype in _DTYPES
+            and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device and mask_ok):
+        raise ValueError(f"{fn}: inputs the kernel cannot take: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}, key_padding_mask "
+                         f"{None if key_padding_mask is None else tuple(key_padding_mask.shape)} "
+                         "(call pyllm.attention for a precise error)")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
         raise ValueError(f"{fn}: q must be on a CUDA device (or the CPU under TRITON_INTERPRET=1); got {q.device}")
 
 
@@ -523,7 +524,7 @@ def _launch_args(q, key_padding_mask):
     if on_cpu:
         fixed = dict(BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOCK_N)
     elif not _AUTOTUNE:
-        c = _heuristic(q.dtype, consts["BLOCK_D"], _bucket(q.shape[1]))
+        c = _heuristic(q.dtype, consts["BLOCK_D"], _bucket(q.shape[1]), _hopper(q))
         fixed = dict(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         fixed = None  # autotune

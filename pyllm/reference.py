@@ -1,4 +1,4 @@
-"""The truth: attention and LayerNorm/RMSNorm in plain PyTorch.
+"""The truth: attention, LayerNorm/RMSNorm and rotary embeddings in plain PyTorch.
 
 Every backend is checked against these functions (tests, ``pyllm check``), and the ``reference``
 backend serves calls with them. ``upcast=True`` computes in float32 (float64 stays float64; pass
@@ -98,7 +98,7 @@ def scaled_dot_product_attention(
             s = s + attn_mask.to(mdt)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
+    m = s.amax(dim=-1, keepdim=True) if S else s.new_zeros(s.shape[:-1] + (1,))  # S = 0: torch returns zeros
     m = m.masked_fill(torch.isinf(m), 0.0)
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
@@ -154,6 +154,39 @@ def rms_norm(
         y = y * weight.to(mdt)
     y = y.to(x.dtype)
     return y if residual is None else (y, h)
+
+
+def rotary(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    interleaved: bool = False,
+    conjugate: bool = False,
+    upcast: bool | torch.dtype = True,
+):
+    """Rotary position embeddings on q (B, N, Hq, D) and k (B, N, Hk, D); see :func:`pyllm.rotary`.
+
+    cos, sin: (N, R/2) or (1 or B, N, R/2), R <= D. Pairs (x[i], x[i + R/2]) (rotate-half), or (x[2i],
+    x[2i + 1]) when interleaved, are rotated: (x1 cos - x2 sin, x2 cos + x1 sin); conjugate rotates by
+    -theta. Dims R..D are copied. Returns (q_out, k_out) in the inputs' dtypes.
+    """
+    return (_rotate(q, cos, sin, interleaved, conjugate, upcast),
+            _rotate(k, cos, sin, interleaved, conjugate, upcast))
+
+
+def _rotate(x, cos, sin, interleaved, conjugate, upcast):
+    mdt = _math_dtype(x.dtype, upcast)
+    cos, sin = (t if t.dim() == 3 else t[None] for t in (cos, sin))
+    R = 2 * cos.shape[-1]
+    c = cos.to(mdt)[:, :, None]  # (1 or B, N, 1, R/2)
+    s = sin.to(mdt)[:, :, None] * (-1 if conjugate else 1)
+    xr = x[..., :R].to(mdt)
+    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else xr.chunk(2, dim=-1)
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    out = torch.stack([o1, o2], dim=-1).flatten(-2) if interleaved else torch.cat([o1, o2], dim=-1)
+    return torch.cat([out.to(x.dtype), x[..., R:]], dim=-1)
 
 
 def _shape(normalized_shape) -> tuple[int, ...]:

@@ -124,5 +124,25 @@ size_t layer_norm_bwd_workspace_floats(int64_t M, int64_t N);
 cudaError_t layer_norm_bwd(const LayerNormBwdParams& p, DType dtype, DType weight_dtype,
                            cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------------
+// Rotary position embeddings on q and k (op contract in csrc/pyllm.cpp). fp32 / fp16 / bf16.
+// ---------------------------------------------------------------------------------------------------
+
+struct RotaryParams {
+  const void* q;  // (B, N, Hq, D), strides q_stride_{b,n,h}
+  const void* k;  // (B, N, Hk, D), strides k_stride_{b,n,h}
+  void* q_out;    // (B, N, Hq, D) contiguous
+  void* k_out;    // (B, N, Hk, D) contiguous
+  const float* cos;  // (cos_batch, N, half) contiguous, cos_batch = 1 (shared) or B
+  const float* sin;
+  int batch, seqlen, heads_q, heads_k, head_dim, half, cos_batch;
+  int64_t q_stride_b, q_stride_n, q_stride_h;
+  int64_t k_stride_b, k_stride_n, k_stride_h;
+  bool interleaved;  // pairs (2i, 2i + 1) instead of (i, i + half)
+  bool conjugate;    // rotate by -theta (the backward pass)
+};
+
+cudaError_t rotary(const RotaryParams& p, DType dtype, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace pyllm

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .spec import BenchError
 
-BASELINES = {"attention": "sdpa", "layer_norm": "torch", "rms_norm": "torch", "train_step": "pyllm-reference"}
+BASELINES = {"attention": "sdpa", "layer_norm": "torch", "rms_norm": "torch", "rotary": "rotate-half",
+             "train_step": "pyllm-reference"}
 NORM_EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 
 
@@ -51,6 +52,9 @@ class Provider:
     def norm_fn(self, case, x, w, b, r, eps):
         raise NotImplementedError
 
+    def rotary_fn(self, case, q, k, cos, sin):
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------------------------------- pyllm
 
@@ -67,7 +71,7 @@ def _pyllm_state() -> tuple[object | None, str]:
 
 class PyllmProvider(Provider):
     kind = "pyllm"
-    ops = ("attention", "layer_norm", "rms_norm", "train_step")
+    ops = ("attention", "layer_norm", "rms_norm", "rotary", "train_step")
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -98,6 +102,8 @@ class PyllmProvider(Provider):
         if case.op == "attention":
             reasons = pyllm.backends.explain("attention", inputs["q"], inputs["k"], inputs["v"], causal=case.causal,
                                              key_padding_mask=inputs["mask"])
+        elif case.op == "rotary":
+            reasons = pyllm.backends.explain("rotary", inputs["q"], inputs["k"], inputs["cos"], inputs["sin"])
         else:
             x = inputs["x"]
             args = (x, (x.shape[-1],), inputs["w"]) + ((inputs["b"],) if case.op == "layer_norm" else ())
@@ -118,6 +124,11 @@ class PyllmProvider(Provider):
         if case.op == "layer_norm":
             return lambda: pyllm.layer_norm(x, (N,), w, b, eps, residual=r, backend=self.backend)
         return lambda: pyllm.rms_norm(x, (N,), w, eps, residual=r, backend=self.backend)
+
+    def rotary_fn(self, case, q, k, cos, sin):
+        import pyllm
+
+        return lambda: pyllm.rotary(q, k, cos, sin, backend=self.backend)
 
 
 # ------------------------------------------------------------------------------------------- torch
@@ -217,6 +228,19 @@ class TorchNorm(Provider):
 
 # -------------------------------------------------------------------------------------------- peers
 
+class RotateHalf(Provider):
+    name, ops = "rotate-half", ("rotary",)
+    describe = "q * cos + rotate_half(q) * sin, as transformers' Llama writes it (tables cast to the input dtype)"
+
+    def rotary_fn(self, case, q, k, cos, sin):
+        c, s = (torch.cat([t, t], dim=-1)[:, :, None].to(q.dtype) for t in (cos, sin))  # (1, N, 1, D)
+
+        def rot(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return x * c + torch.cat([-x2, x1], dim=-1) * s
+        return lambda: (rot(q), rot(k))
+
+
 class PeerProvider(Provider):
     kind = "peer"
     module = ""
@@ -269,8 +293,16 @@ class XformersProvider(PeerProvider):
 
 
 class LigerProvider(PeerProvider):
-    name, module, ops = "liger_kernel", "liger_kernel", ("layer_norm", "rms_norm")
-    describe = "liger_kernel's Triton LayerNorm/RMSNorm (residual added first)"
+    name, module, ops = "liger_kernel", "liger_kernel", ("layer_norm", "rms_norm", "rotary")
+    describe = "liger_kernel's Triton LayerNorm/RMSNorm (residual added first) and RoPE"
+
+    def rotary_fn(self, case, q, k, cos, sin):
+        from liger_kernel.ops.rope import LigerRopeFunction
+
+        c, s = (torch.cat([t, t], dim=-1).to(q.dtype) for t in (cos, sin))  # (1, N, D)
+        # Liger takes (B, H, N, D): transposed views in, pyllm's layout out
+        return lambda: tuple(t.transpose(1, 2) for t in LigerRopeFunction.apply(
+            q.transpose(1, 2), k.transpose(1, 2), c, s))
 
     def norm_fn(self, case, x, w, b, r, eps):
         if case.op == "layer_norm":
@@ -322,7 +354,7 @@ def all_providers() -> list[Provider]:
     sdpa_backends = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
                      ("math", "MATH"))
     out += [SDPAProvider(f"sdpa-{s}", b) for s, b in sdpa_backends]
-    out += [EagerAttention(), TorchNorm(), FlashAttnProvider(), XformersProvider(), LigerProvider(), ApexProvider()]
+    out += [EagerAttention(), TorchNorm(), RotateHalf(), FlashAttnProvider(), XformersProvider(), LigerProvider(), ApexProvider()]
     return out
 
 

@@ -90,9 +90,9 @@ def seq2seq_features(examples: Sequence[dict], tokenizer, *, max_source_length: 
                      truncate: bool = False) -> list[dict]:
     """Token ids: ``input_ids`` = source + EOS, ``labels`` = target + EOS. A side over its limit raises
     naming the example's file and line (or is cut, with truncate=True: summarization sources)."""
-    eos = tokenizer.eos_id
-    srcs = tokenizer.encode([e["source"] for e in examples], add_special_tokens=False)
-    tgts = tokenizer.encode([e["target"] for e in examples], add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    srcs = tokenizer.encode_batch([e["source"] for e in examples], add_special_tokens=False)
+    tgts = tokenizer.encode_batch([e["target"] for e in examples], add_special_tokens=False)
     feats = []
     for e, s, t in zip(examples, srcs, tgts):
         s, t = s.ids + [eos], t.ids + [eos]

@@ -142,8 +142,9 @@ class Block(nn.Module):
         return self.mlp(normed), residual  # (B, N, C) each
 
 
-class Encoder(nn.Module):
-    """The stack of blocks (plus the final norm when pre-norm), with optional per-block checkpointing."""
+class BlockStack(nn.Module):
+    """The stack of blocks (plus the final norm when pre-norm), with optional per-block checkpointing:
+    BERT's encoder and GPT's decoder layers alike."""
 
     def __init__(self, config: TransformerConfig, causal: bool, pre_norm: bool):
         super().__init__()

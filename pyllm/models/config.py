@@ -7,12 +7,20 @@ other names. `from_pretrained` fills one from a Hugging Face config.json (see hf
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pyllm import backends
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_tanh", "relu", "silu")
 NORM_POSITIONS = ("pre", "post")
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+BACKENDS = ("auto",) + backends.NAMES
 
 
 @dataclass
@@ -75,17 +83,23 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         for name in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
             p = getattr(self, name)
-            if p is not None and not 0.0 <= p < 1.0:
+            if p is not None and not (_is_number(p) and 0.0 <= p < 1.0):
                 raise ValueError(f"TransformerConfig: {name} must be in [0, 1), got {p!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"TransformerConfig: norm_eps must be > 0, got {self.norm_eps!r}")
+        if not (_is_number(self.norm_eps) and self.norm_eps > 0):
+            raise ValueError(f"TransformerConfig: norm_eps must be a number > 0, got {self.norm_eps!r}")
+        if not (_is_number(self.initializer_range) and self.initializer_range >= 0):
+            raise ValueError(f"TransformerConfig: initializer_range must be a number >= 0, got "
+                             f"{self.initializer_range!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"TransformerConfig: backend must be None or one of {BACKENDS}, got {self.backend!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             tid = getattr(self, name)
-            if tid is not None and not 0 <= tid < self.vocab_size:
+            if tid is not None and not (isinstance(tid, int) and not isinstance(tid, bool)
+                                        and 0 <= tid < self.vocab_size):
                 raise ValueError(f"TransformerConfig: {name} must be in [0, vocab_size={self.vocab_size}), got {tid}")
         if self.id2label is not None:
+            if not isinstance(self.id2label, dict):
+                raise ValueError(f"TransformerConfig: id2label must be a dict {{id: label}}, got {self.id2label!r}")
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             if len(self.id2label) != self.num_labels:
                 raise ValueError(f"TransformerConfig: id2label has {len(self.id2label)} entries but "
@@ -108,4 +122,4 @@ class TransformerConfig:
 
     def replace(self, **changes) -> "TransformerConfig":
         """A copy with some fields changed (validated again)."""
-        return TransformerConfig.from_dict({**self.to_dict(), **changes})
+        return type(self).from_dict({**self.to_dict(), **changes})

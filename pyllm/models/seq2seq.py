@@ -37,8 +37,9 @@ import pyllm
 from pyllm.nn import LayerNorm, RMSNorm
 
 from .base import ModelOutput, PreTrainedModel, check_class_labels, check_inputs, check_labels, padding_mask
-from .block import KVCache, activation_fn
+from .block import activation_fn
 from .config import ACTIVATIONS, BACKENDS
+from .seq2seq_generation import Seq2SeqCache  # the decoding state (re-exported here)
 
 MODEL_TYPES = ("bart", "marian", "t5")
 POSITIONS = ("learned", "sinusoidal", "relative")
@@ -150,27 +151,6 @@ class Seq2SeqLMOutput(ModelOutput):
     logits: torch.Tensor = None  # (B, N, vocab)
     encoder_last_hidden_state: torch.Tensor = None  # (B, M, C)
     cache: Optional["Seq2SeqCache"] = None
-
-
-class Seq2SeqCache:
-    """Decoder state for incremental decoding: self-attention K/V (a growing KVCache per layer) and the
-    cross-attention K/V of the encoder output, computed at the first step and reused after."""
-
-    def __init__(self, num_layers: int, capacity: int = 0):
-        self.self_attn = KVCache(num_layers, capacity)
-        self.cross: list[Optional[tuple]] = [None] * num_layers
-
-    @property
-    def seq_len(self) -> int:
-        return self.self_attn.seq_len
-
-    def reorder(self, index: torch.Tensor):
-        """Keep rows `index` (B',) of the self-attention cache (beam search picks its survivors). Beams of
-        one source share its encoder output, so the cross-attention K/V need no reordering."""
-        c = self.self_attn
-        for i, (k, v) in enumerate(zip(c.k, c.v)):
-            if k is not None:
-                c.k[i], c.v[i] = k.index_select(0, index), v.index_select(0, index)
 
 
 def shift_tokens_right(labels: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
@@ -439,6 +419,7 @@ class Seq2SeqPreTrainedModel(PreTrainedModel):
     dtype and num_parameters() come from pyllm's PreTrainedModel."""
 
     families: tuple = ()  # the model_type values this class reads and writes
+    config_class = Seq2SeqConfig  # what from_pretrained builds from config.json
 
     def __init__(self, config: Seq2SeqConfig):
         nn.Module.__init__(self)  # PreTrainedModel.__init__ takes a TransformerConfig

@@ -19,10 +19,31 @@ from typing import Optional, Union
 
 import torch
 
+from .block import KVCache
 from .generation import sample_next
-from .seq2seq import Seq2SeqCache
 
 _UNSET = object()
+
+
+class Seq2SeqCache:
+    """Decoder state for incremental decoding: self-attention K/V (a growing KVCache per layer) and the
+    cross-attention K/V of the encoder output, computed at the first step and reused after."""
+
+    def __init__(self, num_layers: int, capacity: int = 0):
+        self.self_attn = KVCache(num_layers, capacity)
+        self.cross: list[Optional[tuple]] = [None] * num_layers
+
+    @property
+    def seq_len(self) -> int:
+        return self.self_attn.seq_len
+
+    def reorder(self, index: torch.Tensor):
+        """Keep rows `index` (B',) of the self-attention cache (beam search picks its survivors). Beams of
+        one source share its encoder output, so the cross-attention K/V need no reordering."""
+        c = self.self_attn
+        for i, (k, v) in enumerate(zip(c.k, c.v)):
+            if k is not None:
+                c.k[i], c.v[i] = k.index_select(0, index), v.index_select(0, index)
 
 
 def _defaults(model, **given):

@@ -15,8 +15,7 @@ from typing import Optional
 
 import torch
 
-from .hf_io import Rule, _read_tensors, check_save_folder, read_config
-from .seq2seq import Seq2SeqConfig
+from .hf_io import Rule, _read_tensors, check_save_folder, read_config, write_checkpoint
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                 "silu": "silu", "swish": "silu"}
@@ -217,7 +216,7 @@ def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, **overr
                          f"{hf.get('architectures')}); {cls.__name__} reads model types {cls.families}")
     fields = config_from_hf(hf)
     fields["generation"] = _read_generation_config(folder)
-    config = Seq2SeqConfig(**{**fields, **overrides})
+    config = cls.config_class(**{**fields, **overrides})  # Seq2SeqConfig
     model = cls(config)
     sd = _read_tensors(folder)
     params = model.state_dict()
@@ -255,7 +254,6 @@ def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, **overr
 
 
 def save_pretrained(model, folder, *, overwrite: bool = False):
-    from safetensors.torch import save_file
     folder = Path(folder)
     who = f"{type(model).__name__}.save_pretrained"
     check_save_folder(folder, who, overwrite)
@@ -271,7 +269,5 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
     for k in ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(model.config, k) is not None:
             gen.setdefault(k, getattr(model.config, k))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # atomically, stale shards of an earlier save removed (hf_io.write_checkpoint)
+    write_checkpoint(folder, tensors, {"config.json": hf_config, "generation_config.json": gen})

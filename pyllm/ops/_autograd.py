@@ -1,4 +1,5 @@
-"""torch.library glue shared by the ops: fake (meta) kernels and autograd for the fwd/bwd op pairs.
+"""torch.library glue shared by the ops: fake (meta) kernels and autograd for the fwd/bwd op pairs
+(and for rotary, whose backward is the same op rotating by -theta).
 
 The C++ ops ``pyllm::{layer_norm,attention}_{fwd,bwd}`` (schemas in csrc/pyllm.cpp, CPU and CUDA kernels)
 and their Triton twins ``pyllm::triton_*`` (custom ops around the launchers in ``pyllm.kernels``) share one
@@ -42,13 +43,21 @@ def register_layer_norm(fwd_name: str, bwd: Callable) -> None:
         _, h, mean, rstd = output
         ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.has_residual = rms, bias is not None, residual is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
 
     def backward(ctx, dy, dh, _dmean, _drstd):
         hx, weight, mean, rstd = ctx.saved_tensors
         dy = torch.zeros_like(hx) if dy is None else dy.contiguous()
         dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
-        dx, dw, db = bwd(dy, hx, weight, mean, rstd, dh, ctx.rms, ctx.has_bias)
-        return (dx, dw if weight is not None else None, db if ctx.has_bias else None,
+        # The bwd ops return dbias in the weight's dtype (x's without a weight). An fp32 bias beside a 16-bit
+        # weight (or none) must get its gradient in fp32, not rounded to 16 bits: ask the kernel for fp32
+        # dweight/dbias with an fp32 weight (ones when there is none), and round dweight once afterwards.
+        w = weight
+        pdtype = weight.dtype if weight is not None else hx.dtype
+        if ctx.bias_dtype == torch.float32 and pdtype in (torch.float16, torch.bfloat16):
+            w = weight.float() if weight is not None else hx.new_ones(hx.shape[1], dtype=torch.float32)
+        dx, dw, db = bwd(dy, hx, w, mean, rstd, dh, ctx.rms, ctx.has_bias)
+        return (dx, dw.to(weight.dtype) if weight is not None else None, db if ctx.has_bias else None,
                 dx if ctx.has_residual else None, None, None)
 
     torch.library.register_fake(fwd_name)(layer_norm_fwd_fake)
@@ -86,6 +95,31 @@ def register_attention(fwd_name: str, bwd: Callable) -> None:
 
     torch.library.register_fake(fwd_name)(attention_fwd_fake)
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------- rotary
+def rotary_fake(q, k, cos, sin, interleaved, conjugate):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def register_rotary(name: str, op: Callable) -> None:
+    """Fake kernel and autograd for a rotary op: the gradient of a rotation is the inverse rotation,
+    the same op with ``conjugate`` flipped. cos/sin get no gradient (the op layer sends tables that
+    require grad to the reference)."""
+
+    def setup_context(ctx, inputs, output):
+        _, _, cos, sin, interleaved, conjugate = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved, ctx.conjugate = interleaved, conjugate
+
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = (g.contiguous() for g in (dq, dk))
+        gq, gk = op(dq, dk, cos, sin, ctx.interleaved, not ctx.conjugate)
+        return gq, gk, None, None, None, None
+
+    torch.library.register_fake(name)(rotary_fake)
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 
 # ---------------------------------------------------------------- Triton custom ops
@@ -129,10 +163,19 @@ def triton_attention_bwd(
     return K.attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, deterministic)
 
 
+@torch.library.custom_op("pyllm::triton_rotary", mutates_args=())
+def triton_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
+                  conjugate: bool) -> tuple[Tensor, Tensor]:
+    from pyllm.kernels import rotary as K
+
+    return K.rotary(q, k, cos, sin, interleaved, conjugate)
+
+
 torch.library.register_fake("pyllm::triton_layer_norm_bwd")(layer_norm_bwd_fake)
 torch.library.register_fake("pyllm::triton_attention_bwd")(attention_bwd_fake)
 register_layer_norm("pyllm::triton_layer_norm_fwd", triton_layer_norm_bwd)
 register_attention("pyllm::triton_attention_fwd", triton_attention_bwd)
+register_rotary("pyllm::triton_rotary", triton_rotary)
 
 
 def _register_extension_ops() -> None:
@@ -146,6 +189,8 @@ def _register_extension_ops() -> None:
     torch.library.register_fake("pyllm::attention_bwd")(attention_bwd_fake)
     register_layer_norm("pyllm::layer_norm_fwd", ops.layer_norm_bwd)
     register_attention("pyllm::attention_fwd", ops.attention_bwd)
+    if hasattr(ops, "rotary"):  # absent from an extension built before the op existed (backends say so)
+        register_rotary("pyllm::rotary", ops.rotary)
 
 
 _register_extension_ops()

@@ -13,8 +13,6 @@ so one new query against a KV cache sees the whole cache. torch's SDPA is top-le
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -26,6 +24,7 @@ def _check(q, k, v, key_padding_mask, softmax_scale) -> None:
     fn = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(fn, name, t, ndim=4)
+    _checks.optional_tensor(fn, "key_padding_mask", key_padding_mask, "a bool tensor (True = real token)")
     _checks.same_dtype(fn, "q", q, k=k, v=v)
     _checks.same_device(fn, "q", q, k=k, v=v, key_padding_mask=key_padding_mask)
     B, Nq, Hq, D = q.shape
@@ -34,6 +33,8 @@ def _check(q, k, v, key_padding_mask, softmax_scale) -> None:
             raise ValueError(f"{fn}: {name} has batch {t.shape[0]} but q has {B}")
         if t.shape[3] != D:
             raise ValueError(f"{fn}: {name} has head_dim {t.shape[3]} but q has {D}")
+    if D == 0:
+        raise ValueError(f"{fn}: head_dim must be at least 1, got q of shape {tuple(q.shape)}")
     if v.shape[1:3] != k.shape[1:3]:
         raise ValueError(f"{fn}: v has (seqlen, heads) {tuple(v.shape[1:3])} but k has {tuple(k.shape[1:3])}")
     Nk, Hkv = k.shape[1], k.shape[2]
@@ -48,8 +49,7 @@ def _check(q, k, v, key_padding_mask, softmax_scale) -> None:
                 f"{fn}: key_padding_mask must have shape (batch, seqlen_k) = {(B, Nk)}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-    if softmax_scale is not None and (not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale)):
-        raise ValueError(f"{fn}: softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    _checks.scale(fn, "softmax_scale", softmax_scale)
 
 
 def _call(q: Tensor, k: Tensor, extra: list[str] | None = None) -> dict:
@@ -125,6 +125,7 @@ def _sdpa_check(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         _checks.tensor(fn, name, t)
         if t.dim() < 2:
             raise ValueError(f"{fn}: {name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+    _checks.optional_tensor(fn, "attn_mask", attn_mask, "a bool or floating-point tensor")
     _checks.same_dtype(fn, "query", query, key=key, value=value)
     _checks.same_device(fn, "query", query, key=key, value=value, attn_mask=attn_mask)
     if query.shape[-1] != key.shape[-1]:
@@ -133,11 +134,10 @@ def _sdpa_check(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         raise ValueError(f"{fn}: value has seqlen {value.shape[-2]} but key has {key.shape[-2]}")
     if attn_mask is not None and is_causal:
         raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both (as torch requires)")
-    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-        raise TypeError(
-            f"{fn}: attn_mask must be bool or query's dtype ({_checks._dt(query.dtype)}), "
-            f"got {_checks._dt(attn_mask.dtype)}"
-        )
+    if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"{fn}: attn_mask must be bool or floating point (added to the scores), "
+                        f"got {_checks._dt(attn_mask.dtype)}")
+    _checks.scale(fn, "scale", scale)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
     if query.dim() >= 3 and key.dim() >= 3:

@@ -43,8 +43,8 @@ def test_features_over_length_name_the_line_and_collator_pads(tmp_path):
     with pytest.raises(DataError, match=r"a.tsv:3: source is \d+ tokens \(with EOS\), over the limit of 8"):
         seq2seq_features(pairs, tok, max_source_length=8, max_target_length=8)
     feats = seq2seq_features(pairs, tok, max_source_length=8, max_target_length=8, truncate=True)
-    batch = Seq2SeqCollator(tok.pad_id)(feats)
-    assert batch["input_ids"].shape == (2, 8) and batch["input_ids"][:, -1].tolist() == [tok.pad_id, tok.eos_id]
+    batch = Seq2SeqCollator(tok.pad_token_id)(feats)
+    assert batch["input_ids"].shape == (2, 8) and batch["input_ids"][:, -1].tolist() == [tok.pad_token_id, tok.eos_token_id]
     assert batch["attention_mask"][0].tolist() == [1] * len(feats[0]["input_ids"]) + [0] * (8 - len(feats[0]["input_ids"]))
     assert (batch["labels"][0, len(feats[0]["labels"]):] == -100).all()
 
@@ -121,3 +121,42 @@ def test_classification_on_a_seq2seq_folder_names_the_types(tmp_path, capsys):
     rc = main(["finetune", "--model", str(tmp_path / "bart"), "--train-file", str(tmp_path / "t.jsonl"),
                "--output-dir", str(tmp_path / "run"), "--max-steps", "1"])
     assert rc == 2 and "'bart' model" in capsys.readouterr().err
+
+
+def test_seq2seq_options_are_checked_config_fields(tmp_path, capsys):
+    """The seq2seq options are typed FinetuneConfig fields: bad values stop before anything is written, and
+    the embedded number set's languages are pyllm.data.pairs's (config.py imports no torch, so it lists them)."""
+    from pyllm.data.pairs import NUMBER_LANGUAGES
+    from pyllm.train import config as C
+    assert C.NUMBER_LANGUAGES == NUMBER_LANGUAGES
+    for flags, message in ((["--num-beams", "0"], "--num-beams must be an integer >= 1, got 0"),
+                           (["--max-target-length", "1"], "--max-target-length must be an integer >= 2"),
+                           (["--task", "summarization"], "task 'summarization' needs a train_file")):
+        assert main(["finetune", "--task", "translation", *flags, "--output-dir", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse refuses a value outside the field's choices
+        main(["finetune", "--task", "translation", "--language", "xx", "--output-dir", str(tmp_path / "run")])
+    assert "invalid choice: 'xx'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="language must be one of"):
+        from pyllm.train import finetune
+        finetune(task="translation", language="xx", output_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_seq2seq_run_never_writes_over_a_users_folder(tmp_path, capsys):
+    """A translation run goes through the run folder's transaction: a folder that is not a pyllm run is
+    refused with its files untouched, and a finished run's folder holds the pickle-free checkpoint."""
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"source": f"w{i}", "target": f"m{i}"}) + "\n"
+                                              for i in range(12)))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    args = ["finetune", "--task", "translation", "--train-file", str(tmp_path / "p.jsonl"), "--max-steps", "1",
+            "--batch-size", "4", "--max-target-length", "6", "--no-progress", "--no-plot"]
+    assert main([*args, "--output-dir", str(mine)]) == 2
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    capsys.readouterr()
+    assert main([*args, "--output-dir", str(tmp_path / "run")]) == 0
+    held = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"checkpoint.safetensors", "pyllm_run.json", "pyllm_task.json", "generation_config.json"} <= held
+    assert not any(n.endswith((".pt", ".bin", ".pkl")) for n in held)
