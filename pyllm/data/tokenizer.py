@@ -229,6 +229,13 @@ def load_tokenizer(folder) -> Tokenizer:
     elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
         tok = _bytelevel_bpe(path / "vocab.json", path / "merges.txt", special)
     else:
+        spm = sorted(p.name for p in path.iterdir() if p.suffix in (".model", ".spm"))
+        if spm:  # T5 (spiece.model) and Marian (source.spm / target.spm) folders without tokenizer.json
+            raise FileNotFoundError(f"load_tokenizer: {path} holds only SentencePiece models {spm} and no "
+                                    f"tokenizer.json; pyllm reads tokenizer.json. Where transformers has a fast "
+                                    f"tokenizer for the model (T5 does, Marian does not) write one once with "
+                                    f"AutoTokenizer.from_pretrained(folder).save_pretrained(folder) (needs the "
+                                    f"sentencepiece and protobuf packages)")
         raise FileNotFoundError(f"load_tokenizer: {path} holds no tokenizer.json, vocab.txt or "
                                 f"vocab.json + merges.txt")
     max_len = cfg.get("model_max_length")

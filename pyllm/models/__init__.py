@@ -14,6 +14,9 @@ from .generation import generate
 from .gpt import GPTForCausalLM, GPTForSequenceClassification, GPTModel
 from .llama import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 from pyllm.data.tokenizer import Tokenizer, load_tokenizer  # the one tokenizer, re-exported here
+from .bart import BartForConditionalGeneration, BartModel
+from .seq2seq import Seq2SeqCache, Seq2SeqConfig, Seq2SeqLMOutput, Seq2SeqModelOutput
+from .t5 import T5ForConditionalGeneration, T5Model
 
 __all__ = [
     "TransformerConfig", "Block", "KVCache", "PreTrainedModel",
@@ -23,4 +26,6 @@ __all__ = [
     "generate", "Tokenizer", "load_tokenizer",
     "ModelOutput", "BaseModelOutput", "MaskedLMOutput", "CausalLMOutput", "SequenceClassifierOutput",
     "TokenClassifierOutput", "QuestionAnsweringOutput",
+    "Seq2SeqConfig", "Seq2SeqCache", "Seq2SeqModelOutput", "Seq2SeqLMOutput",
+    "BartModel", "BartForConditionalGeneration", "T5Model", "T5ForConditionalGeneration",
 ]

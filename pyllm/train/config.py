@@ -24,7 +24,11 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 OBJECTIVES = ("clm", "mlm")
-TASKS = ("sequence-classification", "token-classification", "question-answering")
+TASKS = ("sequence-classification", "token-classification", "question-answering", "translation", "summarization")
+SEQ2SEQ_TASKS = ("translation", "summarization")  # encoder-decoder tasks (pyllm.train.seq2seq)
+# The target languages of the embedded number set (pyllm.data.pairs.NUMBER_LANGUAGES; a test keeps them equal:
+# this module imports only the standard library).
+NUMBER_LANGUAGES = ("fr", "de", "es")
 # Options that set a run's length: a run given none of them is "the default run" and gets its
 # command's time cap (``time_cap`` below).
 LENGTH_OPTIONS = ("max_steps", "max_time", "epochs", "resume")
@@ -342,8 +346,10 @@ class PretrainConfig(TrainConfig):
 @config_class
 class FinetuneConfig(TrainConfig):
     """Fine-tune a pretrained model for sequence classification, token classification or extractive
-    QA. With no arguments: MiniLM on the stdlib topic set (which package does a docstring
-    document?), one epoch, printing validation accuracy."""
+    QA, or an encoder-decoder for translation or summarization. With no arguments: MiniLM on the
+    stdlib topic set (which package does a docstring document?), one epoch, printing validation
+    accuracy. ``--task translation`` alone: a small BART trained from scratch on the embedded
+    English -> French number set, printing BLEU and chrF."""
 
     command: ClassVar[str] = "finetune"
     time_cap: ClassVar[float] = 200.0  # seconds of training for a run given no length option
@@ -362,6 +368,15 @@ class FinetuneConfig(TrainConfig):
     max_eval_examples: Optional[int] = option(None, "evaluate on a random subset of this size", at_least=1)
     max_files: Optional[int] = _max_files()
     dropout: Optional[float] = option(None, "hidden dropout", shown="the model's own", at_least=0, below=1)
+    # translation / summarization (pyllm.train.seq2seq)
+    source_column: str = option("source", "translation/summarization: the source column of the pairs file")
+    target_column: str = option("target", "translation/summarization: the target column of the pairs file")
+    max_target_length: int = option(64, "translation/summarization: target tokens (with EOS), also the "
+                                        "generation length", at_least=2)
+    num_beams: int = option(1, "translation/summarization: beam width of the evaluation generations (1: greedy)",
+                            at_least=1)
+    language: str = option("fr", "translation without --train-file: the embedded English number set's target "
+                                 "language", choices=NUMBER_LANGUAGES)
     learning_rate = 1e-4
     batch_size = 16
     warmup_ratio = 0.1
@@ -370,8 +385,9 @@ class FinetuneConfig(TrainConfig):
 
     def check(self) -> None:
         super().check()
-        self.need(self.train_file is not None or self.task == "sequence-classification",
-                  f"task {self.task!r} needs a train_file (the embedded data is for sequence-classification only)")
+        self.need(self.train_file is not None or self.task in ("sequence-classification", "translation"),
+                  f"task {self.task!r} needs a train_file (the embedded data is for sequence-classification "
+                  "and translation only)")
 
 
 @config_class

@@ -42,9 +42,10 @@ from typing import Optional
 from .checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, has_checkpoint, load_checkpoint
 
 RUN_MARKER = "pyllm_run.json"
+TASK_FILE = "pyllm_task.json"  # task, labels, lengths: what evaluate/predict need
 # What a run writes (the manifest of runs from before manifests existed).
 RUN_FILES = frozenset({RUN_MARKER, "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                       "pyllm_task.json", "metrics.jsonl", "loss_curve.png", CHECKPOINT, LEGACY_CHECKPOINT,
+                       TASK_FILE, "metrics.jsonl", "loss_curve.png", CHECKPOINT, LEGACY_CHECKPOINT,
                        "base-model"})
 # Inputs a run reads, by config field.
 INPUT_FIELDS = ("model", "tokenizer", "init_from", "train_file", "validation_file")
