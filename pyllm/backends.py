@@ -46,7 +46,7 @@ class Backend:
     speed: int = 0  # larger = preferred by auto
     devices: tuple[str, ...] = ()
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-    ops: tuple[str, ...] = ("attention", "layer_norm", "rms_norm")
+    ops: tuple[str, ...] = ("attention", "layer_norm", "rms_norm", "linear_cross_entropy")
     max_head_dim: int = 256
 
     def unavailable_reason(self) -> str | None:
@@ -223,7 +223,8 @@ def select(op: str, call: dict, backend: str | None = None) -> str:
 def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
     """{backend: [reasons it cannot serve this call]} for ``op`` called with these arguments; [] = it can.
 
-    ``op`` is ``"attention"``, ``"layer_norm"``, ``"rms_norm"`` or ``"scaled_dot_product_attention"``;
+    ``op`` is ``"attention"``, ``"layer_norm"``, ``"rms_norm"``, ``"linear_cross_entropy"`` or
+    ``"scaled_dot_product_attention"``;
     the arguments are those of the public function of that name.
     """
     import pyllm.ops  # noqa: F401  (registers the describers)
