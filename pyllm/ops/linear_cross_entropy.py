@@ -110,11 +110,14 @@ def linear_cross_entropy(
     logits are about the size of hidden).
 
     Returns a 0-d loss, float32 for fp16/bf16/fp32 inputs (float64 for float64). hidden, weight and bias
-    must share a dtype (mixed ones are promoted, as ``F.linear`` under autocast would cast them).
+    are cast to one dtype: autocast's when it is enabled (as for ``F.linear``), else their promoted type.
     """
     _check(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, reduction, z_loss, chunk_size)
-    dtype = hidden.dtype if bias is None else torch.promote_types(hidden.dtype, bias.dtype)
-    dtype = torch.promote_types(dtype, weight.dtype)
+    if torch.is_autocast_enabled(hidden.device.type):  # what autocast would run F.linear in
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+    else:
+        dtype = hidden.dtype if bias is None else torch.promote_types(hidden.dtype, bias.dtype)
+        dtype = torch.promote_types(dtype, weight.dtype)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     vocab = weight.shape[0]
