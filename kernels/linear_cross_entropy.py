@@ -88,10 +88,11 @@ def _lce_rows_kernel(
 
 
 def auto_chunk(N: int, H: int, V: int) -> int:
-    """Liger's rule: chunks of about N / ceil(V / H) tokens keep a chunk's logits near the size of hidden."""
+    """Liger's rule: chunks of about N / ceil(V / H) tokens keep a chunk's logits near the size of hidden;
+    at least 256 rows (smaller chunks make inefficient matmuls). As csrc/linear_cross_entropy.h."""
     ratio = max(1, -(-V // max(H, 1)))
     c = max(1, -(-N // ratio))
-    return max(1, min(triton.next_power_of_2(c), N))
+    return max(1, min(max(triton.next_power_of_2(c), 256), N))
 
 
 def linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index: int, label_smoothing: float,

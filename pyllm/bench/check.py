@@ -25,6 +25,9 @@ def ref_bytes(case: Case) -> int:
     if case.op == "attention":
         B, Hq, _, Nq, Nk, _ = case.dims
         return 8 * 6 * B * Hq * Nq * Nk
+    if case.op == "linear_cross_entropy":
+        N, _, V = case.dims
+        return 8 * 4 * N * V  # logits, log-softmax, their gradients
     M, N = case.dims
     return 8 * 10 * M * N
 
@@ -41,6 +44,11 @@ def check_case(case: Case, device: str) -> Case:
         while ref_bytes(c) > budget and min(Nq, Nk) > 128:
             Nq, Nk = max(128, Nq // 2), max(128, Nk // 2)
             c = c.with_(dims=(B, Hq, Hkv, Nq, Nk, D))
+    elif c.op == "linear_cross_entropy":
+        N, H, V = c.dims
+        while ref_bytes(c) > budget and N > 16:
+            N //= 2
+            c = c.with_(dims=(N, H, V))
     elif c.op in ("layer_norm", "rms_norm"):
         M, N = c.dims
         while ref_bytes(c) > budget and M > 64:
@@ -52,6 +60,8 @@ def check_case(case: Case, device: str) -> Case:
 def _names(case: Case) -> tuple[list[str], list[str]]:
     if case.op == "attention":
         return ["out"], ["dq", "dk", "dv"]
+    if case.op == "linear_cross_entropy":
+        return ["loss"], ["dhidden", "dweight"]
     outs = ["y"] + (["h"] if case.residual else [])
     grads = ["dx", "dw"] + (["db"] if case.op == "layer_norm" else []) + (["dresidual"] if case.residual else [])
     return outs, grads
@@ -67,6 +77,10 @@ def _reference_run(case: Case, inputs: dict, to: torch.dtype | None):
         out = R.attention(*leaves, causal=case.causal, softmax_scale=inputs["scale"],
                           key_padding_mask=inputs["mask"], upcast=False)
         outs, gouts = (out,), [cast(inputs["dout"])]
+    elif case.op == "linear_cross_entropy":
+        leaves = [cast(inputs[n]).requires_grad_(True) for n in ("hidden", "weight")]
+        out = R.linear_cross_entropy(*leaves, inputs["labels"], upcast=False)
+        outs, gouts = (out,), [torch.ones_like(out)]
     else:
         names = [n for n in ("x", "w", "b", "r") if inputs[n] is not None]
         t = {n: cast(inputs[n]).requires_grad_(True) for n in names}

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .spec import BenchError
 
-BASELINES = {"attention": "sdpa", "layer_norm": "torch", "rms_norm": "torch", "train_step": "pyllm-reference"}
+BASELINES = {"attention": "sdpa", "layer_norm": "torch", "rms_norm": "torch", "train_step": "pyllm-reference",
+             "linear_cross_entropy": "torch-linear-ce"}
 NORM_EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 
 
@@ -51,6 +52,9 @@ class Provider:
     def norm_fn(self, case, x, w, b, r, eps):
         raise NotImplementedError
 
+    def lce_fn(self, case, hidden, weight, labels):
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------------------------------- pyllm
 
@@ -67,7 +71,7 @@ def _pyllm_state() -> tuple[object | None, str]:
 
 class PyllmProvider(Provider):
     kind = "pyllm"
-    ops = ("attention", "layer_norm", "rms_norm", "train_step")
+    ops = ("attention", "layer_norm", "rms_norm", "train_step", "linear_cross_entropy")
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -95,7 +99,9 @@ class PyllmProvider(Provider):
 
         if case.op == "train_step":
             return None
-        if case.op == "attention":
+        if case.op == "linear_cross_entropy":
+            reasons = pyllm.backends.explain(case.op, inputs["hidden"], inputs["weight"], inputs["labels"])
+        elif case.op == "attention":
             reasons = pyllm.backends.explain("attention", inputs["q"], inputs["k"], inputs["v"], causal=case.causal,
                                              key_padding_mask=inputs["mask"])
         else:
@@ -118,6 +124,11 @@ class PyllmProvider(Provider):
         if case.op == "layer_norm":
             return lambda: pyllm.layer_norm(x, (N,), w, b, eps, residual=r, backend=self.backend)
         return lambda: pyllm.rms_norm(x, (N,), w, eps, residual=r, backend=self.backend)
+
+    def lce_fn(self, case, hidden, weight, labels):
+        import pyllm
+
+        return lambda: pyllm.linear_cross_entropy(hidden, weight, labels, backend=self.backend)
 
 
 # ------------------------------------------------------------------------------------------- torch
@@ -215,6 +226,14 @@ class TorchNorm(Provider):
         return fn
 
 
+class TorchLinearCrossEntropy(Provider):
+    name, ops = "torch-linear-ce", ("linear_cross_entropy",)
+    describe = "F.cross_entropy(F.linear(hidden, weight).float(), labels) (the (tokens, vocab) logits stored)"
+
+    def lce_fn(self, case, hidden, weight, labels):
+        return lambda: F.cross_entropy(F.linear(hidden, weight).float(), labels)
+
+
 # -------------------------------------------------------------------------------------------- peers
 
 class PeerProvider(Provider):
@@ -269,8 +288,13 @@ class XformersProvider(PeerProvider):
 
 
 class LigerProvider(PeerProvider):
-    name, module, ops = "liger_kernel", "liger_kernel", ("layer_norm", "rms_norm")
-    describe = "liger_kernel's Triton LayerNorm/RMSNorm (residual added first)"
+    name, module, ops = "liger_kernel", "liger_kernel", ("layer_norm", "rms_norm", "linear_cross_entropy")
+    describe = "liger_kernel's Triton LayerNorm/RMSNorm (residual added first), fused linear cross-entropy"
+
+    def lce_fn(self, case, hidden, weight, labels):
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return lambda: liger_fused_linear_cross_entropy(hidden, weight, labels)
 
     def norm_fn(self, case, x, w, b, r, eps):
         if case.op == "layer_norm":
@@ -322,7 +346,7 @@ def all_providers() -> list[Provider]:
     sdpa_backends = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
                      ("math", "MATH"))
     out += [SDPAProvider(f"sdpa-{s}", b) for s, b in sdpa_backends]
-    out += [EagerAttention(), TorchNorm(), FlashAttnProvider(), XformersProvider(), LigerProvider(), ApexProvider()]
+    out += [EagerAttention(), TorchNorm(), TorchLinearCrossEntropy(), FlashAttnProvider(), XformersProvider(), LigerProvider(), ApexProvider()]
     return out
 
 

@@ -39,6 +39,11 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
         return {"q": randn(B, Nq, Hq, D), "k": randn(B, Nk, Hkv, D), "v": randn(B, Nk, Hkv, D),
                 "mask": padding_mask(B, Nk, device) if case.padding else None,
                 "dout": randn(B, Nq, Hq, D), "scale": D ** -0.5}
+    if case.op == "linear_cross_entropy":  # logits ~ N(0, 1); 1 in 16 labels ignored (-100)
+        N, H, V = case.dims
+        labels = torch.randint(0, V, (N,), generator=g)
+        labels[::16] = -100
+        return {"hidden": randn(N, H), "weight": randn(V, H, scale=H ** -0.5), "labels": labels.to(device)}
     M, N = case.dims
     res = case.residual
     return {"x": randn(M, N), "w": randn(N, scale=0.5) + 1,
@@ -64,6 +69,12 @@ def _leaf(t):
 def build_call(case: Case, provider: Provider, inputs: dict) -> Call:
     if case.op == "attention":
         return _attention_call(case, provider, inputs)
+    if case.op == "linear_cross_entropy":
+        h, w = _leaf(inputs["hidden"]), _leaf(inputs["weight"])
+        fn = provider.lce_fn(case, h, w, inputs["labels"])
+        ident = lambda ts: tuple(ts)  # noqa: E731
+        return Call(forward=lambda: (fn(),), leaves=[h, w], grad_outs=[torch.ones((), device=h.device)],
+                    outs_to_common=ident, grads_to_common=ident)
     return _norm_call(case, provider, inputs)
 
 
