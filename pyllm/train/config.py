@@ -153,9 +153,19 @@ class FinetuneConfig(TrainConfig):
     warmup_ratio: float = 0.1
     schedule: str = "linear"
     min_lr_ratio: float = 0.0
+    lora: Optional[str] = None  # [lora wiring] e.g. "r=16,alpha=32,dropout=0.05,targets=q,k,v,o" (pyllm/train/lora.py)
+    merge: bool = False  # [lora wiring] also write the adapters merged into a full checkpoint, <output>/merged
 
     def validate(self) -> None:
         super().validate()
+        if self.lora is not None:  # [lora wiring] bad specs fail before the output folder is touched
+            from .lora import parse
+
+            parse(self.lora)
+            if self.distributed == "fsdp":
+                raise ValueError("FinetuneConfig: lora with distributed='fsdp' is not supported (use ddp)")
+        if self.merge and self.lora is None:
+            raise ValueError("FinetuneConfig: merge needs lora (it merges the LoRA adapters into the weights)")
         if self.task not in TASKS:
             raise ValueError(f"FinetuneConfig: task must be one of {TASKS}, got {self.task!r}")
         if self.max_length < 8:
