@@ -5,17 +5,9 @@
 //   loss = lse - (1 - e) z_y - e mean_j z_j + z_loss lse^2                (0 when y == ignore_index)
 //   dz_j = s * (softmax_j (1 + 2 z_loss lse) - e / V - (1 - e) [j == y])  (s = 1/n_valid for mean)
 //   with a softcap, dlogits_j = dz_j (1 - tanh_j^2).
-// The widest at::vec implementation this compilation targets, as csrc/cpu/attention.cpp does (without it
-// Vectorized<float> is the generic scalar fallback and exp/tanh run one element at a time).
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+// The widest at::vec implementation this compilation targets (without it Vectorized<float> is the generic
+// scalar fallback and exp/tanh run one element at a time); before any ATen include.
+#include "vec_capability.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
