@@ -69,9 +69,11 @@ def _lce_rows_kernel(
         sum_z += tl.sum(tl.where(mask, z, 0.0), 0)
         m = m_new
     lse = m + tl.log(s)
-    y_safe = tl.where(valid, y, 0)
+    in_range = (y >= 0) & (y < V)  # the op layer refuses other labels; never read outside the row
+    y_safe = tl.where(valid & in_range, y, 0)
     z_y = _softcap(tl.load(z_row + y_safe), cap, HAS_CAP)
     loss = lse - (1.0 - eps) * z_y - eps * sum_z / V + z_loss * lse * lse
+    loss = tl.where(in_range, loss, float("nan"))
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
     if COMPUTE_GRAD:
         pmul = scale * (1.0 + 2.0 * z_loss * lse)

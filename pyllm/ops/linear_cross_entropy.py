@@ -27,13 +27,13 @@ _FN = "linear_cross_entropy"
 def _check(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, reduction, z_loss, chunk_size):
     _checks.tensor(_FN, "hidden", hidden)
     _checks.tensor(_FN, "weight", weight, ndim=2)
-    _checks.same_device(_FN, "hidden", hidden, weight=weight, labels=labels, bias=bias)
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{_FN}: hidden has {hidden.shape[-1] if hidden.dim() else 0} features "
                          f"but weight (vocab, hidden) = {tuple(weight.shape)} expects {weight.shape[1]}")
     if not isinstance(labels, Tensor) or labels.dtype != torch.int64:
         got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
         raise TypeError(f"{_FN}: labels must be an int64 tensor, got {got}")
+    _checks.same_device(_FN, "hidden", hidden, weight=weight, labels=labels, bias=bias)
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{_FN}: labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(labels.shape)}")
