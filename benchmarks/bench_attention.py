@@ -8,6 +8,10 @@ Then peak memory against seqlen (512 .. 8192, forward and forward+backward): lin
 kernels, quadratic for the eager math, which is skipped once its N x N scores would not fit sensibly.
 Every provider is checked against pyllm.reference before it is measured. A thin front end over pyllm.bench.
 On CPU tensors the triton backend runs only in the interpreter and is not timed (too slow).
+
+--features runs instead the FlashAttention-feature comparisons of pyllm.bench.features (dropout vs SDPA with
+dropout, packed sequences vs the padded batch, sliding window vs full causal per query, attn_bias vs an SDPA
+float mask; --flex adds torch's FlexAttention with a sliding-window block mask, compiled first).
 """
 from __future__ import annotations
 
@@ -29,7 +33,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's count)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory sweep")
+    ap.add_argument("--features", nargs="*", default=None, metavar="CASE",
+                    help="run the feature comparisons (dropout, packed, window, bias; default all) instead")
+    ap.add_argument("--flex", action="store_true", help="with --features: add FlexAttention (torch.compile)")
     args = ap.parse_args(argv)
+    if args.features is not None:  # the same as `pyllm bench --features`
+        from pyllm.bench import cli
+
+        return cli.main(["--features", *args.features, *(["--flex"] if args.flex else []),
+                         *(["--quick"] if args.quick else []), *(["--device", args.device] if args.device else []),
+                         *(["--threads", str(args.threads)] if args.threads else []),
+                         *(["--json", args.json] if args.json else [])])
 
     import torch
 

@@ -6,14 +6,14 @@
     pyllm.models.GPTForCausalLM and transformers.GPT2LMHeadModel built from the same
     configuration (4 layers, hidden 256, 4 heads, vocabulary 8192, batch 8 x 256 tokens,
     dropout 0), the same weights and the same AdamW settings. The two are timed
-    alternately, a few steps each per round, and the median of the rounds is reported with
-    the ratio pyllm / transformers (> 1 = pyllm faster).
+    alternately, round by round, with pyllm.bench.measure's timer (the one ``pyllm bench``
+    uses), and the median is reported with the ratio pyllm / transformers (> 1 = pyllm faster).
 (b) Memory: the longest sequence (batch 1, doubling 512, 1024, ...) whose forward and
     backward pass through a small GPT (2 layers, hidden 128, 2 heads) fit a memory budget,
     with pyllm's fused attention ("auto" backend) and with the reference attention
     (pyllm.backends.use("reference"), which forms the N x N scores). On CPU each point runs
-    in a fresh subprocess and its peak RSS growth over the model-built baseline is measured
-    (ru_maxrss); on CUDA, torch.cuda.max_memory_allocated.
+    in a fresh subprocess; the peak is pyllm.bench.measure's (CPU: resident-set high-water
+    mark over the resident set before the pass; CUDA: torch.cuda.max_memory_allocated).
 
 --quick shrinks everything to a smoke run (seconds). Timings on a shared machine are noisy:
 compare the ratio, which is measured side by side.
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -58,20 +57,20 @@ def build_pair(cfg: dict, device):
     return mine.to(device).train(), theirs.to(device).train()
 
 
-def time_steps(model, ids, opt, steps: int, sync) -> float:
-    """Seconds for `steps` training steps (forward, backward, AdamW)."""
-    t = time.perf_counter()
-    for _ in range(steps):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
+def train_step(model, ids, opt):
+    """One training step (forward, backward, AdamW) as a zero-argument callable."""
+
+    def step():
+        model(ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    sync()
-    return time.perf_counter() - t
+    return step
 
 
-def throughput(device: str, quick: bool) -> dict:
+def throughput(device: str, quick: bool, threads: int) -> dict:
     import torch
+
+    from pyllm.bench.measure import summarize, time_interleaved
 
     cfg = QUICK_GPT if quick else GPT
     mine, theirs = build_pair(cfg, device)
@@ -80,88 +79,42 @@ def throughput(device: str, quick: bool) -> dict:
         a, b = float(mine(ids, labels=ids).loss), float(theirs(ids, labels=ids).loss)
     if abs(a - b) > 1e-3 * max(1.0, abs(b)):
         raise SystemExit(f"bench_train: pyllm loss {a:.5f} != transformers loss {b:.5f} on the same weights")
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01) for n, m in
-            (("pyllm", mine), ("transformers", theirs))}
-    models = {"pyllm": mine, "transformers": theirs}
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    steps, rounds = (2, 3) if quick else (5, 7)
-    for name in models:  # warm up (allocator, kernels, AdamW state)
-        time_steps(models[name], ids, opts[name], 2, sync)
-    secs = {name: [] for name in models}
-    for r in range(rounds):  # alternate, and alternate who goes first, so drifting load hits both
-        order = list(models) if r % 2 == 0 else list(reversed(models))
-        for name in order:
-            secs[name].append(time_steps(models[name], ids, opts[name], steps, sync))
-    tokens = cfg["batch"] * cfg["seq"] * steps
-    tps = {name: tokens / statistics.median(s) for name, s in secs.items()}
-    return {"config": cfg, "steps_per_round": steps, "rounds": rounds, "tokens_per_s": tps,
+    steps = {n: train_step(m, ids, torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01))
+             for n, m in (("pyllm", mine), ("transformers", theirs))}
+    rounds = 3 if quick else 7
+    secs = time_interleaved(steps, device, threads=threads, repeats=rounds, warmup=2, min_run_s=0.0,
+                            max_s=10.0 if quick else 60.0)
+    tokens = cfg["batch"] * cfg["seq"]
+    tps = {name: tokens / (summarize(s)["median_ms"] / 1e3) for name, s in secs.items()}
+    return {"config": cfg, "rounds": {n: len(s) for n, s in secs.items()}, "tokens_per_s": tps,
             "ratio": tps["pyllm"] / tps["transformers"], "loss_check": [a, b]}
 
 
 # -- (b) longest trainable sequence ----------------------------------------------------------------
 
 
-def _proc_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def child(impl: str, seq: int, device: str) -> dict:
-    """One forward+backward at (1, seq) in this process; memory growth over the baseline.
-
-    CPU: the growth of the process's peak RSS over its RSS just before the pass, with the
-    kernel's peak counter reset first (so the import-time peak does not hide it); where that
-    reset is impossible, ru_maxrss, which then over-states small points.
-    """
-    import resource
-
+    """One forward+backward at (1, seq) in this process; its peak memory beyond what was allocated before
+    (pyllm.bench.measure: after one warm-up pass, so one-time costs and grad buffers are not counted)."""
     import torch
 
     import pyllm
     import pyllm.models as M
+    from pyllm.bench.measure import peak_memory_cuda, rss_peak_of
 
     torch.manual_seed(0)
     model = M.GPTForCausalLM(M.TransformerConfig(
         **SMALL, max_position_embeddings=seq, type_vocab_size=0, hidden_dropout=0.0)).to(device)
     ids = torch.randint(SMALL["vocab_size"], (1, seq), device=device)
     backend = "reference" if impl == "reference" else "auto"
-    with pyllm.backends.use(backend):  # warm-up: one-time costs (libraries, thread pools) are not the point
-        warm = ids[:, :16]
-        model(warm, labels=warm).loss.backward()
-    model.zero_grad(set_to_none=False)  # keep the grad buffers: they are not sequence-dependent
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    elif _reset_peak_rss():
-        base = _proc_kb("VmRSS") * 1024
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def fwd_bwd():
+        with pyllm.backends.use(backend):
+            model(ids, labels=ids).loss.backward()
+
     t = time.perf_counter()
-    with pyllm.backends.use(backend):
-        model(ids, labels=ids).loss.backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        try:
-            peak = _proc_kb("VmHWM") * 1024
-        except (OSError, KeyError):
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"impl": impl, "seq": seq, "mb": (peak - base) / 2**20, "seconds": time.perf_counter() - t}
+    peak = peak_memory_cuda(fwd_bwd) if device == "cuda" else rss_peak_of(fwd_bwd)
+    return {"impl": impl, "seq": seq, "mb": peak / 2**20, "seconds": (time.perf_counter() - t) / 2}
 
 
 def run_point(impl: str, seq: int, device: str, timeout: float) -> dict:
@@ -174,8 +127,9 @@ def run_point(impl: str, seq: int, device: str, timeout: float) -> dict:
             torch.cuda.empty_cache()
             return {"impl": impl, "seq": seq, "mb": float("inf"), "error": "out of memory"}
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, str(seq), "--device", device]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # as pyllm bench's memory worker: freed
+    try:                                                                # blocks go back to the OS
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"impl": impl, "seq": seq, "mb": float("inf"), "error": f"took over {timeout:.0f} s"}
     if p.returncode != 0:
@@ -236,10 +190,10 @@ def main(argv=None) -> int:
     if not args.no_throughput:
         print(f"(a) training throughput on {device} ({torch.get_num_threads()} threads): "
               f"GPT {'quick' if args.quick else 'full'} config", flush=True)
-        r = throughput(device, args.quick)
+        r = throughput(device, args.quick, torch.get_num_threads())
         c = r["config"]
         print(f"  {c['num_layers']} layers, hidden {c['hidden_size']}, {c['num_heads']} heads, vocab "
-              f"{c['vocab_size']}, batch {c['batch']} x {c['seq']}; median of {r['rounds']} alternating rounds")
+              f"{c['vocab_size']}, batch {c['batch']} x {c['seq']}; median of alternating rounds {r['rounds']}")
         for name, v in r["tokens_per_s"].items():
             print(f"  {name:<13} {v:>10.0f} tokens/s")
         print(f"  ratio pyllm / transformers: {r['ratio']:.2f}x")

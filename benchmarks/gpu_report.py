@@ -1,6 +1,8 @@
-"""Writes report.md and report.json for benchmarks/gpu_check.sh from its steps.tsv and logs/.
+"""Writes report.md and report.json for benchmarks/gpu_check.sh from its steps.tsv and step logs.
 
-Usage: python benchmarks/gpu_report.py REPORT_DIR VERDICT TOTAL_SECONDS
+Usage: python benchmarks/gpu_report.py OUT_DIR LOGS_DIR VERDICT ELAPSED_S BUDGET_S
+gpu_check.sh calls it after every step (so a run cut short still leaves a report) and at the end.
+Both files are written to a temporary name and renamed, so a reader never sees half a report.
 Standard library only, so that it runs wherever gpu_check.sh does.
 """
 import json
@@ -8,57 +10,69 @@ import os
 import re
 import sys
 
-TAIL_LINES = 40
-# Lines worth lifting out of the logs into the summary: harness verdicts and throughputs, test totals.
-HIGHLIGHT = re.compile(r"(TFLOP/s|GB/s|cases passed|FAIL|passed|failed|error|Error|device \d+:|torch |triton )")
+TAIL_LINES = 25
+# Lines worth lifting out of the logs: harness verdicts and throughputs, test totals, sanitizer and ptxas
+# summaries, bench ratios.
+HIGHLIGHT = re.compile(r"(TFLOP/s|GB/s|cases passed|FAIL|passed|failed|ERROR SUMMARY|RACECHECK SUMMARY|"
+                       r"[Ee]rror|device \d+:|spill|Timeout|TimeoutError|\bx\b vs|ratio)")
 
 
-def read_steps(out_dir):
+def read_steps(logs_dir):
     steps = []
-    path = os.path.join(out_dir, "steps.tsv")
+    path = os.path.join(logs_dir, "steps.tsv")
     if not os.path.exists(path):
         return steps
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for line in f:
             parts = line.rstrip("\n").split("\t")
             if len(parts) < 6:
                 continue
-            name, status, rc, secs, timeout, command = parts[:6]
-            log = os.path.join(out_dir, "logs", f"{name}.log")
-            text = open(log, errors="replace").read() if os.path.exists(log) else ""
-            lines = text.splitlines()
+            name, status, rc, secs, limit, command = parts[:6]
+            log = os.path.join(logs_dir, f"{name}.log")
+            lines = open(log, errors="replace").read().splitlines() if os.path.exists(log) else []
             steps.append({
                 "name": name, "status": status, "rc": rc, "seconds": int(secs) if secs.isdigit() else secs,
-                "timeout": timeout, "command": command, "log": os.path.relpath(log, out_dir),
+                "timeout": limit, "command": command, "log": f"logs/{name}.log (in logs.tar.gz)",
                 "tail": lines[-TAIL_LINES:],
-                "highlights": [l for l in lines if HIGHLIGHT.search(l)][-30:],
+                "highlights": [ln for ln in lines if HIGHLIGHT.search(ln)][-40:],
             })
     return steps
 
 
-def write_markdown(out_dir, verdict, total, steps):
-    md = [f"# pyllm GPU check: {verdict}", "", f"Total time: {total} s.", "",
+def markdown(verdict, elapsed, budget, steps, files):
+    md = [f"# pyllm GPU check: {verdict}", "",
+          f"Elapsed {elapsed} s of a {budget} s budget. Step logs, JUnit XML and bench JSON: `logs.tar.gz`; "
+          f"files here: {', '.join(f'`{f}`' for f in files)}.", "",
           "| step | status | rc | seconds | timeout | command |", "| --- | --- | --- | --- | --- | --- |"]
     for s in steps:
         cmd = s["command"].replace("|", "\\|")
-        if len(cmd) > 90:
-            cmd = cmd[:87] + "..."
+        cmd = cmd if len(cmd) <= 100 else cmd[:97] + "..."
         md.append(f"| {s['name']} | **{s['status']}** | {s['rc']} | {s['seconds']} | {s['timeout']} | `{cmd}` |")
     for s in steps:
-        md += ["", f"## {s['name']} ({s['status']})", "", f"log: `{s['log']}`", ""]
+        if s["status"] == "running":
+            continue
+        md += ["", f"## {s['name']}: {s['status']}", ""]
         if s["highlights"] and s["name"] != "env":
-            md += ["Highlights:", "", "```", *s["highlights"], "```", ""]
-        md += [f"Last {TAIL_LINES} lines:", "", "```", *s["tail"], "```"]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+            md += ["```", *s["highlights"], "```", ""]
+        md += [f"last {TAIL_LINES} lines of {s['log']}:", "", "```", *s["tail"], "```"]
+    return "\n".join(md) + "\n"
+
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def main():
-    out_dir, verdict, total = sys.argv[1], sys.argv[2], sys.argv[3]
-    steps = read_steps(out_dir)
-    write_markdown(out_dir, verdict, total, steps)
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-        json.dump({"verdict": verdict, "total_seconds": int(total), "steps": steps}, f, indent=2)
+    out_dir, logs_dir, verdict, elapsed, budget = sys.argv[1:6]
+    steps = read_steps(logs_dir)
+    files = sorted(set(os.listdir(out_dir)) | {"report.md", "report.json"})
+    files = [f for f in files if not f.endswith(".tmp")]
+    write_atomic(os.path.join(out_dir, "report.md"), markdown(verdict, elapsed, budget, steps, files))
+    write_atomic(os.path.join(out_dir, "report.json"), json.dumps(
+        {"verdict": verdict, "elapsed_s": int(elapsed), "budget_s": int(budget), "steps": steps}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,20 @@
 //   number of non-ignored rows (at least 1) when mean.  With compute_grad its gradients come from the same
 //   pass: dhidden (N, H) hidden.dtype, dweight (V, H) weight.dtype, dbias (V,) (shape (0,) without bias);
 //   without compute_grad all three have shape (0,).
+// rotary(q, k, cos, sin, interleaved, conjugate) -> (q_out, k_out)
+//   q (B, N, Hq, D), k (B, N, Hk, D), stride(-1) == 1, any other strides; fp32 / fp16 / bf16 (fp64 on the CPU)
+//   cos, sin (Bc, N, R/2) contiguous, Bc = 1 or B, R <= D; float32 (float64 for fp64 q, k)
+//   rotates the pairs (x[i], x[i + R/2]) (rotate-half, interleaved = false) or (x[2i], x[2i + 1])
+//   (interleaved = true) of the first R dims by angle theta (cos, sin): (x1 c - x2 s, x2 c + x1 s);
+//   conjugate = true rotates by -theta (the backward pass); dims R..D are copied.
+//   q_out, k_out contiguous, q's shape and dtype / k's; math in fp32 (fp64 for fp64)
+// attention_ext_fwd / attention_ext_bwd: the same plus FlashAttention's features (see pyllm.attention):
+//   window_left/right (-1 = unbounded; causal makes right 0), softcap (0 = off; s = cap tanh(s / cap)),
+//   alibi_slopes (Hq,) or (B, Hq) float32: - slope |i + Nk - Nq - j|;  attn_bias 4-D, broadcastable to
+//   (B, Hq, Nq, Nk), added after softcap; dropout_p with Philox4x32-10 (key = seed, counter = offset +
+//   ((b Hq + h) drop_lq + i) drop_lk + j, word 0; keep iff bits >= min(floor(p 2^32), 2^32 - 1); kept
+//   probabilities scaled by 1 / (1 - p); lse is taken before dropout). The backward returns dbias summed to
+//   attn_bias's shape when bias_grad (else shape (0,)).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -60,6 +74,14 @@ TORCH_LIBRARY(pyllm, m) {
   m.def("linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, int ignore_index,"
         " float label_smoothing, float softcap, float z_loss, bool mean, int chunk_size, bool compute_grad)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool conjugate) -> (Tensor, Tensor)");
+  m.def("attention_ext_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal,"
+        " float softmax_scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes,"
+        " Tensor? attn_bias, float dropout_p, int seed, int offset, int drop_lq, int drop_lk) -> (Tensor, Tensor)");
+  m.def("attention_ext_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? key_padding_mask, bool causal, float softmax_scale, int window_left, int window_right,"
+        " float softcap, Tensor? alibi_slopes, Tensor? attn_bias, float dropout_p, int seed, int offset,"
+        " int drop_lq, int drop_lk, bool bias_grad, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import pyllm._C` loads this library, which runs the registrations above; the module itself is empty.

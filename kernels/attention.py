@@ -33,6 +33,14 @@ Kernels
   (Unlike the Triton tutorial 06 backward, which is causal-only, every kernel here handles causal
   and non-causal masks the same way: triton issues 4541, 5660.)
 
+FlashAttention's features (attention_ext_fwd / attention_ext_bwd; constexpr flags, so the plain launch
+compiles to the code without them): WINDOW (key blocks outside the window are never visited: O(N w)),
+SOFTCAP (s = cap * tanh(s / cap), gradient through 1 - tanh^2), HAS_ALIBI (-slope * |i + Nk - Nq - j|),
+HAS_BIAS (read through broadcast strides; BIAS_GRAD stores dS into a (B, Hq, Nq, Nk) fp32 buffer from the
+dQ kernel, which visits each element once), DROPOUT (tl.randint = Philox4x32-10 on the element index,
+the mask pyllm.reference.dropout_mask and the C++ kernel draw). Score order: scale * q.k, softcap,
++ ALiBi + bias, masks, softmax, dropout; the backward uses dV += (P Z)^T dO and dS = P * (Z dP - delta).
+
 Head dims up to 256 are padded to BLOCK_D = next_power_of_2(D) (at least 16) with masked loads.
 
 On CPU tensors the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before triton
@@ -51,11 +59,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_fwd", "attention_bwd"]
+from pyllm.capabilities import TRITON
+from pyllm.kernels import interpreting
+
+__all__ = ["attention_fwd", "attention_bwd", "attention_ext_fwd", "attention_ext_bwd"]
 
 _LOG2E = 1.4426950408889634
-_MAX_HEAD_DIM = 256
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = TRITON.max_head_dim
+_DTYPES = tuple(getattr(torch, d) for d in TRITON.dtypes)
 # Fixed tiles under the interpreter: per-op overhead dominates there, so fewer, larger tiles win
 # (64 runs seqlen 113 about 2-4x faster than 32). Tests may set 16 to cover many-block paths cheaply.
 _INTERPRET_BLOCK_M = 64
@@ -88,21 +99,62 @@ def _to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _feature_scores(qk, qi, kj, Nq, Nk, shift, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn,
+                    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Scores with softcap, ALiBi and bias from the raw product q.k, in the log2 domain, and
+    t = tanh(scale q.k / softcap) for the gradient. qi, kj: query and key indices, broadcastable to qk."""
+    s = qk * sm_nat
+    t = s
+    if SOFTCAP:
+        t = 1.0 - 2.0 / (tl.math.exp(2.0 * s / softcap) + 1.0)  # tanh; saturates to +-1 without NaN
+        s = softcap * t
+    if HAS_ALIBI:
+        s = s - slope * tl.abs(qi + shift - kj).to(tl.float32)
+    if HAS_BIAS:
+        s = s + tl.load(bias_base + qi * stride_bm + kj * stride_bn, mask=(qi < Nq) & (kj < Nk), other=0.0)
+    return s * 1.4426950408889634, t
+
+
+@triton.jit
+def _in_window(qi, kj, shift, win_left, win_right):
+    # bottom-right aligned: qi + shift - win_left <= kj <= qi + shift + win_right (-1 = unbounded)
+    return ((win_right < 0) | (kj <= qi + shift + win_right)) & ((win_left < 0) | (kj >= qi + shift - win_left))
+
+
+@triton.jit
+def _dropout_scale(seed, drop_offset, row0, qi, kj, drop_lk, drop_thr, drop_scale):
+    # keep / (1 - p) for element index ((b Hq + h) Lq + i) Lk + j; row0 = (b Hq + h) Lq (int64)
+    bits = tl.randint(seed, drop_offset + (row0 + qi) * drop_lk + kj).to(tl.int64) & 0xFFFFFFFF
+    return tl.where(bits >= drop_thr, drop_scale, 0.0)
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_d,
               Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
+              Nq, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn, win_left, win_right,
+              seed, drop_offset, row0, drop_lk, drop_thr, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-              INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the online softmax. MASKED: the tile crosses the causal diagonal or Nk."""
+              INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+              WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+              DROPOUT: tl.constexpr):
+    """One key block of the online softmax. MASKED: the tile crosses the causal diagonal, the window or Nk."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Nk
     ld_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=ld_mask, other=0.0)  # (N, D)
-    s = _dot(q, tl.trans(k), INTERPRET, PRECISION) * qk_scale  # (M, N), log2 domain
+    if SOFTCAP or HAS_ALIBI or HAS_BIAS:
+        s, _t = _feature_scores(_dot(q, tl.trans(k), INTERPRET, PRECISION), offs_m[:, None], offs_n[None, :], Nq,
+                                Nk, shift, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn,
+                                SOFTCAP, HAS_ALIBI, HAS_BIAS)
+    else:
+        s = _dot(q, tl.trans(k), INTERPRET, PRECISION) * qk_scale  # (M, N), log2 domain
     if MASKED:
         ok = n_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift)
+        if WINDOW:
+            ok = ok & _in_window(offs_m[:, None], offs_n[None, :], shift, win_left, win_right)
         s = tl.where(ok, s, float("-inf"))
     if HAS_MASK:
         keep = tl.load(mask_base + offs_n * stride_mn, mask=n_ok, other=0) != 0  # (N,)
@@ -113,6 +165,9 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(s - m_safe[:, None])  # (M, N)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:  # after the row sums: lse is the undropped softmax's
+        p = p * _dropout_scale(seed, drop_offset, row0, offs_m[:, None], offs_n[None, :], drop_lk, drop_thr,
+                               drop_scale)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=ld_mask, other=0.0)  # (N, D)
     acc = acc * alpha[:, None] + _dot(_to(p, v.dtype, INTERPRET), v, INTERPRET, PRECISION)
     return acc, m_new, l_i
@@ -128,10 +183,15 @@ def _attn_fwd(
     stride_ob, stride_on, stride_oh,
     Hq, Nq, Nk, GROUP,  # GROUP = Hq // Hkv
     qk_scale,  # softmax_scale * log2(e)
+    Alibi, Bias, DBias,  # feature pointers (dummies when off): alibi (B or 1, Hq) fp32, bias/dbias fp32
+    stride_ab, stride_bb, stride_bh, stride_bm, stride_bn,
+    win_left, win_right, softcap, sm_nat, drop_thr, drop_scale, seed, drop_offset, drop_lq, drop_lk,
     TUNE_NQ, TUNE_NK,  # bucketed seqlens: autotune keys only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -155,6 +215,9 @@ def _attn_fwd(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    slope = tl.load(Alibi + b * stride_ab + h) if HAS_ALIBI else 0.0
+    bias_base = Bias + b * stride_bb + h * stride_bh
+    row0 = (b * Hq + h) * drop_lq
 
     # Key blocks [0, n_full) are seen whole by every row of the tile; [n_full, hi) need the mask.
     shift = Nk - Nq
@@ -164,14 +227,28 @@ def _attn_fwd(
     else:
         hi = Nk
         n_full = Nk // BLOCK_N * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    lo = start_m * 0
+    if WINDOW:  # only the key blocks the window reaches, all masked (win_right is 0 under causal)
+        hi = hi + lo  # a tensor whatever integer specialization made of it
+        if win_left >= 0:
+            lo = tl.maximum(start_m + shift - win_left, 0) // BLOCK_N * BLOCK_N
+        if win_right >= 0:
+            hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift + win_right, 0), Nk)
+        n_full = lo
+    for start_n in range(lo, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_d,
                                   Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
-                                  HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_MASK, INTERPRET, PRECISION)
+                                  Nq, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn, win_left, win_right,
+                                  seed, drop_offset, row0, drop_lk, drop_thr, drop_scale,
+                                  HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_MASK, INTERPRET, PRECISION,
+                                  WINDOW, SOFTCAP, HAS_ALIBI, HAS_BIAS, DROPOUT)
     for start_n in range(n_full, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, mask_base, start_n, offs_m, offs_d,
                                   Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
-                                  HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_MASK, INTERPRET, PRECISION)
+                                  Nq, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn, win_left, win_right,
+                                  seed, drop_offset, row0, drop_lk, drop_thr, drop_scale,
+                                  HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_MASK, INTERPRET, PRECISION,
+                                  WINDOW, SOFTCAP, HAS_ALIBI, HAS_BIAS, DROPOUT)
 
     # Rows that saw no key have l = 0 and acc = 0: out 0, lse -inf.
     seen = l_i > 0.0
@@ -220,21 +297,40 @@ def _load_row_stats(Lse, Delta, row_base, offs_m, Nq):
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_base, do_base, row_base, Lse, Delta, start_m, offs_n, offs_d,
                Nq, shift, qk_scale, stride_qn, stride_don,
+               Nk, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn, win_left, win_right,
+               seed, drop_offset, row0, drop_lk, drop_thr, drop_scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-               INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+               INTERPRET: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+               DROPOUT: tl.constexpr):
     """One query block against the program's key block, in the transposed (N, M) orientation."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     ld_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=ld_mask, other=0.0)  # (M, D)
     do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=ld_mask, other=0.0)  # (M, D)
     lse2, delta = _load_row_stats(Lse, Delta, row_base, offs_m, Nq)
-    s_t = _dot(k, tl.trans(q), INTERPRET, PRECISION) * qk_scale  # (N, M), log2 domain
+    if SOFTCAP or HAS_ALIBI or HAS_BIAS:
+        s_t, t_t = _feature_scores(_dot(k, tl.trans(q), INTERPRET, PRECISION), offs_m[None, :], offs_n[:, None], Nq,
+                                   Nk, shift, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn,
+                                   SOFTCAP, HAS_ALIBI, HAS_BIAS)
+    else:
+        s_t = _dot(k, tl.trans(q), INTERPRET, PRECISION) * qk_scale  # (N, M), log2 domain
     p_t = tl.math.exp2(s_t - lse2[None, :])
-    if MASKED:  # causal diagonal; padded keys are zeroed once at the end of the program
-        p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, p_t, 0.0)
-    dv += _dot(_to(p_t, do.dtype, INTERPRET), do, INTERPRET, PRECISION)
+    if MASKED:  # causal diagonal / window; padded keys are zeroed once at the end of the program
+        if CAUSAL:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + shift, p_t, 0.0)
+        if WINDOW:
+            p_t = tl.where(_in_window(offs_m[None, :], offs_n[:, None], shift, win_left, win_right), p_t, 0.0)
     dp_t = _dot(v, tl.trans(do), INTERPRET, PRECISION)  # (N, M)
+    if DROPOUT:
+        z_t = _dropout_scale(seed, drop_offset, row0, offs_m[None, :], offs_n[:, None], drop_lk, drop_thr, drop_scale)
+        dv += _dot(_to(p_t * z_t, do.dtype, INTERPRET), do, INTERPRET, PRECISION)
+        dp_t = dp_t * z_t
+    else:
+        dv += _dot(_to(p_t, do.dtype, INTERPRET), do, INTERPRET, PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * (1.0 - t_t * t_t)
     dk += _dot(_to(ds_t, q.dtype, INTERPRET), q, INTERPRET, PRECISION)
     return dk, dv
 
@@ -251,10 +347,15 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvn, stride_dvh,
     Hq, Hkv, Nq, Nk, GROUP,
     qk_scale, sm_scale,
+    Alibi, Bias, DBias,  # feature pointers (dummies when off): alibi (B or 1, Hq) fp32, bias/dbias fp32
+    stride_ab, stride_bb, stride_bh, stride_bm, stride_bn,
+    win_left, win_right, softcap, sm_nat, drop_thr, drop_scale, seed, drop_offset, drop_lq, drop_lk,
     TUNE_NQ, TUNE_NK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -281,20 +382,38 @@ def _attn_bwd_dkdv(
     else:
         lo = 0
         m_full = 0
+    hi = Nq
+    if WINDOW:  # only the query blocks that reach this key block, all masked (win_right is 0 under causal)
+        lo = lo + start_n * 0  # tensors whatever integer specialization made of them
+        hi = hi + start_n * 0
+        if win_right >= 0:
+            lo = tl.maximum(start_n - shift - win_right, 0) // BLOCK_M * BLOCK_M
+        if win_left >= 0:
+            hi = tl.minimum(tl.maximum(start_n + BLOCK_N - shift + win_left, 0), Nq)
+        m_full = hi
     # Each key block reads every query head of its GQA group: dK, dV summed in registers, in order.
     for i in range(0, GROUP):
         h = g * GROUP + i
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         row_base = (b * Hq + h) * Nq
+        slope = tl.load(Alibi + b * stride_ab + h) if HAS_ALIBI else 0.0
+        bias_base = Bias + b * stride_bb + h * stride_bh
+        row0 = (b * Hq + h) * drop_lq
         for start_m in range(lo, m_full, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, row_base, Lse, Delta, start_m, offs_n, offs_d,
                                 Nq, shift, qk_scale, stride_qn, stride_don,
-                                HEAD_DIM, BLOCK_M, True, INTERPRET, PRECISION)
-        for start_m in range(m_full, Nq, BLOCK_M):
+                                Nk, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn, win_left, win_right,
+                                seed, drop_offset, row0, drop_lk, drop_thr, drop_scale,
+                                HEAD_DIM, BLOCK_M, True, INTERPRET, PRECISION, CAUSAL,
+                                WINDOW, SOFTCAP, HAS_ALIBI, HAS_BIAS, DROPOUT)
+        for start_m in range(m_full, hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, row_base, Lse, Delta, start_m, offs_n, offs_d,
                                 Nq, shift, qk_scale, stride_qn, stride_don,
-                                HEAD_DIM, BLOCK_M, False, INTERPRET, PRECISION)
+                                Nk, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn, win_left, win_right,
+                                seed, drop_offset, row0, drop_lk, drop_thr, drop_scale,
+                                HEAD_DIM, BLOCK_M, False, INTERPRET, PRECISION, CAUSAL,
+                                WINDOW, SOFTCAP, HAS_ALIBI, HAS_BIAS, DROPOUT)
 
     dk = dk * sm_scale
     if HAS_MASK:  # a padded key gets no probability, so its dK and dV are 0 (columns are independent)
@@ -310,26 +429,45 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_d,
              Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
+             Nq, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn, win_left, win_right,
+             seed, drop_offset, row0, drop_lk, drop_thr, drop_scale, dbias_base,
              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
              CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-             INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+             INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+             WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+             DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < Nk
     ld_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=ld_mask, other=0.0)  # (N, D)
     v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=ld_mask, other=0.0)  # (N, D)
-    s = _dot(q, tl.trans(k), INTERPRET, PRECISION) * qk_scale  # (M, N), log2 domain
+    if SOFTCAP or HAS_ALIBI or HAS_BIAS:
+        s, t = _feature_scores(_dot(q, tl.trans(k), INTERPRET, PRECISION), offs_m[:, None], offs_n[None, :], Nq,
+                               Nk, shift, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn,
+                               SOFTCAP, HAS_ALIBI, HAS_BIAS)
+    else:
+        s = _dot(q, tl.trans(k), INTERPRET, PRECISION) * qk_scale  # (M, N), log2 domain
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED:
         ok = n_ok[None, :]
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None] + shift)
+        if WINDOW:
+            ok = ok & _in_window(offs_m[:, None], offs_n[None, :], shift, win_left, win_right)
         p = tl.where(ok, p, 0.0)
     if HAS_MASK:
         keep = tl.load(mask_base + offs_n * stride_mn, mask=n_ok, other=0) != 0
         p = tl.where(keep[None, :], p, 0.0)
     dp = _dot(do, tl.trans(v), INTERPRET, PRECISION)  # (M, N)
+    if DROPOUT:
+        dp = dp * _dropout_scale(seed, drop_offset, row0, offs_m[:, None], offs_n[None, :], drop_lk, drop_thr,
+                                 drop_scale)
     ds = p * (dp - delta[:, None])
+    if BIAS_GRAD:  # the bias enters the score unscaled: dbias = dS; this program owns these elements
+        tl.store(dbias_base + offs_m[:, None] * Nk + offs_n[None, :], ds,
+                 mask=(offs_m[:, None] < Nq) & n_ok[None, :])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     dq += _dot(_to(ds, k.dtype, INTERPRET), k, INTERPRET, PRECISION)
     return dq
 
@@ -345,10 +483,15 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqn, stride_dqh,
     Hq, Nq, Nk, GROUP,
     qk_scale, sm_scale,
+    Alibi, Bias, DBias,  # feature pointers (dummies when off): alibi (B or 1, Hq) fp32, bias/dbias fp32
+    stride_ab, stride_bb, stride_bh, stride_bm, stride_bn,
+    win_left, win_right, softcap, sm_nat, drop_thr, drop_scale, seed, drop_offset, drop_lq, drop_lk,
     TUNE_NQ, TUNE_NK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -369,6 +512,10 @@ def _attn_bwd_dq(
     v_base = V + b * stride_vb + g * stride_vh
     mask_base = Mask + b * stride_mb
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    slope = tl.load(Alibi + b * stride_ab + h) if HAS_ALIBI else 0.0
+    bias_base = Bias + b * stride_bb + h * stride_bh
+    row0 = (b * Hq + h) * drop_lq
+    dbias_base = DBias + pid_bh.to(tl.int64) * Nq * Nk
 
     shift = Nk - Nq
     if CAUSAL:
@@ -377,14 +524,28 @@ def _attn_bwd_dq(
     else:
         hi = Nk
         n_full = Nk // BLOCK_N * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    lo = start_m * 0
+    if WINDOW:  # as in the forward
+        hi = hi + lo
+        if win_left >= 0:
+            lo = tl.maximum(start_m + shift - win_left, 0) // BLOCK_N * BLOCK_N
+        if win_right >= 0:
+            hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift + win_right, 0), Nk)
+        n_full = lo
+    for start_n in range(lo, n_full, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_d,
                       Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
-                      HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_MASK, INTERPRET, PRECISION)
+                      Nq, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn, win_left, win_right,
+                      seed, drop_offset, row0, drop_lk, drop_thr, drop_scale, dbias_base,
+                      HEAD_DIM, BLOCK_N, False, CAUSAL, HAS_MASK, INTERPRET, PRECISION,
+                      WINDOW, SOFTCAP, HAS_ALIBI, HAS_BIAS, DROPOUT, BIAS_GRAD)
     for start_n in range(n_full, hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, offs_m, offs_d,
                       Nk, shift, qk_scale, stride_kn, stride_vn, stride_mn,
-                      HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_MASK, INTERPRET, PRECISION)
+                      Nq, sm_nat, softcap, slope, bias_base, stride_bm, stride_bn, win_left, win_right,
+                      seed, drop_offset, row0, drop_lk, drop_thr, drop_scale, dbias_base,
+                      HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_MASK, INTERPRET, PRECISION,
+                      WINDOW, SOFTCAP, HAS_ALIBI, HAS_BIAS, DROPOUT, BIAS_GRAD)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              _to(dq, DQ.dtype.element_ty, INTERPRET), mask=ld_mask)
@@ -399,19 +560,38 @@ def _attn_bwd_dq(
 # PYLLM_TRITON_AUTOTUNE=0 launches the one heuristic config instead (each new shape then compiles
 # one kernel rather than timing all of them: quick GPU checks).
 _AUTOTUNE = os.environ.get("PYLLM_TRITON_AUTOTUNE", "1") != "0"
-_TUNE_KEY = ["TUNE_NQ", "TUNE_NK", "HEAD_DIM", "CAUSAL", "HAS_MASK"]
-_CONFIGS = [
+_TUNE_KEY = ["TUNE_NQ", "TUNE_NK", "HEAD_DIM", "CAUSAL", "HAS_MASK", "WINDOW", "SOFTCAP", "HAS_ALIBI", "HAS_BIAS",
+             "DROPOUT"]
+_CONFIGS_SM80 = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [
         (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
         (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (128, 32, 4, 4),
     ]
 ]
+# Hopper (sm_90): tl.dot becomes wgmma when every warpgroup (4 warps) owns a multiple of 64 query rows, so
+# BLOCK_M is 64 or 128 on 4 warps, 128 on 8; BLOCK_N 64-128 with 3-4 stages, which its 227 KB of shared
+# memory holds. _prune keeps the list of the GPU at hand.
+_CONFIGS_SM90 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+        (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
+    ]
+]
+_CONFIGS = _CONFIGS_SM80 + _CONFIGS_SM90
+_SM90_IDS = {id(c) for c in _CONFIGS_SM90}
 
 
-def _heuristic(dtype, block_d, tune_nq):
+def _hopper(t) -> bool:
+    return t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] == 9
+
+
+def _heuristic(dtype, block_d, tune_nq, hopper=False):
     """One good-enough config, used for fp32, without autotuning, and as the pruning fallback."""
-    if dtype == torch.float32:
+    if hopper and dtype != torch.float32 and block_d <= 128:
+        bm, bn, w, s = (128, 128, 8, 3) if block_d <= 64 else (128, 64, 8, 3)
+    elif dtype == torch.float32:
         # fp32 dots run on CUDA cores with fp32 tiles in shared memory (and compile slowly): keep them small.
         bm, bn, w, s = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
                         128: (64, 32, 4, 2)}.get(block_d, (32, 32, 4, 1))
@@ -431,13 +611,15 @@ def _prune(configs, named_args, **kwargs):
     # tiles; fp32 gets its one small config (every fp32 config takes minutes to compile).
     args = {**named_args, **kwargs}
     dtype, block_d, tune_nq = args["Q"].dtype, args["BLOCK_D"], args["TUNE_NQ"]
+    hopper = _hopper(args["Q"])
     if dtype == torch.float32:
         return [_heuristic(dtype, block_d, tune_nq)]
+    configs = [c for c in configs if (id(c) in _SM90_IDS) == hopper] or configs  # this GPU's own list
     keep = [c for c in configs
             if (block_d < 256 or max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 64)
             and (block_d < 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64)
             and (tune_nq > 64 or c.kwargs["BLOCK_M"] == 64)]
-    return keep or [_heuristic(dtype, block_d, tune_nq)]
+    return keep or [_heuristic(dtype, block_d, tune_nq, hopper)]
 
 
 def _tuned(kernel):
@@ -454,12 +636,6 @@ _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq)
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreted():
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_attn_fwd, InterpretedFunction)
-
-
 def _bucket(n):
     # Seqlen bucket for the autotune key: powers of two, capped (tiling choices stop changing).
     return min(triton.next_power_of_2(max(n, 1)), 8192)
@@ -471,35 +647,19 @@ def _last_dim_contiguous(x):
 
 
 def _check(q, k, v, key_padding_mask, fn):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{fn}: q, k, v must be 4-D (batch, seqlen, heads, head_dim); "
-                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"{fn}: q dtype must be float16, bfloat16 or float32; got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"{fn}: k and v must have q's dtype {q.dtype}; got {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{fn}: q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    B, Nq, Hq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{fn}: k and v must be ({B}, seqlen_k, heads_kv, {D}); "
-                         f"got {tuple(k.shape)}, {tuple(v.shape)}")
-    Hkv = k.shape[2]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"{fn}: heads_q ({Hq}) must be a multiple of heads_kv ({Hkv})")
-    if D > _MAX_HEAD_DIM or D < 1:
-        raise ValueError(f"{fn}: head_dim must be in 1..{_MAX_HEAD_DIM}; got {D}")
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, k.shape[1]):
-            raise ValueError(f"{fn}: key_padding_mask must be bool ({B}, {k.shape[1]}); "
-                             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"{fn}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-    if q.device.type == "cpu":
-        if not _interpreted():
-            raise ValueError(f"{fn}: CPU tensors need the Triton interpreter "
-                             "(TRITON_INTERPRET=1 set before triton is imported)")
-    elif q.device.type != "cuda":
+    # Cheap guards against calls that would read out of bounds; pyllm.attention validates every argument
+    # with a precise message before it gets here, so these only stop direct calls of the raw op.
+    B, _, Hq, D = q.shape if q.dim() == 4 else (0, 0, 0, 0)
+    mask_ok = key_padding_mask is None or (key_padding_mask.dtype == torch.bool and key_padding_mask.device == q.device
+                                           and tuple(key_padding_mask.shape) == (B, k.shape[1]))
+    if not (q.dim() == 4 and k.dim() == 4 and k.shape == v.shape and k.shape[0] == B and k.shape[3] == D
+            and k.shape[2] > 0 and Hq % k.shape[2] == 0 and 1 <= D <= _MAX_HEAD_DIM and q.dtype in _DTYPES
+            and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device and mask_ok):
+        raise ValueError(f"{fn}: inputs the kernel cannot take: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}, key_padding_mask "
+                         f"{None if key_padding_mask is None else tuple(key_padding_mask.shape)} "
+                         "(call pyllm.attention for a precise error)")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
         raise ValueError(f"{fn}: q must be on a CUDA device (or the CPU under TRITON_INTERPRET=1); got {q.device}")
 
 
@@ -523,20 +683,46 @@ def _launch_args(q, key_padding_mask):
     if on_cpu:
         fixed = dict(BLOCK_M=_INTERPRET_BLOCK_M, BLOCK_N=_INTERPRET_BLOCK_N)
     elif not _AUTOTUNE:
-        c = _heuristic(q.dtype, consts["BLOCK_D"], _bucket(q.shape[1]))
+        c = _heuristic(q.dtype, consts["BLOCK_D"], _bucket(q.shape[1]), _hopper(q))
         fixed = dict(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
         fixed = None  # autotune
     return mask, mask_strides, consts, fixed
 
 
-def attention_fwd(q, k, v, key_padding_mask, causal: bool, softmax_scale: float):
+def _feature_args(q, k, causal, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
+                  attn_bias=None, dropout_p=0.0, seed=0, offset=0, drop_lq=0, drop_lk=0, dbias=None):
+    """(runtime arguments, constexprs) of the feature block the three kernels share (contract: csrc/pyllm.cpp)."""
+    B, Nq, Hq, _ = q.shape
+    Nk = k.shape[1]
+    right = 0 if causal else window_right
+    alibi, stride_ab = q, 0  # dummy pointers when a feature is off: never read
+    if alibi_slopes is not None:  # memory-safety guard only (the op layer validated the call)
+        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+            raise ValueError(f"attention: alibi_slopes must be ({Hq},) or ({B}, {Hq}); got {tuple(alibi_slopes.shape)}")
+        alibi = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        stride_ab = Hq if alibi.dim() == 2 else 0
+    bias, bias_strides = q, (0, 0, 0, 0)
+    if attn_bias is not None:  # fp32, broadcast through zero strides: never materialized
+        bias = attn_bias.to(torch.float32).expand(B, Hq, Nq, Nk)
+        bias_strides = bias.stride()
+    thr = min(int(dropout_p * 4294967296.0), 0xFFFFFFFF) if dropout_p > 0 else 0
+    args = (alibi, bias, q if dbias is None else dbias, stride_ab, *bias_strides,
+            window_left, right, float(softcap), float(softmax_scale), thr, 1.0 / (1.0 - dropout_p), int(seed),
+            int(offset), int(drop_lq), int(drop_lk))
+    consts = dict(WINDOW=window_left >= 0 or (right >= 0 and not causal), SOFTCAP=softcap > 0,
+                  HAS_ALIBI=alibi_slopes is not None, HAS_BIAS=attn_bias is not None, DROPOUT=dropout_p > 0,
+                  BIAS_GRAD=dbias is not None)
+    return args, consts
+
+
+def attention_fwd(q, k, v, key_padding_mask, causal: bool, softmax_scale: float, features: dict | None = None):
     """FlashAttention-2 forward.
 
     q (B, Nq, Hq, D); k, v (B, Nk, Hkv, D), Hq % Hkv == 0; any strides with stride(-1) == 1;
     key_padding_mask (B, Nk) bool (True = real token) or None; causal is bottom-right aligned.
     Returns out (B, Nq, Hq, D) contiguous in q.dtype and lse (B, Hq, Nq) float32 (natural log;
-    -inf, with out = 0, for a row that sees no key).
+    -inf, with out = 0, for a row that sees no key). ``features``: keywords of :func:`_feature_args`.
     """
     _check(q, k, v, key_padding_mask, "attention_fwd")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
@@ -547,9 +733,11 @@ def attention_fwd(q, k, v, key_padding_mask, causal: bool, softmax_scale: float)
     if out.numel() == 0 or Nk == 0:
         return out, lse  # nothing to attend to: zeros and -inf, as the kernel would write
     mask, mask_strides, consts, fixed = _launch_args(q, key_padding_mask)
+    feat, feat_consts = _feature_args(q, k, causal, softmax_scale, **(features or {}))
+    consts.update(feat_consts)
     args = (q, k, v, mask, out, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-            Hq, Nq, Nk, Hq // Hkv, softmax_scale * _LOG2E, _bucket(Nq), _bucket(Nk))
+            Hq, Nq, Nk, Hq // Hkv, softmax_scale * _LOG2E, *feat, _bucket(Nq), _bucket(Nk))
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
         if fixed is None:
@@ -560,7 +748,7 @@ def attention_fwd(q, k, v, key_padding_mask, causal: bool, softmax_scale: float)
 
 
 def attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal: bool, softmax_scale: float,
-                  deterministic: bool):
+                  deterministic: bool, features: dict | None = None):
     """FlashAttention-2 backward.
 
     dout, out (B, Nq, Hq, D); q, k, v and key_padding_mask as in attention_fwd; lse (B, Hq, Nq)
@@ -585,8 +773,10 @@ def attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal: bool, softm
     if dq.numel() == 0 or dk.numel() == 0:
         return dq, dk, dv  # no pairs at all: every gradient is zero
     mask, mask_strides, consts, fixed = _launch_args(q, key_padding_mask)
+    feat, feat_consts = _feature_args(q, k, causal, softmax_scale, **(features or {}))
+    consts.update(feat_consts)
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    common = (Nq, Nk, Hq // Hkv, softmax_scale * _LOG2E, softmax_scale, _bucket(Nq), _bucket(Nk))
+    common = (Nq, Nk, Hq // Hkv, softmax_scale * _LOG2E, softmax_scale, *feat, _bucket(Nq), _bucket(Nk))
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
         pre_block = max(16, min(64, 8192 // consts["BLOCK_D"]))  # (pre_block, BLOCK_D) fp32 tiles stay in registers
         _attn_bwd_pre[(triton.cdiv(Nq, pre_block), B * Hq)](
@@ -607,3 +797,29 @@ def attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal: bool, softm
             _attn_bwd_dkdv[dkdv_grid](*dkdv_args, CAUSAL=bool(causal), **consts, **fixed)
             _attn_bwd_dq[dq_grid](*dq_args, CAUSAL=bool(causal), **consts, **fixed)
     return dq, dk, dv
+
+
+def attention_ext_fwd(q, k, v, key_padding_mask, causal: bool, softmax_scale: float, window_left: int,
+                      window_right: int, softcap: float, alibi_slopes, attn_bias, dropout_p: float, seed: int,
+                      offset: int, drop_lq: int, drop_lk: int):
+    """attention_fwd with FlashAttention's features; arguments as pyllm::attention_ext_fwd (csrc/pyllm.cpp)."""
+    return attention_fwd(q, k, v, key_padding_mask, causal, softmax_scale, dict(
+        window_left=window_left, window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
+        attn_bias=attn_bias, dropout_p=dropout_p, seed=seed, offset=offset, drop_lq=drop_lq, drop_lk=drop_lk))
+
+
+def attention_ext_bwd(dout, q, k, v, out, lse, key_padding_mask, causal: bool, softmax_scale: float,
+                      window_left: int, window_right: int, softcap: float, alibi_slopes, attn_bias, dropout_p: float,
+                      seed: int, offset: int, drop_lq: int, drop_lk: int, bias_grad: bool, deterministic: bool):
+    """attention_bwd with the features; returns (dq, dk, dv, dbias), dbias summed to attn_bias's shape when
+    bias_grad (the dQ kernel writes dS once per element into a (B, Hq, Nq, Nk) fp32 buffer), else shape (0,)."""
+    B, Nq, Hq, _ = q.shape
+    full = None
+    if bias_grad and attn_bias is not None:
+        full = torch.zeros((B, Hq, Nq, k.shape[1]), dtype=torch.float32, device=q.device)
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, deterministic, dict(
+        window_left=window_left, window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
+        attn_bias=attn_bias, dropout_p=dropout_p, seed=seed, offset=offset, drop_lq=drop_lq, drop_lk=drop_lk,
+        dbias=full))
+    dbias = full.sum_to_size(attn_bias.shape).to(attn_bias.dtype) if full is not None else q.new_empty((0,))
+    return dq, dk, dv, dbias

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pyllm.kernels import interpreting
+
 __all__ = ["layer_norm_fwd", "layer_norm_bwd"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -383,7 +385,7 @@ def _layer_norm_bwd_reduce_kernel(
 
 # triton.jit decides when this module is imported: TRITON_INTERPRET=1 then gives interpreted
 # functions, which run on CPU tensors (and copy CUDA tensors to the host and back).
-_INTERPRETED = not isinstance(_layer_norm_fwd_kernel, triton.runtime.JITFunction)
+_INTERPRETED = interpreting()
 
 # Largest row kept whole in registers (elements). On a GPU, 16K fp32 values over 16 warps are
 # 32 registers per thread per live tensor; the backward pass keeps more tensors live, so it
@@ -418,13 +420,20 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _resident_warps(device_index: int) -> int:
+    """Warps per SM the backward pass aims to keep busy: 32 on sm_80; 48 on sm_90, whose HBM3 needs about
+    1.6x the bytes in flight of an A100's to reach its bandwidth (same 64-warp limit per SM)."""
+    return 48 if torch.cuda.get_device_capability(device_index)[0] == 9 else 32
+
+
 def _num_groups(m: int, device: torch.device, num_warps: int) -> int:
     """How many programs share the m rows in the backward pass (= rows of the partial buffers)."""
     if not _INTERPRETED:
         # About 32 resident warps per SM: enough loads in flight, and a partial buffer that is
         # small next to the M x N tensors once M is in the thousands.
         index = device.index if device.index is not None else torch.cuda.current_device()
-        target = _num_sms(index) * max(32 // num_warps, 1)
+        target = _num_sms(index) * max(_resident_warps(index) // num_warps, 1)
     else:
         target = 4  # the interpreter runs programs one after another; few is cheapest
     rows_per_group = triton.cdiv(m, min(m, target))

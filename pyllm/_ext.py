@@ -19,12 +19,24 @@ def _load() -> str | None:
 
 
 def _has(op: str, dispatch_key: str) -> bool:
-    return _LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"pyllm::{op}", dispatch_key)
+    return (_LOAD_ERROR is None and hasattr(torch.ops.pyllm, op)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"pyllm::{op}", dispatch_key))
 
 
 _LOAD_ERROR = _load()
 _CPU = _has("attention_fwd", "CPU") and _has("layer_norm_fwd", "CPU")
 _CUDA = _has("attention_fwd", "CUDA") and _has("layer_norm_fwd", "CUDA")
+
+
+# op family -> the C++ op whose kernels serve it (an extension built before an op existed lacks it)
+_KERNEL_OPS = {"attention": "attention_fwd", "layer_norm": "layer_norm_fwd", "rms_norm": "layer_norm_fwd",
+               "rotary": "rotary", "linear_cross_entropy": "linear_cross_entropy_fwd"}
+_HAS = {(op, key): _has(name, key) for op, name in _KERNEL_OPS.items() for key in ("CPU", "CUDA")}
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether ``pyllm._C`` registered a ``dispatch_key`` ("CPU" / "CUDA") kernel for op family ``op``."""
+    return _HAS[(op, dispatch_key)]
 
 
 def load_error() -> str | None:

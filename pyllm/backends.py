@@ -6,30 +6,57 @@ fastest backend with no reasons on the inputs' device; an explicit choice that c
 listing its reasons. No backend ever changes the semantics of an op.
 
 Selection order, first match wins: per call ``backend=``, the innermost :func:`use` context, the
-environment variable ``PYLLM_BACKEND``, then ``"auto"``.
+environment variable ``PYLLM_BACKEND``, then ``"auto"``. The :func:`use` state is a plain module global
+(process-wide, like ``torch.backends`` flags), so ``torch.compile(fullgraph=True)`` traces the default
+choice and guards on it.
+
+What each backend supports is declared once, in :mod:`pyllm.capabilities`. Which GPU backends have passed
+``benchmarks/gpu_check.sh`` on real hardware is recorded in ``pyllm/verified.json``: until the cuda
+backend has a record for an op, ``auto`` on CUDA tensors takes triton before it (:func:`auto_order`).
+
+Imports flow one way: the ops register how to describe a call (:func:`register_op`); this module never
+imports them.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib.util
+import json
 import os
 from typing import Any, Callable, Iterator
 
 import torch
 
+from pyllm import capabilities
+from pyllm.kernels import interpreting
+
 NAMES = ("reference", "cpu", "cuda", "triton")
 _CHOICES = NAMES + ("auto",)
 
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("pyllm_backend", default=None)
+_current: str | None = None  # set by use(); a module global so Dynamo can trace and guard on it
 _describers: dict[str, Callable[..., dict]] = {}
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_VERIFIED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "verified.json")
 
 
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _load_verified(path: str = _VERIFIED_FILE) -> list[dict]:
+    """The records of ``pyllm/verified.json``: which backend passed which ops on which GPU (see the file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)["records"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # a missing or unreadable record trusts nothing: auto keeps triton first on CUDA
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("backend"), str)
+            and isinstance(r.get("ops"), list)]
+
+
+VERIFIED: list[dict] = _load_verified()
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
 def _extension_error() -> str | None:
@@ -39,15 +66,28 @@ def _extension_error() -> str | None:
     return _ext.load_error()
 
 
+def _ext_has_kernel(op: str, dispatch_key: str) -> bool:
+    from pyllm import _ext
+
+    return _ext.has_kernel(op, dispatch_key)
+
+
 class Backend:
-    """One way to run the ops. Subclasses declare what they support; ``auto`` ranks them by ``speed``."""
+    """One way to run the ops, with the capability table of :mod:`pyllm.capabilities` named ``name``;
+    ``auto`` ranks backends by ``speed`` (see :func:`auto_order`)."""
 
     name: str = ""
     speed: int = 0  # larger = preferred by auto
-    devices: tuple[str, ...] = ()
-    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-    ops: tuple[str, ...] = ("attention", "layer_norm", "rms_norm", "linear_cross_entropy")
-    max_head_dim: int = 256
+    dispatch_key: str | None = None  # the C++ backends: whose kernels in pyllm._C serve them
+
+    def __init__(self) -> None:
+        caps = capabilities.TABLES[self.name]
+        self.caps = caps
+        self.devices, self.ops, self.max_head_dim = caps.devices, caps.ops, caps.max_head_dim
+        self.dtypes = tuple(getattr(torch, d) for d in caps.dtypes)
+        self.op_dtypes = {op: tuple(getattr(torch, d) for d in ds) for op, ds in caps.op_dtypes.items()}
+        # FlashAttention features the attention kernels implement (pyllm.ops.attention.Extras.features, "varlen")
+        self.attention_features = frozenset(caps.attention_features)
 
     def unavailable_reason(self) -> str | None:
         """None when this backend can run on this machine at all, else why not."""
@@ -60,24 +100,27 @@ class Backend:
             return [why]
         if op not in self.ops:
             return [f"{self.name} has no kernel for {op}"]
+        if self.dispatch_key is not None and not _ext_has_kernel(op, self.dispatch_key):
+            return [f"pyllm._C has no {self.dispatch_key} kernel for {op} (built before the op existed: rebuild)"]
         device = call["device"]
         if device.type not in self.devices:
             reasons.append(f"device {device.type} not supported (supports {', '.join(self.devices)})")
-        if call["dtype"] not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            reasons.append(f"dtype {str(call['dtype']).replace('torch.', '')} not supported (supports {names})")
-        if op == "attention" and call["head_dim"] > self.max_head_dim:
+        dtypes = self.op_dtypes.get(op, self.dtypes)
+        if call["dtype"] not in dtypes:
+            got = _dtype_names([call["dtype"]])
+            reasons.append(f"dtype {got} not supported by the {self.name} {op} kernel (supports {_dtype_names(dtypes)})")
+        if op == "attention" and self.max_head_dim is not None and call["head_dim"] > self.max_head_dim:
             reasons.append(f"head_dim {call['head_dim']} > {self.max_head_dim}")
         reasons.extend(call.get("unsupported", ()))  # call-specific limits the op layer found
+        missing = [f for f in call.get("features", ()) if f not in self.attention_features]
+        if missing:
+            reasons.append(f"{', '.join(missing)} not implemented in the {self.name} kernels")
         return reasons
 
 
 class ReferenceBackend(Backend):
     name = "reference"
     speed = 0
-    devices = ("cpu", "cuda", "mps", "xpu", "meta")
-    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    max_head_dim = 1 << 30
 
     def not_supported_reasons(self, op: str, call: dict) -> list[str]:
         return []  # plain PyTorch: serves every call, on every device torch runs on
@@ -86,8 +129,7 @@ class ReferenceBackend(Backend):
 class CPUBackend(Backend):
     name = "cpu"
     speed = 10
-    devices = ("cpu",)
-    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    dispatch_key = "CPU"
 
     def unavailable_reason(self) -> str | None:
         err = _extension_error()
@@ -103,7 +145,7 @@ class CPUBackend(Backend):
 class CUDABackend(Backend):
     name = "cuda"
     speed = 30
-    devices = ("cuda",)
+    dispatch_key = "CUDA"
 
     def unavailable_reason(self) -> str | None:
         err = _extension_error()
@@ -119,40 +161,33 @@ class CUDABackend(Backend):
 
     def not_supported_reasons(self, op: str, call: dict) -> list[str]:
         reasons = super().not_supported_reasons(op, call)
-        if not reasons and op == "attention":
-            if call["dtype"] == torch.float32:
-                reasons.append("dtype float32 not supported by the CUDA attention kernel (tensor cores take fp16/bf16)")
-            major = torch.cuda.get_device_capability(call["device"])[0]
-            if major < 8:
-                reasons.append(f"compute capability {major}.x < 8.0 (mma.sync bf16 needs sm_80)")
+        need = self.caps.min_compute_capability
+        if not reasons and need and op in self.caps.capability_ops:
+            have = torch.cuda.get_device_capability(call["device"])
+            if tuple(have) < need:
+                reasons.append(f"compute capability {have[0]}.{have[1]} < {need[0]}.{need[1]} ({self.caps.notes})")
         return reasons
 
 
 class TritonBackend(Backend):
     name = "triton"
     speed = 20
-    devices = ("cuda", "cpu")
 
     def unavailable_reason(self) -> str | None:
         if not _TRITON_INSTALLED:
             return "triton is not installed"
-        if not torch.cuda.is_available() and not _triton_interpreting():
+        if not torch.cuda.is_available() and not interpreting():
             return "no GPU; set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors (slow)"
         return None
 
     def not_supported_reasons(self, op: str, call: dict) -> list[str]:
         reasons = super().not_supported_reasons(op, call)
-        if not reasons and call["device"].type == "cpu" and not _triton_interpreting():
+        if not reasons and call["device"].type == "cpu" and not interpreting():
             reasons.append("CPU tensors run only under TRITON_INTERPRET=1")
         return reasons
 
 
 _BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), CPUBackend(), CUDABackend(), TritonBackend())}
-
-
-def get(name: str) -> Backend:
-    """The backend object called ``name`` (one of ``NAMES``)."""
-    return _BACKENDS[_check_name(name, "backend")]
 
 
 def _check_name(name: Any, what: str) -> str:
@@ -173,21 +208,24 @@ def unavailable() -> dict[str, str]:
 
 @contextlib.contextmanager
 def use(name: str) -> Iterator[None]:
-    """Run the ops inside the block on backend ``name`` (or ``"auto"``), unless a call passes ``backend=``."""
-    token = _current.set(_check_name(name, "pyllm.backends.use"))
+    """Run the ops inside the block on backend ``name`` (or ``"auto"``), unless a call passes ``backend=``.
+
+    The choice is process-wide while the block runs (other threads see it too), as ``torch.backends`` flags
+    are; that is what lets ``torch.compile`` trace it."""
+    global _current
+    saved, _current = _current, _check_name(name, "pyllm.backends.use")
     try:
         yield
     finally:
-        _current.reset(token)
+        _current = saved
 
 
 def requested(backend: str | None = None) -> str:
     """The backend name in force for a call: per call, then :func:`use`, then ``PYLLM_BACKEND``, then auto."""
     if backend is not None:
         return _check_name(backend, "backend")
-    ctx = _current.get()
-    if ctx is not None:
-        return ctx
+    if _current is not None:
+        return _current
     env = os.environ.get("PYLLM_BACKEND")
     if env:
         return _check_name(env, "PYLLM_BACKEND")
@@ -203,21 +241,104 @@ def reasons_for(op: str, call: dict) -> dict[str, list[str]]:
     return {name: b.not_supported_reasons(op, call) for name, b in _BACKENDS.items()}
 
 
+_selected: dict[tuple, str] = {}  # select's answers per (op, requested name, call, TRITON_INTERPRET): small calls
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.device, torch.dtype)
+
+
+def _call_key(call: dict) -> tuple | None:
+    """The call description as a cache key, or None when it holds anything but plain values (never a tensor:
+    the cache must not keep one alive)."""
+    key = []
+    for k, v in call.items():
+        if isinstance(v, (list, tuple)):
+            if not all(isinstance(e, str) for e in v):
+                return None
+            v = tuple(v)
+        elif not isinstance(v, _PLAIN):
+            return None
+        key.append((k, v))
+    return tuple(key)
+
+
 def select(op: str, call: dict, backend: str | None = None) -> str:
-    """Pick the backend for one validated call; raise ValueError with reasons if an explicit one cannot serve."""
+    """Pick the backend for one validated call; raise ValueError with reasons if an explicit one cannot serve.
+
+    Answers are cached per (op, requested backend, the call's description, ``TRITON_INTERPRET``): the call
+    description holds everything the choice depends on (device, dtypes, sizes, the op layer's limits)."""
     name = requested(backend)
+    ck = _call_key(call)
+    if ck is None:
+        return _select(op, call, name)
+    key = (op, name, os.environ.get("TRITON_INTERPRET"), ck)
+    hit = _selected.get(key)
+    if hit is not None:
+        return hit
+    if len(_selected) > 1024:
+        _selected.clear()
+    _selected[key] = chosen = _select(op, call, name)
+    return chosen
+
+
+def _select(op: str, call: dict, name: str) -> str:
     if name != "auto":
         reasons = _BACKENDS[name].not_supported_reasons(op, call)
         if reasons:
             raise ValueError(f"{op}: backend {name!r} cannot serve this call: " + "; ".join(reasons))
         return name
-    ranked = sorted(_BACKENDS.values(), key=lambda b: -b.speed)
-    for b in ranked:
-        if b.name == "triton" and call["device"].type == "cpu":
-            continue  # the interpreter is for testing, never the fast choice
-        if not b.not_supported_reasons(op, call):
-            return b.name
+    for b in auto_order(op, call):
+        if not _BACKENDS[b].not_supported_reasons(op, call):
+            return b
     return "reference"
+
+
+def verified_records(backend: str, op: str | None = None, records: list[dict] | None = None) -> list[dict]:
+    """The records of ``pyllm/verified.json`` (or ``records``) in which ``backend`` passed (``op``) on a GPU."""
+    records = VERIFIED if records is None else records
+    return [r for r in records if r.get("backend") == backend and (op is None or op in r.get("ops", ()))]
+
+
+def auto_order(op: str, call: dict, records: list[dict] | None = None) -> list[str]:
+    """The backends ``auto`` tries for ``call``, in order: by speed, except that on CUDA tensors the cuda
+    backend goes after triton until ``pyllm/verified.json`` (or ``records``) holds a GPU run in which it
+    passed ``op``; on CPU tensors triton (the interpreter, for testing) is never tried."""
+    order = [b.name for b in sorted(_BACKENDS.values(), key=lambda b: -b.speed)]
+    device = call["device"].type
+    if device == "cpu":
+        order.remove("triton")
+    elif device == "cuda" and not verified_records("cuda", op, records):
+        order.remove("cuda")
+        order.insert(order.index("triton") + 1, "cuda")
+    return order
+
+
+def verification(name: str, records: list[dict] | None = None) -> str:
+    """One line: whether backend ``name`` has been verified on a GPU, and where."""
+    if name == "reference":
+        return "reference: plain PyTorch, the oracle the kernels are checked against (nothing to verify on a GPU)"
+    if name == "cpu":
+        return "cpu: CPU kernels, checked by the test suite and `pyllm check` (no GPU involved)"
+    recs = verified_records(name, records=records)
+    if not recs:
+        how = "compile-checked only" if name == "cuda" else "checked under the CPU interpreter only"
+        return f"{name}: not yet verified on a GPU ({how})"
+    where = "; ".join(f"{', '.join(r['ops'])} on {r.get('gpu', '?')} (sm {r.get('capability', '?')}), "
+                      f"{r.get('date', '?')}, commit {str(r.get('commit', '?'))[:12]}" for r in recs)
+    return f"{name}: verified on a GPU: {where}"
+
+
+class Explanation(dict):
+    """{backend: [reasons it cannot serve this call]} ([] = it can), plus ``auto``: the backend auto picks,
+    and ``verified``: {backend: whether it has been verified on a GPU, and where}."""
+
+    def __init__(self, reasons: dict[str, list[str]], auto: str, verified: dict[str, str]):
+        super().__init__(reasons)
+        self.auto, self.verified = auto, verified
+
+    def __str__(self) -> str:
+        lines = [f"{n}: " + ("can serve" if not r else "cannot: " + "; ".join(r)) for n, r in self.items()]
+        return "\n".join(lines + [f"auto picks: {self.auto}"] + list(self.verified.values()))
 
 
 def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
@@ -225,11 +346,11 @@ def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
 
     ``op`` is ``"attention"``, ``"layer_norm"``, ``"rms_norm"``, ``"linear_cross_entropy"`` or
     ``"scaled_dot_product_attention"``;
-    the arguments are those of the public function of that name.
+    the arguments are those of the public function of that name. The result (an :class:`Explanation`)
+    also says which backend ``auto`` picks and, per backend, whether it has been verified on a GPU.
     """
-    import pyllm.ops  # noqa: F401  (registers the describers)
-
-    if op not in _describers:
+    if op not in _describers:  # the ops register themselves when pyllm is imported
         raise ValueError(f"explain: op must be one of {', '.join(sorted(_describers))}, got {op!r}")
     kind, call = _describers[op](*args, **kwargs)
-    return reasons_for(kind, call)
+    return Explanation(reasons_for(kind, call), select(kind, call, "auto"),
+                       {n: verification(n) for n in NAMES})

@@ -1,16 +1,17 @@
 """The pyllm command: check, info, bench, pretrain, finetune, evaluate, predict, generate.
 
-Subcommand modules add their own parsers (``add_parsers(subparsers)``) and import their heavy
-dependencies only when run, so ``pyllm --help`` stays fast.
+Subcommand modules add their own parsers (``add_parsers(subparsers)``); they and the package faces
+above them import only the standard library (:mod:`pyllm._lazy`), so ``pyllm --help`` and
+``pyllm <command> --help`` never load torch.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import platform
 import sys
 
-_SUBCOMMAND_MODULES = ("pyllm.bench.cli", "pyllm.train.cli")
+from pyllm.bench import cli as bench_cli
+from pyllm.train import cli as train_cli
 
 
 def _cmd_check(args) -> int:
@@ -28,6 +29,14 @@ def _cmd_check(args) -> int:
             for b, r in missing.items():
                 print(f"pyllm check: backend {b!r} is not available: {r}", file=sys.stderr)
             return 2
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            print(f"pyllm check: --device cuda, but {why} (torch {torch.__version__}); run it on a machine "
+                  "with a GPU, or check --device cpu", file=sys.stderr)
+            return 2
     ok = pyllm.check(chosen, device=args.device, full=args.full)
     return 0 if ok else 1
 
@@ -36,6 +45,7 @@ def _cmd_info(args) -> int:
     import torch
 
     import pyllm
+    from pyllm import capabilities
 
     print(f"pyllm {pyllm.__version__}")
     print(f"python {platform.python_version()} on {platform.platform()}")
@@ -55,6 +65,11 @@ def _cmd_info(args) -> int:
     print("\nbackends available:", ", ".join(pyllm.backends.available()))
     for name, why in pyllm.backends.unavailable().items():
         print(f"  {name}: not available: {why}")
+    print("\nwhat each backend serves (pyllm/capabilities.py):")
+    print("\n".join("  " + line for line in capabilities.table().splitlines()))
+    print("\nverified on a GPU (pyllm/verified.json, written by benchmarks/gpu_check.sh runs):")
+    for name in pyllm.backends.NAMES:
+        print("  " + pyllm.backends.verification(name))
     return 0
 
 
@@ -68,12 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("info", help="versions, GPU, and which backends are available (and why others are not)")
     p.set_defaults(func=_cmd_info)
-    for mod in _SUBCOMMAND_MODULES:
-        try:
-            importlib.import_module(mod).add_parsers(sub)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+    bench_cli.add_parsers(sub)
+    train_cli.add_parsers(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The truth: attention and LayerNorm/RMSNorm in plain PyTorch.
+"""The truth: attention, LayerNorm/RMSNorm and rotary embeddings in plain PyTorch.
 
 Every backend is checked against these functions (tests, ``pyllm check``), and the ``reference``
 backend serves calls with them. ``upcast=True`` computes in float32 (float64 stays float64; pass
@@ -22,6 +22,101 @@ def _math_dtype(dtype: torch.dtype, upcast: bool | torch.dtype) -> torch.dtype:
     return dtype
 
 
+# ---------------------------------------------------------------- dropout: Philox4x32-10
+# The dropout mask is a pure function of (seed, offset, element index): every backend (C++, CUDA,
+# Triton's tl.randint) computes the same bits. Element (b, h, i, j) of a (B, H, Nq, Nk) score tensor has
+# index ((b * H + h) * Nq + i) * Nk + j (for packed batches: Nq, Nk = max_seqlen_q, max_seqlen_k, so a
+# packed batch drops exactly what its padded twin drops). Its 32 random bits are word 0 of
+# Philox4x32-10 with counter (lo32(offset + index), hi32(offset + index), 0, 0) and key
+# (lo32(seed), hi32(seed)) -- Triton's ``tl.randint(seed, offset + index)``. The element is kept iff
+# bits >= dropout_threshold(p) = min(floor(p * 2**32), 2**32 - 1), an integer compare on every backend;
+# kept probabilities are scaled by 1 / (1 - p).
+_M32 = 0xFFFFFFFF
+_PHILOX_A, _PHILOX_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KA, _PHILOX_KB = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo32(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit halves of a * m for a (int64 tensor of uint32 values) and a 32-bit constant m."""
+    p_lo = a * (m & 0xFFFF)  # < 2**48: exact in int64
+    p_hi = a * (m >> 16)
+    t = p_lo + ((p_hi & 0xFFFF) << 16)
+    return (p_hi >> 16) + (t >> 32), t & _M32
+
+
+def philox_bits(seed: int, counter: Tensor) -> Tensor:
+    """Word 0 of Philox4x32-10 for int64 counters (as Triton's ``tl.randint(seed, counter)``), int64 in [0, 2**32)."""
+    c0, c1 = counter & _M32, (counter >> 32) & _M32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo32(c2, _PHILOX_B)
+        hi_a, lo_a = _mulhilo32(c0, _PHILOX_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KA) & _M32, (k1 + _PHILOX_KB) & _M32
+    return c0
+
+
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold below which an element is dropped (p in [0, 1))."""
+    return min(int(p * 4294967296.0), _M32)
+
+
+def dropout_keep(seed: int, offset: int, p: float, index: Tensor) -> Tensor:
+    """Bool keep-mask for the elements with these linear indices (int64 tensor; see the comment above)."""
+    return philox_bits(seed, index + offset) >= dropout_threshold(p)
+
+
+def dropout_mask(seed: int, offset: int, p: float, B: int, H: int, Nq: int, Nk: int, device=None) -> Tensor:
+    """The (B, H, Nq, Nk) bool keep-mask of ``pyllm.attention(..., dropout_p=p)`` for this seed and offset."""
+    index = torch.arange(B * H * Nq * Nk, device=device, dtype=torch.int64).view(B, H, Nq, Nk)
+    return dropout_keep(seed, offset, p, index)
+
+
+# ---------------------------------------------------------------- attention
+def _visible(Nq: int, Nk: int, causal: bool, window_size, device) -> Tensor | None:
+    """(Nq, Nk) bool: key j visible to query i under causal / window (bottom-right aligned), None = all."""
+    left, right = window_size
+    if causal:
+        right = 0
+    if left < 0 and right < 0:
+        return None
+    d = torch.arange(Nk, device=device)[None, :] - torch.arange(Nq, device=device)[:, None] - (Nk - Nq)  # j - i'
+    vis = torch.ones(Nq, Nk, dtype=torch.bool, device=device)
+    if right >= 0:
+        vis &= d <= right
+    if left >= 0:
+        vis &= d >= -left
+    return vis
+
+
+def _scores(qf, kf, scale, *, causal, key_padding_mask, window_size, softcap, alibi_slopes, attn_bias, mdt):
+    """Masked scores (B, H, Nq, Nk) in the math dtype: scale q.k, softcap, + ALiBi + bias, then -inf masks.
+
+    qf: (B, H, Nq, D), kf: (B, H, Nk, D) already in mdt and GQA-expanded.
+    """
+    Nq, Nk = qf.shape[-2], kf.shape[-2]
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        dist = (torch.arange(Nq, device=qf.device)[:, None] + (Nk - Nq)
+                - torch.arange(Nk, device=qf.device)[None, :]).abs().to(mdt)
+        slopes = alibi_slopes.to(mdt)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s - slopes * dist
+    if attn_bias is not None:
+        s = s + attn_bias.to(mdt)
+    vis = _visible(Nq, Nk, causal, window_size, qf.device)
+    if vis is not None or key_padding_mask is not None:
+        full = torch.ones(Nq, Nk, dtype=torch.bool, device=qf.device) if vis is None else vis
+        full = full.expand(s.shape[0], 1, Nq, Nk)
+        if key_padding_mask is not None:
+            full = full & key_padding_mask.to(torch.bool)[:, None, None, :]
+        s = s.masked_fill(~full, float("-inf"))
+    return s
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -30,14 +125,26 @@ def attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: tuple[int, int] | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    attn_bias: Tensor | None = None,
     upcast: bool | torch.dtype = True,
     return_lse: bool = False,
+    _dropout_index: Tensor | None = None,
 ):
     """Softmax attention in pyllm's layout and conventions (see :func:`pyllm.attention`).
 
     q: (B, Nq, Hq, D); k, v: (B, Nk, Hkv, D) with Hq % Hkv == 0; key_padding_mask: (B, Nk) bool, True = real.
-    causal is bottom-right aligned: query i sees key j iff j <= i + Nk - Nq. Rows that see no key give 0
-    and lse = -inf. Returns o (B, Nq, Hq, D) in q.dtype, and lse (B, Hq, Nq) float32 when return_lse.
+    causal is bottom-right aligned: query i sees key j iff j <= i + Nk - Nq; window_size (left, right)
+    keeps i + Nk - Nq - left <= j <= i + Nk - Nq + right (-1 = unbounded). Score of (i, j):
+    ``softcap * tanh(scale q.k / softcap) - slope * |i + Nk - Nq - j| + attn_bias`` (each term when given).
+    Dropout (``dropout_p`` > 0) uses the Philox mask of :func:`dropout_mask` for ``dropout_seed`` =
+    (seed, offset), drawn from torch's default generator when None. Rows that see no key give 0 and
+    lse = -inf (lse is taken before dropout). Returns o (B, Nq, Hq, D) in q.dtype, and lse (B, Hq, Nq)
+    float32 when return_lse.
     """
     B, Nq, Hq, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
@@ -47,20 +154,119 @@ def attention(
     if Hq != Hkv:  # GQA: query head h reads kv head h // (Hq // Hkv)
         kf = kf.repeat_interleave(Hq // Hkv, dim=1)
         vf = vf.repeat_interleave(Hq // Hkv, dim=1)
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
-    visible = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = torch.ones_like(visible).tril(Nk - Nq)
-    visible = visible.expand(B, 1, Nq, Nk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask.to(torch.bool)[:, None, None, :]
-    s = s.masked_fill(~visible, float("-inf"))
+    s = _scores(qf, kf, scale, causal=causal, key_padding_mask=key_padding_mask, window_size=tuple(window_size),
+                softcap=softcap, alibi_slopes=alibi_slopes, attn_bias=attn_bias, mdt=mdt)  # (B, Hq, Nq, Nk)
     lse = torch.logsumexp(s, dim=-1)  # (B, Hq, Nq); -inf where a row sees nothing
     p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])  # exp(-inf)=0 on masked entries
+    if dropout_p > 0.0:
+        seed, offset = draw_dropout_seed() if dropout_seed is None else dropout_seed
+        if _dropout_index is None:
+            keep = dropout_mask(seed, offset, dropout_p, B, Hq, Nq, Nk, device=q.device)
+        else:
+            keep = dropout_keep(seed, offset, dropout_p, _dropout_index)
+        p = p * keep.to(mdt) * (1.0 / (1.0 - dropout_p))
     o = torch.matmul(p, vf).transpose(1, 2).to(q.dtype)  # (B, Nq, Hq, D)
     if return_lse:
         return o, lse.to(torch.float64 if mdt == torch.float64 else torch.float32)
     return o
+
+
+def draw_dropout_seed() -> tuple[int, int]:
+    """(seed, offset) for one dropout call, drawn from torch's default CPU generator (torch.manual_seed
+    reproduces them); seed < 2**63, offset < 2**40 so offset + element index never overflows."""
+    seed, offset = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
+    return seed, offset >> 22
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: tuple[int, int] | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    upcast: bool | torch.dtype = True,
+    return_lse: bool = False,
+):
+    """Packed variable-length attention (see :func:`pyllm.attention_varlen`): each sequence b is
+    q[cu_q[b]:cu_q[b+1]] against k/v[cu_k[b]:cu_k[b+1]], with :func:`attention`'s semantics (causal and
+    window aligned bottom-right per sequence). q (total_q, Hq, D), k/v (total_k, Hkv, D) -> o like q,
+    lse (Hq, total_q) float32. Dropout index of (b, h, i, j): ((b * Hq + h) * max_seqlen_q + i) * max_seqlen_k + j."""
+    Hq = q.shape[1]
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if dropout_p > 0.0 and dropout_seed is None:
+        dropout_seed = draw_dropout_seed()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        nq, nk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        index = None
+        if dropout_p > 0.0:
+            ar = lambda n: torch.arange(n, device=q.device, dtype=torch.int64)  # noqa: E731
+            index = (((b * Hq + ar(Hq)[:, None, None]) * max_seqlen_q + ar(nq)[None, :, None]) * max_seqlen_k
+                     + ar(nk)[None, None, :])[None]
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
+        o, lse = attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                           causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
+                           dropout_seed=dropout_seed, window_size=window_size, softcap=softcap,
+                           alibi_slopes=slopes, upcast=upcast, return_lse=True, _dropout_index=index)
+        outs.append(o[0])
+        lses.append(lse[0])
+    o = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    if not return_lse:
+        return o
+    return o, (torch.cat(lses, dim=1) if lses else q.new_zeros((Hq, 0), dtype=torch.float32))
+
+
+def attention_probs(
+    q: Tensor,
+    k: Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    lse: Tensor | None = None,
+    heads=None,
+    upcast: bool | torch.dtype = True,
+) -> Tensor:
+    """Softmax probabilities (B, len(heads), Nq, Nk) in q.dtype (before dropout), one head at a time.
+
+    With ``lse`` (B, Hq, Nq) from ``attention(..., return_lse=True)`` they are exp(score - lse), exactly
+    what the kernels used; without it the softmax is recomputed. Rows that see no key are zeros.
+    """
+    B, Nq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    heads = list(range(Hq)) if heads is None else [int(h) for h in heads]
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    mdt = _math_dtype(q.dtype, upcast)
+    out = []
+    for h in heads:
+        g = h // (Hq // Hkv)
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes[h:h + 1] if alibi_slopes.dim() == 1 else alibi_slopes[:, h:h + 1]
+        bias = None
+        if attn_bias is not None:  # broadcastable to (B, Hq, Nq, Nk): take head h where it has heads
+            bias = attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
+            bias = bias[:, h:h + 1] if bias.shape[1] > 1 else bias
+        s = _scores(q[:, :, h:h + 1].to(mdt).transpose(1, 2), k[:, :, g:g + 1].to(mdt).transpose(1, 2), scale,
+                    causal=causal, key_padding_mask=key_padding_mask, window_size=tuple(window_size),
+                    softcap=softcap, alibi_slopes=slopes, attn_bias=bias, mdt=mdt)  # (B, 1, Nq, Nk)
+        ls = torch.logsumexp(s, dim=-1) if lse is None else lse[:, h:h + 1].to(mdt)
+        out.append(torch.exp(s - ls.masked_fill(torch.isinf(ls), 0.0)[..., None]).to(q.dtype))
+    return torch.cat(out, dim=1) if out else q.new_zeros((B, 0, Nq, k.shape[1]))
 
 
 def scaled_dot_product_attention(
@@ -98,7 +304,7 @@ def scaled_dot_product_attention(
             s = s + attn_mask.to(mdt)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
+    m = s.amax(dim=-1, keepdim=True) if S else s.new_zeros(s.shape[:-1] + (1,))  # S = 0: torch returns zeros
     m = m.masked_fill(torch.isinf(m), 0.0)
     p = torch.exp(s - m)
     denom = p.sum(dim=-1, keepdim=True)
@@ -154,6 +360,39 @@ def rms_norm(
         y = y * weight.to(mdt)
     y = y.to(x.dtype)
     return y if residual is None else (y, h)
+
+
+def rotary(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    interleaved: bool = False,
+    conjugate: bool = False,
+    upcast: bool | torch.dtype = True,
+):
+    """Rotary position embeddings on q (B, N, Hq, D) and k (B, N, Hk, D); see :func:`pyllm.rotary`.
+
+    cos, sin: (N, R/2) or (1 or B, N, R/2), R <= D. Pairs (x[i], x[i + R/2]) (rotate-half), or (x[2i],
+    x[2i + 1]) when interleaved, are rotated: (x1 cos - x2 sin, x2 cos + x1 sin); conjugate rotates by
+    -theta. Dims R..D are copied. Returns (q_out, k_out) in the inputs' dtypes.
+    """
+    return (_rotate(q, cos, sin, interleaved, conjugate, upcast),
+            _rotate(k, cos, sin, interleaved, conjugate, upcast))
+
+
+def _rotate(x, cos, sin, interleaved, conjugate, upcast):
+    mdt = _math_dtype(x.dtype, upcast)
+    cos, sin = (t if t.dim() == 3 else t[None] for t in (cos, sin))
+    R = 2 * cos.shape[-1]
+    c = cos.to(mdt)[:, :, None]  # (1 or B, N, 1, R/2)
+    s = sin.to(mdt)[:, :, None] * (-1 if conjugate else 1)
+    xr = x[..., :R].to(mdt)
+    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else xr.chunk(2, dim=-1)
+    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
+    out = torch.stack([o1, o2], dim=-1).flatten(-2) if interleaved else torch.cat([o1, o2], dim=-1)
+    return torch.cat([out.to(x.dtype), x[..., R:]], dim=-1)
 
 
 def _shape(normalized_shape) -> tuple[int, ...]:

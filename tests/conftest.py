@@ -5,8 +5,12 @@ script sets it); by default they run on CPU tensors with the cpu backend and the
 the interpreter (TRITON_INTERPRET=1, set here before anything imports triton).
 PYLLM_REQUIRE_BACKENDS=cpu,triton (set by .ci/run) turns "backend not available" skips into failures,
 so a broken build can never pass as skipped tests.
+PYLLM_TEST_BACKENDS=cuda (or triton, ...) narrows the kernel backends the op tests parametrize over, so the
+GPU script runs the cuda tests before the triton ones, each in its own process. PYLLM_TEST_TIMEOUT=S fails
+a test that runs longer than S seconds (SIGALRM; a GPU script backstops a hang inside C with `timeout`).
 """
 import os
+import signal
 
 DEVICE = os.environ.get("PYLLM_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
@@ -18,6 +22,9 @@ import torch  # noqa: E402
 import pyllm  # noqa: E402
 
 KERNEL_BACKENDS = ["cpu", "triton"] if DEVICE == "cpu" else ["cuda", "triton"]
+if os.environ.get("PYLLM_TEST_BACKENDS"):
+    KERNEL_BACKENDS = [b for b in KERNEL_BACKENDS if b in os.environ["PYLLM_TEST_BACKENDS"].split(",")]
+TIMEOUT_S = int(os.environ.get("PYLLM_TEST_TIMEOUT", "0") or 0)
 REQUIRED = [b for b in os.environ.get("PYLLM_REQUIRE_BACKENDS", "").split(",") if b]
 
 
@@ -29,6 +36,25 @@ def need(backend: str) -> None:
     if backend in REQUIRED:
         pytest.fail(f"backend {backend!r} is required (PYLLM_REQUIRE_BACKENDS) but not available: {why}")
     pytest.skip(f"backend {backend!r} not available: {why}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Under PYLLM_TEST_TIMEOUT, a test that runs too long fails (and the next one starts)."""
+    if TIMEOUT_S <= 0:
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran longer than PYLLM_TEST_TIMEOUT={TIMEOUT_S}s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture

@@ -173,7 +173,131 @@ def test_shape_parsing_and_presets():
             assert {"seqlen", "gqa", "padding"} <= sweeps
             assert any(c.causal for c in cases) and any(c.residual for c in cases)
     f = bench.flops(Case(op="attention", mode="fwd+bwd", dtype="bf16", dims=(2, 4, 4, 128, 128, 64), causal=True))
-    assert f == pytest.approx(4 * 2 * 4 * 128 * 128 * 64 / 2 * 3.5)
+    # issue 15: the causal count is the exact kept pairs, 128 * 129 / 2 per head (was the approximation N^2 / 2)
+    assert f == pytest.approx(4 * 2 * 4 * (128 * 129 // 2) * 64 * 3.5)
+
+
+def _dense_pairs(case, mask):
+    """Kept (query, key) pairs counted from an explicit (B, Nq, Nk) boolean matrix: the test's own oracle."""
+    B, _, _, Nq, Nk, _ = case.dims
+    keep = torch.ones(B, Nq, Nk, dtype=torch.bool)
+    if case.causal:
+        keep &= torch.ones(Nq, Nk, dtype=torch.bool).tril(Nk - Nq)
+    if mask is not None:
+        keep &= mask[:, None, :]
+    return int(keep.sum())
+
+
+@pytest.mark.parametrize("dims, causal", [((3, 2, 2, 7, 13, 8), False), ((3, 2, 1, 7, 13, 8), True),
+                                           ((4, 3, 3, 13, 7, 16), True), ((1, 2, 2, 9, 9, 8), True),
+                                           ((2, 2, 2, 1, 17, 8), False)])
+@pytest.mark.parametrize("padding", [False, True])
+def test_flops_and_bytes_count_only_kept_pairs(dims, causal, padding):
+    from pyllm import accuracy
+    from pyllm.bench.spec import bytes_moved, kept_pairs
+
+    case = Case(op="attention", mode="fwd", dtype="fp32", dims=dims, causal=causal, padding=padding)
+    B, Hq, Hkv, Nq, Nk, D = dims
+    mask = accuracy.padding_mask(B, Nk, min_keys=1) if padding else None
+    lens = mask.sum(-1).tolist() if padding else None
+    pairs = _dense_pairs(case, mask)
+    assert kept_pairs(case, lens) == pairs
+    for mode, k in (("fwd", 1.0), ("bwd", 2.5), ("fwd+bwd", 3.5)):
+        assert bench.flops(case.with_(mode=mode), lens) == pytest.approx(4 * Hq * D * pairs * k)
+    real = sum(lens) if padding else B * Nk
+    q, kv = B * Nq * Hq * D, B * Nk * Hkv * D
+    assert bytes_moved(case, lens) == 4 * (2 * q + 2 * real * Hkv * D)
+    assert bytes_moved(case.with_(mode="bwd"), lens) == 4 * (4 * q + 2 * real * Hkv * D + 2 * kv) + 4 * B * Hq * Nq
+    if padding:
+        if B > 1:  # row 0 keeps every key; the others are padded, and padded keys are not credited
+            assert pairs < kept_pairs(case.with_(padding=False))
+        with pytest.raises(ValueError, match="key_lens"):
+            bench.flops(case)
+
+
+def test_roofline_torch_matmul_within_peak():
+    """torch.mm at one of the tuned sizes, timed apart from the peak measurement, reaches at most the peak
+    (bounds wide enough for a loaded 2-core machine: the test checks the accounting, not the speed)."""
+    import statistics
+    import time
+
+    from pyllm.bench.measure import Limits
+
+    lim = Limits("cpu", 1, repeats=3, sizes=(128, 256), stream_numel=1 << 18, max_s=0.3)
+    peak, n = lim.matmul_peak(torch.float32)
+    assert n in (128, 256) and peak > 0 and set(lim.matmul) == {("torch.float32", 128), ("torch.float32", 256)}
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    ts, saved = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # the peak's thread count: the roofline is per thread count
+    try:
+        for _ in range(15):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            ts.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(saved)
+    ratio = 2 * 256 ** 3 / statistics.median(ts) / 1e12 / peak
+    assert 0.1 < ratio <= 1.3, ratio
+    assert lim.copy_peak(torch.float32, 1 << 12) >= lim.copy_gbps(torch.float32, 1 << 18) > 0
+    assert "torch.mm" in lim.describe() and "STREAM" in lim.describe()
+
+
+def test_ratio_above_peak_is_flagged():
+    from pyllm.bench import runner
+
+    class TinyPeak:
+        def matmul_peak(self, dtype):
+            return 1e-9, 128
+
+        def copy_peak(self, dtype, numel):
+            return 1e9
+
+    case = attn("fwd")
+    t = {"median_ms": 1.0, "q1_ms": 1.0, "q3_ms": 1.0, "min_ms": 1.0, "max_ms": 1.0, "n": 3}
+    row = {"status": "ok"}
+    runner._figures(row, case, t, TinyPeak())
+    assert row["over_limit"] and "accounting bug" in row["accounting"]
+    ok = {"status": "ok"}
+    runner._figures(ok, norm("layer_norm", "fwd"), t, TinyPeak())
+    assert ok["frac_of_copy"] < 1 and not ok["over_limit"]
+
+
+def test_decode_and_small_presets():
+    dec = build_cases(["attention", "layer_norm", "rms_norm", "train_step"], None, None, "decode", "cpu")
+    assert {(c.dims, c.dtype, c.mode) for c in dec} == {
+        ((B, 12, 12, 1, nk, 64), dt, "fwd") for B, nk in ((1, 128), (1, 1024), (8, 512)) for dt in ("fp32", "bf16")}
+    small = build_cases(["attention", "layer_norm", "rms_norm", "train_step"], None, None, "small", "cpu")
+    norms = {(c.op, c.dims, c.mode) for c in small if c.op != "attention"}
+    assert norms == {(op, (m, 768), md) for op in ("layer_norm", "rms_norm") for m in (16, 128)
+                     for md in ("fwd", "fwd+bwd")}
+    assert {c.dims for c in small if c.op == "attention"} == {(1, 12, 12, 16, 16, 64)}
+    assert build_cases(["attention"], ["bwd"], None, "decode", "cpu")[0].mode == "bwd"  # --mode wins
+
+
+def test_single_shape_plot_shows_every_provider_unclipped():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyllm.bench import report as R
+
+    rows = [{"op": "attention", "mode": m, "dtype": "fp32", "causal": False, "label": label,
+             "shape": {"Nq": 1}, "provider": p, "tflops": 0.01 + 0.001 * i, "matmul_tflops": 0.1}
+            for m in ("fwd", "fwd+bwd") for i, p in enumerate(("sdpa", "pyllm-cpu", "eager"))
+            for label in ("B1 H12 N1:128 D64", "B8 H12 N1:512 D64")]  # decode steps: the same Nq, two shapes
+    fig = R.throughput_figure(plt, rows, "attention", ("Nq", "TFLOP/s", "tflops", "matmul_tflops"),
+                              R._colors(rows), "attention throughput")
+    fig.canvas.draw()
+    box = fig.bbox
+    for ax in fig.axes:
+        assert len(ax.patches) == 6  # a bar per provider and shape
+        assert {t.get_text() for t in ax.get_xticklabels()} == {"B1 H12 N1:128 D64", "B8 H12 N1:512 D64"}
+        for text in [ax.xaxis.label, ax.yaxis.label, ax.title] + ax.get_xticklabels() + ax.get_yticklabels():
+            if text.get_text():
+                e = text.get_window_extent()
+                assert e.x0 >= 0 and e.y0 >= 0 and e.x1 <= box.x1 and e.y1 <= box.y1, text.get_text()
+    plt.close(fig)
 
 
 def test_triton_excluded_on_cpu(monkeypatch):
@@ -259,3 +383,37 @@ def test_linear_cross_entropy_case_checked_and_measured():
     assert rows["pyllm-cpu"]["status"] == rows["torch-linear-ce"]["status"] == "ok"
     assert rows["pyllm-cpu"]["check"]["passed_grad"]
     assert rows["pyllm-cpu"]["peak_bytes"] is not None
+
+
+class WrongRotary(providers.RotateHalf):
+    """Deliberately wrong: rotates by the wrong sign."""
+
+    name = "wrong-rotary"
+
+    def rotary_fn(self, case, q, k, cos, sin):
+        return super().rotary_fn(case, q, k, cos, -sin)
+
+
+def test_rotary_case_checked_then_timed_against_rotate_half():
+    cases = [Case(op="rotary", mode=m, dtype="fp32", dims=(2, 9, 4, 2, 16), sweep="model") for m in ("fwd", "fwd+bwd")]
+    rep = bench.run(cases, providers=["rotate-half", "pyllm-cpu", "pyllm-reference"], memory=False,
+                    extra_providers=[WrongRotary()], log=lambda s: None, **FAST)
+    rows = {(r["provider"], r["mode"]): r for r in rep["results"]}
+    for mode in ("fwd", "fwd+bwd"):
+        assert rows[("wrong-rotary", mode)]["status"] == "WRONG" and rows[("wrong-rotary", mode)]["time"] is None
+        for p in ("pyllm-cpu", "pyllm-reference"):
+            assert rows[(p, mode)]["status"] == "ok" and rows[(p, mode)]["speedup"] > 0
+    assert rep["baselines"]["rotary"] == "rotate-half" and "B2 N9 H4/2 D16" in bench.table(rep)
+
+
+def test_cpu_rounds_stop_when_the_median_is_stable():
+    from pyllm.bench.measure import _stable, time_interleaved
+
+    assert _stable([1.0] * 10, 4, 0.01) and not _stable([1.0] * 3, 4, 0.01)
+    assert not _stable([1.0, 2.0, 1.0, 2.0, 1.0, 2.0], 4, 0.01)  # IQR 1 over sqrt(6): not yet known to 1%
+    ts = time_interleaved({"a": lambda: None, "b": lambda: None}, "cpu", threads=1, repeats=4, warmup=1,
+                          min_run_s=0.0005, max_s=0.3, warmup_s=0.01, max_rounds=40)
+    assert all(4 <= len(v) <= 40 for v in ts.values()), {k: len(v) for k, v in ts.items()}
+    fixed = time_interleaved({"a": lambda: None}, "cpu", threads=1, repeats=5, warmup=1, min_run_s=0.0005,
+                             max_s=0.3)
+    assert len(fixed["a"]) == 5  # without max_rounds: exactly `repeats` rounds, as before

@@ -50,6 +50,8 @@ def test_sdpa_matches_torch(backend, name):
     elif mask == "float":
         mask = torch.randn(B, 1, Lq, S, device=DEVICE)
     kernel_can = name in ("plain", "causal_square", "bool_key_padding", "scale", "gqa")
+    if name in ("bool_full_mask", "float_mask") and backend in KERNEL_BACKENDS:  # masks map to attn_bias
+        kernel_can = "attn_bias" in pyllm.capabilities.TABLES[backend].attention_features
     if backend in KERNEL_BACKENDS and not kernel_can:
         with pytest.raises(ValueError, match="cannot serve"):
             pyllm.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend, **c)
@@ -81,7 +83,8 @@ def test_sdpa_explain_and_errors():
     need(KERNEL_BACKENDS[0])
     q, k, v = _qkv()
     r = pyllm.backends.explain("scaled_dot_product_attention", q, k, v, attn_mask=torch.randn(L, S))
-    assert r["reference"] == [] and any("float attn_mask" in x for x in r[KERNEL_BACKENDS[0]])
+    if "attn_bias" not in pyllm.capabilities.TABLES[KERNEL_BACKENDS[0]].attention_features:  # masks map to attn_bias
+        assert r["reference"] == [] and any("attn_bias" in x for x in r[KERNEL_BACKENDS[0]])
     with pytest.raises(ValueError, match="enable_gqa"):
         pyllm.scaled_dot_product_attention(q, k[:, :2], v[:, :2])
     with pytest.raises(ValueError, match="attn_mask or is_causal"):

@@ -213,3 +213,22 @@ def test_cpp_checks_do_not_crash():
         torch.ops.pyllm.layer_norm_fwd(x.t(), None, None, None, 1e-5, False)  # stride(1) != 1
     with pytest.raises(RuntimeError):
         torch.ops.pyllm.layer_norm_bwd(x, x, None, torch.zeros(3), torch.zeros(4), None, False, False)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + KERNEL_BACKENDS)
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_dbias_keeps_its_own_dtype(backend, with_weight):
+    """bf16 input, bf16 weight (or none) and an fp32 bias (mixed precision keeps fp32 biases): bias.grad is fp32
+    and equals the fp32 sum of dy, not a value rounded to the weight's 16 bits."""
+    need(backend)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 48, generator=g).to(DEVICE, torch.bfloat16)
+    w = torch.randn(48, generator=g).to(DEVICE, torch.bfloat16).requires_grad_() if with_weight else None
+    b = torch.randn(48, generator=g).to(DEVICE).requires_grad_()
+    dy = torch.randn(64, 48, generator=g).to(DEVICE, torch.bfloat16)
+    pyllm.layer_norm(x, (48,), w, b, backend=backend).backward(dy)
+    assert b.grad.dtype == torch.float32
+    torch.testing.assert_close(b.grad, dy.float().sum(0), rtol=1e-5, atol=1e-4)
+    assert not torch.equal(b.grad, b.grad.bfloat16().float())  # bf16 rounding would be ~1e-2 off here
+    if with_weight:
+        assert w.grad.dtype == torch.bfloat16

@@ -25,6 +25,14 @@
 // the thread count; `deterministic` makes it depend on the shape only, so results are also identical
 // across thread counts.
 //
+// FlashAttention's features (attention_ext_fwd / attention_ext_bwd; the plain ops take the same path with
+// them off): a sliding window (key blocks outside [key_start, key_end) of a query block are never visited,
+// so a window of w costs O(N w)), softcap (s = cap * tanh(s / cap), gradient through 1 - tanh^2), ALiBi
+// (-slope * |i + Nk - Nq - j|), an additive bias (read through broadcast strides; its gradient is dS,
+// written to a (B, Hq, Nq, Nk) buffer and summed to the bias's shape), and dropout with the Philox4x32-10
+// mask every backend draws (csrc/pyllm.cpp): the forward scales P by keep / (1 - p) after the row sums,
+// the backward regenerates the mask and uses dV += (P Z)^T dO, dS = P * (Z dP - delta).
+//
 // Tile products run in a register-blocked at::vec micro-kernel (6 x 64 fp32 outputs per step, FMA);
 // fp16/bf16 tiles are converted to fp32 once, when packed, and all math runs in fp32 (fp64 for
 // double inputs, which gradcheck uses).
@@ -44,6 +52,7 @@
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -201,18 +210,126 @@ struct Strides {
 };
 inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
+// Score modifications and dropout of one call (all off by default).
+struct Features {
+  int64_t window_left = -1, window_right = -1;  // -1 = unbounded
+  double softcap = 0;
+  const float* alibi = nullptr;  // (Hq,) or (B, Hq) float32 contiguous
+  int64_t alibi_sb = 0;          // batch stride of alibi (0 for (Hq,))
+  const void* bias = nullptr;    // compute-dtype bias read as bias[b*sb + h*sh + i*si + j*sj] (broadcast = 0)
+  int64_t bias_sb = 0, bias_sh = 0, bias_si = 0, bias_sj = 0;
+  void* dbias = nullptr;         // (B, Hq, Nq, Nk) compute dtype, zero-filled, or nullptr
+  uint32_t drop_threshold = 0;   // dropout: keep iff philox bits >= threshold; 0 = no dropout
+  double drop_scale = 1;         // 1 / (1 - p)
+  uint64_t seed = 0, offset = 0;
+  int64_t drop_lq = 0, drop_lk = 0;  // the (Nq, Nk) of the dropout index layout (max_seqlen for packed)
+  bool modifies_scores() const { return softcap > 0 || alibi != nullptr || bias != nullptr; }
+};
+
 struct Problem {
   int64_t B, Nq, Nk, Hq, Hkv, D;
   bool causal;
   double scale;
   const bool* mask;  // (B, Nk) contiguous, or nullptr
+  Features f = {};
   int64_t group() const { return Hq / Hkv; }
+  int64_t right() const { return causal ? 0 : f.window_right; }  // causal is a window with right = 0
+  bool windowed() const { return right() >= 0 || f.window_left >= 0; }
   // Number of keys query row i may see from the start of the key axis (causal), clamped to [0, Nk].
   int64_t key_end(int64_t i) const {
-    if (!causal) return Nk;
-    return std::clamp<int64_t>(i + 1 + Nk - Nq, 0, Nk);
+    if (right() < 0) return Nk;
+    return std::clamp<int64_t>(i + 1 + Nk - Nq + right(), 0, Nk);
+  }
+  // First key query row i may see (sliding window), clamped to [0, Nk].
+  int64_t key_start(int64_t i) const {
+    if (f.window_left < 0) return 0;
+    return std::clamp<int64_t>(i + Nk - Nq - f.window_left, 0, Nk);
   }
 };
+
+// Philox4x32-10, word 0, for key (lo, hi of seed) and counters (lo, hi of base + i * stride, 0, 0), i < n:
+// the generator of Triton's tl.randint and pyllm.reference.philox_bits. Rounds outside, lanes inside, so
+// the compiler vectorizes the lanes (32 x 32 -> 64-bit products).
+constexpr int64_t kPhiloxLanes = 256;
+inline void philox_word0(uint64_t seed, uint64_t base, uint64_t stride, int64_t n, uint32_t* out) {
+  uint32_t c1[kPhiloxLanes], c2[kPhiloxLanes], c3[kPhiloxLanes];
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t ctr = base + static_cast<uint64_t>(i) * stride;
+    out[i] = static_cast<uint32_t>(ctr);
+    c1[i] = static_cast<uint32_t>(ctr >> 32);
+    c2[i] = 0;
+    c3[i] = 0;
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t pb = uint64_t(0xCD9E8D57u) * c2[i], pa = uint64_t(0xD2511F53u) * out[i];
+      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1[i] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3[i] ^ k1;
+      c1[i] = static_cast<uint32_t>(pb);
+      c3[i] = static_cast<uint32_t>(pa);
+      out[i] = n0;
+      c2[i] = n2;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+// Dropout on a transposed tile (nk keys x mq queries, row stride ld): ST *= keep / (1 - p); with Z also
+// Z = keep / (1 - p) (zeros in the padding columns).
+template <typename T>
+void dropout_tile(const Problem& p, T* ST, T* Z, int64_t ld, int64_t b, int64_t h, int64_t q0, int64_t mq,
+                  int64_t k0, int64_t nk) {
+  const Features& f = p.f;
+  const T r = static_cast<T>(f.drop_scale);
+  uint32_t bits[kPhiloxLanes];
+  for (int64_t j = 0; j < nk; ++j) {
+    const uint64_t base = f.offset + static_cast<uint64_t>(((b * p.Hq + h) * f.drop_lq + q0) * f.drop_lk + k0 + j);
+    const uint64_t stride = static_cast<uint64_t>(f.drop_lk);
+    for (int64_t i0 = 0; i0 < mq; i0 += kPhiloxLanes) {
+      const int64_t n = std::min<int64_t>(kPhiloxLanes, mq - i0);
+      philox_word0(f.seed, base + static_cast<uint64_t>(i0) * stride, stride, n, bits);
+      T* row = ST + j * ld + i0;
+      T* zrow = Z ? Z + j * ld + i0 : nullptr;
+      for (int64_t i = 0; i < n; ++i) {
+        const T z = bits[i] >= f.drop_threshold ? r : T(0);
+        row[i] *= z;
+        if (zrow) zrow[i] = z;
+      }
+    }
+    if (Z) std::fill(Z + j * ld + mq, Z + j * ld + ld, T(0));
+  }
+}
+
+// softcap, ALiBi and bias on a transposed score tile; with TT, also TT = tanh(s / cap) (for the gradient).
+template <typename T>
+void modify_scores(const Problem& p, T* ST, T* TT, int64_t ld, int64_t b, int64_t h, int64_t q0, int64_t mq,
+                   int64_t k0, int64_t nk) {
+  using V = Vectorized<T>;
+  const Features& f = p.f;
+  const T cap = static_cast<T>(f.softcap), inv = f.softcap > 0 ? T(1) / cap : T(0);
+  const T slope = f.alibi ? static_cast<T>(f.alibi[b * f.alibi_sb + h]) : T(0);
+  const T* bias = static_cast<const T*>(f.bias);
+  for (int64_t j = 0; j < nk; ++j) {
+    T* row = ST + j * ld;
+    if (f.softcap > 0) {
+      if (TT) {
+        at::vec::map([inv](V x) { return (x * V(inv)).tanh(); }, TT + j * ld, row, mq);
+        at::vec::map([cap](V t) { return t * V(cap); }, row, TT + j * ld, mq);
+      } else {
+        at::vec::map([inv, cap](V x) { return (x * V(inv)).tanh() * V(cap); }, row, row, mq);
+      }
+    }
+    const int64_t key = k0 + j;
+    if (f.alibi)
+      for (int64_t i = 0; i < mq; ++i) row[i] -= slope * static_cast<T>(std::abs(q0 + i + p.Nk - p.Nq - key));
+    if (bias) {
+      const T* bb = bias + b * f.bias_sb + h * f.bias_sh + q0 * f.bias_si + key * f.bias_sj;
+      for (int64_t i = 0; i < mq; ++i) row[i] += bb[i * f.bias_si];
+    }
+  }
+}
 
 // Key-block status under the padding mask: 0 = all padding (skip), 1 = all real, 2 = mixed.
 inline int mask_status(const bool* m, int64_t n) {
@@ -245,8 +362,14 @@ void mask_block(const Problem& p, T* ST, int64_t ld, int64_t q0, int64_t mq, int
     T* row = ST + j * ld;
     if (mstat == 2 && !mk[k0 + j]) {
       fill_row(row, mq, ninf);
-    } else if (p.causal) {  // key k0 + j is visible to query q0 + i iff i >= k0 + j - q0 - (Nk - Nq)
-      fill_row(row, std::clamp<int64_t>(k0 + j - q0 - (p.Nk - p.Nq), 0, mq), ninf);
+    } else if (p.windowed()) {  // key k0 + j is visible to query q0 + i iff
+      // k0 + j - (Nk - Nq) - right <= q0 + i <= k0 + j - (Nk - Nq) + left  (right: 0 when causal)
+      const int64_t diag = k0 + j - q0 - (p.Nk - p.Nq);
+      if (p.right() >= 0) fill_row(row, std::clamp<int64_t>(diag - p.right(), 0, mq), ninf);
+      if (p.f.window_left >= 0) {
+        const int64_t last = std::clamp<int64_t>(diag + p.f.window_left + 1, 0, mq);
+        fill_row(row + last, mq - last, ninf);
+      }
     }
   }
 }
@@ -306,16 +429,17 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
       const int64_t h = (task / nqb) % p.Hq, b = task / (nqb * p.Hq), g = h / p.group();
       const int64_t q0 = qb * BQ, mq = std::min(BQ, p.Nq - q0), mqp = round_up(mq, W);
       const bool* mk = p.mask ? p.mask + b * p.Nk : nullptr;
-      const int64_t kend = p.key_end(q0 + mq - 1);  // keys any row of the block sees
+      const int64_t kend = p.key_end(q0 + mq - 1), kstart = p.key_start(q0);  // keys any row of the block sees
       pack_transposed(q + b * sq.b + h * sq.h + q0 * sq.n, sq.n, mq, D, QT, BQ);
       std::fill(m, m + BQ, ninf);
       std::fill(l, l + BQ, T(0));
       std::fill(O, O + mq * Dp, T(0));
-      for (int64_t k0 = 0; k0 < kend; k0 += BK) {
+      for (int64_t k0 = kstart; k0 < kend; k0 += BK) {
         const int64_t nk = std::min(BK, kend - k0);
         const int mstat = mask_status(mk ? mk + k0 : nullptr, nk);
         if (mstat == 0) continue;
         matmul<T>(nk, mqp, D, Kr.at(b, g, k0), Kr.ld, 1, QT, BQ, ST, BQ, scale, false);  // S^T (nk, mqp)
+        if (p.f.modifies_scores()) modify_scores<T>(p, ST, nullptr, BQ, b, h, q0, mq, k0, nk);
         mask_block(p, ST, BQ, q0, mq, k0, nk, mk, mstat);
         // Online softmax down the columns: new max, rescale factor, P = exp(S - max), row sums.
         for (int64_t i = 0; i < mqp; i += W) {
@@ -341,6 +465,7 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
         }
         for (int64_t i = 0; i < mq; ++i)
           if (alpha[i] != T(1)) scale_row(O + i * Dp, Dp, alpha[i]);
+        if (p.f.drop_threshold) dropout_tile<T>(p, ST, nullptr, BQ, b, h, q0, mq, k0, nk);  // after the sums
         // O += P V: P = (S^T)^T, read transposed
         matmul<T>(mq, Dp, nk, ST, 1, BQ, Vr.at(b, g, k0), Vr.ld, O, Dp, T(1), true);
       }
@@ -386,9 +511,13 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
   at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
     // Qp, dOp (BQ, Dp) rows; QT, dOT (D, BQ); PT, dPT (BK, BQ); dQ (BQ, Dp); delta, L per query
     Scratch<T> q_buf(BQ * Dp), do_buf(BQ * Dp), qt_buf(D * BQ), dot_buf(D * BQ), p_buf(BK * BQ),
-        dp_buf(BK * BQ), dq_buf(BQ * Dp), delta_buf(BQ), lse_buf(BQ);
+        dp_buf(BK * BQ), dq_buf(BQ * Dp), delta_buf(BQ), lse_buf(BQ), t_buf(BK * BQ), z_buf(BK * BQ),
+        pz_buf(BK * BQ);
     T *Qp = q_buf.ptr, *dOp = do_buf.ptr, *QT = qt_buf.ptr, *dOT = dot_buf.ptr, *PT = p_buf.ptr,
-      *dPT = dp_buf.ptr, *dQ = dq_buf.ptr, *delta = delta_buf.ptr, *L = lse_buf.ptr;
+      *dPT = dp_buf.ptr, *dQ = dq_buf.ptr, *delta = delta_buf.ptr, *L = lse_buf.ptr, *TT = t_buf.ptr,
+      *Z = z_buf.ptr, *PZ = pz_buf.ptr;
+    const bool capped = p.f.softcap > 0, dropping = p.f.drop_threshold != 0;
+    T* dbias = static_cast<T*>(p.f.dbias);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % nsplit, g = (task / nsplit) % p.Hkv, b = task / (nsplit * p.Hkv);
       T *dK, *dV;
@@ -406,8 +535,8 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
       for (int64_t h = g * p.group(); h < (g + 1) * p.group(); ++h) {
         for (int64_t qb = c; qb < nqb; qb += nsplit) {
           const int64_t q0 = qb * BQ, mq = std::min(BQ, p.Nq - q0), mqp = round_up(mq, W);
-          const int64_t kend = p.key_end(q0 + mq - 1);
-          if (kend <= 0) continue;
+          const int64_t kend = p.key_end(q0 + mq - 1), kstart = p.key_start(q0);
+          if (kend <= kstart) continue;
           const S* Qs = q + b * st.sq.b + h * st.sq.h + q0 * st.sq.n;
           const S* dOs = dout + b * st.sdo.b + h * st.sdo.h + q0 * st.sdo.n;
           const S* Os = out + b * st.so.b + h * st.so.h + q0 * st.so.n;
@@ -424,21 +553,39 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
             L[i] = li == ninf ? pinf : li;
           }
           std::fill(dQ, dQ + mq * Dp, T(0));
-          for (int64_t k0 = 0; k0 < kend; k0 += BK) {
+          for (int64_t k0 = kstart; k0 < kend; k0 += BK) {
             const int64_t nk = std::min(BK, kend - k0);
             const int mstat = mask_status(mk ? mk + k0 : nullptr, nk);
             if (mstat == 0) continue;
             const T* Kb = Kr.at(b, g, k0);
             matmul<T>(nk, mqp, D, Kb, Kr.ld, 1, QT, BQ, PT, BQ, scale, false);  // S^T (nk, mqp)
+            if (p.f.modifies_scores()) modify_scores<T>(p, PT, capped ? TT : nullptr, BQ, b, h, q0, mq, k0, nk);
             mask_block(p, PT, BQ, q0, mq, k0, nk, mk, mstat);
             for (int64_t j = 0; j < nk; ++j)  // P^T = exp(S^T - lse)
               at::vec::map2([](V s, V lv) { return vexp(s - lv); }, PT + j * BQ, PT + j * BQ, L, mqp);
+            const T* PV = PT;  // the probabilities that multiplied V: P, or P Z under dropout
+            if (dropping) {
+              std::copy(PT, PT + nk * BQ, PZ);
+              dropout_tile<T>(p, PZ, Z, BQ, b, h, q0, mq, k0, nk);
+              PV = PZ;
+            }
             // dV += P^T dO (nk, Dp);  dP^T = V dO^T (nk, mqp)
-            matmul<T>(nk, Dp, mq, PT, BQ, 1, dOp, Dp, dV + k0 * ldkv, ldkv, T(1), true);
+            matmul<T>(nk, Dp, mq, PV, BQ, 1, dOp, Dp, dV + k0 * ldkv, ldkv, T(1), true);
             matmul<T>(nk, mqp, D, Vr.at(b, g, k0), Vr.ld, 1, dOT, BQ, dPT, BQ, T(1), false);
+            if (dropping)
+              for (int64_t j = 0; j < nk; ++j)  // dP of the undropped P = Z dP
+                at::vec::map2([](V a, V z) { return a * z; }, dPT + j * BQ, dPT + j * BQ, Z + j * BQ, mqp);
             for (int64_t j = 0; j < nk; ++j)  // dS^T = P^T * (dP^T - delta), into dPT
               at::vec::map3([](V pp, V dpp, V dl) { return pp * (dpp - dl); }, dPT + j * BQ, PT + j * BQ,
                             dPT + j * BQ, delta, mqp);
+            if (dbias)  // the bias enters the score unscaled: its gradient is dS
+              for (int64_t j = 0; j < nk; ++j)
+                for (int64_t i = 0; i < mq; ++i)
+                  dbias[((b * p.Hq + h) * p.Nq + q0 + i) * p.Nk + k0 + j] = dPT[j * BQ + i];
+            if (capped)  // through s = cap * tanh(s0 / cap): ds0 = ds * (1 - tanh^2)
+              for (int64_t j = 0; j < nk; ++j)
+                at::vec::map2([](V d, V t) { return d * (V(T(1)) - t * t); }, dPT + j * BQ, dPT + j * BQ,
+                              TT + j * BQ, mq);
             // dQ += scale dS K (mq, Dp), dS read transposed;  dK += scale dS^T Q (nk, Dp)
             matmul<T>(mq, Dp, nk, dPT, 1, BQ, Kb, Kr.ld, dQ, Dp, scale, true);
             matmul<T>(nk, Dp, mq, dPT, BQ, 1, Qp, Dp, dK + k0 * ldkv, ldkv, scale, true);
@@ -512,15 +659,63 @@ void check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, cons
               k.size(1), "), got ", m.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const std::optional<at::Tensor>& key_padding_mask,
-                                                     bool causal, double softmax_scale) {
+// The feature arguments of attention_ext_{fwd,bwd} as a Features struct; `keep` holds the converted
+// tensors it points into. Memory-safety guards only: the op layer has validated the values.
+struct FeatureArgs {
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0;
+  std::optional<at::Tensor> alibi, bias;
+  double dropout_p = 0;
+  int64_t seed = 0, offset = 0, drop_lq = 0, drop_lk = 0;
+};
+
+Features make_features(const FeatureArgs& a, const at::Tensor& q, const at::Tensor& k, std::vector<at::Tensor>& keep) {
+  Features f;
+  const int64_t B = q.size(0), Nq = q.size(1), Hq = q.size(2), Nk = k.size(1);
+  f.window_left = a.window_left;
+  f.window_right = a.window_right;
+  f.softcap = a.softcap;
+  if (a.alibi.has_value()) {
+    const at::Tensor& s = *a.alibi;
+    TORCH_CHECK(s.device().is_cpu() && ((s.dim() == 1 && s.size(0) == Hq) ||
+                                        (s.dim() == 2 && s.size(0) == B && s.size(1) == Hq)),
+                "attention: alibi_slopes must be a CPU tensor of shape (", Hq, ") or (", B, ", ", Hq, "), got ",
+                s.sizes());
+    keep.push_back(s.to(at::kFloat).contiguous());
+    f.alibi = keep.back().data_ptr<float>();
+    f.alibi_sb = s.dim() == 2 ? Hq : 0;
+  }
+  if (a.bias.has_value()) {
+    const at::Tensor& t = *a.bias;
+    TORCH_CHECK(t.device().is_cpu() && t.dim() == 4, "attention: attn_bias must be a 4-D CPU tensor, got ", t.sizes());
+    keep.push_back(t.to(acc_type(q.scalar_type())).expand({B, Hq, Nq, Nk}));  // throws if it does not broadcast
+    const at::Tensor& e = keep.back();
+    f.bias = e.data_ptr();
+    f.bias_sb = e.stride(0), f.bias_sh = e.stride(1), f.bias_si = e.stride(2), f.bias_sj = e.stride(3);
+  }
+  if (a.dropout_p > 0) {
+    TORCH_CHECK(a.dropout_p < 1 && a.drop_lq >= Nq && a.drop_lk >= Nk, "attention: dropout_p must be in [0, 1) "
+                "and the dropout layout at least (Nq, Nk), got ", a.dropout_p, ", (", a.drop_lq, ", ", a.drop_lk, ")");
+    f.drop_threshold = static_cast<uint32_t>(std::min<double>(std::floor(a.dropout_p * 4294967296.0), 4294967295.0));
+    f.drop_scale = 1.0 / (1.0 - a.dropout_p);
+    f.seed = static_cast<uint64_t>(a.seed);
+    f.offset = static_cast<uint64_t>(a.offset);
+    f.drop_lq = a.drop_lq;
+    f.drop_lk = a.drop_lk;
+  }
+  return f;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& key_padding_mask,
+                                                      bool causal, double softmax_scale, const FeatureArgs& fa) {
   check_qkv(q, k, v);
   check_mask(key_padding_mask, q, k);
   at::Tensor mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
+  std::vector<at::Tensor> keep;
   Problem p{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal, softmax_scale,
-            mask.defined() ? mask.data_ptr<bool>() : nullptr};
+            mask.defined() ? mask.data_ptr<bool>() : nullptr, make_features(fa, q, k, keep)};
   at::Tensor out = at::empty({p.B, p.Nq, p.Hq, p.D}, q.options());                      // (B, Nq, Hq, D)
   at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, q.options().dtype(acc_type(q.scalar_type())));  // (B, Hq, Nq)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
@@ -532,10 +727,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& key_padding_mask,
+                                                     bool causal, double softmax_scale) {
+  return attention_fwd_impl(q, k, v, key_padding_mask, causal, softmax_scale, FeatureArgs{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse_in, const std::optional<at::Tensor>& key_padding_mask, bool causal, double softmax_scale,
-    bool deterministic) {
+    bool deterministic, const FeatureArgs& fa, bool bias_grad) {
   check_qkv(q, k, v);
   check_mask(key_padding_mask, q, k);
   const auto dt = q.scalar_type(), acc = acc_type(dt);
@@ -557,8 +758,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
+  std::vector<at::Tensor> keep;
   Problem p{B, Nq, k.size(1), Hq, k.size(2), q.size(3), causal, softmax_scale,
-            mask.defined() ? mask.data_ptr<bool>() : nullptr};
+            mask.defined() ? mask.data_ptr<bool>() : nullptr, make_features(fa, q, k, keep)};
+  at::Tensor dbias_full;  // (B, Hq, Nq, Nk): every element written by one task, then summed to the bias shape
+  if (bias_grad && fa.bias.has_value()) {
+    dbias_full = at::zeros({p.B, p.Hq, p.Nq, p.Nk}, q.options().dtype(acc));
+    p.f.dbias = dbias_full.data_ptr();
+  }
   // Rows of a query block that is skipped (it sees no key) keep these zeros.
   at::Tensor dq = at::zeros({p.B, p.Nq, p.Hq, p.D}, q.options());
   // dk, dv are accumulated in place when the kernel can (see bwd_kernel), so they start at zero.
@@ -581,7 +788,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                                 v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
                                 dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), nsplit);
   });
+  at::Tensor dbias = dbias_full.defined() ? dbias_full.sum_to_size(fa.bias->sizes()).to(fa.bias->scalar_type())
+                                          : at::empty({0}, q.options());
+  return {dq, dk, dv, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask, bool causal, double softmax_scale,
+    bool deterministic) {
+  auto [dq, dk, dv, unused] = attention_bwd_impl(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale,
+                                                 deterministic, FeatureArgs{}, false);
   return {dq, dk, dv};
+}
+
+FeatureArgs feature_args(int64_t window_left, int64_t window_right, double softcap,
+                         const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias,
+                         double dropout_p, int64_t seed, int64_t offset, int64_t drop_lq, int64_t drop_lk) {
+  return FeatureArgs{window_left, window_right, softcap, alibi_slopes, attn_bias, dropout_p, seed, offset,
+                     drop_lq, drop_lk};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_ext_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+    bool causal, double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias, double dropout_p,
+    int64_t seed, int64_t offset, int64_t drop_lq, int64_t drop_lk) {
+  return attention_fwd_impl(q, k, v, key_padding_mask, causal, softmax_scale,
+                            feature_args(window_left, window_right, softcap, alibi_slopes, attn_bias, dropout_p, seed,
+                                         offset, drop_lq, drop_lk));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_ext_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask, bool causal, double softmax_scale,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& attn_bias, double dropout_p, int64_t seed, int64_t offset, int64_t drop_lq,
+    int64_t drop_lk, bool bias_grad, bool deterministic) {
+  return attention_bwd_impl(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, deterministic,
+                            feature_args(window_left, window_right, softcap, alibi_slopes, attn_bias, dropout_p, seed,
+                                         offset, drop_lq, drop_lk),
+                            bias_grad);
 }
 
 }  // namespace
@@ -589,4 +836,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
+  m.impl("attention_ext_fwd", &attention_ext_fwd_cpu);
+  m.impl("attention_ext_bwd", &attention_ext_bwd_cpu);
 }

@@ -6,10 +6,19 @@
 // mask (B, Nk) of bytes, 1 = real token. A row that sees no key gets out = 0 and lse = -inf, and
 // contributes nothing to the gradients.
 //
-// Work split. Every warp owns 16 rows of the tile it produces (query rows in the forward and dq
-// kernels, key rows in the dk/dv kernel), so the softmax statistics of a row live in the 4 lanes of
-// one quad and never cross warps. K/V (or Q/dO) tiles stream through shared memory with cp.async,
-// double-buffered: the copy of tile j+1 is in flight while tile j is multiplied.
+// Work split. Forward: every warp owns 16 * MT query rows (MT = 2 up to D = 128, FlashAttention-2's 32 rows
+// per warp), so each K/V fragment read from shared memory feeds MT tensor-core products, and the softmax
+// statistics of a row live in the 4 lanes of one quad and never cross warps. K and V stream through shared
+// memory with cp.async in separate groups, double-buffered: S = Q K^T waits only for K, and the copies of
+// K_{j+1} and V_{j+1} are in flight while tile j is multiplied. Causal grids start with the query blocks
+// that see the most keys (the last ones), so the long blocks do not trail at the end of the launch.
+// Backward dK/dV: a CTA owns BN keys; P and dS of each (query head, query block) go through shared memory,
+// so dK and dV are split over the warps by key rows *and* head-dim columns and never spill (64 fp32
+// accumulators per thread at D = 128, 128 at D = 256).
+//
+// Every kernel states __launch_bounds__(threads, 1): without the minimum, ptxas trades registers for
+// occupancy on its own (capping at 168 or 128) and spills; with it, the tile sizes below decide (ptxas
+// table of the CMake build: no attention kernel spills at D <= 128).
 //
 // Head dims are padded to DP in {32, 64, 96, 128, 160, 192, 224, 256}; loads past D write zeros, so any
 // D <= 256 is exact. Shared-memory rows carry 8 elements of padding (kPad): rows stay 16-byte aligned
@@ -59,48 +68,82 @@ __device__ __forceinline__ bool key_visible(int q_row, int key, int Nq, int Nk, 
   return key < Nk && (!causal || key <= q_row + Nk - Nq) && (mask_row == nullptr || mask_row[key]);
 }
 
-// acc (16 x BN, C fragments of one warp) += A (16 x DP rows of sA starting at row0) * B^T where B is
-// (BN x DP) rows of sB: the S = Q K^T product (also dP = dO V^T, S^T = K Q^T, dP^T = V dO^T).
-template <typename T, int DP, int BN>
-__device__ __forceinline__ void mma_abt(float (&acc)[BN / 8][4], const T* sA, int row0, const T* sB,
+// acc[mt] (16 x BN, C fragments of one warp) += A (16 x DP, rows row0 + 16 mt.. of sA) * B^T, B the
+// (BN x DP) rows of sB: S = Q K^T (also dP = dO V^T, S^T = K Q^T, dP^T = V dO^T). Each B fragment loaded
+// from shared memory feeds MT products.
+template <typename T, int DP, int BN, int MT = 1>
+__device__ __forceinline__ void mma_abt(float (&acc)[MT][BN / 8][4], const T* sA, int row0, const T* sB,
                                         int lane) {
   constexpr int LD = DP + kPad;
 #pragma unroll
   for (int kk = 0; kk < DP / 16; ++kk) {
-    uint32_t a[4];
-    // matrices: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
-    ldmatrix_x4(a, sA + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8);
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)  // matrices: (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
+      ldmatrix_x4(a[mt], sA + (row0 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
     for (int nn = 0; nn < BN / 16; ++nn) {
       uint32_t b[4];
       // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
-      ldmatrix_x4(b, sB + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 +
-                         ((lane >> 3) & 1) * 8);
-      mma16816<T>(acc[2 * nn], a, b[0], b[1]);
-      mma16816<T>(acc[2 * nn + 1], a, b[2], b[3]);
+      ldmatrix_x4(b, sB + (nn * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma16816<T>(acc[mt][2 * nn], a[mt], b[0], b[1]);
+        mma16816<T>(acc[mt][2 * nn + 1], a[mt], b[2], b[3]);
+      }
     }
   }
 }
 
-// acc (16 x DP) += P (16 x KN, C fragments of one warp, rounded to T) * B (KN x DP rows of sB): the
-// O += P V product (also dV += P^T dO, dK += dS^T Q, dQ += dS K). The C fragments of two adjacent
-// n-tiles are exactly the A fragment of one k-chunk, so P never leaves registers.
-template <typename T, int DP, int KN>
-__device__ __forceinline__ void mma_pb(float (&acc)[DP / 8][4], const float (&p)[KN / 8][4],
+// acc[mt] (16 x DP) += P[mt] (16 x KN, C fragments of one warp, rounded to T) * B (KN x DP rows of sB): the
+// O += P V product (also dQ += dS K). The C fragments of two adjacent n-tiles are exactly the A fragment
+// of one k-chunk, so P never leaves registers; each B fragment feeds MT products.
+template <typename T, int DP, int KN, int MT = 1>
+__device__ __forceinline__ void mma_pb(float (&acc)[MT][DP / 8][4], const float (&p)[MT][KN / 8][4],
                                        const T* sB, int lane) {
   constexpr int LD = DP + kPad;
 #pragma unroll
   for (int kk = 0; kk < KN / 16; ++kk) {
-    uint32_t a[4];
-    a[0] = pack2<T>(p[2 * kk][0], p[2 * kk][1]);
-    a[1] = pack2<T>(p[2 * kk][2], p[2 * kk][3]);
-    a[2] = pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-    a[3] = pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      a[mt][0] = pack2<T>(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+      a[mt][1] = pack2<T>(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+      a[mt][2] = pack2<T>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+      a[mt][3] = pack2<T>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+    }
 #pragma unroll
     for (int dd = 0; dd < DP / 16; ++dd) {
       uint32_t b[4];
       // transposed matrices: (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15)
       ldmatrix_x4_trans(b, sB + (kk * 16 + (lane & 15)) * LD + dd * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma16816<T>(acc[mt][2 * dd], a[mt], b[0], b[1]);
+        mma16816<T>(acc[mt][2 * dd + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc (16 x NC) += A^T B for the dK/dV products: A^T is (16 keys x KM queries) read from sAt, which holds
+// A query-major (KM rows of LDA, key columns key0..key0+15): dV += P^T dO, dK += dS^T Q. B is (KM x NC),
+// columns col0.. of sB (row stride DP + kPad). ldmatrix .trans of the query-major tile yields exactly the
+// row-major A fragment of the transposed product.
+template <typename T, int DP, int KM, int NC, int LDA>
+__device__ __forceinline__ void mma_atb(float (&acc)[NC / 8][4], const T* sAt, int key0, const T* sB, int col0,
+                                        int lane) {
+  constexpr int LD = DP + kPad;
+#pragma unroll
+  for (int kk = 0; kk < KM / 16; ++kk) {
+    uint32_t a[4];
+    // stored matrix i = lane / 8 holds (k 8(i/2).., m 8(i%2)..) of A^T: a0 (m 0-7, k 0-7), a1 (m 8-15, k 0-7),
+    // a2 (m 0-7, k 8-15), a3 (m 8-15, k 8-15)
+    ldmatrix_x4_trans(a, sAt + (kk * 16 + ((lane >> 4) & 1) * 8 + (lane & 7)) * LDA + key0 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int dd = 0; dd < NC / 16; ++dd) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sB + (kk * 16 + (lane & 15)) * LD + col0 + dd * 16 + (lane >> 4) * 8);
       mma16816<T>(acc[2 * dd], a, b[0], b[1]);
       mma16816<T>(acc[2 * dd + 1], a, b[2], b[3]);
     }
@@ -113,28 +156,34 @@ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
   for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 }
 
-// Stores a warp's 16 x DP fp32 C fragments times `scale` into rows row0.. of a (rows_valid x D) output.
-template <typename T, int DP>
-__device__ __forceinline__ void store_rows(T* g, int64_t ld_g, int row0, int rows_valid, int D,
-                                           const float (&acc)[DP / 8][4], float scale0, float scale1,
+// Stores a warp's 16 x NC fp32 C fragments times `scale` into rows row0.. and columns col0.. of a
+// (rows_valid x D) output.
+template <typename T, int NC>
+__device__ __forceinline__ void store_rows(T* g, int64_t ld_g, int row0, int rows_valid, int col0, int D,
+                                           const float (&acc)[NC / 8][4], float scale0, float scale1,
                                            int lane) {
   const int gq = lane >> 2, tq = lane & 3;
 #pragma unroll
-  for (int dt = 0; dt < DP / 8; ++dt) {
+  for (int dt = 0; dt < NC / 8; ++dt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int r = row0 + gq + (e >> 1) * 8, c = dt * 8 + 2 * tq + (e & 1);
+      const int r = row0 + gq + (e >> 1) * 8, c = col0 + dt * 8 + 2 * tq + (e & 1);
       if (r < rows_valid && c < D) g[r * ld_g + c] = from_float<T>(acc[dt][e] * (e < 2 ? scale0 : scale1));
     }
   }
 }
 
+// Query block of this CTA: causal grids run from the last block (the most keys) down to the first.
+__device__ __forceinline__ int query_block(bool causal) {
+  return causal ? static_cast<int>(gridDim.y - 1 - blockIdx.y) : static_cast<int>(blockIdx.y);
+}
+
 // ---- forward --------------------------------------------------------------------------------------
 
-// grid (B * Hq, ceil(Nq / BM)), NW warps; warp w owns query rows m0 + 16w .. m0 + 16w + 15.
-template <typename T, int DP, int BN, int NW>
-__global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttentionFwdParams p, bool vec) {
-  constexpr int BM = 16 * NW, NT = NW * 32, LD = DP + kPad;
+// grid (B * Hq, ceil(Nq / BM)), NW warps; warp w owns query rows m0 + 16 MT w .. m0 + 16 MT (w + 1) - 1.
+template <typename T, int DP, int BN, int NW, int MT>
+__global__ void __launch_bounds__(NW * 32, 1) attn_fwd_kernel(const AttentionFwdParams p, bool vec) {
+  constexpr int BM = 16 * MT * NW, NT = NW * 32, LD = DP + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // BM x LD
   T* sK = sQ + BM * LD;                     // 2 buffers of BN x LD
@@ -142,9 +191,10 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttentionFwdPar
 
   const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
   const int hk = h / (p.heads_q / p.heads_kv);
-  const int m0 = blockIdx.y * BM;
+  const int m0 = query_block(p.causal) * BM;
   const int Nq = p.seqlen_q, Nk = p.seqlen_k, D = p.head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane >> 2, tq = lane & 3;
+  const int wrow = warp * 16 * MT;  // the warp's first row in the block
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + m0 * p.q_stride_n + h * p.q_stride_h;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + hk * p.k_stride_h;
@@ -156,96 +206,113 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const AttentionFwdPar
   const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
   const float sl2 = p.softmax_scale * kLog2e;  // softmax in base 2: exp(x) = exp2(x * log2 e)
 
-  float o[DP / 8][4];
-  zero(o);
-  float m_run[2] = {-INFINITY, -INFINITY};  // running max of rows gq and gq + 8 (scaled, base 2)
-  float l_run[2] = {0.f, 0.f};              // this lane's share of the running sum
+  float o[MT][DP / 8][4];
+  float m_run[MT][2], l_run[MT][2];  // running max (scaled, base 2) of rows gq, gq + 8; this lane's share of the sum
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    zero(o[mt]);
+    m_run[mt][0] = m_run[mt][1] = -INFINITY;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+  }
 
+  // cp.async groups, in commit order: [Q, K_0], [V_0], then per tile j: [K_{j+1}], [V_{j+1}] (empty past the
+  // end). wait<1> before S waits for K_j only; wait<1> before P V waits for V_j only.
   if (n_tiles > 0) {
     load_tile<T, BM, DP, NT>(sQ, q, p.q_stride_n, Nq - m0, D, vec);
     load_tile<T, BN, DP, NT>(sK, k, p.k_stride_n, Nk, D, vec);
+    cp_async_commit();
     load_tile<T, BN, DP, NT>(sV, v, p.v_stride_n, Nk, D, vec);
     cp_async_commit();
   }
   for (int j = 0; j < n_tiles; ++j) {
-    const int buf = j & 1, n0 = j * BN;
-    if (j + 1 < n_tiles) {  // prefetch tile j + 1 into the other buffer
-      const int n1 = n0 + BN;
+    const int buf = j & 1, n0 = j * BN, n1 = n0 + BN;
+    cp_async_wait<1>();  // Q and K_j have landed (V_j may still be in flight)
+    __syncthreads();     // ... for every thread; and every warp is done with tile j - 1
+    if (j + 1 < n_tiles)  // K buffer buf ^ 1 was last read by tile j - 1's S
       load_tile<T, BN, DP, NT>(sK + (buf ^ 1) * BN * LD, k + n1 * p.k_stride_n, p.k_stride_n, Nk - n1, D, vec);
-      load_tile<T, BN, DP, NT>(sV + (buf ^ 1) * BN * LD, v + n1 * p.v_stride_n, p.v_stride_n, Nk - n1, D, vec);
-    }
     cp_async_commit();
-    cp_async_wait<1>();  // everything but the prefetch just issued has landed
+
+    float s[MT][BN / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) zero(s[mt]);
+    mma_abt<T, DP, BN, MT>(s, sQ, wrow, sK + buf * BN * LD, lane);
+
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int row_lo = m0 + wrow + mt * 16;
+      const bool need_mask = n1 > Nk || mask != nullptr || (p.causal && n1 - 1 > row_lo + Nk - Nq);
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[mt][nt][e] * sl2;
+          if (need_mask &&
+              !key_visible(row_lo + gq + (e >> 1) * 8, n0 + nt * 8 + 2 * tq + (e & 1), Nq, Nk, p.causal, mask))
+            x = -INFINITY;
+          s[mt][nt][e] = x;
+        }
+      }
+      // Online softmax: new max per row over the quad, rescale what was accumulated.
+      float mx[2] = {m_run[mt][0], m_run[mt][1]};
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[mt][nt][0], s[mt][nt][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[mt][nt][2], s[mt][nt][3]));
+      }
+      float msub[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        msub[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // a row with nothing visible yet: exp2(-inf) = 0
+        const float alpha = exp2f(m_run[mt][r] - msub[r]);
+        m_run[mt][r] = mx[r];
+        l_run[mt][r] *= alpha;
+#pragma unroll
+        for (int dt = 0; dt < DP / 8; ++dt) {
+          o[mt][dt][2 * r] *= alpha;
+          o[mt][dt][2 * r + 1] *= alpha;
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+        s[mt][nt][0] = exp2f(s[mt][nt][0] - msub[0]);
+        s[mt][nt][1] = exp2f(s[mt][nt][1] - msub[0]);
+        s[mt][nt][2] = exp2f(s[mt][nt][2] - msub[1]);
+        s[mt][nt][3] = exp2f(s[mt][nt][3] - msub[1]);
+        l_run[mt][0] += s[mt][nt][0] + s[mt][nt][1];
+        l_run[mt][1] += s[mt][nt][2] + s[mt][nt][3];
+      }
+    }
+
+    cp_async_wait<1>();  // V_j has landed (K_{j+1} may still be in flight)
     __syncthreads();
-
-    float s[BN / 8][4];
-    zero(s);
-    mma_abt<T, DP, BN>(s, sQ, warp * 16, sK + buf * BN * LD, lane);
-
-    const int row_lo = m0 + warp * 16;
-    const bool need_mask = n0 + BN > Nk || mask != nullptr || (p.causal && n0 + BN - 1 > row_lo + Nk - Nq);
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * sl2;
-        if (need_mask &&
-            !key_visible(row_lo + gq + (e >> 1) * 8, n0 + nt * 8 + 2 * tq + (e & 1), Nq, Nk, p.causal, mask))
-          x = -INFINITY;
-        s[nt][e] = x;
-      }
-    }
-    // Online softmax: new max per row over the quad, rescale what was accumulated.
-    float mx[2] = {m_run[0], m_run[1]};
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
-    }
-    float msub[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      msub[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // a row with nothing visible yet: exp2(-inf) = 0
-      const float alpha = exp2f(m_run[r] - msub[r]);
-      m_run[r] = mx[r];
-      l_run[r] *= alpha;
-#pragma unroll
-      for (int dt = 0; dt < DP / 8; ++dt) {
-        o[dt][2 * r] *= alpha;
-        o[dt][2 * r + 1] *= alpha;
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-      s[nt][0] = exp2f(s[nt][0] - msub[0]);
-      s[nt][1] = exp2f(s[nt][1] - msub[0]);
-      s[nt][2] = exp2f(s[nt][2] - msub[1]);
-      s[nt][3] = exp2f(s[nt][3] - msub[1]);
-      l_run[0] += s[nt][0] + s[nt][1];
-      l_run[1] += s[nt][2] + s[nt][3];
-    }
-    mma_pb<T, DP, BN>(o, s, sV + buf * BN * LD, lane);
-    __syncthreads();  // the next iteration's prefetch overwrites this buffer
+    mma_pb<T, DP, BN, MT>(o, s, sV + buf * BN * LD, lane);
+    if (j + 1 < n_tiles)  // V buffer buf ^ 1 was last read by tile j - 1's P V, before the barrier above
+      load_tile<T, BN, DP, NT>(sV + (buf ^ 1) * BN * LD, v + n1 * p.v_stride_n, p.v_stride_n, Nk - n1, D, vec);
+    cp_async_commit();
   }
+  cp_async_wait<0>();  // nothing may be in flight when the CTA exits
 
-  float inv[2], lse[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    lse[r] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
-  }
   T* out = static_cast<T*>(p.out) + b * p.out_stride_b + m0 * p.out_stride_n + h * p.out_stride_h;
-  store_rows<T, DP>(out, p.out_stride_n, warp * 16, Nq - m0, D, o, inv[0], inv[1], lane);
-  if (tq == 0) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2], lse[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = m0 + warp * 16 + gq + r * 8;
-      if (row < Nq) p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * Nq + row] = lse[r];
+      float l = l_run[mt][r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      inv[r] = l > 0.f ? 1.f / l : 0.f;
+      lse[r] = l > 0.f ? (m_run[mt][r] + log2f(l)) * kLn2 : -INFINITY;
+    }
+    store_rows<T, DP>(out, p.out_stride_n, wrow + mt * 16, Nq - m0, 0, D, o[mt], inv[0], inv[1], lane);
+    if (tq == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = m0 + wrow + mt * 16 + gq + r * 8;
+        if (row < Nq) p.lse[(static_cast<int64_t>(b) * p.heads_q + h) * Nq + row] = lse[r];
+      }
     }
   }
 }
@@ -284,27 +351,41 @@ __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_delta, con
 
 // ---- backward: dK, dV (and dQ through atomics) ----------------------------------------------------
 
-// grid (B * Hkv, ceil(Nk / BN)), BN / 16 warps; warp w owns keys n0 + 16w .. n0 + 16w + 15 and keeps
-// their dK and dV in registers while the CTA loops over every (query head of the group, query block).
-// Products are taken transposed (S^T = K Q^T) so that P^T and dS^T come out as C fragments of the
-// warp's own keys and feed dV += P^T dO and dK += dS^T Q straight from registers.
-template <typename T, int DP, int BM, int BN>
-__global__ void __launch_bounds__(BN * 2) attn_bwd_dkdv_kernel(const AttentionBwdParams p, bool vec) {
-  constexpr int NW = BN / 16, NT = NW * 32, LD = DP + kPad, LDS = BN + kPad;
+// grid (B * Hkv, ceil(Nk / BN)), NW warps; the CTA keeps dK and dV of its BN keys in registers while it
+// loops over every (query head of the group, query block of BM rows), STAGES = 2: the next query block's
+// Q, dO, lse and delta are prefetched (cp.async) while this one is multiplied; 1: loaded in turn (for
+// devices with less shared memory). KG = BN / 16 key-row groups; warp w belongs to group w % KG.
+//   Phase 1: warp w computes S^T = K Q^T and dP^T = V dO^T for its 16 keys and the queries
+//            (w / KG) * QW .. + QW - 1 of the block, forms P and dS = P * (dP - delta), and stores both
+//            query-major in shared memory (sP, sdS).
+//   Phase 2: warp w adds P^T dO and dS^T Q into dV and dK for its 16 keys and the head-dim columns
+//            (w / KG) * DW .. + DW - 1, reading P^T and dS^T from shared memory (mma_atb).
+//   dQ (non-deterministic mode): dQ += dS K from sdS, atomically added to dq_accum.
+// Causal: the first key blocks see the most query blocks, and the grid already starts with them.
+template <typename T, int DP, int BM, int BN, int NW, int STAGES>
+__global__ void __launch_bounds__(NW * 32, 1) attn_bwd_dkdv_kernel(const AttentionBwdParams p, bool vec) {
+  constexpr int NT = NW * 32, LD = DP + kPad, LDS = BN + kPad;
+  constexpr int KG = BN / 16, WQ = NW / KG, QW = BM / WQ, DW = DP / WQ;
+  static_assert(NW % KG == 0 && BM % WQ == 0 && QW % 16 == 0 && DP % WQ == 0 && DW % 16 == 0,
+                "attn_bwd_dkdv_kernel: tile split");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);  // BN x LD
   T* sV = sK + BN * LD;                     // BN x LD
-  T* sQ = sV + BN * LD;                     // 2 buffers of BM x LD
-  T* sdO = sQ + 2 * BM * LD;                // 2 buffers of BM x LD
-  T* sdS = sdO + 2 * BM * LD;               // BM x LDS: dS (query-major) for the dQ product
-  float* sLse = reinterpret_cast<float*>(sdS + BM * LDS);  // 2 x BM
-  float* sDelta = sLse + 2 * BM;                           // 2 x BM
+  T* sQ = sV + BN * LD;                     // STAGES buffers of BM x LD
+  T* sdO = sQ + STAGES * BM * LD;           // STAGES buffers of BM x LD
+  T* sP = sdO + STAGES * BM * LD;           // BM x LDS: P, query-major
+  T* sdS = sP + BM * LDS;                   // BM x LDS: dS, query-major
+  float* sLse = reinterpret_cast<float*>(sdS + BM * LDS);  // STAGES x BM
+  float* sDelta = sLse + STAGES * BM;                      // STAGES x BM
 
   const int bh = blockIdx.x, b = bh / p.heads_kv, hk = bh % p.heads_kv;
   const int group = p.heads_q / p.heads_kv;
   const int n0 = blockIdx.y * BN;
   const int Nq = p.seqlen_q, Nk = p.seqlen_k, D = p.head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane >> 2, tq = lane & 3;
+  const int kw = (warp % KG) * 16;  // the warp's first key (CTA-local)
+  const int qw = (warp / KG) * QW;  // phase 1: its first query (block-local)
+  const int cw = (warp / KG) * DW;  // phase 2: its first head-dim column
   const float sl2 = p.softmax_scale * kLog2e;
   const uint8_t* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_stride_b : nullptr;
 
@@ -327,7 +408,7 @@ __global__ void __launch_bounds__(BN * 2) attn_bwd_dkdv_kernel(const AttentionBw
     load_row_stats<BM, NT>(sLse + buf * BM, sDelta + buf * BM, p.lse + stat, p.delta + stat, Nq - m0);
   };
 
-  float dk[DP / 8][4], dv[DP / 8][4];
+  float dk[DW / 8][4], dv[DW / 8][4];
   zero(dk);
   zero(dv);
   if (iters > 0) {
@@ -337,57 +418,53 @@ __global__ void __launch_bounds__(BN * 2) attn_bwd_dkdv_kernel(const AttentionBw
     cp_async_commit();
   }
   for (int it = 0; it < iters; ++it) {
-    const int buf = it & 1;
+    const int buf = STAGES == 2 ? (it & 1) : 0;
     const int hq = hk * group + it / mb_count, m0 = (mb_first + it % mb_count) * BM;
-    if (it + 1 < iters) load_q_block(it + 1, buf ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
+    if constexpr (STAGES == 2) {
+      if (it + 1 < iters) load_q_block(it + 1, buf ^ 1);  // its buffers were released by the last barrier
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      if (it > 0) {
+        load_q_block(it, 0);
+        cp_async_commit();
+      }
+      cp_async_wait<0>();
+    }
     __syncthreads();
     const T* sQb = sQ + buf * BM * LD;
     const T* sdOb = sdO + buf * BM * LD;
     const float* lse = sLse + buf * BM;
     const float* delta = sDelta + buf * BM;
 
-    // P^T (16 keys x BM queries) = exp2(S^T * scale * log2e - lse * log2e), masked entries 0.
-    float pt[BM / 8][4];
-    zero(pt);
-    mma_abt<T, DP, BM>(pt, sK, warp * 16, sQb, lane);
+    // Phase 1. P^T (16 keys x QW queries) = exp2(S^T * scale * log2e - lse * log2e), masked entries 0;
+    // dS^T = P^T * (dP^T - delta).
+    float st[1][QW / 8][4], dpt[1][QW / 8][4];
+    zero(st[0]);
+    zero(dpt[0]);
+    mma_abt<T, DP, QW>(st, sK, kw, sQb + qw * LD, lane);
+    mma_abt<T, DP, QW>(dpt, sV, kw, sdOb + qw * LD, lane);
 #pragma unroll
-    for (int nt = 0; nt < BM / 8; ++nt) {
+    for (int nt = 0; nt < QW / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int key = n0 + warp * 16 + gq + (e >> 1) * 8, ql = nt * 8 + 2 * tq + (e & 1);
-        const bool ok = m0 + ql < Nq && key_visible(m0 + ql, key, Nq, Nk, p.causal, mask);
-        pt[nt][e] = ok ? exp2f(pt[nt][e] * sl2 - lse[ql]) : 0.f;
+        const int kl = kw + gq + (e >> 1) * 8, ql = qw + nt * 8 + 2 * tq + (e & 1);
+        const bool ok = m0 + ql < Nq && key_visible(m0 + ql, n0 + kl, Nq, Nk, p.causal, mask);
+        const float pr = ok ? exp2f(st[0][nt][e] * sl2 - lse[ql]) : 0.f;
+        sP[ql * LDS + kl] = from_float<T>(pr);
+        sdS[ql * LDS + kl] = from_float<T>(pr * (dpt[0][nt][e] - delta[ql]));
       }
     }
-    mma_pb<T, DP, BM>(dv, pt, sdOb, lane);  // dV += P^T dO
+    __syncthreads();
 
-    // dS^T = P^T * (dP^T - delta), dP^T = V dO^T
-    float dst[BM / 8][4];
-    zero(dst);
-    mma_abt<T, DP, BM>(dst, sV, warp * 16, sdOb, lane);
-#pragma unroll
-    for (int nt = 0; nt < BM / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - delta[nt * 8 + 2 * tq + (e & 1)]);
-    }
-    mma_pb<T, DP, BM>(dk, dst, sQb, lane);  // dK += dS^T Q (scaled at the end)
+    // Phase 2. dV += P^T dO, dK += dS^T Q (scaled at the end), for the warp's keys and columns.
+    mma_atb<T, DP, BM, DW, LDS>(dv, sP, kw, sdOb, cw, lane);
+    mma_atb<T, DP, BM, DW, LDS>(dk, sdS, kw, sQb, cw, lane);
 
     if (!p.deterministic) {
-      // dQ (BM x DP) += dS K: every warp needs all BN keys of dS, so dS goes through shared memory.
-#pragma unroll
-      for (int nt = 0; nt < BM / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int kl = warp * 16 + gq + (e >> 1) * 8, ql = nt * 8 + 2 * tq + (e & 1);
-          sdS[ql * LDS + kl] = from_float<T>(dst[nt][e]);
-        }
-      }
-      __syncthreads();
+      // dQ (BM x DP) += dS K. Items: (16-row group, 16-column slice) of the product, spread over the warps.
       float* dq = p.dq_accum + ((static_cast<int64_t>(b) * Nq + m0) * p.heads_q + hq) * D;
       const int64_t dq_ld = static_cast<int64_t>(p.heads_q) * D;
-      // Items: (16-row group, 16-column slice) of the BM x DP product, spread over the warps.
       for (int item = warp; item < (BM / 16) * (DP / 16); item += NW) {
         const int rg = item / (DP / 16), dd = item % (DP / 16);
         float acc[2][4];
@@ -410,14 +487,14 @@ __global__ void __launch_bounds__(BN * 2) attn_bwd_dkdv_kernel(const AttentionBw
         }
       }
     }
-    __syncthreads();  // buffers of this iteration (and sdS) are rewritten next
+    __syncthreads();  // sP, sdS and this iteration's Q/dO buffers are rewritten next
   }
 
   T* dkp = static_cast<T*>(p.dk) + ((static_cast<int64_t>(b) * Nk + n0) * p.heads_kv + hk) * D;
   T* dvp = static_cast<T*>(p.dv) + ((static_cast<int64_t>(b) * Nk + n0) * p.heads_kv + hk) * D;
   const int64_t ld = static_cast<int64_t>(p.heads_kv) * D;
-  store_rows<T, DP>(dkp, ld, warp * 16, Nk - n0, D, dk, p.softmax_scale, p.softmax_scale, lane);
-  store_rows<T, DP>(dvp, ld, warp * 16, Nk - n0, D, dv, 1.f, 1.f, lane);
+  store_rows<T, DW>(dkp, ld, kw, Nk - n0, cw, D, dk, p.softmax_scale, p.softmax_scale, lane);
+  store_rows<T, DW>(dvp, ld, kw, Nk - n0, cw, D, dv, 1.f, 1.f, lane);
 }
 
 // dq = dq_accum * scale, cast to T; both (B, Nq, Hq, D) contiguous.
@@ -432,9 +509,10 @@ __global__ void attn_bwd_dq_convert_kernel(const float* __restrict__ acc, T* __r
 // ---- backward: deterministic dQ --------------------------------------------------------------------
 
 // grid (B * Hq, ceil(Nq / BM)), NW warps, like the forward kernel: recompute P, dP = dO V^T,
-// dS = P * (dP - delta), dQ += dS K over the visible key tiles, no atomics.
+// dS = P * (dP - delta), dQ += dS K over the visible key tiles, no atomics. Causal grids start with the
+// last query blocks (the most key tiles).
 template <typename T, int DP, int BN, int NW>
-__global__ void __launch_bounds__(NW * 32) attn_bwd_dq_kernel(const AttentionBwdParams p, bool vec) {
+__global__ void __launch_bounds__(NW * 32, 1) attn_bwd_dq_kernel(const AttentionBwdParams p, bool vec) {
   constexpr int BM = 16 * NW, NT = NW * 32, LD = DP + kPad;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // BM x LD
@@ -446,7 +524,7 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dq_kernel(const AttentionBwd
 
   const int bh = blockIdx.x, b = bh / p.heads_q, h = bh % p.heads_q;
   const int hk = h / (p.heads_q / p.heads_kv);
-  const int m0 = blockIdx.y * BM;
+  const int m0 = query_block(p.causal) * BM;
   const int Nq = p.seqlen_q, Nk = p.seqlen_k, D = p.head_dim;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gq = lane >> 2, tq = lane & 3;
   const float sl2 = p.softmax_scale * kLog2e;
@@ -460,8 +538,8 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dq_kernel(const AttentionBwd
   const int n_end = p.causal ? min(Nk, m0 + BM + Nk - Nq) : Nk;
   const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
 
-  float dq[DP / 8][4];
-  zero(dq);
+  float dq[1][DP / 8][4];
+  zero(dq[0]);
   if (n_tiles > 0) {
     load_tile<T, BM, DP, NT>(sQ, q, p.q_stride_n, Nq - m0, D, vec);
     load_tile<T, BM, DP, NT>(sdO, dout, p.dout_stride_n, Nq - m0, D, vec);
@@ -484,9 +562,9 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dq_kernel(const AttentionBwd
     const T* sKb = sK + buf * BN * LD;
     const T* sVb = sV + buf * BN * LD;
 
-    float s[BN / 8][4], dp[BN / 8][4];
-    zero(s);
-    zero(dp);
+    float s[1][BN / 8][4], dp[1][BN / 8][4];
+    zero(s[0]);
+    zero(dp[0]);
     mma_abt<T, DP, BN>(s, sQ, warp * 16, sKb, lane);
     mma_abt<T, DP, BN>(dp, sdO, warp * 16, sVb, lane);
 #pragma unroll
@@ -495,15 +573,15 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dq_kernel(const AttentionBwd
       for (int e = 0; e < 4; ++e) {
         const int rl = warp * 16 + gq + (e >> 1) * 8, key = n0 + nt * 8 + 2 * tq + (e & 1);
         const bool ok = m0 + rl < Nq && key_visible(m0 + rl, key, Nq, Nk, p.causal, mask);
-        const float pr = ok ? exp2f(s[nt][e] * sl2 - sLse[rl]) : 0.f;
-        s[nt][e] = pr * (dp[nt][e] - sDelta[rl]);  // dS
+        const float pr = ok ? exp2f(s[0][nt][e] * sl2 - sLse[rl]) : 0.f;
+        s[0][nt][e] = pr * (dp[0][nt][e] - sDelta[rl]);  // dS
       }
     }
     mma_pb<T, DP, BN>(dq, s, sKb, lane);  // dQ += dS K
     __syncthreads();
   }
   T* dqp = static_cast<T*>(p.dq) + ((static_cast<int64_t>(b) * Nq + m0) * p.heads_q + h) * D;
-  store_rows<T, DP>(dqp, static_cast<int64_t>(p.heads_q) * D, warp * 16, Nq - m0, D, dq,
+  store_rows<T, DP>(dqp, static_cast<int64_t>(p.heads_q) * D, warp * 16, Nq - m0, 0, D, dq[0],
                     p.softmax_scale, p.softmax_scale, lane);
 }
 
@@ -521,11 +599,11 @@ cudaError_t set_smem(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-template <typename T, int DP, int BN, int NW>
+template <typename T, int DP, int BN, int NW, int MT>
 cudaError_t launch_fwd(const AttentionFwdParams& p, bool vec, cudaStream_t stream) {
-  constexpr int BM = 16 * NW;
+  constexpr int BM = 16 * MT * NW;
   const size_t smem = static_cast<size_t>(BM + 4 * BN) * (DP + kPad) * sizeof(T);
-  auto kernel = attn_fwd_kernel<T, DP, BN, NW>;
+  auto kernel = attn_fwd_kernel<T, DP, BN, NW, MT>;
   cudaError_t err = set_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.batch * p.heads_q, (p.seqlen_q + BM - 1) / BM);
@@ -534,16 +612,21 @@ cudaError_t launch_fwd(const AttentionFwdParams& p, bool vec, cudaStream_t strea
   return cudaGetLastError();
 }
 
-template <typename T, int DP, int BM, int BN>
+template <typename T, int DP, int BM, int BN, int NW, int STAGES>
+constexpr size_t dkdv_smem() {
+  return static_cast<size_t>(2 * BN + 2 * STAGES * BM) * (DP + kPad) * sizeof(T) +
+         static_cast<size_t>(2 * BM) * (BN + kPad) * sizeof(T) + 2 * STAGES * BM * sizeof(float);
+}
+
+template <typename T, int DP, int BM, int BN, int NW, int STAGES>
 cudaError_t launch_bwd_dkdv(const AttentionBwdParams& p, bool vec, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(2 * BN + 4 * BM) * (DP + kPad) * sizeof(T) +
-                      static_cast<size_t>(BM) * (BN + kPad) * sizeof(T) + 4 * BM * sizeof(float);
-  auto kernel = attn_bwd_dkdv_kernel<T, DP, BM, BN>;
+  constexpr size_t smem = dkdv_smem<T, DP, BM, BN, NW, STAGES>();
+  auto kernel = attn_bwd_dkdv_kernel<T, DP, BM, BN, NW, STAGES>;
   cudaError_t err = set_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(p.batch * p.heads_kv, (p.seqlen_k + BN - 1) / BN);
   if (grid.y > 65535) return cudaErrorInvalidConfiguration;  // seqlen_k beyond 65535 blocks
-  kernel<<<grid, BN * 2, smem, stream>>>(p, vec);
+  kernel<<<grid, NW * 32, smem, stream>>>(p, vec);
   return cudaGetLastError();
 }
 
@@ -569,26 +652,43 @@ int smem_optin() {
   return bytes;
 }
 
-// Tile configurations; each has a variant within 99 KB of shared memory (the sm_86/89 opt-in limit)
-// and at most 16 accumulator rows per warp. Forward: (BN, warps); dk/dv: (BM, BN); dq: (BN, warps).
+// Tile configurations, each within 99 KB of shared memory (the sm_86/89 opt-in limit) unless a
+// smaller variant is chosen by smem_optin(). Forward (BN, warps, m16 tiles per warp): 32 query rows per
+// warp up to D = 128 (4 warps, 2 CTAs per SM by registers), 16 above, where the fp32 output
+// accumulators alone take DP / 2 registers.
 template <typename T, int DP>
 cudaError_t fwd_for(const AttentionFwdParams& p, bool vec, cudaStream_t s) {
-  if constexpr (DP <= 96) return launch_fwd<T, DP, 64, 8>(p, vec, s);
-  // D = 128: 128 query rows per block (104 KB) where the device allows it: twice the K/V reuse, and
-  // on A100 8 warps per SM instead of 4.
-  else if constexpr (DP <= 128) return smem_optin() >= 110 * 1024 ? launch_fwd<T, DP, 64, 8>(p, vec, s)
-                                                                   : launch_fwd<T, DP, 64, 4>(p, vec, s);
-  else if constexpr (DP <= 224) return launch_fwd<T, DP, 32, 4>(p, vec, s);
-  else return launch_fwd<T, DP, 16, 4>(p, vec, s);
+  // BN shrinks with D so that the 2 x DP / 2 output and 2 x BN / 2 score registers fit 255 without spills
+  // (ptxas: D = 128 with BN = 32 spills 16 bytes on sm_80; with BN = 16 it takes 230 registers).
+  if constexpr (DP <= 64) return launch_fwd<T, DP, 64, 4, 2>(p, vec, s);
+  else if constexpr (DP <= 96) return launch_fwd<T, DP, 32, 4, 2>(p, vec, s);
+  else if constexpr (DP <= 128) return launch_fwd<T, DP, 16, 4, 2>(p, vec, s);
+  else if constexpr (DP <= 224) return launch_fwd<T, DP, 32, 4, 1>(p, vec, s);
+  else return launch_fwd<T, DP, 16, 4, 1>(p, vec, s);
+}
+
+// dK/dV (BM, BN, warps, stages): the per-thread accumulators are 2 * DW / 2 = DP / WQ floats (WQ = warps per
+// key-row group), so D = 256 keeps 128 and nothing spills. Double-buffered Q/dO where the device has the
+// shared memory for it.
+template <typename T, int DP>
+cudaError_t dkdv_for(const AttentionBwdParams& p, bool vec, cudaStream_t s) {
+  if constexpr (DP <= 64) {
+    return launch_bwd_dkdv<T, DP, 64, 64, 8, 2>(p, vec, s);
+  } else if constexpr (DP <= 128) {
+    if (static_cast<size_t>(smem_optin()) >= dkdv_smem<T, DP, 64, 64, 8, 2>())
+      return launch_bwd_dkdv<T, DP, 64, 64, 8, 2>(p, vec, s);
+    return launch_bwd_dkdv<T, DP, 32, 64, 8, 2>(p, vec, s);
+  } else {
+    if (static_cast<size_t>(smem_optin()) >= dkdv_smem<T, DP, 32, 32, 4, 2>())
+      return launch_bwd_dkdv<T, DP, 32, 32, 4, 2>(p, vec, s);
+    return launch_bwd_dkdv<T, DP, 32, 32, 4, 1>(p, vec, s);
+  }
 }
 
 template <typename T, int DP>
 cudaError_t bwd_for(const AttentionBwdParams& p, bool vec, cudaStream_t s) {
   if (p.seqlen_k > 0) {
-    cudaError_t err;
-    if constexpr (DP <= 64) err = launch_bwd_dkdv<T, DP, 64, 64>(p, vec, s);
-    else if constexpr (DP <= 128) err = launch_bwd_dkdv<T, DP, 32, 64>(p, vec, s);
-    else err = launch_bwd_dkdv<T, DP, 16, 32>(p, vec, s);
+    const cudaError_t err = dkdv_for<T, DP>(p, vec, s);
     if (err != cudaSuccess) return err;
   }
   if (!p.deterministic) {

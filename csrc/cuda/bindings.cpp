@@ -336,6 +336,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(
   return {dx, dweight, dbias};
 }
 
+std::tuple<at::Tensor, at::Tensor> rotary_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& cos_in,
+                                               const at::Tensor& sin_in, bool interleaved, bool conjugate) {
+  const char* op = "rotary";
+  const at::Device dev = q_in.device();
+  check_cuda_tensor(q_in, op, "q", dev);
+  check_cuda_tensor(k_in, op, "k", dev);
+  check_cuda_tensor(cos_in, op, "cos", dev);
+  check_cuda_tensor(sin_in, op, "sin", dev);
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, op, ": q and k must be (batch, seqlen, heads, head_dim)");
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type(), op, ": k has dtype ", k_in.scalar_type(), " but q has ",
+              q_in.scalar_type());
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat || q_in.scalar_type() == at::kHalf ||
+              q_in.scalar_type() == at::kBFloat16,
+              op, ": takes float32, float16 or bfloat16, got ", q_in.scalar_type());
+  TORCH_CHECK(k_in.size(0) == q_in.size(0) && k_in.size(1) == q_in.size(1) && k_in.size(3) == q_in.size(3), op,
+              ": k has shape ", k_in.sizes(), " but q has ", q_in.sizes());
+  TORCH_CHECK(cos_in.scalar_type() == at::kFloat && sin_in.scalar_type() == at::kFloat && cos_in.dim() == 3 &&
+              cos_in.sizes() == sin_in.sizes(), op, ": cos and sin must be float32 (1 or batch, seqlen, r), got ",
+              cos_in.sizes(), " and ", sin_in.sizes());
+  TORCH_CHECK((cos_in.size(0) == 1 || cos_in.size(0) == q_in.size(0)) && cos_in.size(1) == q_in.size(1) &&
+              2 * cos_in.size(2) <= q_in.size(3) && cos_in.size(2) >= 1, op, ": cos has shape ", cos_in.sizes(),
+              " for q of shape ", q_in.sizes());
+  check_int32(q_in.size(0) * q_in.size(1), op, "batch * seqlen");
+  const c10::cuda::CUDAGuard guard(dev);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in);
+  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  at::Tensor q_out = at::empty(q.sizes(), q.options()), k_out = at::empty(k.sizes(), k.options());
+  pyllm::cuda::RotaryParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.q_out = q_out.data_ptr();
+  p.k_out = k_out.data_ptr();
+  p.cos = cos.data_ptr<float>();
+  p.sin = sin.data_ptr<float>();
+  p.batch = static_cast<int>(q.size(0));
+  p.seqlen = static_cast<int>(q.size(1));
+  p.heads_q = static_cast<int>(q.size(2));
+  p.heads_k = static_cast<int>(k.size(2));
+  p.head_dim = static_cast<int>(q.size(3));
+  p.half = static_cast<int>(cos.size(2));
+  p.cos_batch = static_cast<int>(cos.size(0));
+  p.q_stride_b = q.stride(0), p.q_stride_n = q.stride(1), p.q_stride_h = q.stride(2);
+  p.k_stride_b = k.stride(0), p.k_stride_n = k.stride(1), p.k_stride_h = k.stride(2);
+  p.interleaved = interleaved;
+  p.conjugate = conjugate;
+  check_launch(pyllm::cuda::rotary(p, kernel_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream()), op);
+  return {q_out, k_out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyllm, CUDA, m) {
@@ -343,4 +392,5 @@ TORCH_LIBRARY_IMPL(pyllm, CUDA, m) {
   m.impl("attention_bwd", &attention_bwd_cuda);
   m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
+  m.impl("rotary", &rotary_cuda);
 }

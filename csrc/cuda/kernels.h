@@ -141,5 +141,25 @@ struct LinearCrossEntropyRowsParams {
 
 cudaError_t linear_cross_entropy_rows(const LinearCrossEntropyRowsParams& p, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------------
+// Rotary position embeddings on q and k (op contract in csrc/pyllm.cpp). fp32 / fp16 / bf16.
+// ---------------------------------------------------------------------------------------------------
+
+struct RotaryParams {
+  const void* q;  // (B, N, Hq, D), strides q_stride_{b,n,h}
+  const void* k;  // (B, N, Hk, D), strides k_stride_{b,n,h}
+  void* q_out;    // (B, N, Hq, D) contiguous
+  void* k_out;    // (B, N, Hk, D) contiguous
+  const float* cos;  // (cos_batch, N, half) contiguous, cos_batch = 1 (shared) or B
+  const float* sin;
+  int batch, seqlen, heads_q, heads_k, head_dim, half, cos_batch;
+  int64_t q_stride_b, q_stride_n, q_stride_h;
+  int64_t k_stride_b, k_stride_n, k_stride_h;
+  bool interleaved;  // pairs (2i, 2i + 1) instead of (i, i + half)
+  bool conjugate;    // rotate by -theta (the backward pass)
+};
+
+cudaError_t rotary(const RotaryParams& p, DType dtype, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace pyllm

@@ -13,7 +13,10 @@
 // Backward: dx per row in the same split; dweight/dbias in two stages without atomics: each block sums
 // its rows' dy * xhat and dy per column (a thread always owns the same columns, so no two threads touch
 // one sum), writes one partial row to the workspace, and a second kernel adds the partial rows in a
-// fixed order. Bitwise reproducible.
+// fixed order. Bitwise reproducible. The per-column sums in shared memory are stored element-major
+// (element j of every thread's vector side by side), so a warp's updates hit 32 distinct banks instead of
+// VEC-way conflicts. Small rows get more blocks (up to kMaxPartialFloats / N, at most 2048): enough
+// CTAs to fill the GPU; the reduction kernel splits the partial rows over 8 warps per column slice.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -27,7 +30,10 @@ namespace {
 
 using namespace detail;
 
-constexpr int kMaxPartials = 256;  // blocks of the backward pass = partial rows of dweight/dbias
+// Blocks of the backward pass = partial rows of dweight/dbias: at least 256, more for small N (up to 2048)
+// while the partial rows stay within kMaxPartialFloats.
+constexpr int kMinPartials = 256, kMaxPartials = 2048;
+constexpr int64_t kMaxPartialFloats = int64_t(1) << 20;
 constexpr int64_t kWarpRowMaxN = 1024;
 constexpr int kWarpRowsPerBlock = 4;
 
@@ -125,6 +131,10 @@ __global__ void __launch_bounds__(1024) ln_bwd_kernel(const LayerNormBwdParams p
   const int nacc = (p.dweight ? 1 : 0) + (p.dbias ? 1 : 0);
   float* accw = nullptr;
   float* accb = nullptr;
+  // Element j of the vector at column c lives at acc[j * jstride + c / VEC * cstride]: element-major in
+  // shared memory (jstride = N / VEC, cstride = 1: a warp's 32 threads hit 32 banks), plain in the
+  // workspace (jstride = 1, cstride = VEC).
+  const int64_t jstride = smem_acc ? N / VEC : 1, cstride = smem_acc ? 1 : VEC;
   if (nacc > 0) {
     float* base = smem_acc ? acc_smem + static_cast<int64_t>(threadIdx.y) * nacc * N
                            : p.workspace + static_cast<int64_t>(blockIdx.x) * nacc * N;
@@ -133,8 +143,9 @@ __global__ void __launch_bounds__(1024) ln_bwd_kernel(const LayerNormBwdParams p
     for (int64_t c = static_cast<int64_t>(tid) * VEC; c < N; c += static_cast<int64_t>(tpr) * VEC) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        if (accw) accw[c + j] = 0.f;
-        if (accb) accb[c + j] = 0.f;
+        const int64_t a = j * jstride + c / VEC * cstride;
+        if (accw) accw[a] = 0.f;
+        if (accb) accb[a] = 0.f;
       }
     }
   }
@@ -159,8 +170,9 @@ __global__ void __launch_bounds__(1024) ln_bwd_kernel(const LayerNormBwdParams p
         const float wg = w ? to_float(w[c + j]) * g : g;
         s1 += wg * xhat;
         s2 += wg;
-        if (accw) accw[c + j] += g * xhat;
-        if (accb) accb[c + j] += g;
+        const int64_t a = j * jstride + c / VEC * cstride;
+        if (accw) accw[a] += g * xhat;
+        if (accb) accb[a] += g;
       }
     }
     const float c1 = row_sum(s1, red) * inv_n;
@@ -188,29 +200,43 @@ __global__ void __launch_bounds__(1024) ln_bwd_kernel(const LayerNormBwdParams p
     const int64_t len = nacc * N;
     float* part = p.workspace + static_cast<int64_t>(blockIdx.x) * len;
     for (int64_t c = static_cast<int64_t>(threadIdx.y) * tpr + tid; c < len; c += static_cast<int64_t>(tpr) * rpb) {
+      const int64_t region = c / N, col = c % N;  // dweight, then dbias
+      const int64_t a = region * N + (col % VEC) * jstride + col / VEC;
       float t = 0.f;
-      for (int s = 0; s < rpb; ++s) t += acc_smem[s * len + c];
+      for (int s = 0; s < rpb; ++s) t += acc_smem[s * len + a];
       part[c] = t;
     }
   }
 }
 
-// dweight[c] (and dbias[c]) = sum over the G partial rows, in order.
+// dweight[c] (and dbias[c]) = sum over the G partial rows in a fixed order: block (32, 8) takes 32 columns;
+// warp y sums the partial rows y, y + 8, ..., then thread y = 0 adds the 8 warp sums in order.
 template <typename W>
-__global__ void ln_bwd_reduce_kernel(const float* __restrict__ ws, int G, int64_t N, int nacc, W* dw, W* db) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= N) return;
+__global__ void __launch_bounds__(256) ln_bwd_reduce_kernel(const float* __restrict__ ws, int G, int64_t N,
+                                                            int nacc, W* dw, W* db) {
+  __shared__ float part[2][8][33];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   const int64_t len = nacc * N;
-  if (dw) {
-    float t = 0.f;
-    for (int g = 0; g < G; ++g) t += ws[g * len + c];
-    dw[c] = from_float<W>(t);
+  float t[2] = {0.f, 0.f};
+  if (c < N) {
+    for (int g = threadIdx.y; g < G; g += 8) {
+      const float* row = ws + g * len;
+      if (dw) t[0] += row[c];
+      if (db) t[1] += row[(dw ? N : 0) + c];
+    }
   }
-  if (db) {
-    const int64_t off = dw ? N : 0;
-    float t = 0.f;
-    for (int g = 0; g < G; ++g) t += ws[g * len + off + c];
-    db[c] = from_float<W>(t);
+  part[0][threadIdx.y][threadIdx.x] = t[0];
+  part[1][threadIdx.y][threadIdx.x] = t[1];
+  __syncthreads();
+  if (threadIdx.y == 0 && c < N) {
+    float sw = 0.f, sb = 0.f;
+#pragma unroll
+    for (int y = 0; y < 8; ++y) {
+      sw += part[0][y][threadIdx.x];
+      sb += part[1][y][threadIdx.x];
+    }
+    if (dw) dw[c] = from_float<W>(sw);
+    if (db) db[c] = from_float<W>(sb);
   }
 }
 
@@ -229,8 +255,9 @@ RowSplit row_split(int64_t N, int vec) {
   return {1024, 1};
 }
 
-int bwd_blocks(int64_t M, int rpb) {
-  return static_cast<int>(std::min<int64_t>((M + rpb - 1) / rpb, kMaxPartials));
+int bwd_blocks(int64_t M, int64_t N, int rpb) {
+  const int64_t cap = std::min<int64_t>(kMaxPartials, std::max<int64_t>(kMinPartials, kMaxPartialFloats / std::max<int64_t>(N, 1)));
+  return static_cast<int>(std::min<int64_t>((M + rpb - 1) / rpb, cap));
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
@@ -277,7 +304,7 @@ cudaError_t bwd_typed(const LayerNormBwdParams& p, cudaStream_t stream) {
     smem = 0;
     if (s.rpb > 1) s = {s.tpr, 1};  // global accumulation needs one row slot per block
   }
-  const int G = p.M > 0 ? bwd_blocks(p.M, s.rpb) : 0;
+  const int G = p.M > 0 ? bwd_blocks(p.M, p.N, s.rpb) : 0;
   if (G > 0) {
     const dim3 block(s.tpr, s.rpb);
     if (vec) {
@@ -292,8 +319,9 @@ cudaError_t bwd_typed(const LayerNormBwdParams& p, cudaStream_t stream) {
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (nacc > 0) {
-    const int64_t blocks = (p.N + 255) / 256;
-    ln_bwd_reduce_kernel<W><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+    const int64_t blocks = (p.N + 31) / 32;
+    if (blocks > INT32_MAX) return cudaErrorInvalidValue;
+    ln_bwd_reduce_kernel<W><<<static_cast<unsigned>(blocks), dim3(32, 8), 0, stream>>>(
         p.workspace, G, p.N, nacc, static_cast<W*>(p.dweight), static_cast<W*>(p.dbias));
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
@@ -321,7 +349,7 @@ bool weight_dtype_ok(DType dtype, DType wdtype) { return wdtype == dtype || wdty
 size_t layer_norm_bwd_workspace_floats(int64_t M, int64_t N) {
   if (M <= 0 || N <= 0) return 0;
   // Upper bound over the splits bwd_typed may pick (rows per block only shrinks the partial count).
-  return static_cast<size_t>(bwd_blocks(M, 1)) * 2 * N;
+  return static_cast<size_t>(bwd_blocks(M, N, 1)) * 2 * N;
 }
 
 cudaError_t layer_norm_fwd(const LayerNormFwdParams& p, DType dtype, DType weight_dtype, cudaStream_t stream) {

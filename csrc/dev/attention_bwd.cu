@@ -7,7 +7,8 @@ Build and run (from the repository root):
   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc/cuda -Icsrc/dev csrc/dev/attention_bwd.cu csrc/cuda/attention.cu \
        -o /tmp/attention_bwd && /tmp/attention_bwd
 or with CMake: cmake --build build/cuda -j && build/cuda/attention_bwd
-Options: --no-bench. Exit status 1 when any case fails.
+Options: --no-bench (validation only); --profile (no validation, one backward of a D=128 case: for ncu).
+Exit status 1 when any case fails (the timings still run).
 
 The forward pass that produces out and lse is the CUDA kernel itself (validated by attention_fwd).
 Tolerance: atol * max|ref| + rtol * |ref| with fp16 2e-3 / 1e-2, bf16 1.6e-2 / 5e-2 (P and dS are
@@ -119,26 +120,39 @@ static bool validate(const AttnCase& c, std::mt19937& rng) {
   return ok;
 }
 
-static void bench(int B, int H, int N, int D, bool causal, bool deterministic, DType t, std::mt19937& rng) {
-  const AttnCase c{B, N, N, H, H, D, causal, false, false, t};
+static void bench(int B, int H, int Hkv, int N, int D, bool causal, bool deterministic, DType t, std::mt19937& rng,
+                  bool once = false) {
+  const AttnCase c{B, N, N, H, Hkv, D, causal, false, false, t};
   AttnInputs in(c, rng, /*fast=*/true);
   HostTensor g(t, in.q.f.size());
   g.fill_fast(rng());
   DeviceBwd dev(c, in, g);
   CUDA_CHECK(pyllm::cuda::attention_fwd(dev.fp, t, 0));
   dev.bp.deterministic = deterministic;
+  if (once) {  // --profile: a single backward for ncu
+    CUDA_CHECK(pyllm::cuda::attention_bwd(dev.bp, t, 0));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    return;
+  }
   const float ms = time_ms([&] { CUDA_CHECK(pyllm::cuda::attention_bwd(dev.bp, t, 0)); }, 10);
   const double flops = 10.0 * B * H * double(N) * N * D / (causal ? 2.0 : 1.0);
-  std::printf("  %s B=%d H=%d N=%d D=%d %-6s %-13s %8.3f ms  %7.1f TFLOP/s\n", dtype_name(t), B, H, N, D,
-              causal ? "causal" : "full", deterministic ? "deterministic" : "atomic", ms, flops / ms / 1e9);
+  std::printf("  %s B=%d H=%d Hkv=%d N=%d D=%d %-6s %-13s %8.3f ms  %7.1f TFLOP/s\n", dtype_name(t), B, H, Hkv, N,
+              D, causal ? "causal" : "full", deterministic ? "deterministic" : "atomic", ms, flops / ms / 1e9);
+  std::fflush(stdout);
 }
 
 int main(int argc, char** argv) {
-  bool do_bench = true;
-  for (int i = 1; i < argc; ++i)
+  bool do_bench = true, profile = false;
+  for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--no-bench")) do_bench = false;
+    if (!std::strcmp(argv[i], "--profile")) profile = true;
+  }
   print_device();
   std::mt19937 rng(4321);
+  if (profile) {
+    bench(4, 16, 16, 4096, 128, false, false, DType::kBFloat16, rng, /*once=*/true);
+    return 0;
+  }
   int failed = 0, total = 0;
   std::printf("validation (attention_bwd vs CPU reference):\n");
   for (const AttnCase& c : attention_cases()) {
@@ -146,12 +160,15 @@ int main(int argc, char** argv) {
     if (!validate(c, rng)) ++failed;
   }
   std::printf("%d/%d cases passed\n", total - failed, total);
-  if (failed) return 1;
+  std::fflush(stdout);
   if (do_bench) {
-    std::printf("benchmark (L2 flushed between repeats):\n");
+    std::printf("benchmark (L2 flushed between repeats)%s:\n", failed ? " -- VALIDATION FAILED, timed anyway" : "");
     for (int D : {64, 128})
       for (bool causal : {false, true})
-        for (bool det : {false, true}) bench(4, 16, 2048, D, causal, det, DType::kBFloat16, rng);
+        for (bool det : {false, true}) bench(4, 16, 16, 2048, D, causal, det, DType::kBFloat16, rng);
+    bench(1, 16, 16, 16384, 128, true, false, DType::kBFloat16, rng);
+    bench(1, 32, 4, 8192, 128, true, false, DType::kBFloat16, rng);  // GQA 8:1
+    bench(1, 32, 4, 8192, 128, true, true, DType::kBFloat16, rng);
   }
-  return 0;
+  return failed ? 1 : 0;
 }

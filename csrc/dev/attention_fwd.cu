@@ -5,7 +5,8 @@ Build and run (from the repository root; sm_80 = A100, sm_90 = H100/H200):
   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc/cuda -Icsrc/dev csrc/dev/attention_fwd.cu csrc/cuda/attention.cu \
        -o /tmp/attention_fwd && /tmp/attention_fwd
 or with CMake: cmake -S . -B build/cuda -G Ninja && cmake --build build/cuda -j && build/cuda/attention_fwd
-Options: --no-bench (validation only). Exit status 1 when any case fails validation.
+Options: --no-bench (validation only); --profile (no validation, one launch of a D=128 case: for ncu).
+Exit status 1 when any case fails validation (the timings still run and say so).
 
 Validation: out within atol * max|ref| + rtol * |ref| of a double-precision reference computed from the
 same rounded inputs (fp16: 2e-3 / 5e-3, bf16: 1.6e-2 / 2e-2); lse within 1e-3 + 1e-4 |ref|; rows with
@@ -78,22 +79,34 @@ static bool validate(const AttnCase& c, std::mt19937& rng) {
   return ok;
 }
 
-static void bench(int B, int H, int N, int D, bool causal, DType t, std::mt19937& rng) {
-  const AttnCase c{B, N, N, H, H, D, causal, false, false, t};
+static void bench(int B, int H, int Hkv, int N, int D, bool causal, DType t, std::mt19937& rng, bool once = false) {
+  const AttnCase c{B, N, N, H, Hkv, D, causal, false, false, t};
   AttnInputs in(c, rng, /*fast=*/true);
   DeviceFwd dev(c, in);
+  if (once) {  // --profile: a single launch for ncu
+    CUDA_CHECK(pyllm::cuda::attention_fwd(dev.p, t, 0));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    return;
+  }
   const float ms = time_ms([&] { CUDA_CHECK(pyllm::cuda::attention_fwd(dev.p, t, 0)); });
   const double flops = 4.0 * B * H * double(N) * N * D / (causal ? 2.0 : 1.0);
-  std::printf("  %s B=%d H=%d N=%d D=%d %-6s %8.3f ms  %7.1f TFLOP/s\n", dtype_name(t), B, H, N, D,
+  std::printf("  %s B=%d H=%d Hkv=%d N=%d D=%d %-6s %8.3f ms  %7.1f TFLOP/s\n", dtype_name(t), B, H, Hkv, N, D,
               causal ? "causal" : "full", ms, flops / ms / 1e9);
+  std::fflush(stdout);
 }
 
 int main(int argc, char** argv) {
-  bool do_bench = true;
-  for (int i = 1; i < argc; ++i)
+  bool do_bench = true, profile = false;
+  for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--no-bench")) do_bench = false;
+    if (!std::strcmp(argv[i], "--profile")) profile = true;
+  }
   print_device();
   std::mt19937 rng(1234);
+  if (profile) {
+    bench(4, 16, 16, 4096, 128, false, DType::kBFloat16, rng, /*once=*/true);
+    return 0;
+  }
   int failed = 0, total = 0;
   std::printf("validation (attention_fwd vs CPU reference):\n");
   for (const AttnCase& c : attention_cases()) {
@@ -101,13 +114,16 @@ int main(int argc, char** argv) {
     if (!validate(c, rng)) ++failed;
   }
   std::printf("%d/%d cases passed\n", total - failed, total);
-  if (failed) return 1;
+  std::fflush(stdout);
   if (do_bench) {
-    std::printf("benchmark (L2 flushed between repeats):\n");
-    for (DType t : {DType::kBFloat16, DType::kFloat16})
-      for (int D : {64, 128})
-        for (bool causal : {false, true}) bench(4, 16, 2048, D, causal, t, rng);
-    bench(2, 16, 8192, 128, true, DType::kBFloat16, rng);
+    std::printf("benchmark (L2 flushed between repeats)%s:\n", failed ? " -- VALIDATION FAILED, timed anyway" : "");
+    for (int D : {64, 128})
+      for (bool causal : {false, true}) {
+        bench(4, 16, 16, 2048, D, causal, DType::kBFloat16, rng);
+        bench(1, 16, 16, 16384, D, causal, DType::kBFloat16, rng);
+      }
+    bench(4, 16, 16, 2048, 128, false, DType::kFloat16, rng);
+    bench(1, 32, 4, 8192, 128, true, DType::kBFloat16, rng);  // GQA 8:1
   }
-  return 0;
+  return failed ? 1 : 0;
 }

@@ -2,8 +2,10 @@
 
 Simulates ldmatrix (.x4, with and without .trans) and mma.sync.m16n8k16 per the PTX ISA fragment
 layouts, drives them with the same lane -> shared-memory address formulas as mma_abt (S = Q K^T),
-mma_pb (O = P V, P kept in C fragments) and the dQ item loop of the dk/dv kernel, and compares
-with numpy. Run: python csrc/dev/mma_fragments_sim.py   (prints three max errors ~1e-15; exit 1 on a mismatch)
+mma_pb (O = P V, P kept in C fragments), mma_atb (dV += P^T dO and dK += dS^T Q with P and dS read
+query-major from shared memory through ldmatrix .trans) and the dQ item loop of the dk/dv kernel, and
+compares with numpy. Run: python csrc/dev/mma_fragments_sim.py   (prints max errors ~1e-15; exit 1 on a
+mismatch)
 If you change an address formula in attention.cu, mirror it here.
 """
 import numpy as np
@@ -73,6 +75,19 @@ def mma_pb(p, sB, DP, KN):
                 for L in range(32): acc[L][tile] = c[L]
     return acc
 
+def mma_atb(sAt, key0, sB, col0, KM, NC):
+    # acc (16 keys x NC) += A^T B, A^T read from the query-major sAt (KM x keys): the kernel's address formulas
+    acc = [[[0.0]*4 for _ in range(NC//8)] for _ in range(32)]
+    for kk in range(KM//16):
+        a = ldmatrix(sAt, [(kk*16 + ((l >> 4) & 1)*8 + (l & 7), key0 + ((l >> 3) & 1)*8) for l in range(32)], True)
+        for dd in range(NC//16):
+            b = ldmatrix(sB, [(kk*16 + (l & 15), col0 + dd*16 + (l >> 4)*8) for l in range(32)], True)
+            for (tile, r0, r1) in [(2*dd, 0, 1), (2*dd+1, 2, 3)]:
+                c = [acc[L][tile] for L in range(32)]
+                mma(c, a, [b[L][r0] for L in range(32)], [b[L][r1] for L in range(32)])
+                for L in range(32): acc[L][tile] = c[L]
+    return acc
+
 def dq_items(sdS, sK, BM, BN, DP):
     out = np.zeros((BM, DP))
     for item in range((BM//16)*(DP//16)):
@@ -110,6 +125,10 @@ errs["O = P V"] = np.abs(O - P @ sV[:BN, :DP]).max()
 sdS = rng.standard_normal((BM, BN + PAD))
 DQ = dq_items(sdS, sK, BM, BN, DP)
 errs["dQ = dS K"] = np.abs(DQ - sdS[:, :BN] @ sK[:BN, :DP]).max()
+# dK/dV phase 2: keys 16..31 of a query-major P (BM x BN), head-dim columns 16..47 of dO
+sP = rng.standard_normal((BM, BN + PAD)); sdO = rng.standard_normal((BM, 64 + PAD))
+DV = gather(mma_atb(sP, 16, sdO, 16, BM, 32), 32//8)
+errs["dV = P^T dO"] = np.abs(DV - sP[:BM, 16:32].T @ sdO[:BM, 16:48]).max()
 for name, err in errs.items():
-    print(f"{name:10s} max err {err:.2e}")
+    print(f"{name:12s} max err {err:.2e}")
 raise SystemExit(0 if max(errs.values()) < 1e-9 else 1)

@@ -7,11 +7,11 @@
 The command line is ``pyllm bench`` (see :mod:`pyllm.bench.cli` and docs/bench.md). Submodules:
 ``spec`` (cases, presets, FLOP/byte counts), ``providers``, ``work`` (inputs and timed callables),
 ``check`` (correctness), ``measure`` (timing, memory, device limits), ``runner``, ``report``.
-Attributes load lazily so that importing the CLI does not import torch.
+Attributes load on first use (:mod:`pyllm._lazy`), so importing the CLI does not import torch.
 """
 from __future__ import annotations
 
-import importlib
+from pyllm._lazy import lazy_exports
 
 _LAZY = {
     "Case": "spec", "BenchError": "spec", "build_cases": "spec", "parse_shape": "spec", "flops": "spec",
@@ -25,7 +25,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+lazy_exports(__name__, {name: f"{__name__}.{module}:{name}" for name, module in _LAZY.items()})

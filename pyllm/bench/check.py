@@ -1,10 +1,10 @@
 """Is it right? Every provider's output and gradients are checked against pyllm.reference before timing.
 
-The rule is FlashAttention's (DESIGN.md, "Checking"): the error of the provider against a float64
-reference must be at most twice the error that PyTorch's own math makes in the input dtype, plus 1e-5;
-the bench adds a small relative floor (``REL_FLOOR`` x max|reference|) so that summation-order noise of
-PyTorch's own kernels in fp32 is not called wrong. Large cases are checked at a reduced shape (fewer
-batches, then shorter sequences or fewer rows) when the float64 reference would not fit ``REF_BUDGET``.
+The rule is the one of :mod:`pyllm.accuracy` (FlashAttention's 2x rule, its reference precision): pyllm's
+own backends are held to it strictly; PyTorch's kernels and peer libraries get its documented peer floor
+(``rel_floor=PEER_REL_FLOOR``) so that summation-order noise of, e.g., torch's bf16 CPU LayerNorm is not
+called wrong. Large cases are checked at a reduced shape (fewer batches, then shorter sequences or fewer
+rows) when the reference would not fit ``REF_BUDGET``.
 """
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import math
 
 import torch
 
+from pyllm import accuracy
+
 from .providers import NORM_EPS
 from .spec import Case
 from .work import Call
 
 REF_BUDGET = {"cpu": 1 << 30, "cuda": 16 << 30}
-REL_FLOOR = {"fp64": 1e-10, "fp32": 1e-5, "fp16": 1e-3, "bf16": 4e-3}
 
 
 def ref_bytes(case: Case) -> int:
@@ -28,6 +29,9 @@ def ref_bytes(case: Case) -> int:
     if case.op == "linear_cross_entropy":
         N, _, V = case.dims
         return 8 * 4 * N * V  # logits, log-softmax, their gradients
+    if case.op == "rotary":
+        B, N, Hq, Hk, D = case.dims
+        return 8 * 6 * B * N * (Hq + Hk) * D
     M, N = case.dims
     return 8 * 10 * M * N
 
@@ -62,6 +66,8 @@ def _names(case: Case) -> tuple[list[str], list[str]]:
         return ["out"], ["dq", "dk", "dv"]
     if case.op == "linear_cross_entropy":
         return ["loss"], ["dhidden", "dweight"]
+    if case.op == "rotary":
+        return ["q", "k"], ["dq", "dk"]
     outs = ["y"] + (["h"] if case.residual else [])
     grads = ["dx", "dw"] + (["db"] if case.op == "layer_norm" else []) + (["dresidual"] if case.residual else [])
     return outs, grads
@@ -81,6 +87,11 @@ def _reference_run(case: Case, inputs: dict, to: torch.dtype | None):
         leaves = [cast(inputs[n]).requires_grad_(True) for n in ("hidden", "weight")]
         out = R.linear_cross_entropy(*leaves, inputs["labels"], upcast=False)
         outs, gouts = (out,), [torch.ones_like(out)]
+    elif case.op == "rotary":
+        leaves = [cast(inputs[n]).requires_grad_(True) for n in ("q", "k")]
+        tables = [inputs[n].to(to or leaves[0].dtype) for n in ("cos", "sin")]
+        outs = R.rotary(*leaves, *tables, upcast=False)
+        gouts = [cast(inputs["dq"]), cast(inputs["dk"])]
     else:
         names = [n for n in ("x", "w", "b", "r") if inputs[n] is not None]
         t = {n: cast(inputs[n]).requires_grad_(True) for n in names}
@@ -97,14 +108,10 @@ def _reference_run(case: Case, inputs: dict, to: torch.dtype | None):
 
 
 def reference(case: Case, inputs: dict) -> dict:
-    """{"hi": float64 (outs, grads), "lo": same computed in the input dtype}."""
-    hi = _reference_run(case, inputs, torch.float64)
+    """{"hi": (outs, grads) in the rule's reference precision, "lo": the same computed in the input dtype}."""
+    hi = _reference_run(case, inputs, accuracy.reference_dtype(case.torch_dtype))
     lo = _reference_run(case, inputs, None)
     return {"hi": hi, "lo": lo}
-
-
-def _max_err(a, b) -> float:
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
 def run_provider(call: Call) -> tuple[list, list | str]:
@@ -120,15 +127,16 @@ def run_provider(call: Call) -> tuple[list, list | str]:
     return [o.detach() for o in call.outs_to_common(outs)], [g.detach() for g in call.grads_to_common(grads)]
 
 
-def verdict(case: Case, ref: dict, outs: list, grads: list) -> dict:
+def verdict(case: Case, ref: dict, outs: list, grads: list, *, peer: bool = True) -> dict:
     """{"out_ok", "grad_ok", "errors": {name: {"err", "allowed"}}, "worst": text} for one provider.
 
     PyTorch's own error is the larger of its math in the input dtype (``ref["lo"]``) and, when present,
     its native op, the baseline provider (``ref["base"]``): torch's CPU bf16 LayerNorm, for one,
-    accumulates dweight/dbias less precisely than plain bf16 math does.
+    accumulates dweight/dbias less precisely than plain bf16 math does. ``peer=False`` (pyllm's own
+    backends) applies the strict rule, without the peer floor.
     """
     out_names, grad_names = _names(case)
-    floor = REL_FLOOR[case.dtype]
+    floor = accuracy.PEER_REL_FLOOR[case.dtype] if peer else 0.0
     errors, out_ok, grad_ok = {}, True, True
     grad_error = grads if isinstance(grads, str) else None
     if grad_error:
@@ -137,21 +145,17 @@ def verdict(case: Case, ref: dict, outs: list, grads: list) -> dict:
     for kind, names, got, hi, lo, bl in (("out", out_names, outs, ref["hi"][0], ref["lo"][0], base_run[0]),
                                          ("grad", grad_names, grads, ref["hi"][1], ref["lo"][1], base_run[1])):
         for name, g, h, l, b in zip(names, got, hi, lo, bl):
-            if tuple(g.shape) != tuple(h.shape):
-                err, ok, allowed = float("inf"), False, 0.0
-            else:
-                base = _max_err(l, h)
-                if b is not None and tuple(b.shape) == tuple(h.shape):
-                    bb = _max_err(b, h)
-                    base = max(base, bb) if math.isfinite(bb) else base
-                allowed = 2 * base + 1e-5 + floor * float(h.abs().max() if h.numel() else 0.0)
-                err = _max_err(g, h)
-                ok = err <= allowed  # NaN compares False: a NaN output is wrong
+            base = accuracy.max_error(l, h)
+            if b is not None and math.isfinite(bb := accuracy.max_error(b, h)):
+                base = max(base, bb)
+            allowed = accuracy.allowed_error(base, rel_floor=floor, ref_max=float(h.abs().max()) if h.numel() else 0.0)
+            err = accuracy.max_error(g, h)  # inf when the shapes differ
+            ok = accuracy.passes(err, allowed)
             errors[name] = {"err": err, "allowed": allowed}
             if not ok:
                 out_ok = out_ok and kind != "out"
                 grad_ok = grad_ok and kind != "grad"
     bad = [f"{n}: max err {e['err']:.3g} > allowed {e['allowed']:.3g}" for n, e in errors.items()
-           if not (e["err"] <= e["allowed"])]
+           if not accuracy.passes(e["err"], e["allowed"])]
     return {"out_ok": out_ok, "grad_ok": grad_ok, "errors": errors, "worst": "; ".join(bad),
             "grad_error": grad_error[:300] if grad_error else None}

@@ -14,6 +14,7 @@ examples:
   pyllm bench --op attention --shape 4,8,1024,64 --causal yes --mode fwd fwd+bwd
   pyllm bench --op layer_norm --shape 4096,768 --shape 4096,4096 --dtype fp32 bf16
   pyllm bench --preset long --device cuda --out results/h100
+  pyllm bench --preset decode                  one generation step (Nq=1) at Nk 128..1024, fp32 and bf16
   pyllm bench --list                           who can be measured here, and why not
 
 Shapes: B,H,N,D (attention; B,H,N,D,Hkv for GQA), M,N (layer_norm / rms_norm), train_step=B,T.
@@ -38,16 +39,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--op", nargs="+", metavar="OP", help="attention, layer_norm, rms_norm, train_step (default: all)")
     g.add_argument("--provider", nargs="+", metavar="P", help="providers or groups to run (default: all available; "
                                                               "each op's baseline is always added)")
-    g.add_argument("--preset", default=None, help="quick, default or long (default: default)")
+    g.add_argument("--preset", default=None, help="quick, default, long, decode (Nq=1 steps) or small (small calls: "
+                                                    "norms 16x768 / 128x768, attention N=16) (default: default)")
     g.add_argument("--quick", action="store_const", dest="preset", const="quick", help="same as --preset quick")
     g.add_argument("--long", action="store_const", dest="preset", const="long", help="same as --preset long")
     g.add_argument("--shape", action="append", default=[], metavar="S",
                    help="user shape, repeatable: B,H,N,D[,Hkv] or M,N or train_step=B,T (replaces the preset's)")
     g.add_argument("--dtype", nargs="+", metavar="D", help="fp32, bf16, fp16, fp64 (default: per op and device)")
-    g.add_argument("--mode", nargs="+", metavar="M", help="fwd, bwd, fwd+bwd (default: all three)")
+    g.add_argument("--mode", nargs="+", metavar="M", help="fwd, bwd, fwd+bwd (default: the preset's; all three "
+                                                           "except decode (fwd) and small (fwd, fwd+bwd))")
     g.add_argument("--causal", choices=("no", "yes", "both"), default="preset", help="attention masking")
     g.add_argument("--padding", action="store_true", help="attention with a key padding mask")
     g.add_argument("--residual", choices=("no", "yes", "both"), default="preset", help="norms with fused residual")
+    g.add_argument("--features", nargs="*", default=None, metavar="CASE",
+                   help="instead: attention feature comparisons dropout, packed, window, bias (default all; "
+                        "pyllm.bench.features)")
+    g.add_argument("--flex", action="store_true", help="with --features: FlexAttention too (torch.compile first)")
     h = p.add_argument_group("how")
     h.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     h.add_argument("--threads", type=int, default=None,
@@ -87,16 +94,16 @@ def _run(args) -> int:
     from . import providers as P
     from . import report as R
     from . import runner
-    from .spec import BenchError, parse_dtype, parse_modes, parse_ops, parse_shape
+    from .spec import PRESETS, BenchError, parse_dtype, parse_modes, parse_ops, parse_shape
 
     preset = args.preset or "default"
-    if preset not in ("quick", "default", "long"):
-        raise BenchError(f"--preset: expected quick, default or long, got {preset!r}")
+    if preset not in PRESETS:
+        raise BenchError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: torch.cuda.is_available() is False on this machine")
     ops = parse_ops(args.op)
-    modes = parse_modes(args.mode)
+    modes = parse_modes(args.mode) if args.mode else None  # None: the preset's modes
     dtypes = [parse_dtype(d) for d in args.dtype] if args.dtype else None
     shapes = [parse_shape(s, ops) for s in args.shape]
     for name, v in (("--threads", args.threads), ("--repeats", args.repeats)):
@@ -113,6 +120,22 @@ def _run(args) -> int:
             print(f"{name:<16} {row['kind']:<6} {','.join(row['ops']):<30} {state}")
         return 0
     threads = args.threads or (1 if preset == "quick" and device == "cpu" else None)
+    if args.features is not None:
+        import json
+
+        from . import features
+
+        bad = [c for c in args.features if c not in features.CASES]
+        if bad:
+            raise BenchError(f"--features: expected some of {', '.join(features.CASES)}, got {bad}")
+        res = features.run(device, quick=preset == "quick", threads=threads, which=args.features or None,
+                           flex=args.flex)
+        json_path = args.json or os.path.join(args.out, "bench-features.json")
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"\nwrote {json_path}")
+        return 0
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     report = runner.bench(ops, preset=preset, device=device, shapes=shapes, dtypes=dtypes, modes=modes,
                           causal=args.causal, padding=args.padding, residual=args.residual, providers=args.provider,

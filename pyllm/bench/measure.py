@@ -24,7 +24,6 @@ import time
 
 import torch
 
-from .spec import Case, flops
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -53,31 +52,46 @@ class _L2Flusher:
 _flusher = None
 
 
+def _stable(ts: list[float], min_rounds: int, rel: float) -> bool:
+    """Whether the median of ``ts`` is known to ``rel`` (its standard error, ~0.93 IQR / sqrt(n) for a
+    normal spread, at most ``rel`` of the median) after at least ``min_rounds`` rounds."""
+    if len(ts) < max(4, min_rounds):
+        return False
+    q = statistics.quantiles(ts, n=4)
+    return 0.93 * (q[2] - q[0]) / math.sqrt(len(ts)) <= rel * statistics.median(ts)
+
+
 def time_interleaved(fns: dict, device: str, *, threads: int, repeats: int, warmup: int, min_run_s: float,
-                     max_s: float) -> dict[str, list[float]]:
-    """{name: [seconds per call, one per round]}. Each provider gets up to ``repeats`` rounds, fewer
-    (but at least 3, or 1 if one call alone exceeds ``max_s``) when its calls are slow."""
+                     max_s: float, warmup_s: float = 0.0, max_rounds: int = 0, stable_rel: float = 0.01
+                     ) -> dict[str, list[float]]:
+    """{name: [seconds per call, one per round]}.
+
+    Warm-up: at least ``warmup`` calls and ``warmup_s`` seconds per provider (at most ``max_s / 2``).
+    GPU: ``repeats`` rounds. CPU: at least ``repeats`` rounds, then more (up to ``max_rounds``; 0 = none
+    more) until the median is stable (:func:`_stable` with ``stable_rel``); every provider stops within its
+    budget of ``max_s`` seconds (at least 3 rounds, or 1 if one call alone exceeds ``max_s``)."""
     global _flusher
     plan = {}
     for name, fn in fns.items():
-        spent, t1 = 0.0, None
-        for i in range(max(1, warmup)):
+        spent, t1, i = 0.0, None, 0
+        while i < max(1, warmup) or spent < min(warmup_s, max_s / 2):
             t1 = _once(fn, device)
-            spent += t1
+            spent, i = spent + t1, i + 1
             if spent > max_s / 2:
                 break
         t1 = max(min(t1, _once(fn, device)) if spent < max_s / 2 else t1, 1e-7)
         number = 1 if device == "cuda" else max(1, math.ceil(min_run_s / t1))
-        rounds = 1 if t1 > max_s else max(3, min(repeats, int(max_s / (t1 * number))))
-        plan[name] = (fn, number, rounds)
+        cap = repeats if device == "cuda" else max(repeats, max_rounds)
+        budget = 1 if t1 > max_s else max(3, min(cap, int(max_s / (t1 * number))))
+        plan[name] = (fn, number, min(repeats, budget), budget)
     names = list(plan)
     times: dict[str, list[float]] = {n: [] for n in names}
     if device == "cuda":
         _flusher = _flusher or _L2Flusher()
         pending = {n: [] for n in names}
-        for r in range(max(p[2] for p in plan.values())):
+        for r in range(max(p[3] for p in plan.values())):
             for n in names[r % len(names):] + names[:r % len(names)]:
-                fn, _, rounds = plan[n]
+                fn, _, _, rounds = plan[n]
                 if r >= rounds:
                     continue
                 _flusher()
@@ -93,11 +107,17 @@ def time_interleaved(fns: dict, device: str, *, threads: int, repeats: int, warm
     from torch.utils.benchmark import Timer
 
     timers = {n: Timer(stmt="fn()", globals={"fn": plan[n][0]}, num_threads=threads) for n in names}
-    for r in range(max(p[2] for p in plan.values())):
+    active = set(names)
+    r = 0
+    while active:
         for n in names[r % len(names):] + names[:r % len(names)]:
-            _, number, rounds = plan[n]
-            if r < rounds:
-                times[n].append(timers[n].timeit(number).mean)
+            if n in active:
+                times[n].append(timers[n].timeit(plan[n][1]).mean)
+        r += 1
+        for n in list(active):
+            _, _, least, budget = plan[n]
+            if r >= budget or (r >= least and _stable(times[n], least, stable_rel)):
+                active.discard(n)
     return times
 
 
@@ -174,33 +194,42 @@ def rss_peak_of(fn) -> int:
 
 # ------------------------------------------------------------------------------------ machine limits
 
-class Limits:
-    """The device's own ceilings, measured in this run with the same timer: matmul TFLOP/s and copy GB/s."""
+MATMUL_SIZES = {"cpu": (256, 512, 1024, 2048), "cuda": (2048, 4096, 8192)}
+COPY_STREAM_NUMEL = {"cpu": 1 << 25, "cuda": 1 << 28}  # far beyond the last-level cache
 
-    def __init__(self, device: str, threads: int, repeats: int = 5):
-        self.device, self.threads, self.repeats = device, threads, repeats
+
+class Limits:
+    """The device's own ceilings, measured in this run with the same timer and the run's thread count.
+
+    Peak matmul TFLOP/s per dtype: the best ``torch.mm`` of square sizes ``sizes`` (a tuned GEMM reaches
+    the machine's peak at one of them). Copy GB/s: the better of ``dst.copy_(src)`` over the case's own
+    element count and a STREAM-style copy of ``stream_numel`` elements, counting the read and the write.
+    A provider above either is an accounting error (the tool flags it), not a fast kernel."""
+
+    def __init__(self, device: str, threads: int, repeats: int = 5, sizes=None, stream_numel: int | None = None,
+                 max_s: float = 1.0):
+        self.device, self.threads, self.repeats, self.max_s = device, threads, repeats, max_s
+        self.sizes = tuple(sizes or MATMUL_SIZES[device])
+        self.stream_numel = int(stream_numel or COPY_STREAM_NUMEL[device])
         self.matmul: dict[tuple, float] = {}
         self.copy: dict[tuple, float] = {}
 
     def _median_s(self, fn) -> float:
         t = time_interleaved({"x": fn}, self.device, threads=self.threads, repeats=self.repeats, warmup=2,
-                             min_run_s=0.005, max_s=1.0)["x"]
+                             min_run_s=0.005, max_s=self.max_s, warmup_s=0.05, max_rounds=self.repeats)["x"]
         return statistics.median(t)
-
-    def matmul_size(self, case: Case) -> int:
-        """Side n of a square GEMM doing about the FLOPs of the case's forward (a power of two, clamped)."""
-        f = flops(case.with_(mode="fwd")) if case.op != "train_step" else flops(case) / 3
-        lo, hi = (512, 8192) if self.device == "cuda" else (128, 2048)
-        n = 2 ** round(math.log2(max(2.0, (f / 2) ** (1 / 3))))
-        return int(min(hi, max(lo, n)))
 
     def matmul_tflops(self, dtype, n: int) -> float:
         key = (str(dtype), n)
         if key not in self.matmul:
             a = torch.randn(n, n, device=self.device).to(dtype)
             b = torch.randn(n, n, device=self.device).to(dtype)
-            self.matmul[key] = 2.0 * n ** 3 / self._median_s(lambda: torch.matmul(a, b)) / 1e12
+            self.matmul[key] = 2.0 * n ** 3 / self._median_s(lambda: torch.mm(a, b)) / 1e12
         return self.matmul[key]
+
+    def matmul_peak(self, dtype) -> tuple[float, int]:
+        """(peak TFLOP/s, the GEMM side that reached it) over ``sizes``."""
+        return max((self.matmul_tflops(dtype, n), n) for n in self.sizes)
 
     def copy_gbps(self, dtype, numel: int) -> float:
         """GB/s of dst.copy_(src) over ``numel`` elements, counting the read and the write."""
@@ -212,8 +241,18 @@ class Limits:
             self.copy[key] = nbytes / self._median_s(lambda: dst.copy_(src)) / 1e9
         return self.copy[key]
 
+    def copy_peak(self, dtype, numel: int) -> float:
+        """The better of the copy at the case's size and the STREAM-style copy."""
+        return max(self.copy_gbps(dtype, numel), self.copy_gbps(dtype, self.stream_numel))
+
+    def describe(self) -> str:
+        return (f"measured peaks with {self.threads} threads: matmul = best torch.mm TFLOP/s over square sizes "
+                f"{', '.join(map(str, self.sizes))}; copy = best dst.copy_(src) GB/s (read + write) at the case's "
+                f"size and STREAM-style at {self.stream_numel} elements")
+
     def to_json(self) -> dict:
-        return {"matmul": [{"dtype": d.replace("torch.", ""), "n": n, "tflops": v}
+        return {"method": self.describe(),
+                "matmul": [{"dtype": d.replace("torch.", ""), "n": n, "tflops": v}
                            for (d, n), v in self.matmul.items()],
                 "copy": [{"dtype": d.replace("torch.", ""), "numel": n, "gbps": v} for (d, n), v in self.copy.items()]}
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from .spec import BenchError
 
-BASELINES = {"attention": "sdpa", "layer_norm": "torch", "rms_norm": "torch", "train_step": "pyllm-reference",
-             "linear_cross_entropy": "torch-linear-ce"}
+BASELINES = {"attention": "sdpa", "layer_norm": "torch", "rms_norm": "torch", "rotary": "rotate-half",
+             "train_step": "pyllm-reference", "linear_cross_entropy": "torch-linear-ce"}
 NORM_EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 
 
@@ -52,6 +52,9 @@ class Provider:
     def norm_fn(self, case, x, w, b, r, eps):
         raise NotImplementedError
 
+    def rotary_fn(self, case, q, k, cos, sin):
+        raise NotImplementedError
+
     def lce_fn(self, case, hidden, weight, labels):
         raise NotImplementedError
 
@@ -71,7 +74,7 @@ def _pyllm_state() -> tuple[object | None, str]:
 
 class PyllmProvider(Provider):
     kind = "pyllm"
-    ops = ("attention", "layer_norm", "rms_norm", "train_step", "linear_cross_entropy")
+    ops = ("attention", "layer_norm", "rms_norm", "rotary", "train_step", "linear_cross_entropy")
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -104,6 +107,8 @@ class PyllmProvider(Provider):
         elif case.op == "attention":
             reasons = pyllm.backends.explain("attention", inputs["q"], inputs["k"], inputs["v"], causal=case.causal,
                                              key_padding_mask=inputs["mask"])
+        elif case.op == "rotary":
+            reasons = pyllm.backends.explain("rotary", inputs["q"], inputs["k"], inputs["cos"], inputs["sin"])
         else:
             x = inputs["x"]
             args = (x, (x.shape[-1],), inputs["w"]) + ((inputs["b"],) if case.op == "layer_norm" else ())
@@ -124,6 +129,11 @@ class PyllmProvider(Provider):
         if case.op == "layer_norm":
             return lambda: pyllm.layer_norm(x, (N,), w, b, eps, residual=r, backend=self.backend)
         return lambda: pyllm.rms_norm(x, (N,), w, eps, residual=r, backend=self.backend)
+
+    def rotary_fn(self, case, q, k, cos, sin):
+        import pyllm
+
+        return lambda: pyllm.rotary(q, k, cos, sin, backend=self.backend)
 
     def lce_fn(self, case, hidden, weight, labels):
         import pyllm
@@ -236,6 +246,19 @@ class TorchLinearCrossEntropy(Provider):
 
 # -------------------------------------------------------------------------------------------- peers
 
+class RotateHalf(Provider):
+    name, ops = "rotate-half", ("rotary",)
+    describe = "q * cos + rotate_half(q) * sin, as transformers' Llama writes it (tables cast to the input dtype)"
+
+    def rotary_fn(self, case, q, k, cos, sin):
+        c, s = (torch.cat([t, t], dim=-1)[:, :, None].to(q.dtype) for t in (cos, sin))  # (1, N, 1, D)
+
+        def rot(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return x * c + torch.cat([-x2, x1], dim=-1) * s
+        return lambda: (rot(q), rot(k))
+
+
 class PeerProvider(Provider):
     kind = "peer"
     module = ""
@@ -288,8 +311,16 @@ class XformersProvider(PeerProvider):
 
 
 class LigerProvider(PeerProvider):
-    name, module, ops = "liger_kernel", "liger_kernel", ("layer_norm", "rms_norm", "linear_cross_entropy")
-    describe = "liger_kernel's Triton LayerNorm/RMSNorm (residual added first), fused linear cross-entropy"
+    name, module, ops = "liger_kernel", "liger_kernel", ("layer_norm", "rms_norm", "rotary", "linear_cross_entropy")
+    describe = "liger_kernel's Triton LayerNorm/RMSNorm (residual added first), RoPE and fused linear cross-entropy"
+
+    def rotary_fn(self, case, q, k, cos, sin):
+        from liger_kernel.ops.rope import LigerRopeFunction
+
+        c, s = (torch.cat([t, t], dim=-1).to(q.dtype) for t in (cos, sin))  # (1, N, D)
+        # Liger takes (B, H, N, D): transposed views in, pyllm's layout out
+        return lambda: tuple(t.transpose(1, 2) for t in LigerRopeFunction.apply(
+            q.transpose(1, 2), k.transpose(1, 2), c, s))
 
     def lce_fn(self, case, hidden, weight, labels):
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -346,7 +377,8 @@ def all_providers() -> list[Provider]:
     sdpa_backends = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
                      ("math", "MATH"))
     out += [SDPAProvider(f"sdpa-{s}", b) for s, b in sdpa_backends]
-    out += [EagerAttention(), TorchNorm(), TorchLinearCrossEntropy(), FlashAttnProvider(), XformersProvider(), LigerProvider(), ApexProvider()]
+    out += [EagerAttention(), TorchNorm(), RotateHalf(), TorchLinearCrossEntropy(), FlashAttnProvider(), XformersProvider(),
+            LigerProvider(), ApexProvider()]
     return out
 
 

@@ -56,6 +56,9 @@ def table(report: dict, width: int = 160) -> str:
     for name, p in report["providers"].items():
         if p["status"] not in ("ok", "not selected"):
             lines.append(f"  {name}: {p['status']} ({p['reason']})")
+    lines.append("  work: " + s.get("flops", "") + "; " + s.get("bytes", ""))
+    if s.get("limits"):
+        lines.append("  %lim: " + s["limits"] + "; above 100% (marked !) is an accounting bug")
     head = (f"{'op':<10} {'mode':<7} {'dtype':<5} {'shape':<24} {'provider':<16} {'median ms':>10} "
             f"{'IQR ms':>15} {'TFLOP/s':>8} {'GB/s':>8} {'%lim':>5} {'peak mem':>10} {'vs base':>8}  status")
     lines += [head, "-" * min(width, len(head) + 10)]
@@ -71,14 +74,18 @@ def table(report: dict, width: int = 160) -> str:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         if r["status"] == "ok" and not t:
             status = "ok (memory only)"
+        pct = "-" if frac is None else f"{100 * frac:.0f}" + ("!" if r.get("over_limit") else "")
+        if r.get("over_limit"):
+            status += f"; {r.get('accounting', 'accounting bug: above the measured peak')}"
         line = (f"{r['op']:<10} {r['mode']:<7} {r['dtype']:<5} {r['label']:<24} {r['provider']:<16} "
                 f"{_fmt(t.get('median_ms'), '.4g'):>10} {iqr:>15} {_fmt(r.get('tflops'), '.3g'):>8} "
-                f"{_fmt(r.get('gbps'), '.3g'):>8} {_fmt(None if frac is None else 100 * frac, '.0f'):>5} "
+                f"{_fmt(r.get('gbps'), '.3g'):>8} {pct:>5} "
                 f"{_mem(r.get('peak_bytes')):>10} {_fmt(r.get('speedup'), '.2f'):>8}  {status}")
         lines.append(line[:width] if len(line) > width else line)
     lines.append("")
-    lines.append("median ms with the interquartile range; TFLOP/s by FlashAttention's count; GB/s of the minimal "
-                 "bytes; %lim = % of this device's matmul TFLOP/s (attention, train_step) or copy GB/s (norms); "
+    lines.append("median ms with the interquartile range; TFLOP/s of the kept (query, key) pairs only; GB/s of the "
+                 "minimal bytes; %lim = % of this device's measured peak matmul TFLOP/s (attention, train_step) or "
+                 "copy GB/s (norms); "
                  "peak mem = extra memory of one call; vs base = baseline time / provider time "
                  f"(baselines: {', '.join(f'{k}={v}' for k, v in report.get('baselines', {}).items())}).")
     return "\n".join(lines)
@@ -120,17 +127,29 @@ def _colors(rows) -> dict:
     return {n: palette[i % len(palette)] for i, n in enumerate(names)}
 
 
-def _adjust(fig, height_in: float) -> None:
-    """Fixed margins in inches (fig.tight_layout costs seconds per figure on a busy CPU)."""
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.55 / height_in, top=1 - 0.6 / height_in, wspace=0.3,
-                        hspace=0.9 / max(1.0, height_in / 3.6))
+def _adjust(fig, height_in: float, bottom_in: float = 0.6) -> None:
+    """Fixed margins and gaps in inches, wide enough for the tick and axis labels (fig.tight_layout costs
+    seconds per figure on a busy CPU)."""
+    width_in = fig.get_size_inches()[0]
+    grid = fig.axes[0].get_subplotspec().get_gridspec()
+    ncols, nrows = grid.ncols, grid.nrows
+    left, right, top, wgap, hgap = 0.85, 0.15, 0.6, 0.9, bottom_in + 0.5
+    ax_w = (width_in - left - right - (ncols - 1) * wgap) / ncols
+    ax_h = (height_in - bottom_in - top - (nrows - 1) * hgap) / nrows
+    fig.subplots_adjust(left=left / width_in, right=1 - right / width_in, bottom=bottom_in / height_in,
+                        top=1 - top / height_in, wspace=wgap / ax_w, hspace=hgap / ax_h)
+
+
+def _single_shape(rs: list[dict], xname: str) -> bool:
+    return len({r["shape"][xname] for r in rs}) <= 1
 
 
 def plot(report: dict, outdir: str) -> list[str]:
     """Write PNGs into ``outdir``; returns their paths. Figures:
 
     - ``attention_throughput_<dtype>.png``: TFLOP/s vs seqlen per provider (rows causal, columns modes),
-      the dashed grey line is this device's matmul TFLOP/s at the same FLOPs;
+      the dashed grey line is this device's measured peak matmul TFLOP/s; a run of one shape draws one bar
+      per provider instead (lines of one point hide each other);
     - ``<norm>_throughput_<dtype>.png``: GB/s vs hidden size (rows residual), dashed line = device copy GB/s;
     - ``attention_memory_<dtype>.png``: peak extra memory vs seqlen, log-log, with the fitted exponent per
       provider in the legend (1 = linear, 2 = quadratic) and guide lines of slope 1 and 2.
@@ -149,40 +168,77 @@ def plot(report: dict, outdir: str) -> list[str]:
             ("attention", "seqlen", "Nq", "TFLOP/s", "tflops", "matmul_tflops"),
             ("layer_norm", "hidden", "N", "GB/s", "gbps", "copy_gbps"),
             ("rms_norm", "hidden", "N", "GB/s", "gbps", "copy_gbps")):
-        sel = _prefer([r for r in rows if r["op"] == op and r.get("time")], (sweep,), ("user",))
+        sel = _prefer([r for r in rows if r["op"] == op and r.get("time")], (sweep,), ("user", "decode", "small"))
         for dtype in sorted({r["dtype"] for r in sel}):
-            rs = [r for r in sel if r["dtype"] == dtype]
-            flag = "causal" if op == "attention" else "residual"
-            flags = sorted({r[flag] for r in rs})
-            modes = [m for m in ("fwd", "bwd", "fwd+bwd") if any(r["mode"] == m for r in rs)]
-            if not modes:
+            fig = throughput_figure(plt, [r for r in sel if r["dtype"] == dtype], op, (xname, yname, ykey, limkey),
+                                    color, f"{op} throughput on {dev}")
+            if fig is None:
                 continue
-            fig, axes = plt.subplots(len(flags), len(modes), figsize=(4.6 * len(modes), 3.6 * len(flags)),
-                                     squeeze=False)
-            for i, fl in enumerate(flags):
-                for j, mode in enumerate(modes):
-                    ax = axes[i][j]
-                    sub = [r for r in rs if r[flag] == fl and r["mode"] == mode]
-                    for prov, pts in _series(sub, lambda r: r["shape"][xname], lambda r: r.get(ykey)).items():
-                        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=prov, color=color[prov])
-                    lim = sorted({(r["shape"][xname], r[limkey]) for r in sub if r.get(limkey)})
-                    if lim:
-                        ax.plot([x for x, _ in lim], [y for _, y in lim], "--", color="grey",
-                                label="matmul" if op == "attention" else "copy")
-                    ax.set_xscale("log", base=2)
-                    ax.set_title(f"{op} {mode} {dtype}" + (f" {flag}" if fl else ""), fontsize=9)
-                    ax.set_xlabel("seqlen" if op == "attention" else "hidden size")
-                    ax.set_ylabel(yname)
-                    ax.grid(alpha=0.3)
-                    ax.legend(fontsize=7)
-            fig.suptitle(f"{op} throughput on {dev}", fontsize=10)
-            _adjust(fig, 3.6 * len(flags))
             path = os.path.join(outdir, f"{op}_throughput_{dtype}.png")
             fig.savefig(path, dpi=110)
             plt.close(fig)
             paths.append(path)
     paths += _plot_memory(rows, outdir, dev, plt, color)
     return paths
+
+
+def throughput_figure(plt, rs: list[dict], op: str, keys: tuple, color: dict, title: str):
+    """One dtype's throughput figure (rows: causal or residual; columns: modes), or None without rows."""
+    flag = "causal" if op == "attention" else "residual"
+    flags = sorted({r[flag] for r in rs})
+    modes = [m for m in ("fwd", "bwd", "fwd+bwd") if any(r["mode"] == m for r in rs)]
+    if not modes:
+        return None
+    single = _single_shape(rs, keys[0])
+    height = 3.6 + (0.5 if single else 0.0)
+    fig, axes = plt.subplots(len(flags), len(modes), figsize=(4.8 * len(modes), height * len(flags)), squeeze=False)
+    for i, fl in enumerate(flags):
+        for j, mode in enumerate(modes):
+            sub = [r for r in rs if r[flag] == fl and r["mode"] == mode]
+            panel = _bars_panel if single else _throughput_panel
+            panel(axes[i][j], sub, op, keys, color,
+                  f"{op} {mode} {rs[0]['dtype']}" + (f" {flag}" if fl else ""))
+    fig.suptitle(title, fontsize=10)
+    _adjust(fig, height * len(flags), bottom_in=1.1 if single else 0.6)
+    return fig
+
+
+def _bars_panel(ax, sub: list[dict], op: str, keys: tuple, color: dict, title: str) -> None:
+    """Shapes that share the x value (one shape, or decode steps all at Nq=1): a group of bars per shape, a
+    bar per provider in it (every one visible), the device limit as a dashed horizontal line."""
+    _, yname, ykey, limkey = keys
+    labels = list(dict.fromkeys(r["label"] for r in sub))
+    provs = list(dict.fromkeys(r["provider"] for r in sub if r.get(ykey)))
+    width = 0.8 / max(1, len(provs))
+    for j, p in enumerate(provs):
+        pts = [(labels.index(r["label"]) + (j - (len(provs) - 1) / 2) * width, r[ykey])
+               for r in sub if r["provider"] == p and r.get(ykey)]
+        ax.bar([x for x, _ in pts], [y for _, y in pts], width=width, color=color[p], label=p)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
+    lim = [r[limkey] for r in sub if r.get(limkey)]
+    if lim:
+        ax.axhline(max(lim), linestyle="--", color="grey", label="matmul peak" if op == "attention" else "copy peak")
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(yname)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+
+
+def _throughput_panel(ax, sub: list[dict], op: str, keys: tuple, color: dict, title: str) -> None:
+    """One panel: a line per provider of ``ykey`` against the shape dim ``xname``, the device limit dashed."""
+    xname, yname, ykey, limkey = keys
+    for prov, pts in _series(sub, lambda r: r["shape"][xname], lambda r: r.get(ykey)).items():
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=prov, color=color[prov])
+    lim = sorted({(r["shape"][xname], r[limkey]) for r in sub if r.get(limkey)})
+    if lim:
+        ax.plot([x for x, _ in lim], [y for _, y in lim], "--", color="grey",
+                label="matmul peak" if op == "attention" else "copy peak")
+    ax.set_xscale("log", base=2)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("seqlen" if op == "attention" else "hidden size")
+    ax.set_ylabel(yname)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _plot_memory(rows, outdir, dev, plt, color) -> list[str]:

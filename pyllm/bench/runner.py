@@ -9,6 +9,7 @@ import math
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,19 +19,44 @@ from .measure import (CPU_MEMORY_METHOD, GPU_MEMORY_METHOD, Limits, machine_info
                       peak_memory_cuda, summarize, time_interleaved)
 from .providers import BASELINES, Provider, select
 from .spec import BenchError, Case, build_cases, bytes_moved, flops
-from .work import TORCH_DTYPES, build_call, build_timed, make_inputs
+from .train_step import check_step
+from .work import build_call, build_timed, make_inputs
 
 SCHEMA = "pyllm-bench/1"
+FLOPS_METHOD = ("FlashAttention's 4*H*D per (query, key) pair, counting only the pairs the mask leaves (causal, "
+                "padding): every provider is credited with the same useful work; x2.5 bwd, x3.5 fwd+bwd")
+BYTES_METHOD = "minimal bytes: each input read once (attention: the real keys and values only), each output written once"
 
-# Timing settings per preset: rounds, warm-up calls, CPU: shortest timed run (s), per provider per case budget (s).
+# Timing settings per preset: at least `repeats` rounds (CPU: more, up to `max_rounds`, until the median is
+# stable), at least `warmup` calls and `warmup_s` seconds of warm-up, CPU: shortest timed run (s), per provider
+# per case budget (s). Limits: the GEMM sizes tried for the matmul peak, the STREAM-style copy's elements.
+_CPU_DEFAULT = dict(repeats=10, warmup=2, warmup_s=0.2, min_run_s=0.01, max_s=2.0, max_rounds=60)
 SETTINGS = {
-    "cpu": {"quick": dict(repeats=5, warmup=1, min_run_s=0.002, max_s=0.15),
-            "default": dict(repeats=10, warmup=2, min_run_s=0.01, max_s=2.0),
-            "long": dict(repeats=10, warmup=3, min_run_s=0.02, max_s=10.0)},
+    "cpu": {"quick": dict(repeats=5, warmup=1, warmup_s=0.01, min_run_s=0.002, max_s=0.15, max_rounds=10),
+            "default": _CPU_DEFAULT, "decode": _CPU_DEFAULT, "small": _CPU_DEFAULT,
+            "long": dict(repeats=10, warmup=3, warmup_s=0.5, min_run_s=0.02, max_s=10.0, max_rounds=100)},
     "cuda": {"quick": dict(repeats=10, warmup=3, min_run_s=0.0, max_s=0.5),
              "default": dict(repeats=30, warmup=5, min_run_s=0.0, max_s=2.0),
+             "decode": dict(repeats=30, warmup=5, min_run_s=0.0, max_s=2.0),
+             "small": dict(repeats=30, warmup=5, min_run_s=0.0, max_s=2.0),
              "long": dict(repeats=30, warmup=5, min_run_s=0.0, max_s=5.0)},
 }
+LIMITS = {"cpu": {"quick": dict(sizes=(128, 256, 512), stream_numel=1 << 22, max_s=0.3)},
+          "cuda": {"quick": dict(sizes=(1024, 2048, 4096), stream_numel=1 << 26, max_s=0.5)}}
+
+
+@dataclass
+class Settings:
+    """How one run measures: device, preset, CPU threads, timing (repeats, warmup, warmup_s, min_run_s, max_s,
+    max_rounds; see ``SETTINGS``), whether to measure peak memory, the input seed, and where progress lines go."""
+
+    device: str
+    preset: str
+    threads: int
+    timing: dict
+    memory: bool
+    seed: int
+    log: Callable[[str], None]
 
 
 def _mem_budget(device: str) -> int:
@@ -57,7 +83,7 @@ def bench(ops=None, *, preset="quick", device="cpu", shapes=(), dtypes=None, mod
     from .spec import parse_modes, parse_ops
 
     ops = parse_ops(ops)
-    cases = build_cases(ops, parse_modes(modes), dtypes, preset, device, shapes, causal, padding, residual)
+    cases = build_cases(ops, parse_modes(modes) if modes else None, dtypes, preset, device, shapes, causal, padding, residual)
     return run(cases, providers=providers, device=device, preset=preset, **kw)
 
 
@@ -94,13 +120,14 @@ def run(cases: list[Case], *, providers=None, device: str = "cpu", preset: str =
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # restored below: a library call must not change the caller's setting
     try:
-        return _run(cases, usable, table, ops, device, preset, threads, st, memory, seed, log)
+        return _run(cases, usable, table, ops, Settings(device, preset, threads, st, memory, seed, log))
     finally:
         torch.set_num_threads(saved_threads)
 
 
-def _run(cases, usable, table, ops, device, preset, threads, st, memory, seed, log) -> dict:
-    limits = Limits(device, threads)
+def _run(cases, usable, table, ops, s: Settings) -> dict:
+    device, threads, seed, log, st = s.device, s.threads, s.seed, s.log, s.timing
+    limits = Limits(device, threads, **LIMITS[device].get(s.preset, {}))
     t_start = time.time()
     results, mem_queue = [], []
     groups: dict[tuple, list[Case]] = {}
@@ -114,8 +141,7 @@ def _run(cases, usable, table, ops, device, preset, threads, st, memory, seed, l
         inputs = make_inputs(c0, device, seed) if c0.op != "train_step" else None
         verdicts = _check_group(c0, provs, device, seed, inputs)
         for case in group:
-            results += _measure_case(case, provs, verdicts, inputs, device, threads, st, memory, limits, seed,
-                                     mem_queue, log)
+            results += _measure_case(case, provs, verdicts, inputs, s, limits, mem_queue)
         del inputs
     if mem_queue:
         log(f"{time.time() - t_start:6.1f}s measuring peak memory of {len(mem_queue)} calls in a worker process")
@@ -127,15 +153,15 @@ def _run(cases, usable, table, ops, device, preset, threads, st, memory, seed, l
         r.pop("_case", None)
     return {
         "schema": SCHEMA, "machine": machine_info(device, threads),
-        "settings": {"preset": preset, "device": device, "threads": threads, **st, "seed": seed,
+        "settings": {"preset": s.preset, "device": device, "threads": threads, **st, "seed": seed,
                      "timer": ("CUDA events per call, L2 flushed (256 MB buffer zeroed) before each, providers "
                                "interleaved" if device == "cuda" else
                                f"torch.utils.benchmark.Timer(num_threads={threads}), providers interleaved"),
-                     "memory": (GPU_MEMORY_METHOD if device == "cuda" else CPU_MEMORY_METHOD) if memory else None,
-                     "flops": "FlashAttention's count: 4*B*H*Nq*Nk*D forward, /2 causal, x2.5 bwd, x3.5 fwd+bwd",
-                     "bytes": "minimal bytes: each input read once, each output written once",
-                     "check": ("max|provider - fp64 ref| <= 2*max(|torch math in the dtype - fp64 ref|, "
-                               "|baseline op - fp64 ref|) + 1e-5 + floor*max|ref|, per output and gradient"),
+                     "memory": (GPU_MEMORY_METHOD if device == "cuda" else CPU_MEMORY_METHOD) if s.memory else None,
+                     "flops": FLOPS_METHOD, "bytes": BYTES_METHOD, "limits": limits.describe(),
+                     "check": ("max|provider - ref| <= 2*max(|torch math in the dtype - ref|, |baseline op - ref|) "
+                               "+ 1e-5 (+ floor*max|ref| for torch and peers), ref in fp64 for fp32, fp32 for "
+                               "fp16/bf16, per output and gradient (pyllm.accuracy)"),
                      "elapsed_s": round(time.time() - t_start, 2)},
         "providers": table, "baselines": {op: BASELINES[op] for op in ops}, "limits": limits.to_json(),
         "results": results,
@@ -146,8 +172,6 @@ def _check_group(c0: Case, provs: list[Provider], device: str, seed: int, full_i
     """{provider name: {"status", "reason", "check": {...}}} for the mode-less case ``c0``."""
     out = {}
     if c0.op == "train_step":
-        from .train_step import check_step
-
         for p in provs:
             try:
                 v = check_step(c0, p, device, seed)
@@ -176,7 +200,7 @@ def _check_group(c0: Case, provs: list[Provider], device: str, seed: int, full_i
             warnings.simplefilter("always")
             try:
                 outs, grads = chk.run_provider(build_call(cc, p, inputs))
-                v = chk.verdict(cc, ref, outs, grads)
+                v = chk.verdict(cc, ref, outs, grads, peer=p.kind != "pyllm")
                 v["check_label"] = cc.label()
                 out[p.name] = {"status": "ok", "reason": "", "check": v}
             except Exception as e:  # noqa: BLE001 (a provider that raises is reported, not fatal)
@@ -196,51 +220,24 @@ def _jsonable_check(v):
     return {"passed_out": v["out_ok"], "passed_grad": v["grad_ok"], "shape": v.get("check_label"), "errors": errs}
 
 
-def _measure_case(case, provs, verdicts, inputs, device, threads, st, memory, limits, seed, mem_queue, log):
+def _measure_case(case, provs, verdicts, inputs, s: Settings, limits, mem_queue):
+    """One result row per provider: checked ones are timed, then their peak memory measured (CPU: queued
+    for the worker process)."""
     rows, fns = {}, {}
     for p in provs:
-        v = verdicts[p.name]
-        row = {"_case": case, **case.to_dict(), "provider": p.name, "status": v["status"], "reason": v["reason"],
-               "check": _jsonable_check(v["check"]), "time": None, "tflops": None, "gbps": None,
-               "peak_bytes": None, "memory_error": None}
-        rows[p.name] = row
-        if v["status"] != "ok":
-            continue
-        c = v["check"]
-        if c.get("grad_error") and case.mode != "fwd":
-            row["status"], row["reason"] = "error", c["grad_error"]
-            continue
-        if not c["out_ok"] or (case.mode != "fwd" and not c["grad_ok"]):
-            row["status"], row["reason"] = "WRONG", c["worst"]
-            continue
-        if p.quadratic and case.op == "attention" and _quadratic_bytes(case) > _mem_budget(device):
-            row["status"] = "skipped"
-            row["reason"] = (f"needs ~{_quadratic_bytes(case) / 2**30:.1f} GiB for the Nq x Nk scores "
-                             f"(budget {_mem_budget(device) / 2**30:.1f} GiB)")
-            continue
-        try:
-            fns[p.name] = build_timed(case, p, device, seed, inputs=inputs)
-        except Exception as e:  # noqa: BLE001
-            row["status"], row["reason"] = "error", f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        rows[p.name], fn = _row(case, p, verdicts[p.name], inputs, s)
+        if fn is not None:
+            fns[p.name] = fn
     if case.timed and fns:
-        try:
-            times = time_interleaved(fns, device, threads=threads, repeats=st["repeats"], warmup=st["warmup"],
-                                     min_run_s=st["min_run_s"], max_s=st["max_s"])
-        except Exception as e:  # noqa: BLE001 (one bad provider: time the rest one by one)
-            times = {}
-            for n, fn in fns.items():
-                try:
-                    times.update(time_interleaved({n: fn}, device, threads=threads, repeats=st["repeats"],
-                                                  warmup=st["warmup"], min_run_s=st["min_run_s"], max_s=st["max_s"]))
-                except Exception as e2:  # noqa: BLE001
-                    rows[n]["status"], rows[n]["reason"] = "error", f"{type(e2).__name__}: {e2}".splitlines()[0][:300]
-        for n, ts in times.items():
-            _figures(rows[n], case, summarize(ts), limits)
-    if memory and case.mode != "bwd":  # bwd's peak is inside fwd+bwd's; measuring it too doubles the cost
+        mask = inputs.get("mask") if inputs else None
+        key_lens = mask.sum(-1).tolist() if mask is not None else None
+        for n, ts in _time(fns, rows, s).items():
+            _figures(rows[n], case, summarize(ts), limits, key_lens)
+    if s.memory and case.mode != "bwd":  # bwd's peak is inside fwd+bwd's; measuring it too doubles the cost
         for n, fn in fns.items():
             if rows[n]["status"] != "ok":
                 continue
-            if device == "cuda":
+            if s.device == "cuda":
                 try:
                     rows[n]["peak_bytes"] = peak_memory_cuda(fn)
                 except Exception as e:  # noqa: BLE001
@@ -251,23 +248,68 @@ def _measure_case(case, provs, verdicts, inputs, device, threads, st, memory, li
     return list(rows.values())
 
 
-def _figures(row: dict, case: Case, t: dict, limits: Limits) -> None:
+def _row(case, p: Provider, v: dict, inputs, s: Settings):
+    """(the result row of provider ``p`` given its check verdict ``v``, its timed callable or None)."""
+    row = {"_case": case, **case.to_dict(), "provider": p.name, "status": v["status"], "reason": v["reason"],
+           "check": _jsonable_check(v["check"]), "time": None, "tflops": None, "gbps": None,
+           "peak_bytes": None, "memory_error": None, "over_limit": False}
+    c = v["check"]
+    if v["status"] != "ok":
+        return row, None
+    if c.get("grad_error") and case.mode != "fwd":
+        row["status"], row["reason"] = "error", c["grad_error"]
+    elif not c["out_ok"] or (case.mode != "fwd" and not c["grad_ok"]):
+        row["status"], row["reason"] = "WRONG", c["worst"]
+    elif p.quadratic and case.op == "attention" and _quadratic_bytes(case) > _mem_budget(s.device):
+        row["status"] = "skipped"
+        row["reason"] = (f"needs ~{_quadratic_bytes(case) / 2**30:.1f} GiB for the Nq x Nk scores "
+                         f"(budget {_mem_budget(s.device) / 2**30:.1f} GiB)")
+    else:
+        try:
+            return row, build_timed(case, p, s.device, s.seed, inputs=inputs)
+        except Exception as e:  # noqa: BLE001
+            row["status"], row["reason"] = "error", f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return row, None
+
+
+def _time(fns: dict, rows: dict, s: Settings) -> dict:
+    """{provider: [seconds per call]}, interleaved; if one provider fails, the rest are timed one by one."""
+    timing = dict(threads=s.threads, **s.timing)
+    try:
+        return time_interleaved(fns, s.device, **timing)
+    except Exception:  # noqa: BLE001 (one bad provider must not lose the others' times)
+        times = {}
+        for n, fn in fns.items():
+            try:
+                times.update(time_interleaved({n: fn}, s.device, **timing))
+            except Exception as e:  # noqa: BLE001
+                rows[n]["status"], rows[n]["reason"] = "error", f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        return times
+
+
+def _figures(row: dict, case: Case, t: dict, limits: Limits, key_lens=None) -> None:
+    """Throughput and its fraction of the measured peak; a fraction above 100% is flagged (``over_limit``)
+    as an accounting error: no provider can beat the machine's measured peak."""
     row["time"] = t
     sec = t["median_ms"] / 1e3
-    f, b = flops(case), bytes_moved(case)
-    dt = TORCH_DTYPES[case.dtype]
+    f, b = flops(case, key_lens), bytes_moved(case, key_lens)
+    dt = case.torch_dtype
+    frac = None
     if f is not None:
         row["tflops"] = f / sec / 1e12
-        n = limits.matmul_size(case)
-        peak = limits.matmul_tflops(dt, n)
+        peak, n = limits.matmul_peak(dt)
         row["matmul_n"], row["matmul_tflops"] = n, peak
-        row["frac_of_matmul"] = row["tflops"] / peak if peak else None
+        row["frac_of_matmul"] = frac = row["tflops"] / peak if peak else None
     if b is not None:
         row["gbps"] = b / sec / 1e9
         if case.op in ("layer_norm", "rms_norm"):
-            peak = limits.copy_gbps(dt, case.dims[0] * case.dims[1])
+            peak = limits.copy_peak(dt, case.dims[0] * case.dims[1])
             row["copy_gbps"] = peak
-            row["frac_of_copy"] = row["gbps"] / peak if peak else None
+            row["frac_of_copy"] = frac = row["gbps"] / peak if peak else None
+    row["over_limit"] = frac is not None and frac > 1.0
+    if row["over_limit"]:
+        row["accounting"] = (f"accounting bug: {100 * frac:.0f}% of the measured peak (> 100%): the work count or the "
+                             f"peak measurement is wrong, not the kernel fast")
 
 
 def _ratios(results: list[dict]) -> None:

@@ -10,16 +10,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-OPS = ("attention", "layer_norm", "rms_norm", "train_step", "linear_cross_entropy")
+OPS = ("attention", "layer_norm", "rms_norm", "rotary", "train_step", "linear_cross_entropy")
 MODES = ("fwd", "bwd", "fwd+bwd")  # train_step has the single mode "step"
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}  # name -> bytes per element
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
                   "bfloat16": "bf16", "float64": "fp64", "double": "fp64"}
-PRESETS = ("quick", "default", "long")
+PRESETS = ("quick", "default", "long", "decode", "small")
+# decode and small: issue 15's small-call cases (one generation step; small-batch inference and the norms
+# at BERT/GPT-2 width), fwd only for decode, fwd and fwd+bwd for small, fp32 and bf16 (small: fp32 norms).
+_SMALL_PRESETS = ("decode", "small")
 
 # Attention dims are (B, Hq, Hkv, Nq, Nk, D); norms (M, N); training step (B, T) of a preset model.
 _DIM_NAMES = {"attention": ("B", "Hq", "Hkv", "Nq", "Nk", "D"), "layer_norm": ("M", "N"),
-              "rms_norm": ("M", "N"), "train_step": ("B", "T"), "linear_cross_entropy": ("N", "H", "V")}
+              "rms_norm": ("M", "N"), "rotary": ("B", "N", "Hq", "Hk", "D"), "train_step": ("B", "T"),
+              "linear_cross_entropy": ("N", "H", "V")}
 
 
 class BenchError(ValueError):
@@ -53,6 +57,13 @@ class Case:
     def elem_bytes(self) -> int:
         return DTYPES[self.dtype]
 
+    @property
+    def torch_dtype(self):
+        """The case's dtype as a ``torch.dtype`` (torch is imported here, not when spec is)."""
+        import torch
+
+        return getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": "float64"}[self.dtype])
+
     def with_(self, **kw) -> "Case":
         return dataclasses.replace(self, **kw)
 
@@ -64,6 +75,9 @@ class Case:
             n = f"N{Nq}" if Nq == Nk else f"N{Nq}:{Nk}"
             extra = (" causal" if self.causal else "") + (" pad" if self.padding else "")
             return f"B{B} {h} {n} D{D}{extra}"
+        if self.op == "rotary":
+            B, N, Hq, Hk, D = self.dims
+            return f"B{B} N{N} H{Hq}/{Hk} D{D}"
         if self.op == "train_step":
             m = dict(self.model)
             return f"B{self.dims[0]} T{self.dims[1]} L{m.get('layers')} d{m.get('hidden')}"
@@ -93,18 +107,35 @@ class Case:
 
 # ---------------------------------------------------------------------------------------------- work
 
-def flops(case: Case) -> float | None:
-    """FLOPs of one call (FlashAttention's count for attention; ~6*params*tokens for a training step)."""
+def kept_pairs(case: Case, key_lens=None) -> int:
+    """The (query, key) pairs per head that the mask leaves, summed over the batch: causal (bottom-right
+    aligned, query i sees key j iff j <= i + Nk - Nq) and key padding (``key_lens``: the number of real keys
+    of each batch row, the first ones; required when ``case.padding``)."""
+    B, _, _, Nq, Nk, _ = case.dims
+    if case.padding and key_lens is None:
+        raise ValueError(f"kept_pairs: case {case.label()} has padding; pass key_lens (real keys per batch row)")
+    lens = [min(int(n), Nk) for n in key_lens] if key_lens is not None else [Nk] * B
+    if len(lens) != B:
+        raise ValueError(f"kept_pairs: key_lens has {len(lens)} entries but the case has B={B}")
+    if not case.causal:
+        return Nq * sum(lens)
+    return sum(max(0, min(n, i + Nk - Nq + 1)) for n in lens for i in range(Nq))
+
+
+def flops(case: Case, key_lens=None) -> float | None:
+    """FLOPs of one call. Attention: FlashAttention's 4*D per (query, key) pair and head, counting only the
+    pairs the mask leaves (:func:`kept_pairs`), so a provider that computes masked pairs is not credited for
+    them; x2.5 for bwd, x3.5 for fwd+bwd. A training step: ~6*params*tokens plus causal attention."""
     if case.op == "attention":
-        B, Hq, _, Nq, Nk, D = case.dims
-        f = 4.0 * B * Hq * Nq * Nk * D / (2 if case.causal else 1)
+        _, Hq, _, _, _, D = case.dims
+        f = 4.0 * Hq * D * kept_pairs(case, key_lens)
         return f * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[case.mode]
     if case.op == "train_step":
         m = dict(case.model)
         B, T = case.dims
         L, d, V = m["layers"], m["hidden"], m["vocab"]
         params = 12 * L * d * d + V * d  # blocks + the (tied) output projection
-        attn = 4.0 * B * T * T * d / 2 * L * 3.5  # causal attention, fwd + bwd
+        attn = 4.0 * B * T * (T + 1) / 2 * d * L * 3.5  # causal attention (the kept pairs), fwd + bwd
         return 6.0 * params * B * T + attn
     if case.op == "linear_cross_entropy":  # logits, then dhidden and dweight: 2*N*H*V each
         N, H, V = case.dims
@@ -112,14 +143,18 @@ def flops(case: Case) -> float | None:
     return None  # a norm's FLOPs say nothing; its figure is GB/s
 
 
-def bytes_moved(case: Case) -> float | None:
-    """The least bytes an ideal kernel reads plus writes for one call."""
+def bytes_moved(case: Case, key_lens=None) -> float | None:
+    """The least bytes an ideal kernel reads plus writes for one call. Attention reads only the real keys and
+    values (``key_lens`` as in :func:`kept_pairs`) and writes every output and gradient, padded rows included."""
     e = case.elem_bytes
     if case.op == "attention":
         B, Hq, Hkv, Nq, Nk, D = case.dims
-        q, kv = B * Nq * Hq * D, B * Nk * Hkv * D
-        fwd = e * (2 * q + 2 * kv)  # read q, k, v; write o
-        bwd = e * (4 * q + 4 * kv) + 4 * B * Hq * Nq  # read q k v o do (+lse); write dq dk dv
+        if case.padding and key_lens is None:
+            raise ValueError(f"bytes_moved: case {case.label()} has padding; pass key_lens (real keys per batch row)")
+        real = sum(min(int(n), Nk) for n in key_lens) if key_lens is not None else B * Nk
+        q, kv, kv_read = B * Nq * Hq * D, B * Nk * Hkv * D, real * Hkv * D
+        fwd = e * (2 * q + 2 * kv_read)  # read q and the real k, v; write o
+        bwd = e * (4 * q + 2 * kv_read + 2 * kv) + 4 * B * Hq * Nq  # read q o do (+lse), real k v; write dq dk dv
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
     if case.op in ("layer_norm", "rms_norm"):
         M, N = case.dims
@@ -128,6 +163,10 @@ def bytes_moved(case: Case) -> float | None:
         fwd = e * M * N * (2 + 2 * r) + params  # read x (+res); write y (+h)
         bwd = e * M * N * (3 + r) + 8 * M + 2 * params  # read dy, h (+dh); write dx; stats; dw, db
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[case.mode]
+    if case.op == "rotary":
+        B, N, Hq, Hk, D = case.dims
+        one = e * 2 * B * N * (Hq + Hk) * D + 4 * 2 * N * D // 2  # read q, k (+ fp32 cos, sin); write both
+        return {"fwd": one, "bwd": one, "fwd+bwd": 2 * one}[case.mode]
     return None
 
 
@@ -221,11 +260,24 @@ def check_attention_dims(dims: tuple[int, ...], where: str) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------------ presets
 
 def default_dtypes(op: str, device: str, preset: str = "default") -> list[str]:
+    if preset == "decode":
+        return ["fp32", "bf16"]
+    if preset == "small":
+        return ["fp32", "bf16"] if op == "attention" else ["fp32"]
     if preset == "quick":
         return ["bf16"] if device == "cuda" else ["fp32"]
     if device == "cuda":
         return ["bf16"] if op in ("attention", "train_step") else ["bf16", "fp32"]
     return ["fp32"] if op in ("attention", "train_step") else ["fp32", "bf16"]
+
+
+def default_modes(op: str, preset: str) -> list[str]:
+    """The modes a preset runs when ``--mode`` is not given: decode is inference only."""
+    if preset == "decode":
+        return ["fwd"]
+    if preset == "small":
+        return ["fwd", "fwd+bwd"]
+    return list(MODES)
 
 
 def _attn(B, H, N, D, Hkv=None, **kw):
@@ -237,6 +289,8 @@ def preset_points(preset: str, op: str, device: str) -> list[dict]:
     gpu = device == "cuda"
     if preset not in PRESETS:
         raise BenchError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+    if preset in _SMALL_PRESETS:
+        return _small_points(preset, op)
     if op == "attention":
         if preset == "quick":
             seq, B, H, D, extra_n = [64, 128, 256], 1, 2, 32, 128
@@ -266,6 +320,11 @@ def preset_points(preset: str, op: str, device: str) -> list[dict]:
         else:
             M, hidden = (32768, [1024, 2048, 4096, 8192, 16384]) if gpu else (8192, [768, 1024, 2048, 4096, 8192])
         return [dict(dims=(M, n), residual=r, sweep="hidden") for r in (False, True) for n in hidden]
+    if op == "rotary":  # (B, N, Hq, Hk, D): a Llama-3-8B-like layer (32/8 heads of 128), a small GQA model
+        if preset == "quick":
+            return [dict(dims=(1, 128, 8, 2, 64), sweep="model")]
+        big = (1, 4096, 32, 8, 128) if gpu else (1, 1024, 32, 8, 128)
+        return [dict(dims=big, sweep="model"), dict(dims=(8, 512, 12, 4, 64), sweep="model")]
     if op == "train_step":
         model = {"quick": dict(layers=2, hidden=64, heads=4, vocab=256),
                  "default": dict(layers=12, hidden=768, heads=12, vocab=50304) if gpu
@@ -282,12 +341,27 @@ def preset_points(preset: str, op: str, device: str) -> list[dict]:
     raise BenchError(f"--op: expected one of {', '.join(OPS)}, got {op!r}")
 
 
+def _small_points(preset: str, op: str) -> list[dict]:
+    """Issue 15's table: decode steps (Nq=1) at B1 H12 Nk 128 / 1024 and B8 H12 Nk 512; LayerNorm and RMSNorm
+    16x768 and 128x768; attention B1 H12 Nq=Nk=16. Head dim 64 (GPT-2 / BERT-base)."""
+    if preset == "decode":
+        if op != "attention":
+            return []
+        return [dict(dims=(B, 12, 12, 1, nk, 64), sweep="decode") for B, nk in ((1, 128), (1, 1024), (8, 512))]
+    if op == "attention":
+        return [_attn(1, 12, 16, 64, sweep="small")]
+    if op in ("layer_norm", "rms_norm"):
+        return [dict(dims=(m, 768), sweep="small") for m in (16, 128)]
+    return []
+
+
 def build_cases(ops, modes, dtypes, preset, device, shapes=(), causal="preset", padding=False,
                 residual="preset") -> list[Case]:
     """Expand presets (or user shapes) x modes x dtypes into cases, in a stable order.
 
     ``shapes``: parsed (op, dims) pairs from :func:`parse_shape`; when given, only the ops they apply to run.
     ``causal`` / ``residual``: "no", "yes", "both" or "preset" (the preset's choice; "both" for user shapes).
+    ``modes``: None = the preset's (:func:`default_modes`).
     """
     points: dict[str, list[dict]] = {}
     if shapes:
@@ -301,7 +375,8 @@ def build_cases(ops, modes, dtypes, preset, device, shapes=(), causal="preset", 
                     points.setdefault(op, []).extend(
                         dict(dims=dims, causal=c, padding=padding, sweep="user") for c in cs)
                 elif op == "train_step":
-                    model = preset_points(preset, "train_step", device)[0]["model"]
+                    model = preset_points("default" if preset in _SMALL_PRESETS else preset, "train_step",
+                                          device)[0]["model"]
                     points.setdefault(op, []).append(dict(dims=dims, model=model, sweep="user"))
                 else:
                     rs = [False, True] if residual in ("both", "preset") else [residual == "yes"]
@@ -321,7 +396,7 @@ def build_cases(ops, modes, dtypes, preset, device, shapes=(), causal="preset", 
             points[op] = pts
     cases = []
     for op, pts in points.items():
-        op_modes = ["step"] if op == "train_step" else modes
+        op_modes = ["step"] if op == "train_step" else (modes or default_modes(op, preset))
         if op == "linear_cross_entropy":
             op_modes = ["fwd+bwd"]  # its gradients are computed in the forward pass: fwd+bwd is the comparison
         for dt in (dtypes or default_dtypes(op, device, preset)):

@@ -4,11 +4,14 @@ Providers are pyllm backends, selected through ``TransformerConfig.backend`` (ev
 runs on it); the baseline is the ``reference`` backend, i.e. the same model in plain PyTorch ops.
 The model is cast to the case dtype (pure fp32 / bf16 training, no autocast); dropout is off.
 Correctness: loss and every parameter gradient, at a reduced batch, against the model in float64 on
-the reference backend, with the 2x rule applied to relative errors (see :func:`check_step`).
+the reference backend, with the rule of :mod:`pyllm.accuracy` applied to relative errors (see
+:func:`check_step`).
 """
 from __future__ import annotations
 
 import torch
+
+from pyllm import accuracy
 
 from .spec import Case
 
@@ -32,9 +35,7 @@ def _batch(case: Case, device: str, seed: int):
 
 def build_step(case: Case, provider, device: str, seed: int = 0):
     """A zero-argument callable doing one training step on ``provider``'s backend."""
-    from .work import TORCH_DTYPES
-
-    model = _model(case, provider.backend, device, TORCH_DTYPES[case.dtype], seed)
+    model = _model(case, provider.backend, device, case.torch_dtype, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = _batch(case, device, seed)
 
@@ -57,33 +58,30 @@ def _loss_and_grads(case, backend, device, dtype, seed):
 
 
 def check_step(case: Case, provider, device: str, seed: int = 0) -> dict:
-    """{"out_ok", "grad_ok", "errors", "worst", "check_label"}: loss and gradients vs float64 reference.
+    """{"out_ok", "grad_ok", "errors", "worst", "check_label"}: loss and gradients vs the reference precision.
 
-    Relative error of a tensor = max|g - g_ref| / max|g_ref|; the provider's must be at most twice that
-    of the reference backend run in the same dtype, plus a small floor (as for the single ops).
+    The loss is held to :func:`pyllm.accuracy.allowed_error` with the peer floor (a whole model sums many
+    ops' rounding). Gradients are compared as one figure, the worst relative error max|g - g_ref| / max|g_ref|
+    over all parameters, under the same rule with errors measured relative to 1 (a floor of 10x the peer's).
     """
-    from .check import REL_FLOOR
-    from .work import TORCH_DTYPES
-
     small = case.with_(dims=(min(case.dims[0], 2), min(case.dims[1], 128)))
-    dt = TORCH_DTYPES[case.dtype]
-    hi_loss, hi = _loss_and_grads(small, "reference", device, torch.float64, seed)
+    dt = case.torch_dtype
+    hi_loss, hi = _loss_and_grads(small, "reference", device, accuracy.reference_dtype(dt), seed)
     lo_loss, lo = _loss_and_grads(small, "reference", device, dt, seed)
     p_loss, pg = _loss_and_grads(small, provider.backend, device, dt, seed)
 
     def rel(g, ref):
         return float((g - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
-    floor = REL_FLOOR[case.dtype]
-    loss_allowed = 2 * abs(lo_loss - hi_loss) + 1e-5 + floor * abs(hi_loss)
-    errors = {"loss": {"err": abs(p_loss - hi_loss), "allowed": loss_allowed}}
+    floor = accuracy.PEER_REL_FLOOR[case.dtype]
+    errors = {"loss": {"err": abs(p_loss - hi_loss),
+                       "allowed": accuracy.allowed_error(abs(lo_loss - hi_loss), rel_floor=floor, ref_max=abs(hi_loss))}}
     worst_p = max((rel(pg[n], hi[n]) for n in hi if n in pg), default=float("inf"))
     worst_lo = max(rel(lo[n], hi[n]) for n in hi)
     errors["grads (max relative)"] = {"err": worst_p if set(pg) == set(hi) else float("inf"),
-                                      "allowed": 2 * worst_lo + 10 * floor}
-    out_ok = errors["loss"]["err"] <= loss_allowed
-    grad_ok = errors["grads (max relative)"]["err"] <= errors["grads (max relative)"]["allowed"]
-    bad = [f"{n}: err {e['err']:.3g} > allowed {e['allowed']:.3g}" for n, e in errors.items()
-           if not (e["err"] <= e["allowed"])]
+                                      "allowed": accuracy.allowed_error(worst_lo, rel_floor=10 * floor, ref_max=1.0)}
+    ok = {n: accuracy.passes(e["err"], e["allowed"]) for n, e in errors.items()}
+    out_ok, grad_ok = ok["loss"], ok["grads (max relative)"]
+    bad = [f"{n}: err {e['err']:.3g} > allowed {e['allowed']:.3g}" for n, e in errors.items() if not ok[n]]
     return {"out_ok": out_ok, "grad_ok": grad_ok, "errors": errors, "worst": "; ".join(bad),
             "check_label": small.label()}

@@ -13,42 +13,40 @@ from typing import Callable
 
 import torch
 
+from pyllm import accuracy
+
 from .providers import NORM_EPS, Provider
 from .spec import Case
-
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-
-
-def padding_mask(B: int, Nk: int, device) -> torch.Tensor:
-    """(B, Nk) bool, True = real token; batch b keeps its first Nk - (b+1)*Nk/(2B) keys (at least one)."""
-    lengths = [max(1, Nk - (b + 1) * Nk // (2 * B)) for b in range(B)]
-    idx = torch.arange(Nk, device=device)
-    return torch.stack([idx < n for n in lengths])
+from .train_step import build_step
 
 
 def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
-    """Inputs in pyllm's layout, not requiring grad: attention q,k,v (B,N,H,D), mask, dout; norms x,w,b,r,dy,dh."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    dt = TORCH_DTYPES[case.dtype]
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
-
+    """Inputs in pyllm's layout, not requiring grad (the generators of :mod:`pyllm.accuracy`): attention q, k, v
+    (B, N, H, D), mask (every row keeps at least one key: SDPA answers a row without keys with NaN), dout,
+    scale; norms x, w, b, r, dy, dh."""
     if case.op == "attention":
         B, Hq, Hkv, Nq, Nk, D = case.dims
-        return {"q": randn(B, Nq, Hq, D), "k": randn(B, Nk, Hkv, D), "v": randn(B, Nk, Hkv, D),
-                "mask": padding_mask(B, Nk, device) if case.padding else None,
-                "dout": randn(B, Nq, Hq, D), "scale": D ** -0.5}
+        inputs = accuracy.attention_inputs(B, Nq, Nk, Hq, Hkv, D, dtype=case.torch_dtype, device=device,
+                                           padded=case.padding, min_keys=1, seed=seed)
+        return {**inputs, "scale": D ** -0.5}
     if case.op == "linear_cross_entropy":  # logits ~ N(0, 1); 1 in 16 labels ignored (-100)
         N, H, V = case.dims
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        randn = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=case.torch_dtype)  # noqa: E731
         labels = torch.randint(0, V, (N,), generator=g)
         labels[::16] = -100
-        return {"hidden": randn(N, H), "weight": randn(V, H, scale=H ** -0.5), "labels": labels.to(device)}
+        return {"hidden": randn(N, H), "weight": (randn(V, H).float() * H ** -0.5).to(case.torch_dtype),
+                "labels": labels.to(device)}
+    if case.op == "rotary":  # Llama's tables: (1, N, D/2) float32, theta = position * 10000^(-2i/D)
+        B, N, Hq, Hk, D = case.dims
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        randn = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=case.torch_dtype)  # noqa: E731
+        theta = torch.arange(N, dtype=torch.float64)[None, :, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
+        return {"q": randn(B, N, Hq, D), "k": randn(B, N, Hk, D), "dq": randn(B, N, Hq, D), "dk": randn(B, N, Hk, D),
+                "cos": theta.cos().float().to(device), "sin": theta.sin().float().to(device)}
     M, N = case.dims
-    res = case.residual
-    return {"x": randn(M, N), "w": randn(N, scale=0.5) + 1,
-            "b": randn(N, scale=0.5) if case.op == "layer_norm" else None,
-            "r": randn(M, N) if res else None, "dy": randn(M, N), "dh": randn(M, N) if res else None}
+    return accuracy.norm_inputs(case.op, M, N, dtype=case.torch_dtype, device=device, residual=case.residual,
+                                seed=seed)
 
 
 @dataclass
@@ -74,6 +72,12 @@ def build_call(case: Case, provider: Provider, inputs: dict) -> Call:
         fn = provider.lce_fn(case, h, w, inputs["labels"])
         ident = lambda ts: tuple(ts)  # noqa: E731
         return Call(forward=lambda: (fn(),), leaves=[h, w], grad_outs=[torch.ones((), device=h.device)],
+                    outs_to_common=ident, grads_to_common=ident)
+    if case.op == "rotary":
+        q, k = _leaf(inputs["q"]), _leaf(inputs["k"])
+        fn = provider.rotary_fn(case, q, k, inputs["cos"], inputs["sin"])
+        ident = lambda ts: tuple(ts)  # noqa: E731
+        return Call(forward=lambda: tuple(fn()), leaves=[q, k], grad_outs=[inputs["dq"], inputs["dk"]],
                     outs_to_common=ident, grads_to_common=ident)
     return _norm_call(case, provider, inputs)
 
@@ -122,8 +126,6 @@ def mode_fn(call: Call, mode: str) -> Callable[[], object]:
 def build_timed(case: Case, provider: Provider, device: str, seed: int = 0, inputs: dict | None = None):
     """The zero-argument callable measured for (case, provider); train steps included."""
     if case.op == "train_step":
-        from .train_step import build_step
-
         return build_step(case, provider, device, seed)
     inputs = make_inputs(case, device, seed) if inputs is None else inputs
     return mode_fn(build_call(case, provider, inputs), case.mode)

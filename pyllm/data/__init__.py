@@ -4,12 +4,12 @@ from .collate import IGNORE_INDEX, MLMCollator, PadCollator, mask_tokens, pack_b
 from .features import classification_features, lm_features, qa_features, token_classification_features
 from .files import DataError, read_conll, read_labelled, read_squad, read_texts
 from .stdlib import cache_dir, stdlib_corpus, stdlib_records, stdlib_topics
-from .tokenizer import Tokenizer, train_bpe, train_tokenizer, train_wordpiece
+from .tokenizer import Tokenizer, load_tokenizer, train_bpe, train_tokenizer, train_wordpiece
 
 __all__ = [
     "IGNORE_INDEX", "MLMCollator", "PadCollator", "mask_tokens", "pack_blocks", "pad_batch",
     "classification_features", "lm_features", "qa_features", "token_classification_features",
     "DataError", "read_conll", "read_labelled", "read_squad", "read_texts",
     "cache_dir", "stdlib_corpus", "stdlib_records", "stdlib_topics",
-    "Tokenizer", "train_bpe", "train_tokenizer", "train_wordpiece",
+    "Tokenizer", "load_tokenizer", "train_bpe", "train_tokenizer", "train_wordpiece",
 ]

@@ -93,18 +93,18 @@ class MLMCollator:
     """
 
     def __init__(self, tokenizer, probability: float = 0.15):
-        if tokenizer.mask_id is None:
+        if tokenizer.mask_token_id is None:
             raise ValueError("MLMCollator: the tokenizer has no [MASK] token (train a 'wordpiece' tokenizer for MLM)")
         self.tokenizer = tokenizer
         self.probability = probability
 
     def __call__(self, features: Sequence[dict], generator: torch.Generator | None = None) -> dict:
-        batch = pad_batch(features, self.tokenizer.pad_id)
+        batch = pad_batch(features, self.tokenizer.pad_token_id)
         batch["input_ids"], batch["labels"] = mask_tokens(
             batch["input_ids"],
-            mask_id=self.tokenizer.mask_id,
+            mask_id=self.tokenizer.mask_token_id,
             vocab_size=self.tokenizer.vocab_size,
-            special_ids=self.tokenizer.special_ids,
+            special_ids=self.tokenizer.all_special_ids,
             probability=self.probability,
             generator=generator,
         )

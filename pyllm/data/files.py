@@ -19,6 +19,7 @@ Formats
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Iterable
@@ -35,18 +36,34 @@ def _existing(path, what: str) -> Path:
     return p
 
 
+def _read_text(path: Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark is dropped); anything else is an
+    error naming the file."""
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                        "is it a binary file? Save text data as UTF-8") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a folder, not a file") from None
+
+
+def _lines(path: Path) -> Iterable[tuple[int, str]]:
+    # split on "\n" only: JSON strings may hold U+2028, which str.splitlines would cut at
+    return enumerate(_read_text(path).split("\n"), 1)
+
+
 def _jsonl(path: Path) -> Iterable[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def read_texts(path) -> list[str]:
@@ -68,7 +85,7 @@ def read_texts(path) -> list[str]:
                 if text.strip():
                     texts.append(text)
         elif f.suffix == ".txt":
-            text = f.read_text(encoding="utf-8")
+            text = _read_text(f)
             if text.strip():
                 texts.append(text)
         else:
@@ -95,19 +112,18 @@ def read_labelled(path, labels: list[str] | None = None) -> list[dict]:
     if p.suffix not in (".jsonl", ".csv"):
         raise DataError(f"read_labelled: expected a .jsonl or .csv file, got {p}")
     labels = None if labels is None else [str(x) for x in labels]
-    rows = []
+    rows, spelled = [], {}  # label string -> (the label as written, its line)
     if p.suffix == ".jsonl":
         source = _jsonl(p)
     else:
-        with open(p, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:
-                raise DataError(f"read_labelled: {p} is empty")
-            missing = {"text", "label"} - set(reader.fieldnames)
-            if missing:
-                raise DataError(f"{p}:1: the header lacks the column(s) {sorted(missing)} (got {reader.fieldnames})")
-            # csv counts the header as line 1; rows start at 2 (multi-line cells aside).
-            source = [(reader.line_num, row) for row in reader]
+        reader = csv.DictReader(io.StringIO(_read_text(p), newline=""))
+        if reader.fieldnames is None:
+            raise DataError(f"read_labelled: {p} is empty")
+        missing = {"text", "label"} - set(reader.fieldnames)
+        if missing:
+            raise DataError(f"{p}:1: the header lacks the column(s) {sorted(missing)} (got {reader.fieldnames})")
+        # csv counts the header as line 1; rows start at 2 (multi-line cells aside).
+        source = [(reader.line_num, row) for row in reader]
     for lineno, obj in source:
         where = f"{p}:{lineno}"
         text, label = obj.get("text"), obj.get("label")
@@ -117,6 +133,10 @@ def read_labelled(path, labels: list[str] | None = None) -> list[dict]:
             raise DataError(f"{where}: missing field 'label'")
         if isinstance(label, (dict, list)):
             raise DataError(f"{where}: 'label' must be a string or a number, got {type(label).__name__}")
+        first = spelled.setdefault(str(label), (label, lineno))
+        if type(first[0]) is not type(label):  # 1 and "1" would silently become one class
+            raise DataError(f"{where}: label {label!r} here and label {first[0]!r} on line {first[1]} become the "
+                            "same class once read; write each label one way (all strings or all numbers)")
         label = str(label)
         _check_label(label, labels, where)
         row = {"text": text, "label": label}
@@ -135,20 +155,19 @@ def read_conll(path, labels: list[str] | None = None) -> list[dict]:
     """Sentences ``{"tokens": [...], "tags": [...]}`` of a CoNLL file."""
     p = _existing(path, "read_conll")
     sentences, tokens, tags = [], [], []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("-DOCSTART-"):
-                if tokens:
-                    sentences.append({"tokens": tokens, "tags": tags})
-                    tokens, tags = [], []
-                continue
-            cols = line.split()
-            if len(cols) < 2:
-                raise DataError(f"{p}:{lineno}: expected 'token ... tag' (at least 2 columns), got {line!r}")
-            _check_label(cols[-1], labels, f"{p}:{lineno}")
-            tokens.append(cols[0])
-            tags.append(cols[-1])
+    for lineno, line in _lines(p):
+        line = line.strip()
+        if not line or line.startswith("-DOCSTART-"):
+            if tokens:
+                sentences.append({"tokens": tokens, "tags": tags})
+                tokens, tags = [], []
+            continue
+        cols = line.split()
+        if len(cols) < 2:
+            raise DataError(f"{p}:{lineno}: expected 'token ... tag' (at least 2 columns), got {line!r}")
+        _check_label(cols[-1], labels, f"{p}:{lineno}")
+        tokens.append(cols[0])
+        tags.append(cols[-1])
     if tokens:
         sentences.append({"tokens": tokens, "tags": tags})
     if not sentences:
@@ -165,8 +184,7 @@ def read_squad(path) -> list[dict]:
     """
     p = _existing(path, "read_squad")
     try:
-        with open(p, encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = json.loads(_read_text(p))
     except json.JSONDecodeError as e:
         raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):

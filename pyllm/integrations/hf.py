@@ -1,49 +1,141 @@
-"""Run a live transformers BERT or GPT-2 model on pyllm's kernels, in place.
+"""Run live transformers models on pyllm's kernels: `attn_implementation="pyllm"` and `patch(model)`.
 
-    model = transformers.AutoModel.from_pretrained(folder)
-    pyllm.integrations.hf.patch(model)            # attention and LayerNorm now go through pyllm
+    import pyllm.integrations.hf                  # registers "pyllm" with transformers (when installed)
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="pyllm")
+    # or, on a model already loaded:
+    pyllm.integrations.hf.patch(model)            # attention + LayerNorm/RMSNorm, in place
+    print(model.pyllm_patch_report)               # what was swapped, what was left and why
 
 How: transformers (4.48+ / 5.x) dispatches attention through a registry keyed by
-`config._attn_implementation`. patch() registers a "pyllm" attention function there, plus a
-"pyllm" mask builder that hands attention the plain (B, Nk) padding mask instead of a
-(B, 1, Nq, Nk) tensor, and switches the model to it. Every `nn.LayerNorm` is swapped for
-`pyllm.nn.LayerNorm` reusing the same Parameter objects, so optimizers built before patch()
-keep working.
+`config._attn_implementation`. Importing this module registers a "pyllm" attention function there, and a
+"pyllm" mask builder that hands attention the plain (B, Nk) padding mask instead of a (B, 1, Nq, Nk)
+tensor whenever that says everything (causal bottom-right or bidirectional, plus padding). patch() switches
+any model that dispatches through that registry to it, and swaps every `nn.LayerNorm` for
+`pyllm.nn.LayerNorm` and every recognised RMSNorm class (transformers' LlamaRMSNorm and its copies in
+Qwen2, Mistral, ..., T5LayerNorm; recognised by the code of their forward, see pyllm.nn.recognize) for
+pyllm's fused RMSNorm, reusing the same Parameter objects, so optimizers built before patch() keep working.
 
-Limits: attention-probability dropout is not applied (the fused op has none); a warning says so
-once when a patched model trains with it. Custom 4-D masks, packed sequences and
-output_attentions fall back to transformers' own SDPA path (correct, not fused).
-
-pyllm never imports transformers: patch() uses the transformers modules already loaded by the
-model it is given.
+Per call, anything the fused op cannot express exactly goes to transformers' own implementation of the
+model (its `eager_attention_forward`, else SDPA), never to a silent wrong answer: see `fallback_reason`
+(T5's position_bias, custom 4-D masks, sliding windows, soft-capping, attention sinks, packed sequences,
+output_attentions together with attention dropout in training).
 """
 
 from __future__ import annotations
 
 import sys
-import warnings
+from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import nn
 
 import pyllm
 from pyllm.nn import LayerNorm
+from pyllm.nn.recognize import MatchedRMSNorm, rms_norm_kind
 
-_SUPPORTED = ("bert", "gpt2")
-_warned_dropout = False
+NAME = "pyllm"
+# keyword arguments transformers passes to attention functions that do not change the result
+_NEUTRAL = {"position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "layer_idx",
+            "output_hidden_states", "return_dict", "token_type_ids", "max_length_q", "max_length_k",
+            "output_attentions", "position_embeddings", "is_causal"}
 
 
 def _tf(name: str = "transformers"):
     mod = sys.modules.get(name)
     if mod is None:
-        raise ValueError(f"patch: expected a transformers model, but {name} is not loaded")
+        raise ValueError(f"pyllm.integrations.hf: {name} is not loaded")
     return mod
+
+
+# ----------------------------------------------------------------------------- the per-call decision
+
+
+def fallback_reason(module: nn.Module, query, key, attention_mask, dropout: float, kwargs: dict) -> Optional[str]:
+    """None when `pyllm.attention` computes this call exactly; else why transformers' own implementation must.
+
+    This is the one place to switch a case to the fused path once pyllm.attention expresses it (attn_bias
+    for T5's position_bias, window_size for sliding windows). Attention dropout runs fused (``dropout_p``) and
+    output_attentions comes from ``pyllm.attention_probs`` (exact maps recomputed from the log-sum-exp).
+    """
+    if kwargs.get("output_attentions") and dropout > 0 and module.training:
+        return "output_attentions with attention dropout in training (transformers returns the maps after dropout)"
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
+        return "a custom or 4-D attention mask"
+    if kwargs.get("position_bias") is not None:
+        return "position_bias (T5's relative attention bias)"
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:
+        return f"sliding_window {window} shorter than the {key.shape[2]} keys"
+    extra = sorted(k for k, v in kwargs.items() if k not in _NEUTRAL | {"position_bias", "sliding_window"}
+                   and v is not None and v is not False)
+    if extra:
+        return f"arguments pyllm does not interpret: {extra}"
+    return None
+
+
+def _causal(module, is_causal) -> bool:
+    return bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
+
+
+def _dense_mask(attention_mask, B, Nq, Nk, causal, device) -> Optional[torch.Tensor]:
+    """pyllm's call (2-D padding mask or None, bottom-right causal) as transformers' (B, 1, Nq, Nk) bool mask."""
+    visible = None
+    if causal and Nq > 1:
+        visible = torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril(Nk - Nq)[None, None]
+    if attention_mask is not None:
+        pad = attention_mask[:, None, None, :]
+        visible = pad if visible is None else visible & pad
+    return None if visible is None else visible.expand(B, 1, Nq, Nk)
+
+
+def _transformers_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, reason, kwargs):
+    """The model's own eager attention (exact for every case above), else transformers' SDPA."""
+    B, Nq, Nk = query.shape[0], query.shape[2], key.shape[2]
+    if attention_mask is None or (attention_mask.dim() == 2 and attention_mask.dtype == torch.bool):
+        attention_mask = _dense_mask(attention_mask, B, Nq, Nk, _causal(module, is_causal), query.device)
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is not None:
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager adds a float mask
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~attention_mask, torch.finfo(query.dtype).min)
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("output_attentions") or kwargs.get("position_bias") is not None:
+        raise NotImplementedError(f"pyllm attention: {reason} needs transformers' eager attention, but "
+                                  f"{type(module).__module__} defines no eager_attention_forward")
+    sdpa = _tf("transformers.modeling_utils").ALL_ATTENTION_FUNCTIONS["sdpa"]
+    return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                is_causal=False if attention_mask is not None else is_causal, **kwargs)
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
+               is_causal: Optional[bool] = None, **kwargs):
+    """transformers' attention interface: query (B, Hq, Nq, D), key/value (B, Hkv, Nk, D) ->
+    (output (B, Nq, Hq, D), attention weights or None)."""
+    reason = fallback_reason(module, query, key, attention_mask, dropout, kwargs)
+    if reason is not None:
+        return _transformers_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                       reason, kwargs)
+    # (B, H, N, D) -> (B, N, H, D): transposed views, no copies (kernels take strides); GQA served as is
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    causal = _causal(module, is_causal) and query.shape[2] > 1
+    p = dropout if module.training else 0.0  # transformers passes the module's rate; eval never drops
+    kw = dict(causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
+              backend=getattr(module, "_pyllm_backend", None))
+    if not kwargs.get("output_attentions"):
+        return pyllm.attention(q, k, v, dropout_p=p, **kw), None
+    o, lse = pyllm.attention(q, k, v, dropout_p=p, return_lse=True, **kw)
+    # the exact softmax maps (B, Hq, Nq, Nk), recomputed from q, k and the saved log-sum-exp
+    return o, pyllm.attention_probs(q, k, causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
+                                    lse=lse)
 
 
 def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
           **kwargs):
-    """Mask builder: the (B, kv_length) bool padding mask (True = real) or None; anything our
-    attention cannot express (custom mask functions, offsets) gets transformers' 4-D SDPA mask."""
+    """Mask builder: the (B, kv_length) bool padding mask (True = real) or None, when that plus the
+    attention's bottom-right causal flag says everything; otherwise (custom mask functions, sliding
+    windows, packed sequences, static-cache offsets) transformers' 4-D SDPA mask, which sends the call
+    to transformers' own attention (fallback_reason)."""
     mu = _tf("transformers.masking_utils")
     plain = mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function)
     bottom_right = kv_offset == 0 and (mask_function is not mu.causal_mask_function
@@ -60,69 +152,90 @@ def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_functio
     return None if bool(mask.all()) else mask
 
 
-def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
-               is_causal: Optional[bool] = None, **kwargs):
-    """transformers attention interface: query (B, Hq, Nq, D), key/value (B, Hkv, Nk, D) ->
-    (output (B, Nq, Hq, D), None)."""
-    global _warned_dropout
-    if (attention_mask is not None and attention_mask.dim() != 2) or kwargs.get("output_attentions"):
-        sdpa = _tf("transformers.modeling_utils").ALL_ATTENTION_FUNCTIONS["sdpa"]
-        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                    is_causal=is_causal, **kwargs)
-    if dropout > 0 and module.training and not _warned_dropout:
-        warnings.warn(f"pyllm attention: attention-probability dropout ({dropout}) is not applied "
-                      f"(the fused kernel has none); hidden dropout still is", stacklevel=2)
-        _warned_dropout = True
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
-    # (B, H, N, D) -> (B, N, H, D): transposed views, no copies (kernels take strides)
-    o = pyllm.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                        causal=bool(causal) and query.shape[2] > 1, softmax_scale=scaling,
-                        key_padding_mask=attention_mask, backend=getattr(module, "_pyllm_backend", None))
-    return o, None
+def register() -> bool:
+    """Register "pyllm" with transformers' AttentionInterface and AttentionMaskInterface; False when
+    transformers is not installed (or too old to have them). Idempotent; runs at import."""
+    try:
+        import transformers
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return False
+    transformers.AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, _mask)
+    return True
 
 
-def _register():
-    _tf("transformers").AttentionInterface.register("pyllm", _attention)
-    _tf("transformers.masking_utils").AttentionMaskInterface.register("pyllm", _mask)
+REGISTERED = register()
 
 
-def _swap_layer_norms(model: nn.Module, backend: Optional[str]) -> int:
-    count = 0
+# ----------------------------------------------------------------------------- patch()
+
+
+@dataclass
+class PatchReport:
+    """What patch() did: per class name, how many modules were swapped; what it left as it was, and why."""
+
+    attention: str = "not requested"
+    swapped: dict = field(default_factory=dict)  # class name -> count
+    left: dict = field(default_factory=dict)  # class name -> reason
+
+    def __str__(self) -> str:
+        swapped = ", ".join(f"{n} x{c}" for n, c in self.swapped.items()) or "nothing"
+        left = "; ".join(f"{n}: {why}" for n, why in self.left.items()) or "nothing"
+        return f"attention: {self.attention}\nnorms swapped: {swapped}\nleft untouched: {left}"
+
+
+def _swap_norms(model: nn.Module, backend: Optional[str], report: PatchReport) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not nn.LayerNorm:
+            cls = type(child).__name__
+            if type(child) is nn.LayerNorm:
+                new = LayerNorm(child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine,
+                                bias=child.bias is not None, backend=backend,
+                                device=child.weight.device if child.weight is not None else None,
+                                dtype=child.weight.dtype if child.weight is not None else None)
+                if child.elementwise_affine:
+                    new.weight = child.weight  # the same Parameter: optimizers keep tracking it
+                    if child.bias is not None:
+                        new.bias = child.bias
+                new.train(child.training)
+            elif (kind := rms_norm_kind(child)) is not None:
+                new = MatchedRMSNorm(child, kind, backend=backend)
+            else:
+                if "norm" in cls.lower() and not isinstance(child, (LayerNorm, pyllm.nn.RMSNorm)):
+                    report.left.setdefault(cls, "its forward is not a formula pyllm knows (kept as is)")
                 continue
-            ref = child.weight
-            new = LayerNorm(child.normalized_shape, eps=child.eps, elementwise_affine=child.elementwise_affine,
-                            bias=child.bias is not None, backend=backend,
-                            device=ref.device if ref is not None else None,
-                            dtype=ref.dtype if ref is not None else None)
-            if child.elementwise_affine:
-                new.weight = child.weight  # the same Parameter: optimizers keep tracking it
-                if child.bias is not None:
-                    new.bias = child.bias
-            new.train(child.training)
             setattr(parent, name, new)
-            count += 1
-    return count
+            report.swapped[cls] = report.swapped.get(cls, 0) + 1
 
 
 def patch(model, attention: bool = True, layer_norm: bool = True, backend: Optional[str] = None):
-    """Switch a transformers BERT or GPT-2 model (any head) to pyllm attention and LayerNorm, in place.
+    """Switch a transformers model (any architecture, any head) to pyllm attention and norms, in place.
 
-    backend: a pyllm backend name for every attention and LayerNorm call (None = auto).
-    Returns the model.
+    attention: use attn_implementation "pyllm" (models that do not dispatch through transformers'
+        AttentionInterface keep their attention; the report says so).
+    layer_norm: swap nn.LayerNorm and recognised RMSNorm classes (weights are the same Parameters).
+    backend: a pyllm backend name for every attention and norm call (None = auto).
+    Returns the model; `model.pyllm_patch_report` (a PatchReport, print it) says what was swapped and
+    what was left untouched.
     """
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _SUPPORTED:
-        raise ValueError(f"patch: expected a transformers BERT or GPT-2 model (model_type in {_SUPPORTED}), "
-                         f"got {type(model).__name__} with model_type {model_type!r}")
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+        raise ValueError(f"patch: expected a transformers model (an nn.Module with a .config), got "
+                         f"{type(model).__name__}; for plain torch modules use pyllm.nn.replace_modules")
+    report = PatchReport()
     if attention:
-        _register()
-        model.set_attn_implementation("pyllm")
-        for m in model.modules():
-            m._pyllm_backend = backend
+        if not REGISTERED:
+            raise ValueError("patch: transformers with AttentionInterface (4.48+) is needed for attention=True")
+        can_set = getattr(type(model), "_can_set_attn_implementation", None)
+        if can_set is not None and can_set() and hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(NAME)
+            for m in model.modules():
+                m._pyllm_backend = backend
+            report.attention = f"{NAME} (per call, transformers' own where pyllm cannot be exact)"
+        else:
+            report.attention = (f"left as {getattr(model.config, '_attn_implementation', None)!r}: "
+                                f"{type(model).__name__} does not dispatch through transformers' AttentionInterface")
     if layer_norm:
-        _swap_layer_norms(model, backend)
+        _swap_norms(model, backend, report)
+    model.pyllm_patch_report = report
     return model

@@ -7,11 +7,12 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pyllm.nn import LayerNorm
 
-from .block import Encoder, KVCache
+from .block import BlockStack, KVCache
 from .config import TransformerConfig
 
 
@@ -117,6 +118,25 @@ def padding_mask(attention_mask) -> Optional[torch.Tensor]:
     return None if bool(mask.all()) else mask
 
 
+def causal_lm_loss(logits, labels, input_ids, vocab_size: int, who: str):
+    """Next-token cross entropy: position t predicts labels[t + 1]; -100 is ignored. logits (B, N, V)."""
+    check_labels(labels, input_ids.shape, who)
+    check_class_labels(labels, vocab_size, who)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def last_token(input_ids, attention_mask, pad_token_id):
+    """(B,) index of each row's last real token: from attention_mask (left or right padding), else the last
+    token that is not pad_token_id (as transformers does), else the last column."""
+    B, N = input_ids.shape
+    idx = torch.arange(N, device=input_ids.device)
+    if attention_mask is not None:
+        return (idx * attention_mask.bool()).argmax(-1)
+    if pad_token_id is not None:
+        return (idx * (input_ids != pad_token_id)).argmax(-1)
+    return torch.full((B,), N - 1, device=input_ids.device)
+
+
 def check_labels(labels, shape, who: str, name: str = "labels"):
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"{who}: {name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
@@ -130,10 +150,16 @@ def check_class_labels(labels, num_classes: int, who: str, name: str = "labels")
                          f"[0, {num_classes}) or -100 (ignored)")
 
 
+def _is_layer_stack(m: nn.Module) -> bool:
+    """The modules that own a `gradient_checkpointing` switch (BlockStack, LlamaLayers)."""
+    return isinstance(m, BlockStack) or getattr(m, "is_layer_stack", False)
+
+
 class PreTrainedModel(nn.Module):
     """Base of every pyllm model: config, weight init, gradient checkpointing, HF checkpoints."""
 
     family = ""  # "bert" or "gpt2": which Hugging Face model_type this class reads and writes
+    config_class = TransformerConfig  # what from_pretrained builds from config.json
     default_norm_position = "post"
 
     def __init__(self, config: TransformerConfig):
@@ -165,13 +191,13 @@ class PreTrainedModel(nn.Module):
 
     @property
     def gradient_checkpointing(self) -> bool:
-        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Encoder))
+        return any(m.gradient_checkpointing for m in self.modules() if _is_layer_stack(m))
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, on: bool):
         """Recompute each block in the backward pass (torch.utils.checkpoint): less memory, ~1/3 more compute."""
         for m in self.modules():
-            if isinstance(m, Encoder):
+            if _is_layer_stack(m):
                 m.gradient_checkpointing = bool(on)
 
     def gradient_checkpointing_enable(self):

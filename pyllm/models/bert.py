@@ -16,7 +16,7 @@ from pyllm.nn import LayerNorm
 from .base import (BaseModelOutput, MaskedLMOutput, PreTrainedModel, QuestionAnsweringOutput,
                    SequenceClassifierOutput, TokenClassifierOutput, check_class_labels, check_inputs,
                    check_labels, padding_mask)
-from .block import Encoder, activation_fn
+from .block import BlockStack, activation_fn
 from .config import TransformerConfig
 
 
@@ -54,7 +54,7 @@ class BertModel(PreTrainedModel):
         super().__init__(config)
         config = self.config
         self.embeddings = BertEmbeddings(config)
-        self.encoder = Encoder(config, causal=False, pre_norm=config.norm_position == "pre")
+        self.encoder = BlockStack(config, causal=False, pre_norm=config.norm_position == "pre")
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
         self.init_weights()
 

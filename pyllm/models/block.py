@@ -79,6 +79,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout)
+        self.attention_dropout = config.attention_dropout
 
     def forward(self, x, key_padding_mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0):
         B, N, C = x.shape
@@ -91,7 +92,8 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, past + N, Hkv, D)
         # causal is bottom-right aligned, so N new queries against past + N keys just work
-        o = pyllm.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+        p = self.attention_dropout if self.training else 0.0  # dropped inside the fused kernel
+        o = pyllm.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, dropout_p=p,
                             backend=self.backend)  # (B, N, Hq, D)
         return self.dropout(self.proj(o.reshape(B, N, C)))
 
@@ -142,8 +144,9 @@ class Block(nn.Module):
         return self.mlp(normed), residual  # (B, N, C) each
 
 
-class Encoder(nn.Module):
-    """The stack of blocks (plus the final norm when pre-norm), with optional per-block checkpointing."""
+class BlockStack(nn.Module):
+    """The stack of blocks (plus the final norm when pre-norm), with optional per-block checkpointing:
+    BERT's encoder and GPT's decoder layers alike."""
 
     def __init__(self, config: TransformerConfig, causal: bool, pre_norm: bool):
         super().__init__()

@@ -7,12 +7,20 @@ other names. `from_pretrained` fills one from a Hugging Face config.json (see hf
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pyllm import backends
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_tanh", "relu", "silu")
 NORM_POSITIONS = ("pre", "post")
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+BACKENDS = ("auto",) + backends.NAMES
 
 
 @dataclass
@@ -22,9 +30,9 @@ class TransformerConfig:
     Defaults are BERT-base sized. `norm_position=None` means the family's own choice:
     "post" for BERT (LayerNorm after each residual add), "pre" for GPT (before each sublayer).
 
-    `attention_dropout` is recorded (checkpoints carry it) but not applied: pyllm.attention is
-    fused and never forms the attention probabilities, so it has nothing to drop. Hidden
-    dropout (after embeddings, attention output and MLP output) is applied as usual.
+    `attention_dropout` is applied in training inside the fused kernel (`pyllm.attention(dropout_p=...)`:
+    a Philox mask that torch's seed reproduces; the probabilities are never stored). Hidden dropout
+    (after embeddings, attention output and MLP output) is applied as usual.
     """
 
     vocab_size: int = 30522
@@ -38,7 +46,7 @@ class TransformerConfig:
     norm_position: Optional[str] = None  # "pre" / "post" / None (family default)
     activation: str = "gelu"  # gelu (erf), gelu_new / gelu_tanh (tanh approx.), relu, silu
     hidden_dropout: float = 0.1
-    attention_dropout: float = 0.0  # recorded only, see the class docstring
+    attention_dropout: float = 0.0  # on the attention probabilities, in training (fused)
     classifier_dropout: Optional[float] = None  # None = hidden_dropout
     norm_eps: float = 1e-12
     initializer_range: float = 0.02
@@ -75,17 +83,23 @@ class TransformerConfig:
             raise ValueError(f"TransformerConfig: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         for name in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
             p = getattr(self, name)
-            if p is not None and not 0.0 <= p < 1.0:
+            if p is not None and not (_is_number(p) and 0.0 <= p < 1.0):
                 raise ValueError(f"TransformerConfig: {name} must be in [0, 1), got {p!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"TransformerConfig: norm_eps must be > 0, got {self.norm_eps!r}")
+        if not (_is_number(self.norm_eps) and self.norm_eps > 0):
+            raise ValueError(f"TransformerConfig: norm_eps must be a number > 0, got {self.norm_eps!r}")
+        if not (_is_number(self.initializer_range) and self.initializer_range >= 0):
+            raise ValueError(f"TransformerConfig: initializer_range must be a number >= 0, got "
+                             f"{self.initializer_range!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"TransformerConfig: backend must be None or one of {BACKENDS}, got {self.backend!r}")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             tid = getattr(self, name)
-            if tid is not None and not 0 <= tid < self.vocab_size:
+            if tid is not None and not (isinstance(tid, int) and not isinstance(tid, bool)
+                                        and 0 <= tid < self.vocab_size):
                 raise ValueError(f"TransformerConfig: {name} must be in [0, vocab_size={self.vocab_size}), got {tid}")
         if self.id2label is not None:
+            if not isinstance(self.id2label, dict):
+                raise ValueError(f"TransformerConfig: id2label must be a dict {{id: label}}, got {self.id2label!r}")
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             if len(self.id2label) != self.num_labels:
                 raise ValueError(f"TransformerConfig: id2label has {len(self.id2label)} entries but "
@@ -108,4 +122,4 @@ class TransformerConfig:
 
     def replace(self, **changes) -> "TransformerConfig":
         """A copy with some fields changed (validated again)."""
-        return TransformerConfig.from_dict({**self.to_dict(), **changes})
+        return type(self).from_dict({**self.to_dict(), **changes})

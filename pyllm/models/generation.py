@@ -1,4 +1,4 @@
-"""Autoregressive decoding for GPTForCausalLM: greedy, temperature, top-k, top-p, EOS, KV cache.
+"""Autoregressive decoding for GPTForCausalLM and LlamaForCausalLM: greedy, temperature, top-k, top-p, EOS, KV cache.
 
 Batched prompts of different lengths are LEFT-padded: every row's last prompt token sits in the
 last column, so one new query per row is decoded per step. Padding is hidden from attention by
@@ -37,7 +37,10 @@ def sample_next(logits, do_sample: bool, temperature: float, top_k: Optional[int
 
 
 def _check_generate_args(model, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p):
-    cfg = model.config
+    cfg = getattr(model, "position_limits", model.config)  # Llama with dynamic rope runs past max positions
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 0:
+        raise ValueError(f"generate: input_ids has batch size 0 (shape {tuple(input_ids.shape)}); expected at "
+                         "least one prompt")
     B, N = check_inputs(cfg, input_ids, attention_mask, who="generate")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -87,23 +90,41 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
     eos = eos_token_id if eos_token_id is not None else cfg.eos_token_id
     pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else eos)
     pad = 0 if pad is None else pad
-    device = input_ids.device
-    mask = (attention_mask.long() if attention_mask is not None
-            else torch.ones(B, N, dtype=torch.long, device=device))
-    tokens = input_ids.long()
+    # checked now, not when the first row finishes and the id is fed back to the model
+    for name, value in (("eos_token_id", eos), ("pad_token_id", pad)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < cfg.vocab_size):
+            raise ValueError(f"generate: {name} must be a token id in [0, {cfg.vocab_size}), got {value!r}")
+    device, total = input_ids.device, N + max_new_tokens
+    body = model.transformer if hasattr(model, "transformer") else model.model  # GPT / Llama backbone
+    # tokens and mask live in buffers of the final size, written in place (no per-step concatenation)
+    tokens = input_ids.new_empty(B, total, dtype=torch.long)
+    tokens[:, :N] = input_ids
+    mask = torch.ones(B, total, dtype=torch.long, device=device)
+    if attention_mask is not None:
+        mask[:, :N] = attention_mask
+    # checked once here: the decode steps below skip the per-call input checks (decode_step)
+    padded = attention_mask is not None and not bool(attention_mask.bool().all())
+    key_padding = mask.bool() if padded else None
+    position = mask[:, :N].sum(-1, keepdim=True)  # (B, 1): position of the token at column N (real ones counted)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = KVCache(cfg.num_layers, capacity=N + max_new_tokens) if use_cache else None
+    cache = KVCache(cfg.num_layers, capacity=total) if use_cache else None  # preallocated, filled in place
+    cur = N
     for step in range(max_new_tokens):
-        # with the cache, the prompt goes in once, then one token per step
-        step_ids = tokens[:, -1:] if (use_cache and step > 0) else tokens
-        h = model.transformer(step_ids, attention_mask=mask, cache=cache).last_hidden_state[:, -1]  # (B, C)
+        if not use_cache:  # the reference the cached path is tested against: recompute everything
+            h = body(tokens[:, :cur], attention_mask=mask[:, :cur]).last_hidden_state[:, -1]
+        elif step == 0:  # the prompt, through the checked forward
+            h = body(tokens[:, :N], attention_mask=mask[:, :N], cache=cache).last_hidden_state[:, -1]
+        else:  # one token per row against the cache
+            kpm = key_padding[:, :cur] if padded else None
+            h = body.decode_step(tokens[:, cur - 1:cur], position + (step - 1), kpm, cache)[:, -1]  # (B, C)
         logits = model.lm_head(h).float()  # (B, V)
         nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
         if eos is not None:
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
             finished |= nxt == eos
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        tokens[:, cur] = nxt
+        cur += 1
         if eos is not None and bool(finished.all()):
             break
-    return tokens
+    return tokens[:, :cur]

@@ -15,9 +15,10 @@ from torch import nn
 
 from ..ops import linear_cross_entropy
 from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
-                   check_class_labels, check_inputs, check_labels, padding_mask)
+                   causal_lm_loss, check_class_labels, check_inputs, check_labels, last_token,
+                   padding_mask)
 from .bert import classification_loss
-from .block import Encoder, KVCache
+from .block import BlockStack, KVCache
 from .config import TransformerConfig
 from .generation import generate
 
@@ -25,6 +26,20 @@ from .generation import generate
 def positions_from_mask(attention_mask, n_new: int):
     """(B, past + N) mask -> (B, N) positions counting real tokens only (pads get 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
+
+
+def default_positions(attention_mask, past: int, n_new: int, device):
+    """Positions of n_new tokens after `past` cached ones: counted over real tokens when a mask (B, past +
+    n_new) is given -> (B, n_new), else past, past + 1, ... -> (1, n_new)."""
+    if attention_mask is not None:
+        return positions_from_mask(attention_mask, n_new)
+    return torch.arange(past, past + n_new, device=device)[None]
+
+
+def _renamed_blocks(module, state_dict, prefix, *args):
+    """State dicts saved before the layer stack was renamed (``encoder.`` -> ``blocks.``) still load."""
+    for key in [k for k in state_dict if k.startswith(prefix + "encoder.")]:
+        state_dict[prefix + "blocks." + key[len(prefix + "encoder."):]] = state_dict.pop(key)
 
 
 class GPTModel(PreTrainedModel):
@@ -44,8 +59,9 @@ class GPTModel(PreTrainedModel):
         self.word = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.encoder = Encoder(config, causal=True, pre_norm=config.norm_position == "pre")
+        self.blocks = BlockStack(config, causal=True, pre_norm=config.norm_position == "pre")
         self.init_weights()
+        self.register_load_state_dict_pre_hook(_renamed_blocks)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 cache: Optional[KVCache] = None, use_cache: bool = False):
@@ -56,15 +72,18 @@ class GPTModel(PreTrainedModel):
             raise ValueError(f"{who}: GPT models have no token-type embeddings; token_type_ids must be "
                              f"None or all zeros")
         if position_ids is None:
-            if attention_mask is not None:
-                position_ids = positions_from_mask(attention_mask, N)  # (B, N)
-            else:
-                position_ids = torch.arange(past, past + N, device=input_ids.device)[None]  # (1, N)
+            position_ids = default_positions(attention_mask, past, N, input_ids.device)
         if use_cache and cache is None:
             cache = KVCache(self.config.num_layers)
-        x = self.dropout(self.word(input_ids) + self.position(position_ids))  # (B, N, C)
-        x = self.encoder(x, key_padding_mask=padding_mask(attention_mask), cache=cache)
+        x = self.decode_step(input_ids, position_ids, padding_mask(attention_mask), cache)
         return BaseModelOutput(last_hidden_state=x, cache=cache)
+
+    def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
+        """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
+        once: input_ids (B, N), position_ids (B or 1, N), key_padding_mask (B, past + N) bool or None
+        -> last hidden state (B, N, C)."""
+        x = self.dropout(self.word(input_ids) + self.position(position_ids))  # (B, N, C)
+        return self.blocks(x, key_padding_mask=key_padding_mask, cache=cache)
 
 
 class GPTForCausalLM(PreTrainedModel):
@@ -97,13 +116,12 @@ class GPTForCausalLM(PreTrainedModel):
         logits = self.lm_head(h) if return_logits else None  # (B, N, vocab)
         loss = None
         if labels is not None:
-            who = type(self).__name__
-            check_labels(labels, input_ids.shape, who)
-            check_class_labels(labels, self.config.vocab_size, who)
             if logits is not None:
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                       ignore_index=-100)
+                loss = causal_lm_loss(logits, labels, input_ids, self.config.vocab_size, type(self).__name__)
             else:  # position t predicts token t + 1; the last position predicts nothing (-100)
+                who = type(self).__name__
+                check_labels(labels, input_ids.shape, who)
+                check_class_labels(labels, self.config.vocab_size, who)
                 shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, N)
                 loss = linear_cross_entropy(h, self.lm_head.weight, shifted, bias=self.lm_head.bias,
                                             backend=self.config.backend)
@@ -136,14 +154,8 @@ class GPTForSequenceClassification(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None):
         h = self.transformer(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
-        B, N = input_ids.shape
-        idx = torch.arange(N, device=input_ids.device)
-        if attention_mask is not None:
-            last = (idx * attention_mask.bool()).argmax(-1)  # rightmost real token, left or right padding
-        elif self.config.pad_token_id is not None:
-            last = (idx * (input_ids != self.config.pad_token_id)).argmax(-1)
-        else:
-            last = torch.full((B,), N - 1, device=input_ids.device)
+        B = input_ids.shape[0]
+        last = last_token(input_ids, attention_mask, self.config.pad_token_id)  # (B,)
         logits = self.score(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
         loss = None
         if labels is not None:
@@ -151,4 +163,4 @@ class GPTForSequenceClassification(PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits, last_hidden_state=h)
 
 
-__all__ = ["GPTModel", "GPTForCausalLM", "GPTForSequenceClassification", "positions_from_mask"]
+__all__ = ["GPTModel", "GPTForCausalLM", "GPTForSequenceClassification", "positions_from_mask", "default_positions"]

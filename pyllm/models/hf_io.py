@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint folders <-> pyllm models, for the BERT and GPT-2 families.
+"""Hugging Face checkpoint folders <-> pyllm models: BERT, GPT-2 and the Llama family (llama, qwen2, mistral).
 
 A checkpoint folder holds config.json plus model.safetensors (or pytorch_model.bin, or a sharded
 index of either). Tensor names are mapped by rules: one pyllm tensor comes from one or more HF
@@ -9,7 +9,9 @@ stacked into pyllm's single qkv projection). transformers itself is never import
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,7 @@ from typing import Optional
 
 import torch
 
-from .config import TransformerConfig
-from .hf_config import config_from_hf, config_to_hf
+from .hf_config import ConfigJsonError, config_from_hf, config_to_hf
 
 # pyllm class name -> (HF architecture name, HF prefix of the backbone, pyllm prefix of the backbone)
 _ARCH = {
@@ -30,12 +31,20 @@ _ARCH = {
     "GPTModel": ("GPT2Model", "", ""),
     "GPTForCausalLM": ("GPT2LMHeadModel", "transformer.", "transformer."),
     "GPTForSequenceClassification": ("GPT2ForSequenceClassification", "transformer.", "transformer."),
+    # Llama family: the architecture name is prefixed by the model type's ("Llama", "Qwen2", "Mistral")
+    "LlamaModel": ("Model", "", ""),
+    "LlamaForCausalLM": ("ForCausalLM", "model.", "model."),
+    "LlamaForSequenceClassification": ("ForSequenceClassification", "model.", "model."),
 }
+_LLAMA_ARCH_PREFIX = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+# HF model_type -> the pyllm family that reads it
+_FAMILY_OF = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
 
 # HF tensors that a model may legitimately not use: buffers, and other heads of the same family
 _IGNORABLE = {
     "bert": re.compile(r"^(bert\.)?embeddings\.position_ids$|^(bert\.)?pooler\.|^cls\.|^classifier\.|^qa_outputs\."),
     "gpt2": re.compile(r"(^|\.)attn\.(masked_)?bias$|^lm_head\.|^score\.|^multiple_choice_head\."),
+    "llama": re.compile(r"(^|\.)rotary_emb\.inv_freq$|^lm_head\.|^score\."),
 }
 
 
@@ -77,17 +86,35 @@ def _rules(model, hf_prefix: str) -> list[Rule]:
         bert = model if name == "BertModel" else model.bert
         if bert.pooler is not None:
             rules += _linear(P + "pooler", H + "pooler.dense", head=True)
+    elif model.family == "llama":
+        rules.append(Rule(P + "embed_tokens.weight", (H + "embed_tokens.weight",)))
+        for i in range(cfg.num_layers):
+            L, HL = f"{P}layers.{i}.", f"{H}layers.{i}."
+            qkv = [f"{HL}self_attn.{n}_proj" for n in "qkv"]
+            rules.append(Rule(L + "self_attn.qkv.weight", tuple(q + ".weight" for q in qkv), "cat"))
+            if cfg.attention_bias:
+                rules.append(Rule(L + "self_attn.qkv.bias", tuple(q + ".bias" for q in qkv), "cat"))
+            rules.append(Rule(L + "self_attn.o_proj.weight", (HL + "self_attn.o_proj.weight",)))
+            gate_up = (HL + "mlp.gate_proj", HL + "mlp.up_proj")
+            rules.append(Rule(L + "mlp.gate_up.weight", tuple(g + ".weight" for g in gate_up), "cat"))
+            rules.append(Rule(L + "mlp.down_proj.weight", (HL + "mlp.down_proj.weight",)))
+            if cfg.mlp_bias:
+                rules.append(Rule(L + "mlp.gate_up.bias", tuple(g + ".bias" for g in gate_up), "cat"))
+                rules.append(Rule(L + "mlp.down_proj.bias", (HL + "mlp.down_proj.bias",)))
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                rules.append(Rule(f"{L}{norm}.weight", (f"{HL}{norm}.weight",)))
+        rules.append(Rule(P + "norm.weight", (H + "norm.weight",)))
     else:
         rules += [Rule(P + "word.weight", (H + "wte.weight",)), Rule(P + "position.weight", (H + "wpe.weight",))]
         for i in range(cfg.num_layers):
-            L, HL = f"{P}encoder.layers.{i}.", f"{H}h.{i}."
+            L, HL = f"{P}blocks.layers.{i}.", f"{H}h.{i}."
             rules += _linear(L + "norm1", HL + "ln_1")
             rules += _linear(L + "attn.qkv", HL + "attn.c_attn", "t")
             rules += _linear(L + "attn.proj", HL + "attn.c_proj", "t")
             rules += _linear(L + "norm2", HL + "ln_2")
             rules += _linear(L + "mlp.fc1", HL + "mlp.c_fc", "t")
             rules += _linear(L + "mlp.fc2", HL + "mlp.c_proj", "t")
-        rules += _linear(P + "encoder.norm_f", H + "ln_f")
+        rules += _linear(P + "blocks.norm_f", H + "ln_f")
     tied = cfg.tie_word_embeddings
     if name == "BertForMaskedLM":
         rules += _linear("transform", "cls.predictions.transform.dense", head=True)
@@ -99,9 +126,9 @@ def _rules(model, hf_prefix: str) -> list[Rule]:
         rules += _linear("classifier", "classifier", head=True)
     elif name == "BertForQuestionAnswering":
         rules += _linear("qa_outputs", "qa_outputs", head=True)
-    elif name == "GPTForCausalLM" and not tied:
+    elif name in ("GPTForCausalLM", "LlamaForCausalLM") and not tied:
         rules.append(Rule("lm_head.weight", ("lm_head.weight",), head=True))
-    elif name == "GPTForSequenceClassification":
+    elif name in ("GPTForSequenceClassification", "LlamaForSequenceClassification"):
         rules.append(Rule("score.weight", ("score.weight",), head=True))
     return rules
 
@@ -110,23 +137,40 @@ def _rules(model, hf_prefix: str) -> list[Rule]:
 
 
 def _read_tensors(folder: Path) -> dict:
+    """transformers' order: model.safetensors, its sharded index, pytorch_model.bin, its index."""
     from safetensors.torch import load_file
+    if (folder / "model.safetensors").exists():
+        return load_file(folder / "model.safetensors")
     for index_name, loader in (("model.safetensors.index.json", load_file),
                                ("pytorch_model.bin.index.json", None)):
         index = folder / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = _index_shards(index)
             out = {}
             for s in shards:
                 out.update(load_file(folder / s) if loader else torch.load(folder / s, map_location="cpu",
                                                                             weights_only=True))
             return out
-    if (folder / "model.safetensors").exists():
-        return load_file(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").exists():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"from_pretrained: {folder} holds no model.safetensors or pytorch_model.bin "
                             f"(found: {sorted(p.name for p in folder.iterdir())})")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index lists (its ``weight_map``: tensor name -> file)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"from_pretrained: {index}: not valid JSON ({e}); expected an object with a 'weight_map' "
+                         "of tensor name -> shard file") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        got = f"a {type(data).__name__}" if not isinstance(data, dict) else (
+            "no 'weight_map'" if "weight_map" not in data else f"'weight_map' {str(weight_map)[:60]}")
+        raise ValueError(f"from_pretrained: {index}: expected an object with a 'weight_map' of tensor name -> "
+                         f"shard file (a string), got {got}")
+    return sorted(set(weight_map.values()))
 
 
 def _normalize_hf_keys(sd: dict) -> dict:
@@ -147,20 +191,30 @@ def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, strict:
     who = f"{cls.__name__}.from_pretrained"
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{who}: no config.json in {folder}")
-    hf = json.loads((folder / "config.json").read_text())
+    try:
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{who}: {folder / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{who}: {folder / 'config.json'} must hold a JSON object, got a {type(hf).__name__}")
+    dtype = _as_dtype(dtype, who)
     model_type = hf.get("model_type")
-    if model_type != cls.family:
+    if _FAMILY_OF.get(model_type) != cls.family:
+        mine = sorted(t for t, f in _FAMILY_OF.items() if f == cls.family)
         raise ValueError(f"{who}: {folder} holds a {model_type!r} checkpoint (architectures "
-                         f"{hf.get('architectures')}); {cls.__name__} reads {cls.family!r} checkpoints only "
-                         f"(pyllm supports the BERT 'bert' and GPT-2 'gpt2' families)")
-    fields = config_from_hf(hf, cls.family)
+                         f"{hf.get('architectures')}); {cls.__name__} reads {' / '.join(map(repr, mine))} "
+                         f"checkpoints only (pyllm supports model types {sorted(_FAMILY_OF)})")
+    try:
+        fields = config_from_hf(hf, cls.family)
+    except ConfigJsonError as e:
+        raise ValueError(f"{who}: {folder / 'config.json'}: {e}") from None
     if "num_labels" in overrides and "id2label" not in overrides:
         fields["id2label"] = None
-    config = TransformerConfig(**{**fields, **overrides})
+    config = cls.config_class(**{**fields, **overrides})
     model = cls(config)
     sd = _normalize_hf_keys(_read_tensors(folder))
-    # the backbone sits under "bert." / "transformer." in head checkpoints, at the root in base ones
-    base = "bert." if cls.family == "bert" else "transformer."
+    # the backbone sits under "bert." / "transformer." / "model." in head checkpoints, at the root in base ones
+    base = {"bert": "bert.", "gpt2": "transformer.", "llama": "model."}[cls.family]
     hf_prefix = base if any(k.startswith(base) for k in sd) else ""
     params = model.state_dict()
     used, missing, missing_head, bad_shape = set(), [], [], []
@@ -202,6 +256,15 @@ def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, strict:
     return model.eval()
 
 
+def _as_dtype(dtype, who: str) -> Optional[torch.dtype]:
+    """None, a floating torch.dtype, or its name ("float16", "bfloat16", "float32", "float64")."""
+    named = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if dtype is not None and not (isinstance(named, torch.dtype) and named.is_floating_point):
+        raise ValueError(f"{who}: dtype must be a torch floating dtype or its name ('float16', 'bfloat16', "
+                         f"'float32', 'float64'), got {dtype!r}")
+    return named
+
+
 def save_pretrained(model, folder, *, overwrite: bool = False):
     from safetensors.torch import save_file
     folder = Path(folder)
@@ -212,7 +275,10 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
         held = sorted(p.name for p in folder.iterdir())
         raise FileExistsError(f"{who}: folder {folder} is not empty (holds {held[:8]}"
                               f"{' ...' if len(held) > 8 else ''}); pass overwrite=True to write into it")
-    hf_config = config_to_hf(model, _ARCH[type(model).__name__][0])
+    arch = _ARCH[type(model).__name__][0]
+    if model.family == "llama":
+        arch = _LLAMA_ARCH_PREFIX[model.config.model_type] + arch
+    hf_config = config_to_hf(model, arch)
     params = model.state_dict()
     hf_prefix = _ARCH[type(model).__name__][1]
     tensors = {}
@@ -221,6 +287,8 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
         if r.kind == "cat":
             sizes = [model.config.num_heads * model.config.head_dim] + [model.config.num_kv_heads *
                                                                         model.config.head_dim] * 2
+            if len(r.hf) == 2:  # Llama's gate and up projections
+                sizes = [model.config.intermediate_size] * 2
             for k, part in zip(r.hf, t.split(sizes, 0)):
                 tensors[k] = part
         else:
@@ -231,5 +299,42 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
             _ARCH[type(model).__name__][2] + "embeddings.word.weight"].new_zeros(1, C)
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # Both files are written under temporary names and renamed into place (a failed or killed
+    # save leaves the old files), then the weights of an earlier save that would shadow or
+    # outlive the new ones (a sharded index and its shards) are removed, as transformers does.
+    written = []
+    try:
+        for name, write in (("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+                            ("config.json", lambda p: Path(p).write_text(
+                                json.dumps(hf_config, indent=2, sort_keys=True) + "\n"))):
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            written.append((tmp, folder / name))
+            write(tmp)
+        for tmp, path in written:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in written:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    for stale in _earlier_weight_files(folder):
+        stale.unlink()
+
+
+_SHARD = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
+
+
+def _earlier_weight_files(folder: Path) -> list[Path]:
+    """Sharded weights (index files, the shards they list, shard-named files) in ``folder``."""
+    stale = set()
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.exists():
+            stale.add(index)
+            try:
+                shards = json.loads(index.read_text()).get("weight_map", {}).values()
+            except (ValueError, AttributeError):
+                shards = []
+            stale.update(folder / s for s in shards if isinstance(s, str) and "/" not in s)
+    stale.update(p for p in folder.iterdir() if _SHARD.match(p.name))
+    return sorted(p for p in stale if p.is_file())

@@ -1,4 +1,5 @@
-"""torch.library glue shared by the ops: fake (meta) kernels and autograd for the fwd/bwd op pairs.
+"""torch.library glue shared by the ops: fake (meta) kernels and autograd for the fwd/bwd op pairs
+(and for rotary, whose backward is the same op rotating by -theta).
 
 The C++ ops ``pyllm::{layer_norm,attention}_{fwd,bwd}`` and ``pyllm::linear_cross_entropy_fwd`` (schemas in
 csrc/pyllm.cpp, CPU and CUDA kernels) and their Triton twins ``pyllm::triton_*`` (custom ops around the launchers in ``pyllm.kernels``) share one
@@ -42,13 +43,21 @@ def register_layer_norm(fwd_name: str, bwd: Callable) -> None:
         _, h, mean, rstd = output
         ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.has_residual = rms, bias is not None, residual is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
 
     def backward(ctx, dy, dh, _dmean, _drstd):
         hx, weight, mean, rstd = ctx.saved_tensors
         dy = torch.zeros_like(hx) if dy is None else dy.contiguous()
         dh = dh.contiguous() if (ctx.has_residual and dh is not None) else None
-        dx, dw, db = bwd(dy, hx, weight, mean, rstd, dh, ctx.rms, ctx.has_bias)
-        return (dx, dw if weight is not None else None, db if ctx.has_bias else None,
+        # The bwd ops return dbias in the weight's dtype (x's without a weight). An fp32 bias beside a 16-bit
+        # weight (or none) must get its gradient in fp32, not rounded to 16 bits: ask the kernel for fp32
+        # dweight/dbias with an fp32 weight (ones when there is none), and round dweight once afterwards.
+        w = weight
+        pdtype = weight.dtype if weight is not None else hx.dtype
+        if ctx.bias_dtype == torch.float32 and pdtype in (torch.float16, torch.bfloat16):
+            w = weight.float() if weight is not None else hx.new_ones(hx.shape[1], dtype=torch.float32)
+        dx, dw, db = bwd(dy, hx, w, mean, rstd, dh, ctx.rms, ctx.has_bias)
+        return (dx, dw.to(weight.dtype) if weight is not None else None, db if ctx.has_bias else None,
                 dx if ctx.has_residual else None, None, None)
 
     torch.library.register_fake(fwd_name)(layer_norm_fwd_fake)
@@ -123,6 +132,70 @@ def register_linear_cross_entropy(fwd_name: str) -> None:
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
+# ---------------------------------------------------------------- rotary
+def rotary_fake(q, k, cos, sin, interleaved, conjugate):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def register_rotary(name: str, op: Callable) -> None:
+    """Fake kernel and autograd for a rotary op: the gradient of a rotation is the inverse rotation,
+    the same op with ``conjugate`` flipped. cos/sin get no gradient (the op layer sends tables that
+    require grad to the reference)."""
+
+    def setup_context(ctx, inputs, output):
+        _, _, cos, sin, interleaved, conjugate = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved, ctx.conjugate = interleaved, conjugate
+
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = (g.contiguous() for g in (dq, dk))
+        gq, gk = op(dq, dk, cos, sin, ctx.interleaved, not ctx.conjugate)
+        return gq, gk, None, None, None, None
+
+    torch.library.register_fake(name)(rotary_fake)
+    torch.library.register_autograd(name, backward, setup_context=setup_context)
+# ---------------------------------------------------------------- attention with FlashAttention's features
+# attention_ext_fwd(q, k, v, key_padding_mask, causal, softmax_scale, window_left, window_right, softcap,
+#                   alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq, drop_lk) -> (out, lse)
+# attention_ext_bwd(dout, q, k, v, out, lse, <the same from key_padding_mask on>, bias_grad, deterministic)
+#   -> (dq, dk, dv, dbias)   (contract: csrc/pyllm.cpp)
+def attention_ext_fwd_fake(q, k, v, key_padding_mask, causal, softmax_scale, *features):
+    return attention_fwd_fake(q, k, v, key_padding_mask, causal, softmax_scale)
+
+
+def attention_ext_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, window_left, window_right,
+                           softcap, alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq, drop_lk, bias_grad,
+                           deterministic):
+    dbias = attn_bias.new_empty(attn_bias.shape) if (bias_grad and attn_bias is not None) else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def register_attention_ext(fwd_name: str, bwd: Callable) -> None:
+    """Fake kernels and autograd for an attention_ext fwd op whose backward op is ``bwd``; attn_bias
+    (input 10) gets its gradient when it requires one."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, key_padding_mask = inputs[:4]
+        alibi, bias = inputs[9], inputs[10]
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, alibi, bias)
+        ctx.args = inputs[4:9] + inputs[11:]  # causal, scale, window_left, window_right, softcap, p, seed, ...
+        ctx.bias_grad = bias is not None and ctx.needs_input_grad[10]
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, mask, alibi, bias = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        causal, scale, wl, wr, cap = ctx.args[:5]
+        rest = ctx.args[5:]
+        dq, dk, dv, dbias = bwd(dout, q, k, v, out, lse, mask, causal, scale, wl, wr, cap, alibi, bias, *rest,
+                                ctx.bias_grad, torch.are_deterministic_algorithms_enabled())
+        return (dq, dk, dv) + (None,) * 7 + (dbias if ctx.bias_grad else None,) + (None,) * 5
+
+    torch.library.register_fake(fwd_name)(attention_ext_fwd_fake)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
 # ---------------------------------------------------------------- Triton custom ops
 # Custom ops (not triton_op): under TRITON_INTERPRET=1 a triton_op runs its kernel on fake tensors and
 # fails opcheck and torch.compile; custom_op + register_fake passes both there and on a GPU.
@@ -175,11 +248,46 @@ def triton_linear_cross_entropy_fwd(
                                       z_loss, mean, chunk_size, compute_grad)
 
 
+@torch.library.custom_op("pyllm::triton_rotary", mutates_args=())
+def triton_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
+                  conjugate: bool) -> tuple[Tensor, Tensor]:
+    from pyllm.kernels import rotary as K
+
+    return K.rotary(q, k, cos, sin, interleaved, conjugate)
+@torch.library.custom_op("pyllm::triton_attention_ext_fwd", mutates_args=())
+def triton_attention_ext_fwd(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool, softmax_scale: float,
+    window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor], attn_bias: Optional[Tensor],
+    dropout_p: float, seed: int, offset: int, drop_lq: int, drop_lk: int,
+) -> tuple[Tensor, Tensor]:
+    from pyllm.kernels import attention as K
+
+    return K.attention_ext_fwd(q, k, v, key_padding_mask, causal, softmax_scale, window_left, window_right, softcap,
+                               alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq, drop_lk)
+
+
+@torch.library.custom_op("pyllm::triton_attention_ext_bwd", mutates_args=())
+def triton_attention_ext_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
+    causal: bool, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+    alibi_slopes: Optional[Tensor], attn_bias: Optional[Tensor], dropout_p: float, seed: int, offset: int,
+    drop_lq: int, drop_lk: int, bias_grad: bool, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from pyllm.kernels import attention as K
+
+    return K.attention_ext_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, window_left,
+                               window_right, softcap, alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq,
+                               drop_lk, bias_grad, deterministic)
+
+
 torch.library.register_fake("pyllm::triton_layer_norm_bwd")(layer_norm_bwd_fake)
 torch.library.register_fake("pyllm::triton_attention_bwd")(attention_bwd_fake)
 register_layer_norm("pyllm::triton_layer_norm_fwd", triton_layer_norm_bwd)
 register_attention("pyllm::triton_attention_fwd", triton_attention_bwd)
 register_linear_cross_entropy("pyllm::triton_linear_cross_entropy_fwd")
+register_rotary("pyllm::triton_rotary", triton_rotary)
+torch.library.register_fake("pyllm::triton_attention_ext_bwd")(attention_ext_bwd_fake)
+register_attention_ext("pyllm::triton_attention_ext_fwd", triton_attention_ext_bwd)
 
 
 def _register_extension_ops() -> None:
@@ -195,6 +303,11 @@ def _register_extension_ops() -> None:
     register_attention("pyllm::attention_fwd", ops.attention_bwd)
     if hasattr(ops, "linear_cross_entropy_fwd"):  # an extension built before the op existed lacks it
         register_linear_cross_entropy("pyllm::linear_cross_entropy_fwd")
+    if hasattr(ops, "rotary"):  # absent from an extension built before the op existed (backends say so)
+        register_rotary("pyllm::rotary", ops.rotary)
+    if hasattr(ops, "attention_ext_fwd"):
+        torch.library.register_fake("pyllm::attention_ext_bwd")(attention_ext_bwd_fake)
+        register_attention_ext("pyllm::attention_ext_fwd", ops.attention_ext_bwd)
 
 
 _register_extension_ops()

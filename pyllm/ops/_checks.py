@@ -1,6 +1,8 @@
 """Argument checks shared by the ops: errors name the argument, what was expected and what came."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -32,3 +34,18 @@ def same_dtype(fn: str, ref_name: str, ref: Tensor, **others) -> None:
     for name, t in others.items():
         if t is not None and t.dtype != ref.dtype:
             raise TypeError(f"{fn}: {name} has dtype {_dt(t.dtype)} but {ref_name} has {_dt(ref.dtype)}")
+
+
+def optional_tensor(fn: str, name: str, t, expected: str) -> None:
+    if t is not None and not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be {expected} or None, got {type(t).__name__}")
+
+
+def scale(fn: str, name: str, value) -> None:
+    """A softmax scale: None (1/sqrt(head_dim)) or a finite real number."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a finite float or None, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be a finite float or None, got {value!r}")

@@ -13,6 +13,7 @@ so one new query against a KV cache sees the whole cache. torch's SDPA is top-le
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -26,6 +27,7 @@ def _check(q, k, v, key_padding_mask, softmax_scale) -> None:
     fn = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(fn, name, t, ndim=4)
+    _checks.optional_tensor(fn, "key_padding_mask", key_padding_mask, "a bool tensor (True = real token)")
     _checks.same_dtype(fn, "q", q, k=k, v=v)
     _checks.same_device(fn, "q", q, k=k, v=v, key_padding_mask=key_padding_mask)
     B, Nq, Hq, D = q.shape
@@ -34,6 +36,8 @@ def _check(q, k, v, key_padding_mask, softmax_scale) -> None:
             raise ValueError(f"{fn}: {name} has batch {t.shape[0]} but q has {B}")
         if t.shape[3] != D:
             raise ValueError(f"{fn}: {name} has head_dim {t.shape[3]} but q has {D}")
+    if D == 0:
+        raise ValueError(f"{fn}: head_dim must be at least 1, got q of shape {tuple(q.shape)}")
     if v.shape[1:3] != k.shape[1:3]:
         raise ValueError(f"{fn}: v has (seqlen, heads) {tuple(v.shape[1:3])} but k has {tuple(k.shape[1:3])}")
     Nk, Hkv = k.shape[1], k.shape[2]
@@ -48,15 +52,15 @@ def _check(q, k, v, key_padding_mask, softmax_scale) -> None:
                 f"{fn}: key_padding_mask must have shape (batch, seqlen_k) = {(B, Nk)}, "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-    if softmax_scale is not None and (not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale)):
-        raise ValueError(f"{fn}: softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    _checks.scale(fn, "softmax_scale", softmax_scale)
 
 
-def _call(q: Tensor, k: Tensor, extra: list[str] | None = None) -> dict:
+def _call(q: Tensor, k: Tensor, extra: list[str] | None = None, features: tuple[str, ...] = ()) -> dict:
     unsupported = list(extra or [])
     if q.numel() == 0 or k.numel() == 0:
         unsupported.append("empty q or k (served by the reference)")
-    return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "unsupported": unsupported}
+    return {"device": q.device, "dtype": q.dtype, "head_dim": q.shape[-1], "unsupported": unsupported,
+            "features": features}
 
 
 def _kernel_fwd(name: str):
@@ -69,7 +73,9 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _run(q, k, v, causal, scale, key_padding_mask, return_lse, name):
+def _run(q, k, v, causal, scale, key_padding_mask, return_lse, name, ext: Extras | None = None):
+    if ext is not None and ext.features():
+        return _run_extras(q, k, v, causal, scale, key_padding_mask, return_lse, name, ext)
     if name == "reference":
         o, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale,
                                      key_padding_mask=key_padding_mask, return_lse=True)
@@ -87,6 +93,11 @@ def attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    attn_bias: Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ):
@@ -100,6 +111,17 @@ def attention(
         causal: bottom-right aligned mask: query i sees key j iff j <= i + seqlen_k - seqlen_q.
         softmax_scale: defaults to 1 / sqrt(head_dim).
         key_padding_mask: (batch, seqlen_k) bool, True = a real token (Hugging Face's attention_mask == 1).
+        dropout_p: dropout on the attention probabilities, in [0, 1). The mask is Philox keyed by a seed
+            drawn from torch's default generator (torch.manual_seed reproduces it); every backend draws the
+            same mask (:func:`pyllm.reference.dropout_mask`). Pass 0 at evaluation time.
+        window_size: (left, right): query i sees keys i + seqlen_k - seqlen_q - left .. + right; -1 =
+            unbounded. With causal, right is 0.
+        softcap: > 0 replaces the scaled score s by softcap * tanh(s / softcap) (Gemma-2).
+        alibi_slopes: (heads_q,) or (batch, heads_q) float32: adds -slope * |i + seqlen_k - seqlen_q - j|
+            (FlashAttention's convention); no gradient.
+        attn_bias: additive bias broadcastable to (batch, heads_q, seqlen_q, seqlen_k) (each of batch and
+            heads may be 1); its gradient, summed over broadcast dims, flows when it requires grad.
+            Score order: scale * q.k, softcap, + ALiBi + attn_bias, masks, softmax, dropout.
         return_lse: also return the log-sum-exp (batch, heads_q, seqlen_q) float32 (detached).
         backend: "auto" (default), "reference", "cpu", "cuda" or "triton".
 
@@ -108,14 +130,262 @@ def attention(
         (and lse = -inf), never NaN, gradients included.
     """
     _check(q, k, v, key_padding_mask, softmax_scale)
+    ext = check_extras("attention", q, k, dropout_p=dropout_p, window_size=window_size, softcap=softcap,
+                       alibi_slopes=alibi_slopes, attn_bias=attn_bias)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    name = backends.select("attention", _call(q, k), backend)
-    return _run(q, k, v, bool(causal), scale, key_padding_mask, return_lse, name)
+    name = backends.select("attention", _call(q, k, features=ext.features()), backend)
+    return _run(q, k, v, bool(causal), scale, key_padding_mask, return_lse, name, ext)
 
 
-def _describe_attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, **_):
+def _describe_attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, dropout_p=0.0,
+                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None, attn_bias=None, **_):
     _check(q, k, v, key_padding_mask, softmax_scale)
-    return "attention", _call(q, k)
+    ext = check_extras("attention", q, k, dropout_p=dropout_p, window_size=window_size, softcap=softcap,
+                       alibi_slopes=alibi_slopes, attn_bias=attn_bias)
+    return "attention", _call(q, k, features=ext.features())
+
+
+# ---------------------------------------------------------------- FlashAttention's feature set
+# dropout, sliding window, softcap, ALiBi, additive bias (attention), packed sequences (attention_varlen),
+# attention maps (attention_probs). Each new argument is validated here, once; backends declare which
+# features their kernels implement (backends.Backend.attention_features) and auto skips the others.
+@dataclasses.dataclass(frozen=True)
+class Extras:
+    """The validated feature arguments of one attention call (attn_bias already a 4-D view)."""
+
+    dropout_p: float = 0.0
+    window_size: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi_slopes: Tensor | None = None
+    attn_bias: Tensor | None = None
+
+    def features(self) -> tuple[str, ...]:
+        on = {"dropout": self.dropout_p > 0, "window": self.window_size != (-1, -1), "softcap": self.softcap > 0,
+              "alibi": self.alibi_slopes is not None, "attn_bias": self.attn_bias is not None}
+        return tuple(f for f, used in on.items() if used)
+
+
+def _number(fn: str, name: str, x, expected: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        raise ValueError(f"{fn}: {name} must be {expected}, got {x!r}")
+    return float(x)
+
+
+def check_extras(fn: str, q: Tensor, k: Tensor, *, dropout_p=0.0, window_size=(-1, -1), softcap=0.0,
+                 alibi_slopes=None, attn_bias=None, batch: int | None = None) -> Extras:
+    """Validate the feature arguments against q (…, seqlen_q, heads_q, head_dim) and k; ``batch`` overrides
+    q.shape[0] (packed sequences). Errors name the argument, the expected and the received."""
+    p = _number(fn, "dropout_p", dropout_p, "a float in [0, 1)")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p!r}")
+    ws = tuple(window_size) if isinstance(window_size, (tuple, list)) else None
+    if ws is None or len(ws) != 2 or any(isinstance(w, bool) or not isinstance(w, int) or w < -1 for w in ws):
+        raise ValueError(f"{fn}: window_size must be (left, right) ints >= -1 (-1 = unbounded), got {window_size!r}")
+    cap = _number(fn, "softcap", softcap, "a finite float >= 0 (0 = off)")
+    if cap < 0:
+        raise ValueError(f"{fn}: softcap must be >= 0 (0 = off), got {softcap!r}")
+    B = q.shape[0] if batch is None else batch
+    Hq, Nq, Nk = q.shape[-2], q.shape[-3], k.shape[-3]
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype not in (torch.float32, torch.float64):
+            got = alibi_slopes.dtype if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__
+            raise TypeError(f"{fn}: alibi_slopes must be a float32 tensor, got {got}")
+        if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+            raise ValueError(f"{fn}: alibi_slopes must have shape (heads_q,) = ({Hq},) or (batch, heads_q) = "
+                             f"{(B, Hq)}, got {tuple(alibi_slopes.shape)}")
+        _checks.same_device(fn, "q", q, alibi_slopes=alibi_slopes)
+        alibi_slopes = alibi_slopes.detach().float().contiguous()
+    if attn_bias is not None:
+        _checks.tensor(fn, "attn_bias", attn_bias)
+        _checks.same_device(fn, "q", q, attn_bias=attn_bias)
+        full = (B, Hq, Nq, Nk)
+        shape = tuple(attn_bias.shape)
+        if not 2 <= len(shape) <= 4 or any(s not in (1, f) for s, f in zip(shape[::-1], full[::-1])):
+            raise ValueError(f"{fn}: attn_bias must broadcast to (batch, heads_q, seqlen_q, seqlen_k) = {full}, "
+                             f"got shape {shape}")
+        attn_bias = attn_bias.view((1,) * (4 - len(shape)) + shape) if len(shape) < 4 else attn_bias
+    return Extras(p, ws, cap, alibi_slopes, attn_bias)
+
+
+def _ext_kernel(name: str):
+    """The fused op with the features for a kernel backend (contract: csrc/pyllm.cpp, attention_ext_fwd)."""
+    if name == "triton":
+        return torch.ops.pyllm.triton_attention_ext_fwd
+    return torch.ops.pyllm.attention_ext_fwd
+
+
+def _run_extras(q, k, v, causal, scale, key_padding_mask, return_lse, name, ext: Extras, seed=None, layout=None):
+    """One (batch, seqlen, heads, head_dim) call with features; ``layout`` = (b0, Lq, Lk) places it in a
+    larger dropout index space (packed sequences): element (b, h, i, j) gets index ((b0 + b) Hq + h) Lq ..."""
+    if seed is None:
+        seed = reference.draw_dropout_seed() if ext.dropout_p > 0 else (0, 0)
+    if name == "reference":
+        index = None
+        if ext.dropout_p > 0 and layout is not None:
+            b0, Lq, Lk = layout
+            ar = lambda n: torch.arange(n, device=q.device, dtype=torch.int64)  # noqa: E731
+            index = (((b0 + ar(q.shape[0])[:, None, None, None]) * q.shape[2] + ar(q.shape[2])[:, None, None]) * Lq
+                     + ar(q.shape[1])[:, None]) * Lk + ar(k.shape[1])
+        o, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
+                                     dropout_p=ext.dropout_p, dropout_seed=seed, window_size=ext.window_size,
+                                     softcap=ext.softcap, alibi_slopes=ext.alibi_slopes, attn_bias=ext.attn_bias,
+                                     return_lse=True, _dropout_index=index)
+        return (o, lse.detach()) if return_lse else o
+    b0, Lq, Lk = layout if layout is not None else (0, q.shape[1], k.shape[1])
+    offset = seed[1] + b0 * q.shape[2] * Lq * Lk
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    o, lse = _ext_kernel(name)(q, k, v, key_padding_mask, causal, scale, ext.window_size[0], ext.window_size[1],
+                               ext.softcap, ext.alibi_slopes, ext.attn_bias, ext.dropout_p, seed[0], offset, Lq, Lk)
+    return (o, lse.detach()) if return_lse else o
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale) -> int:
+    """Validate a packed call; returns the number of sequences."""
+    fn = "attention_varlen"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(fn, name, t, ndim=3)
+    _checks.same_dtype(fn, "q", q, k=k, v=v)
+    _checks.same_device(fn, "q", q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
+        raise ValueError(f"{fn}: k/v have head_dim {k.shape[2]}/{v.shape[2]} but q has {q.shape[2]}")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"{fn}: v has (total, heads) {tuple(v.shape[:2])} but k has {tuple(k.shape[:2])}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{fn}: q's heads ({q.shape[1]}) must be a multiple of k's heads ({k.shape[1]}) (GQA/MQA)")
+    _checks.scale(fn, "softmax_scale", softmax_scale)
+    lens = {}
+    for name, cu, total, mx in (("q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                ("k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        cname = f"cu_seqlens_{name}"
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+            got = f"{_checks._dt(cu.dtype)} of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+            raise TypeError(f"{fn}: {cname} must be a 1-D int32 tensor (batch + 1,), got {got}")
+        c = cu.tolist()
+        if c[0] != 0:
+            raise ValueError(f"{fn}: {cname} must start at 0, got {c[0]}")
+        if any(b < a for a, b in zip(c, c[1:])):
+            raise ValueError(f"{fn}: {cname} must be non-decreasing, got {c}")
+        if c[-1] != total:
+            raise ValueError(f"{fn}: {cname} ends at {c[-1]} but {name} has {total} packed rows")
+        longest = max((b - a for a, b in zip(c, c[1:])), default=0)
+        if isinstance(mx, bool) or not isinstance(mx, int) or mx < longest:
+            raise ValueError(f"{fn}: max_seqlen_{name} must be an int >= the longest sequence ({longest}), got {mx!r}")
+        lens[name] = len(c) - 1
+    if lens["q"] != lens["k"]:
+        raise ValueError(f"{fn}: cu_seqlens_k has {lens['k'] + 1} entries but cu_seqlens_q has {lens['q'] + 1}")
+    return lens["q"]
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Attention over packed variable-length sequences (FlashAttention's ``flash_attn_varlen_func``).
+
+    Args:
+        q: (total_q, heads_q, head_dim); k, v: (total_k, heads_kv, head_dim): sequences laid end to end,
+            no padding. Sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q against rows
+            cu_seqlens_k[b]:cu_seqlens_k[b+1] of k and v.
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 cumulative offsets, starting at 0, ending at total.
+        max_seqlen_q, max_seqlen_k: ints >= the longest sequence (they also key the dropout mask: a packed
+            batch drops exactly what the padded batch (batch, max_seqlen, ...) drops).
+        Other keywords as :func:`attention` (causal and window align bottom-right per sequence;
+        alibi_slopes (heads_q,) or (batch, heads_q)).
+
+    Returns:
+        o (total_q, heads_q, head_dim) in q's dtype; with return_lse also lse (heads_q, total_q) float32.
+    """
+    nseq = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
+    ext = check_extras("attention_varlen", q, k, dropout_p=dropout_p, window_size=window_size, softcap=softcap,
+                       alibi_slopes=alibi_slopes, batch=nseq)
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    name = backends.select("attention", _call(q, k, features=("varlen",) + ext.features()), backend)
+    seed = reference.draw_dropout_seed() if ext.dropout_p > 0 else (0, 0)
+    # One fused call per sequence on views of the packed tensors (nothing padded, nothing copied); each
+    # call is placed in the (batch, Hq, max_seqlen_q, max_seqlen_k) dropout index space.
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(nseq):
+        nq, nk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if nq == 0:
+            continue
+        if nk == 0:  # a sequence without keys: zeros, lse = -inf
+            outs.append(q.new_zeros((nq,) + tuple(q.shape[1:])))
+            lses.append(torch.full((q.shape[1], nq), -math.inf, device=q.device, dtype=torch.float32))
+            continue
+        slopes = ext.alibi_slopes
+        eb = dataclasses.replace(ext, alibi_slopes=slopes[b] if slopes is not None and slopes.dim() == 2 else slopes)
+        o, lse = _run_extras(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                             bool(causal), scale, None, True, name, eb, seed, (b, max_seqlen_q, max_seqlen_k))
+        outs.append(o[0])
+        lses.append(lse[0])
+    o = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    if not return_lse:
+        return o
+    return o, (torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)).detach()
+
+
+def attention_probs(
+    q: Tensor,
+    k: Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    lse: Tensor | None = None,
+    heads=None,
+) -> Tensor:
+    """The exact attention maps of :func:`attention` (before dropout), for interpretation.
+
+    q (batch, seqlen_q, heads_q, head_dim), k (batch, seqlen_k, heads_kv, head_dim) and the masking keywords
+    of the attention call. ``lse`` (batch, heads_q, seqlen_q) from ``attention(..., return_lse=True)`` makes
+    the maps exp(score - lse), exactly the probabilities the kernel used (no softmax pass; the result is then
+    detached); ``heads`` (ints) limits them to those query heads. Computed one head at a time: memory is
+    batch * seqlen_q * seqlen_k per head.
+
+    Returns:
+        (batch, len(heads) or heads_q, seqlen_q, seqlen_k) in q's dtype; rows that see no key are zeros.
+    """
+    fn = "attention_probs"
+    _checks.tensor(fn, "k", k, ndim=4)
+    _check(q, k, k, key_padding_mask, softmax_scale)
+    ext = check_extras(fn, q, k, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                       attn_bias=attn_bias)
+    B, Nq, Hq, _ = q.shape
+    if heads is not None:
+        heads = [heads] if isinstance(heads, int) else list(heads)
+        bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < Hq]
+        if bad:
+            raise ValueError(f"{fn}: heads must be ints in [0, {Hq}), got {bad}")
+    if lse is not None:
+        if not isinstance(lse, Tensor) or tuple(lse.shape) != (B, Hq, Nq):
+            got = tuple(lse.shape) if isinstance(lse, Tensor) else type(lse).__name__
+            raise ValueError(f"{fn}: lse must have shape (batch, heads_q, seqlen_q) = {(B, Hq, Nq)}, got {got}")
+        lse = lse.detach()
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and lse is None):
+        return reference.attention_probs(q, k, causal=bool(causal), softmax_scale=scale,
+                                         key_padding_mask=key_padding_mask, window_size=ext.window_size,
+                                         softcap=ext.softcap, alibi_slopes=ext.alibi_slopes,
+                                         attn_bias=ext.attn_bias, lse=lse, heads=heads)
 
 
 # ---------------------------------------------------------------- the SDPA drop-in
@@ -125,6 +395,7 @@ def _sdpa_check(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         _checks.tensor(fn, name, t)
         if t.dim() < 2:
             raise ValueError(f"{fn}: {name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+    _checks.optional_tensor(fn, "attn_mask", attn_mask, "a bool or floating-point tensor")
     _checks.same_dtype(fn, "query", query, key=key, value=value)
     _checks.same_device(fn, "query", query, key=key, value=value, attn_mask=attn_mask)
     if query.shape[-1] != key.shape[-1]:
@@ -133,11 +404,10 @@ def _sdpa_check(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         raise ValueError(f"{fn}: value has seqlen {value.shape[-2]} but key has {key.shape[-2]}")
     if attn_mask is not None and is_causal:
         raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both (as torch requires)")
-    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-        raise TypeError(
-            f"{fn}: attn_mask must be bool or query's dtype ({_checks._dt(query.dtype)}), "
-            f"got {_checks._dt(attn_mask.dtype)}"
-        )
+    if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"{fn}: attn_mask must be bool or floating point (added to the scores), "
+                        f"got {_checks._dt(attn_mask.dtype)}")
+    _checks.scale(fn, "scale", scale)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
     if query.dim() >= 3 and key.dim() >= 3:
@@ -150,10 +420,15 @@ def _sdpa_check(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
 
 
 def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal):
-    """Map an SDPA call onto pyllm.attention: (key_padding_mask, reasons it cannot be mapped)."""
+    """Map an SDPA call onto pyllm.attention: (key_padding_mask, attn_bias, reasons it cannot be mapped).
+
+    A bool mask of shape (B or 1, 1, 1, S) becomes the key-padding mask; any other bool mask becomes an
+    additive bias of 0 / -inf and a float mask the bias itself (with its gradient); dropout maps onto the
+    kernels' dropout.
+    """
     reasons = []
-    if dropout_p > 0.0:
-        reasons.append("dropout_p > 0 is served by the reference")
+    if dropout_p >= 1.0:
+        reasons.append("dropout_p = 1 is served by the reference")
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         reasons.append("only 4-D (batch, heads, L, E) inputs map onto the kernels")
     elif not (query.shape[0] == key.shape[0] == value.shape[0]):
@@ -162,20 +437,20 @@ def _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal):
         reasons.append("value's embedding dim differs from query's")
     if is_causal and query.shape[-2] != key.shape[-2]:
         reasons.append("top-left causal with L != S is served by the reference (kernels align bottom-right)")
-    kpm = None
-    if attn_mask is not None:
+    kpm = bias = None
+    if attn_mask is not None and not reasons:
         m = attn_mask
-        if m.dtype != torch.bool:
-            reasons.append("float attn_mask is served by the reference")
-        elif m.dim() > 4 or any(s != 1 for s in m.shape[-3:-1]) or m.shape[-1] != key.shape[-2]:
-            reasons.append("only key-padding bool masks (B or 1, 1, 1, S) map onto the kernels")
-        elif not reasons:
+        full = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        if m.dim() > 4 or any(s not in (1, f) for s, f in zip(m.shape[::-1], full[::-1])):
+            reasons.append(f"attn_mask of shape {tuple(m.shape)} does not broadcast to {full}")
+        elif m.dtype == torch.bool and all(s == 1 for s in m.shape[-3:-1]) and m.shape[-1] == key.shape[-2]:
             m = m.reshape((-1,) + tuple(m.shape[-1:])) if m.dim() >= 2 else m[None]
-            if m.shape[0] not in (1, query.shape[0]):
-                reasons.append("attn_mask batch does not match query batch")
-            else:
-                kpm = m.expand(query.shape[0], key.shape[-2]).contiguous()
-    return kpm, reasons
+            kpm = m.expand(query.shape[0], key.shape[-2]).contiguous()
+        else:  # a 4-D view (batch or 1, heads or 1, L or 1, S or 1) of the additive bias
+            bias = m if m.dtype != torch.bool else torch.zeros(m.shape, dtype=query.dtype, device=m.device).masked_fill(
+                ~m, float("-inf"))
+            bias = bias.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    return kpm, bias, reasons
 
 
 def scaled_dot_product_attention(
@@ -194,28 +469,32 @@ def scaled_dot_product_attention(
 
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev).
     Causal is top-left (torch's); a bool attn_mask is True where attention is allowed, a float mask is
-    added. Calls that map onto the kernels (4-D, no dropout, a key-padding bool mask or none, causal with
-    L == S) run fused; everything else runs on the reference path -- never a wrong answer. Rows that see
-    no key give zeros rather than torch's NaN.
+    added. 4-D calls (causal only with L == S) map onto pyllm.attention: a key-padding bool mask
+    (B or 1, 1, 1, S) as key_padding_mask, any other mask as attn_bias (bool: 0 / -inf), dropout as its
+    Philox dropout; a backend whose kernels lack a needed feature declines and the next one serves.
+    Everything else runs on the reference path -- never a wrong answer. Rows that see no key give zeros
+    rather than torch's NaN.
     """
     _sdpa_check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    kpm, reasons = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal)
-    name = backends.select("attention", _call(query, key, reasons), backend)
-    if name == "reference":
+    kpm, bias, reasons = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal)
+    ext = Extras(dropout_p=float(dropout_p) if not reasons else 0.0, attn_bias=bias)
+    name = backends.select("attention", _call(query, key, reasons, ext.features()), backend)
+    if reasons:
         return reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, upcast=True
         )
     scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, N, H, E) views, no copies
-    o = _run(q, k, v, bool(is_causal), scale, kpm, False, name)
+    o = _run(q, k, v, bool(is_causal), scale, kpm, False, name, ext)
     return o.transpose(1, 2)
 
 
 def _describe_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                    enable_gqa=False, **_):
     _sdpa_check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    _, reasons = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal)
-    return "attention", _call(query, key, reasons)
+    _, bias, reasons = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal)
+    ext = Extras(dropout_p=float(dropout_p) if not reasons else 0.0, attn_bias=bias)
+    return "attention", _call(query, key, reasons, ext.features())
 
 
 backends.register_op("attention", _describe_attention)

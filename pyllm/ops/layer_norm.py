@@ -106,17 +106,32 @@ def _norm(op, x, shape, weight, bias, eps, residual, backend):
     if name == "reference":
         return _reference(op, x, shape, weight, bias, eps, residual)
     n = math.prod(shape)
-    x2 = x.reshape(-1, n)
-    r2 = None if residual is None else residual.reshape(-1, n)
+    flat = x.dim() == 2 and len(shape) == 1  # already (M, N): no reshapes (small calls pay for each)
+    x2 = x if flat else x.reshape(-1, n)
+    r2 = residual if residual is None or flat else residual.reshape(-1, n)
     if x2.numel() and x2.stride(1) != 1:
         x2 = x2.contiguous()
     if r2 is not None and r2.numel() and r2.stride(1) != 1:
         r2 = r2.contiguous()
-    w = None if weight is None else weight.reshape(n)
-    b = None if bias is None else bias.reshape(n)
-    y, h, _, _ = _kernel_fwd(name)(x2, w, b, r2, float(eps), rms)
-    y = y.view(x.shape)
-    return y if residual is None else (y, h.view(x.shape))
+    w = weight if weight is None or len(shape) == 1 else weight.reshape(n)
+    b = bias if bias is None or len(shape) == 1 else bias.reshape(n)
+    args = (x2, w, b, r2, float(eps), rms)
+    if _needs_autograd(args):
+        y, h, _, _ = _kernel_fwd(name)(*args)
+    else:  # nothing to differentiate: skip the Python autograd wrapper of torch.library (same kernel, same result)
+        with torch._C._AutoDispatchBelowAutograd():
+            y, h, _, _ = _kernel_fwd(name)(*args)
+    if not flat:
+        y = y.view(x.shape)
+    return y if residual is None else (y, h if flat else h.view(x.shape))
+
+
+def _needs_autograd(args) -> bool:
+    """Whether the kernel call must go through its registered autograd: grad mode is on and an input requires
+    grad, or torch.compile is tracing (it must see the op as registered)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
 def layer_norm(

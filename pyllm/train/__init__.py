@@ -3,32 +3,22 @@
 Entry points: :func:`pretrain`, :func:`finetune` (keyword arguments or a config
 dataclass; both return a :class:`TrainResult` with ``.metrics`` and
 ``.output_dir``), and :func:`evaluate`, :func:`predict`, :func:`generate` for a
-trained folder. The ``pyllm`` command's pretrain/finetune/evaluate/predict/generate
-subcommands are in :mod:`pyllm.train.cli`.
-
-Names are imported on first use, so ``import pyllm.train.cli`` (what ``pyllm --help``
-does) stays free of torch and tokenizers.
+trained folder. Their options are the fields of the dataclasses in :mod:`pyllm.train.config`.
+The ``pyllm`` command's pretrain/finetune/evaluate/predict/generate subcommands are in
+:mod:`pyllm.train.cli`. Names load on first use (:mod:`pyllm._lazy`).
 """
 
-import importlib
+from pyllm._lazy import lazy_exports
 
 _EXPORTS = {
-    "pretrain": "api", "finetune": "api", "evaluate": "api", "predict": "api", "generate": "api",
-    "load_run": "api", "prepare_output_dir": "api",
-    "TrainConfig": "config", "PretrainConfig": "config", "FinetuneConfig": "config",
-    "Trainer": "trainer", "TrainResult": "trainer", "NonFiniteLossError": "trainer",
+    **{name: f"pyllm.train.api:{name}" for name in (
+        "pretrain", "finetune", "evaluate", "predict", "generate", "load_run")},
+    **{name: f"pyllm.train.config:{name}" for name in (
+        "TrainConfig", "PretrainConfig", "FinetuneConfig", "EvaluateConfig", "PredictConfig", "GenerateConfig",
+        "ConfigError")},
+    **{name: f"pyllm.train.trainer:{name}" for name in ("Trainer", "TrainResult", "NonFiniteLossError")},
 }
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pyllm.train' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+lazy_exports(__name__, _EXPORTS)

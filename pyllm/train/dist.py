@@ -17,11 +17,14 @@ import torch.distributed as dist
 
 @dataclass
 class DistInfo:
+    """This process's place in the run: its rank among ``world_size`` processes and its device."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     mode: str = "none"  # none / ddp / fsdp
     owns_group: bool = False  # we created the process group, so we destroy it
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -37,11 +40,12 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def setup(mode: str, device: torch.device) -> tuple[DistInfo, torch.device]:
-    """Join (or create) the process group when the environment says we are one of many."""
+def setup(mode: str, device: torch.device) -> DistInfo:
+    """Join (or create) the process group when the environment says we are one of many; under
+    CUDA each process takes the GPU of its local rank."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if mode == "none" or world == 1 and not dist.is_initialized():
-        return DistInfo(), device
+        return DistInfo(device=device)
     if mode == "auto":
         mode = "ddp"
     owns = False
@@ -49,18 +53,18 @@ def setup(mode: str, device: torch.device) -> tuple[DistInfo, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
         owns = True
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), mode, owns)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", info.local_rank)
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    return info, device
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, mode, owns, device)
 
 
-def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     if info.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if info.mode == "fsdp":
         # FSDP2: shard every Transformer block, then the root (embeddings, head).
         from torch.distributed.fsdp import fully_shard

@@ -111,18 +111,34 @@ def span_text(context: str, offsets, span) -> str:
 
 
 def evaluate_qa(model, features, *, batch_size, device, autocast, pad_id, examples) -> dict:
-    """SQuAD exact match and F1 (in percent, as SQuAD reports them) plus the span loss."""
-    by_id = {x["id"]: x for x in examples}
-    em_sum = f1_sum = loss_sum = 0.0
+    """SQuAD exact match and F1 (in percent, as SQuAD reports them) per question, its answer the
+    best span over the question's windows, plus the span loss per window."""
+    loss_sum, logits = 0.0, []
     for _, chunk in _batches(features, batch_size):
         _, _, out = _forward_logits(model, chunk, pad_id, device, autocast)
         loss_sum += float(out.loss) * len(chunk)
-        for f, s, e in zip(chunk, out.start_logits.cpu(), out.end_logits.cpu()):
-            x = by_id[f["example_id"]]
-            pred = span_text(x["context"], f["offsets"], best_span(s[: len(f["offsets"])], e[: len(f["offsets"])],
-                                                                   f["offsets"]))
-            em, f1 = squad_scores(pred, [a["text"] for a in x["answers"]])
-            em_sum += em
-            f1_sum += f1
-    n = len(features)
-    return {"loss": loss_sum / n, "exact_match": 100 * em_sum / n, "f1": 100 * f1_sum / n}
+        logits += zip(out.start_logits.float().cpu(), out.end_logits.float().cpu())
+    answers = best_answers(features, logits, examples)
+    golds = {x["id"]: [a["text"] for a in x["answers"]] for x in examples}
+    scores = [squad_scores(text, golds[i]) for i, (text, _) in answers.items()]
+    n = len(scores)
+    return {"loss": loss_sum / len(features), "exact_match": 100 * sum(s[0] for s in scores) / n,
+            "f1": 100 * sum(s[1] for s in scores) / n}
+
+
+def best_answers(features, logits, examples) -> dict:
+    """example id -> (answer text, start character; "" and -1 for none): the span with the
+    highest start + end score over all the windows (features) of the example."""
+    best = {}
+    for f, (s, e) in zip(features, logits):
+        n = len(f["offsets"])
+        span = best_span(s[:n], e[:n], f["offsets"])
+        score = float("-inf") if span is None else float(s[span[0]] + e[span[1]])
+        if f["example_id"] not in best or score > best[f["example_id"]][0]:
+            best[f["example_id"]] = (score, f, span)
+    by_id = {x["id"]: x for x in examples}
+    out = {}
+    for i, (_, f, span) in best.items():
+        text = span_text(by_id[i]["context"], f["offsets"], span)
+        out[i] = (text, f["offsets"][span[0]][0] if span else -1)
+    return out

@@ -71,7 +71,9 @@ def read_metrics(path) -> list[dict]:
     if not path.exists():
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split("\n")
+    # The last line is unterminated only when a process died while appending it: skip it.
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
 
 
 def plot_loss_curve(records: list[dict], path: Path, title: str = "") -> bool:

@@ -6,6 +6,11 @@ One loop: deterministic global batches -> micro-batches (gradient accumulation)
 stopping, a tqdm bar, a JSONL metrics log and loss curve, atomic checkpoints
 that resume exactly, a clear stop on a NaN/inf loss, and a save on Ctrl-C.
 
+``Trainer.train`` reads as three steps: ``_setup`` (model on its device, optimizer, schedule,
+log; the checkpoint when resuming), ``_loop`` (the steps), ``_finish`` (last evaluation, save,
+metrics). Everything the loop touches is an attribute of the trainer; the process (rank, world
+size, device) is handed in, set up once by the caller (:mod:`pyllm.train.api`).
+
 Exact resumption rests on two choices: the order of the examples in an epoch
 is a function of (seed, epoch) alone, and any randomness a collator uses (MLM
 masks) comes from a generator seeded by (seed, epoch, batch, micro-batch,
@@ -50,6 +55,8 @@ class TrainResult:
 
 @dataclass
 class _State:
+    """The loop's position and records: what a checkpoint saves besides the tensors."""
+
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch: int = 0  # next batch index within the epoch
@@ -57,6 +64,16 @@ class _State:
     best: Optional[float] = None
     bad_evals: int = 0
     elapsed: float = 0.0  # seconds of training before this process (resumed runs)
+
+
+@dataclass
+class _Window:
+    """Train loss and tokens since the last log record."""
+
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    t: float = field(default_factory=time.perf_counter)
 
 
 def _seed(*parts: int) -> int:
@@ -79,13 +96,18 @@ class Trainer:
         train_features: a sequence of feature dicts (see :mod:`pyllm.data.features`).
         collator: ``collator(list_of_features, generator) -> dict of tensors``.
         cfg: a :class:`~pyllm.train.config.TrainConfig` (or subclass).
-        output_dir: the run folder (already prepared: see :func:`pyllm.train.api.prepare_output_dir`).
+        output_dir: the folder to write in (the api stages it: see :mod:`pyllm.train.run_folder`).
+        process: this process's rank, world size and device (:func:`pyllm.train.dist.setup`);
+            default: this process alone, on ``cfg.device``.
         eval_features / evaluate: ``evaluate(model, eval_features, batch_size=, device=, autocast=)``
             returning a dict of metrics (``loss``, ``accuracy`` ...); logged with an ``eval_`` prefix.
         monitor: (metric name, "min"|"max") for early stopping and the best model.
         save_model: ``save_model(unwrapped_model, folder)`` writes the model folder
-            (weights, config, tokenizer); called at the end, on Ctrl-C, and at each new best
-            evaluation when early stopping is on.
+            (weights, config, tokenizer); called at the end, on Ctrl-C, at each new best
+            evaluation when early stopping is on, and with the first checkpoint (so a folder
+            holding a checkpoint always holds a loadable model too).
+        on_checkpoint: called (rank 0) after each checkpoint past step 0, when the folder holds a
+            complete, loadable and resumable run (see :mod:`pyllm.train.run_folder`).
     """
 
     def __init__(
@@ -95,38 +117,77 @@ class Trainer:
         collator: Callable,
         cfg,
         output_dir,
+        process: Optional[dist.DistInfo] = None,
         *,
         eval_features: Optional[Sequence[dict]] = None,
         evaluate: Optional[Callable] = None,
         monitor: tuple[str, str] = ("loss", "min"),
         save_model: Optional[Callable] = None,
         description: str = "train",
+        on_checkpoint: Optional[Callable[[], None]] = None,
     ):
         self.model = model
         self.train_features = train_features
         self.collator = collator
         self.cfg = cfg
         self.output_dir = Path(output_dir)
+        self.process = process or dist.DistInfo(device=dist.resolve_device(cfg.device))
         self.eval_features = eval_features
         self.evaluate_fn = evaluate
         self.monitor = monitor
         self.save_model = save_model
         self.description = description
-
-    # -- public -------------------------------------------------------------------
+        self.on_checkpoint = on_checkpoint
+        self._model_saved = False
 
     def train(self) -> TrainResult:
-        info, device = dist.setup(self.cfg.distributed, dist.resolve_device(self.cfg.device))
+        self._setup()
         try:
-            return self._train(info, device)
-        finally:
-            dist.teardown(info)
+            self._loop()
+        except KeyboardInterrupt:
+            self._interrupted()  # save the last completed step, then let the caller see the interrupt
+            raise
+        return self._finish()
 
-    # -- setup ----------------------------------------------------------------------
+    # -- setup ----------------------------------------------------------------------------------
 
-    def _geometry(self, info) -> tuple[int, int, int, int]:
+    def _setup(self) -> None:
+        cfg, p = self.cfg, self.process
+        self.micro, self.local, self.steps_per_epoch, self.total = self._geometry()
+        self.model.to(p.device)
+        if cfg.gradient_checkpointing:
+            if not hasattr(self.model, "gradient_checkpointing"):
+                raise ValueError(f"Trainer: {type(self.model).__name__} has no gradient_checkpointing flag")
+            self.model.gradient_checkpointing = True
+        self.model.train()
+        self.wrapped = dist.wrap(self.model, p)
+        self.optimizer = build_optimizer(self.wrapped, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total)
+        self.scaler = torch.amp.GradScaler(p.device.type, enabled=cfg.precision == "fp16")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.autocast = (lambda: torch.autocast(p.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.state, self.saved_step = _State(), None
+        if p.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(self.output_dir / "metrics.jsonl", enabled=p.is_main)
+        if cfg.resume:
+            self._load_checkpoint()
+            self.log.truncate_after(self.state.step)
+        dist.barrier(p)
+        self.bar = None
+        if cfg.progress and p.is_main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.state.step, desc=self.description, unit="step",
+                            dynamic_ncols=True)
+        self.t_start = time.perf_counter() - self.state.elapsed  # elapsed counts all sessions of the run
+        self.session_start = time.perf_counter()  # max_time counts this one
+        self.window, self.stopped, self.last_eval, self.grad_norm = _Window(), "completed", {}, 0.0
+
+    def _geometry(self) -> tuple[int, int, int, int]:
+        """(micro-batch, this process's share of it, steps per epoch, total steps)."""
         cfg = self.cfg
-        G, A, W = cfg.batch_size, cfg.gradient_accumulation_steps, info.world_size
+        G, A, W = cfg.batch_size, cfg.gradient_accumulation_steps, self.process.world_size
         micro = G // A
         if micro % W:
             raise ValueError(
@@ -140,306 +201,287 @@ class Trainer:
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         return micro, micro // W, steps_per_epoch, total
 
-    def _autocast(self, device):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
-        if dtype is None:
-            return contextlib.nullcontext
-        return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+    # -- the loop -------------------------------------------------------------------------------
 
-    # -- the loop -------------------------------------------------------------------
+    def _loop(self) -> None:
+        cfg, s = self.cfg, self.state
+        while s.step < self.total and self.stopped == "completed":
+            order = epoch_order(len(self.train_features), cfg.seed, s.epoch)
+            while s.batch < self.steps_per_epoch and s.step < self.total and self.stopped == "completed":
+                idx = order[s.batch * cfg.batch_size : (s.batch + 1) * cfg.batch_size].tolist()
+                loss, tokens, over_time = self._step(idx)
+                s.step, s.batch, s.tokens = s.step + 1, s.batch + 1, s.tokens + tokens
+                self.window.loss, self.window.steps, self.window.tokens = (
+                    self.window.loss + loss, self.window.steps + 1, self.window.tokens + tokens)
+                if self.bar is not None:
+                    self.bar.update(1)
+                if s.step % cfg.log_every == 0 or s.step == self.total:
+                    self._log_train()
+                end_of_epoch = s.batch >= self.steps_per_epoch
+                if s.step < self.total and (cfg.eval_every and s.step % cfg.eval_every == 0
+                                            or cfg.eval_every is None and end_of_epoch):
+                    if self._evaluate() and self._no_longer_improving():
+                        self.stopped = "early_stopping"
+                if cfg.save_every and s.step % cfg.save_every == 0:
+                    self._save_checkpoint()
+                if over_time and self.stopped == "completed":
+                    self.stopped = "time_limit"
+            if s.batch >= self.steps_per_epoch:
+                s.epoch, s.batch = s.epoch + 1, 0
 
-    def _train(self, info, device) -> TrainResult:
-        cfg = self.cfg
-        micro, local, steps_per_epoch, total = self._geometry(info)
-        model = self.model.to(device)
-        if cfg.gradient_checkpointing:
-            if not hasattr(type(model), "gradient_checkpointing") and not hasattr(model, "gradient_checkpointing"):
-                raise ValueError(f"Trainer: {type(model).__name__} has no gradient_checkpointing flag")
-            model.gradient_checkpointing = True
-        model.train()
-        wrapped = dist.wrap(model, info, device)
-        optimizer = build_optimizer(wrapped, cfg)
-        scheduler = build_scheduler(optimizer, cfg, total)
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        autocast = self._autocast(device)
-        state = _State()
-        if info.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.output_dir / "metrics.jsonl", enabled=info.is_main)
-        if cfg.resume:
-            self._restore(load_checkpoint(self.output_dir), wrapped, optimizer, scheduler, scaler, state, info)
-            log.truncate_after(state.step)
-        dist.barrier(info)
-
-        bar = None
-        if cfg.progress and info.is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, initial=state.step, desc=self.description, unit="step", dynamic_ncols=True)
-        t_start = time.perf_counter() - state.elapsed  # elapsed counts all sessions of the run
-        self._session_start = time.perf_counter()  # max_time counts this one
-        window = {"loss": 0.0, "steps": 0, "tokens": 0, "t": time.perf_counter()}
-        stopped, last_eval = "completed", {}
-        ctx = dict(wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state,
-                   info=info, log=log, device=device, autocast=autocast)
-        try:
-            while state.step < total and stopped == "completed":
-                order = epoch_order(len(self.train_features), cfg.seed, state.epoch)
-                while state.batch < steps_per_epoch and state.step < total:
-                    idx = order[state.batch * cfg.batch_size : (state.batch + 1) * cfg.batch_size].tolist()
-                    loss, tokens, grad_norm, over_time = self._step(idx, micro, local, t_start, **ctx)
-                    state.step += 1
-                    state.batch += 1
-                    state.tokens += tokens
-                    window["loss"] += loss
-                    window["steps"] += 1
-                    window["tokens"] += tokens
-                    if bar is not None:
-                        bar.update(1)
-                    if state.step % cfg.log_every == 0 or state.step == total:
-                        rec = self._log_window(window, state, scheduler, grad_norm, t_start, device)
-                        log.write(rec)
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}",
-                                            tok_s=f"{rec['tokens_per_s']:.0f}")
-                    end_of_epoch = state.batch >= steps_per_epoch
-                    due = (cfg.eval_every and state.step % cfg.eval_every == 0) or (
-                        cfg.eval_every is None and end_of_epoch)
-                    if due and state.step < total:
-                        last_eval = self._evaluate(ctx, state)
-                        if self._should_stop_early(last_eval, state, model, wrapped, info):
-                            stopped = "early_stopping"
-                    if cfg.save_every and state.step % cfg.save_every == 0:
-                        self._save(ctx, elapsed=time.perf_counter() - t_start)
-                    if over_time and stopped == "completed":
-                        stopped = "time_limit"
-                    if stopped != "completed":
-                        break
-                if state.batch >= steps_per_epoch:
-                    state.epoch += 1
-                    state.batch = 0
-        except KeyboardInterrupt:
-            # Save what we have (the last completed step), then let the caller see the interrupt.
-            if bar is not None:
-                bar.close()
-            self._save(ctx, elapsed=time.perf_counter() - t_start)
-            self._save_model(model, wrapped, info)
-            if info.is_main:
-                log.write({"step": state.step, "event": "interrupted"})
-                self._plot(log)
-            raise
-        if bar is not None:
-            bar.close()
-        if window["steps"]:  # stopped early (time limit, early stopping): log the partial window
-            log.write(self._log_window(window, state, scheduler, grad_norm, t_start, device))
-        elapsed = time.perf_counter() - t_start
-        if self.evaluate_fn is not None and self.eval_features and stopped != "early_stopping":
-            last_eval = self._evaluate(ctx, state)
-            self._should_stop_early(last_eval, state, model, wrapped, info)  # updates the best model
-        self._save(ctx, elapsed=elapsed)
-        if not (cfg.early_stopping_patience and state.best is not None):
-            self._save_model(model, wrapped, info)
-        metrics = {
-            "steps": state.step,
-            "epochs": round(state.epoch + state.batch / steps_per_epoch, 4),
-            "tokens": state.tokens,
-            "train_seconds": round(elapsed, 3),
-            "tokens_per_s": round(state.tokens / max(elapsed, 1e-9), 1),
-            "peak_memory_mb": round(max(dist.all_mean([peak_memory_mb(device)], info)[0], 0.0), 1),
-            "stopped": stopped,
-        }
-        train_losses = [r["loss"] for r in log.read() if "loss" in r] if info.is_main else []
-        if train_losses:
-            metrics["train_loss"] = train_losses[-1]
-        metrics.update({f"eval_{k}": v for k, v in last_eval.items()})
-        if state.best is not None:
-            metrics[f"best_eval_{self.monitor[0]}"] = state.best
-        if info.is_main:
-            log.write({"step": state.step, "event": "end", **metrics})
-            self._plot(log)
-        return TrainResult(self.output_dir, metrics, log.read() if info.is_main else [], stopped, state.step)
-
-    def _step(self, idx, micro, local, t_start, *, wrapped, optimizer, scheduler, scaler, state, info, log,
-              device, autocast):
-        """One optimizer step over the global batch ``idx``; returns (mean loss, tokens, grad norm, over time)."""
-        cfg = self.cfg
+    def _step(self, idx: list[int]) -> tuple[float, int, bool]:
+        """One optimizer step over the global batch ``idx``: (mean loss, tokens, time is up)."""
+        cfg, p = self.cfg, self.process
         A = cfg.gradient_accumulation_steps
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=p.device, dtype=torch.float64)
         tokens = 0
         for a in range(A):
-            mine = idx[a * micro : (a + 1) * micro][info.rank * local : (info.rank + 1) * local]
-            gen = torch.Generator().manual_seed(_seed(cfg.seed, state.epoch, state.batch, a, info.rank))
+            mine = idx[a * self.micro : (a + 1) * self.micro][p.rank * self.local : (p.rank + 1) * self.local]
+            gen = torch.Generator().manual_seed(_seed(cfg.seed, self.state.epoch, self.state.batch, a, p.rank))
             batch = self.collator([self.train_features[i] for i in mine], gen)
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            last = a == A - 1
-            if info.mode == "ddp" and not last:
-                sync = wrapped.no_sync()  # accumulate locally; all-reduce once on the last micro-batch
-            else:
-                sync = contextlib.nullcontext()
-                if info.mode == "fsdp" and A > 1:
-                    wrapped.set_requires_gradient_sync(last)
-            with sync:
-                with autocast():
-                    loss = wrapped(**batch).loss / A
-                scaler.scale(loss).backward()
+            batch = {k: v.to(p.device, non_blocking=True) for k, v in batch.items()}
+            with self._gradient_sync(last=a == A - 1):
+                with self.autocast():
+                    loss = self.wrapped(**batch).loss / A
+                self.scaler.scale(loss).backward()
             loss_sum += loss.detach().double()
-        over = cfg.max_time is not None and time.perf_counter() - self._session_start > cfg.max_time
+        over = cfg.max_time is not None and time.perf_counter() - self.session_start > cfg.max_time
         # One all-reduce: loss (mean over processes), tokens (sum), time-up vote (rank 0 decides).
-        loss_total, tokens, over_votes = dist.all_sum(
-            [float(loss_sum), float(tokens), float(over and info.is_main)], info)
-        loss_mean = loss_total / info.world_size
+        loss_total, tokens, over_votes = dist.all_sum([float(loss_sum), float(tokens), float(over and p.is_main)], p)
+        loss_mean = loss_total / p.world_size
         if not math.isfinite(loss_mean):
-            self._non_finite(loss_mean, state, log, info)
-        scaler.unscale_(optimizer)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
+            self._non_finite(loss_mean)
+        self.scaler.unscale_(self.optimizer)
+        params = [q for g in self.optimizer.param_groups for q in g["params"]]
         if cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         else:
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        return loss_mean, int(tokens), grad_norm, over_votes > 0
+            self.grad_norm = float(torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None]))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss_mean, int(tokens), over_votes > 0
 
-    def _non_finite(self, value, state, log, info):
-        path = self.output_dir / CHECKPOINT
-        if path.exists():
-            ck = load_checkpoint(self.output_dir)
-            where = f"the last good checkpoint is kept: {path} (step {ck['state']['step']}); " \
-                    f"resume from it with resume=True (--resume) after lowering the learning rate"
+    def _gradient_sync(self, last: bool):
+        """DDP: accumulate locally, all-reduce once on the last micro-batch (FSDP: the same by a flag)."""
+        mode = self.process.mode
+        if mode == "ddp" and not last:
+            return self.wrapped.no_sync()
+        if mode == "fsdp" and self.cfg.gradient_accumulation_steps > 1:
+            self.wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def _non_finite(self, value: float):
+        if self.saved_step is not None:
+            where = (f"the last good checkpoint is kept: {self.output_dir / CHECKPOINT} (step {self.saved_step}); "
+                     f"resume from it with resume=True (--resume) after lowering the learning rate")
         else:
             where = "no checkpoint had been written yet (set save_every to keep one)"
-        log.write({"step": state.step + 1, "event": "non_finite_loss", "value": value})
+        s = self.state
+        self.log.write({"step": s.step + 1, "event": "non_finite_loss", "value": value})
         raise NonFiniteLossError(
-            f"training loss is {value} at step {state.step + 1} (epoch {state.epoch}); stopped without applying "
+            f"training loss is {value} at step {s.step + 1} (epoch {s.epoch}); stopped without applying "
             f"that update. {where}. Common causes: a learning rate too high, fp16 overflow (try bf16), bad data."
         )
 
-    def _log_window(self, window, state, scheduler, grad_norm, t_start, device) -> dict:
-        now = time.perf_counter()
+    def _log_train(self) -> None:
+        """A train record of the steps since the last one (rank 0 writes it)."""
+        now, w, s = time.perf_counter(), self.window, self.state
         rec = {
-            "step": state.step,
-            "epoch": state.epoch,
-            "loss": window["loss"] / window["steps"],
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-            "tokens_per_s": window["tokens"] / max(now - window["t"], 1e-9),
-            "tokens": state.tokens,
-            "elapsed_s": round(now - t_start, 3),
-            "peak_memory_mb": round(peak_memory_mb(device), 1),
+            "step": s.step,
+            "epoch": s.epoch,
+            "loss": w.loss / w.steps,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": self.grad_norm,
+            "tokens_per_s": w.tokens / max(now - w.t, 1e-9),
+            "tokens": s.tokens,
+            "elapsed_s": round(now - self.t_start, 3),
+            "peak_memory_mb": round(peak_memory_mb(self.process.device), 1),
         }
-        window.update(loss=0.0, steps=0, tokens=0, t=now)
-        return rec
+        self.log.write(rec)
+        self.window = _Window(t=now)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
 
-    # -- evaluation and early stopping ----------------------------------------------------
+    # -- evaluation and early stopping ------------------------------------------------------------
 
-    def _evaluate(self, ctx, state) -> dict:
+    def _evaluate(self) -> dict:
+        """Evaluate (every process: all agree on the metrics), log, remember; {} when there is nothing to score."""
         if self.evaluate_fn is None or not self.eval_features:
             return {}
-        wrapped = ctx["wrapped"]
-        wrapped.eval()
+        self.wrapped.eval()
         try:
             with torch.no_grad():
-                metrics = self.evaluate_fn(
-                    wrapped, self.eval_features, batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
-                    device=ctx["device"], autocast=ctx["autocast"],
-                )
+                metrics = self.evaluate_fn(self.wrapped, self.eval_features,
+                                           batch_size=self.cfg.eval_batch_size or self.cfg.batch_size,
+                                           device=self.process.device, autocast=self.autocast)
         finally:
-            wrapped.train()
-        ctx["log"].write({"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
+            self.wrapped.train()
+        s = self.state
+        self.log.write({"step": s.step, "epoch": s.epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
+        self.last_eval = metrics
         return metrics
 
-    def _should_stop_early(self, metrics, state, model, wrapped, info) -> bool:
+    def _no_longer_improving(self) -> bool:
+        """Track the best monitored value (saving the best model when early stopping is on);
+        True when ``early_stopping_patience`` evaluations in a row brought no improvement."""
         name, mode = self.monitor
-        value = metrics.get(name)
+        value, s, patience = self.last_eval.get(name), self.state, self.cfg.early_stopping_patience
         if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
             return False
-        better = state.best is None or (value < state.best if mode == "min" else value > state.best)
-        if better:
-            state.best, state.bad_evals = float(value), 0
-            if self.cfg.early_stopping_patience:
-                self._save_model(model, wrapped, info)  # keep the best model
+        if s.best is None or (value < s.best if mode == "min" else value > s.best):
+            s.best, s.bad_evals = float(value), 0
+            if patience:
+                self._save_model()  # keep the best model
             return False
-        state.bad_evals += 1
-        return bool(self.cfg.early_stopping_patience) and state.bad_evals >= self.cfg.early_stopping_patience
+        s.bad_evals += 1
+        return bool(patience) and s.bad_evals >= patience
 
-    # -- checkpoints ----------------------------------------------------------------------
+    # -- the end -----------------------------------------------------------------------------------
 
-    def _save_model(self, model, wrapped, info) -> None:
+    def _finish(self) -> TrainResult:
+        cfg, s, p = self.cfg, self.state, self.process
+        if self.bar is not None:
+            self.bar.close()
+        if self.window.steps:  # stopped early (time limit, early stopping): log the partial window
+            self._log_train()
+        elapsed = time.perf_counter() - self.t_start
+        if self.stopped != "early_stopping" and self._evaluate():
+            self._no_longer_improving()  # updates the best model
+        if not (cfg.early_stopping_patience and s.best is not None):
+            self._save_model()
+        self._save_checkpoint(elapsed)  # publishes the run: the model is saved first
+        metrics = {
+            "steps": s.step,
+            "epochs": round(s.epoch + s.batch / self.steps_per_epoch, 4),
+            "tokens": s.tokens,
+            "train_seconds": round(elapsed, 3),
+            "tokens_per_s": round(s.tokens / max(elapsed, 1e-9), 1),
+            "peak_memory_mb": round(max(dist.all_mean([peak_memory_mb(p.device)], p)[0], 0.0), 1),
+            "stopped": self.stopped,
+        }
+        train_losses = [r["loss"] for r in self.log.read() if "loss" in r] if p.is_main else []
+        if train_losses:
+            metrics["train_loss"] = train_losses[-1]
+        metrics.update({f"eval_{k}": v for k, v in self.last_eval.items()})
+        if s.best is not None:
+            metrics[f"best_eval_{self.monitor[0]}"] = s.best
+        if p.is_main:
+            self.log.write({"step": s.step, "event": "end", **metrics})
+            self._plot()
+        return TrainResult(self.output_dir, metrics, self.log.read() if p.is_main else [], self.stopped, s.step)
+
+    def _interrupted(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self._save_model()
+        self._save_checkpoint()  # publishes the run (once a step is done): the model is saved first
+        if self.process.is_main:
+            self.log.write({"step": self.state.step, "event": "interrupted"})
+            self._plot()
+
+    def _plot(self) -> None:
+        if self.cfg.plot:
+            plot_loss_curve(self.log.read(), self.output_dir / "loss_curve.png", title=self.description)
+
+    # -- saving and loading: the model folder and the checkpoint ----------------------------------
+
+    def _save_model(self) -> None:
         """Write the model folder (rank 0). Under FSDP the parameters are sharded, so every
         process joins in gathering them and rank 0 saves a plain copy of the model."""
         if self.save_model is None:
             return
-        if info.mode == "fsdp":
-            state = self._model_state(wrapped, info)
-            if info.is_main:
+        self._check_weights()
+        self._model_saved = True
+        p = self.process
+        if p.mode == "fsdp":
+            state = self._model_state()
+            if p.is_main:
                 # fully_shard swaps the class for a generated FSDP<Name> subclass; save the original.
-                cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
-                plain = cls(model.config)
+                cls = next(c for c in type(self.model).__mro__ if not c.__name__.startswith("FSDP"))
+                plain = cls(self.model.config)
                 plain.load_state_dict(state)
                 self.save_model(plain, self.output_dir)
-        elif info.is_main:
-            self.save_model(dist.unwrap(model), self.output_dir)
-        dist.barrier(info)
+        elif p.is_main:
+            self.save_model(dist.unwrap(self.model), self.output_dir)
+        dist.barrier(p)
 
-    def _model_state(self, wrapped, info):
-        if info.mode == "fsdp":
+    def _model_state(self) -> dict:
+        if self.process.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().cpu() for k, v in dist.unwrap(wrapped).state_dict().items()}
+            return get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in dist.unwrap(self.wrapped).state_dict().items()}
 
-    def _optim_state(self, wrapped, optimizer, info):
-        if info.mode == "fsdp":
+    def _optimizer_state(self) -> dict:
+        if self.process.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            return get_optimizer_state_dict(wrapped, optimizer,
+            return get_optimizer_state_dict(self.wrapped, self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return optimizer.state_dict()
+        return self.optimizer.state_dict()
 
-    def _save(self, ctx, elapsed: float) -> None:
-        info, state, wrapped = ctx["info"], ctx["state"], ctx["wrapped"]
-        model_state = self._model_state(wrapped, info)  # collective under FSDP: every rank calls it
-        optim_state = self._optim_state(wrapped, ctx["optimizer"], info)
-        rngs = dist.gather_objects(rng_state(), info)
-        if info.is_main:
+    def _check_weights(self) -> None:
+        """Never save weights that are not finite (an update can break them without a NaN loss:
+        the last step of a run with a huge learning rate). Every process checks its own copy or shard."""
+        names = [n for n, _ in self.wrapped.named_parameters()]
+        params = [getattr(q, "_local_tensor", q) for q in self.wrapped.parameters()]  # FSDP2: the local shard
+        bad = next((n for n, q in zip(names, params) if not bool(torch.isfinite(q).all())), None)
+        if dist.all_sum([float(bad is not None)], self.process)[0]:
+            raise NonFiniteLossError(f"the weights are not finite after the last update ({bad or 'on another process'}"
+                                     "); nothing was saved over the last good checkpoint. Common causes: a learning "
+                                     "rate too high, fp16 overflow (try bf16), bad data.")
+
+    def _save_checkpoint(self, elapsed: Optional[float] = None) -> None:
+        """Everything a resumed run needs, in ``output_dir/checkpoint.safetensors`` (every process joins
+        in), with a loadable model the first time; then the run is published (``on_checkpoint``)."""
+        p = self.process
+        elapsed = time.perf_counter() - self.t_start if elapsed is None else elapsed
+        self._check_weights()
+        if not self._model_saved:  # the first checkpoint comes with a loadable model
+            self._save_model()
+        model_state = self._model_state()  # collective under FSDP: every rank calls it
+        optim_state = self._optimizer_state()
+        rngs = dist.gather_objects(rng_state(), p)
+        if p.is_main:
             save_checkpoint({
                 "model": model_state,
                 "optimizer": optim_state,
-                "scheduler": ctx["scheduler"].state_dict(),
-                "scaler": ctx["scaler"].state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "rng": rngs,
-                "state": {**vars(state), "elapsed": elapsed},
-                "world_size": info.world_size,
+                "state": {**vars(self.state), "elapsed": elapsed},
+                "world_size": p.world_size,
                 "config": vars(self.cfg),
             }, self.output_dir)
-        dist.barrier(info)
+            if self.on_checkpoint is not None and self.state.step > 0:  # step 0 (Ctrl-C at once): nothing to keep
+                self.on_checkpoint()
+        self.saved_step = self.state.step
+        dist.barrier(p)
 
-    def _restore(self, ck, wrapped, optimizer, scheduler, scaler, state, info) -> None:
-        if info.mode == "fsdp":
+    def _load_checkpoint(self) -> None:
+        p, ck = self.process, load_checkpoint(self.output_dir)
+        if p.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
 
             opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-            set_model_state_dict(wrapped, ck["model"], options=opts)
-            set_optimizer_state_dict(wrapped, optimizer, ck["optimizer"], options=opts)
+            set_model_state_dict(self.wrapped, ck["model"], options=opts)
+            set_optimizer_state_dict(self.wrapped, self.optimizer, ck["optimizer"], options=opts)
         else:
-            dist.unwrap(wrapped).load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
+            dist.unwrap(self.wrapped).load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
         for k, v in ck["state"].items():
-            setattr(state, k, v)
+            setattr(self.state, k, v)
+        self.saved_step = self.state.step
         rngs = ck["rng"]
         # Same world size: each process gets its own RNG back; otherwise rank 0's, offset by rank.
-        if len(rngs) == info.world_size:
-            set_rng_state(rngs[info.rank])
+        if len(rngs) == p.world_size:
+            set_rng_state(rngs[p.rank])
         else:
             set_rng_state(rngs[0])
-            torch.manual_seed(_seed(self.cfg.seed, state.step, info.rank))
-
-    def _plot(self, log) -> None:
-        if self.cfg.plot:
-            plot_loss_curve(log.read(), self.output_dir / "loss_curve.png", title=self.description)
+            torch.manual_seed(_seed(self.cfg.seed, self.state.step, p.rank))

@@ -232,3 +232,39 @@ def test_bad_inputs_name_expected_and_received():
         gpt(ids, position_ids=torch.arange(30, 41)[None])
     with pytest.raises(ValueError, match=r"start_positions must have 3 values"):
         BertForQuestionAnswering(cfg)(ids, start_positions=torch.tensor([1]), end_positions=torch.tensor([1]))
+
+
+def test_gpt_layer_stack_is_not_called_encoder_and_old_state_dicts_load():
+    """GPT's layers are `blocks` (a BlockStack, shared with BERT's encoder); state dicts saved under the old
+    name `encoder.` (checkpoint.pt of earlier runs) still load, exactly."""
+    from pyllm.models.block import BlockStack
+
+    torch.manual_seed(0)
+    model = GPTForCausalLM(tiny_config(type_vocab_size=0))
+    assert isinstance(model.transformer.blocks, BlockStack) and not hasattr(model.transformer, "encoder")
+    old = {k.replace("transformer.blocks.", "transformer.encoder."): v for k, v in model.state_dict().items()}
+    assert any(k.startswith("transformer.encoder.") for k in old)
+    fresh = GPTForCausalLM(tiny_config(type_vocab_size=0))
+    fresh.load_state_dict(old)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_attention_dropout_is_applied_in_training_and_reproducible():
+    """attention_dropout drops attention probabilities inside the fused kernel, in training only."""
+    ids, mask = batch()
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_config(attention_dropout=0.5))
+    torch.manual_seed(0)
+    plain = BertForMaskedLM(tiny_config(attention_dropout=0.0))
+    model.train(), plain.train()
+    torch.manual_seed(3)
+    a = model(ids, attention_mask=mask).logits
+    torch.manual_seed(3)
+    b = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # the Philox mask follows torch's seed
+    torch.manual_seed(3)
+    assert not torch.allclose(a, plain(ids, attention_mask=mask).logits)  # something was dropped
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)

@@ -108,11 +108,169 @@ def test_training_step_on_patched_model():
     assert model(ids, attention_mask=mask, labels=labels).loss < loss
 
 
-def test_patch_refuses_other_models():
-    cfg = transformers.GPT2Config(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2)
-    model = transformers.GPT2LMHeadModel(cfg)
-    model.config.model_type = "llama"
-    with pytest.raises(ValueError, match="expected a transformers BERT or GPT-2 model.*'llama'"):
-        patch(model)
-    with pytest.raises(ValueError, match="model_type None"):
+def test_patch_on_a_non_transformers_module_says_what_to_use():
+    with pytest.raises(ValueError, match="expected a transformers model.*got Linear.*replace_modules"):
         patch(torch.nn.Linear(2, 2))
+
+
+# ---- every architecture: tiny random configs, patched vs unpatched, logits and one training step's gradients
+def _tiny(name):
+    llama_kw = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2)
+    make = {
+        "bert": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=40)),
+        "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=97, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)),
+        "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_kw)),
+        "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**llama_kw)),
+        # a window shorter than the sequence: those calls are transformers' own (until window_size lands)
+        "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**llama_kw, sliding_window=4)),
+        "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)),
+        "bart": lambda: transformers.BartForConditionalGeneration(transformers.BartConfig(
+            vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=40)),
+    }[name]
+    torch.manual_seed(0)
+    model = make()
+    for m in model.modules():  # dropout off, so a training step is deterministic
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for attr in ("dropout", "attention_dropout", "attn_dropout", "dropout_rate"):
+        for m in model.modules():
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    return model
+
+
+# fused calls per forward on a padded batch (the rest are transformers' own, each for a stated reason)
+FUSED = {"bert": 2, "gpt2": 2, "llama": 2, "qwen2": 2, "mistral": 0, "t5": 0, "bart": 6}
+NORMS = {"bert": ("LayerNorm", 5), "gpt2": ("LayerNorm", 5), "llama": ("LlamaRMSNorm", 5),
+         "qwen2": ("Qwen2RMSNorm", 5), "mistral": ("MistralRMSNorm", 5), "t5": ("T5LayerNorm", 12),
+         "bart": ("LayerNorm", 12)}
+
+
+def _forward(model, name, ids, mask):
+    kw = dict(attention_mask=mask)
+    if name in ("t5", "bart"):
+        kw["decoder_input_ids"] = ids[:, :6]
+    if name == "bert":
+        kw["labels"] = torch.tensor([0, 1, 0])
+    else:
+        kw["labels"] = (kw.get("decoder_input_ids", ids)).masked_fill(
+            (mask[:, :6] if name in ("t5", "bart") else mask) == 0, -100)
+    return model(ids, **kw)
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_every_architecture_patched_matches_unpatched(name, count_attention):
+    import copy
+
+    ids, mask = batch(B=3, N=10)
+    want_model = _tiny(name).train()
+    got_model = copy.deepcopy(want_model)
+    patch(got_model)
+    report = got_model.pyllm_patch_report
+    assert report.swapped == dict([NORMS[name]]) and report.attention.startswith("pyllm"), str(report)
+
+    want, got = _forward(want_model, name, ids, mask), _forward(got_model, name, ids, mask)
+    assert len(count_attention) == FUSED[name]
+    real = mask.bool() if got.logits.shape[1] == ids.shape[1] else slice(None)
+    torch.testing.assert_close(got.logits[real], want.logits[real], atol=1e-4, rtol=0)
+    want.loss.backward()
+    got.loss.backward()
+    for (pname, p), q in zip(got_model.named_parameters(), want_model.parameters()):
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), pname
+            continue
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-3, msg=pname)
+
+
+@pytest.mark.parametrize("B,N", [(3, 8), (4, 4)])  # B == N once: a 2-D mask must never be read as (Nq, Nk)
+def test_bert_output_attentions_on_padded_batch_fused_maps_equal_eager(B, N, count_attention):
+    model = _tiny("bert").eval()
+    ids, mask = batch(B=B, N=N, lengths=[N - i for i in range(B)])
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+        patch(model)
+        got = model(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    assert len(count_attention) == 2  # fused in both layers (maps from pyllm.attention_probs)
+    real = mask.bool()
+    torch.testing.assert_close(got.hidden_states[-1][real], want.hidden_states[-1][real], atol=1e-5, rtol=0)
+    for a, b in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_attention_dropout_in_training_runs_fused(monkeypatch):
+    """Issue 13: a patched model trains with its attention dropout applied inside the fused kernel."""
+    model = _tiny("llama").train()
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.5
+    patch(model)
+    rates, real = [], pyllm.attention
+    monkeypatch.setattr(pyllm, "attention", lambda *a, **kw: rates.append(kw.get("dropout_p")) or real(*a, **kw))
+    ids, mask = batch(B=2, N=6)
+    torch.manual_seed(1)
+    a = model(ids, attention_mask=mask).logits
+    torch.manual_seed(1)
+    b = model(ids, attention_mask=mask).logits
+    assert rates == [0.5, 0.5, 0.5, 0.5]  # both layers, both calls: fused with the module's rate
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # the mask follows torch's seed
+    model.eval()
+    c = model(ids, attention_mask=mask).logits
+    assert rates[-2:] == [0.0, 0.0]  # eval: no dropout
+    assert not torch.allclose(a, c)  # dropout changed the training output
+
+
+def test_norm_classes_pyllm_does_not_know_are_left_and_reported():
+    model = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8))
+    patch(model)
+    report = model.pyllm_patch_report
+    assert report.swapped == {} and "GemmaRMSNorm" in report.left and "GemmaRMSNorm" in str(report)
+
+
+def test_replace_modules_swaps_llama_rms_norm_keeping_the_parameter():
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    holder = torch.nn.Sequential(norm)
+    x = torch.randn(3, 16)
+    want = norm(x)
+    pyllm.nn.replace_modules(holder)
+    assert isinstance(holder[0], pyllm.nn.RMSNorm) and holder[0].weight is norm.weight
+    torch.testing.assert_close(holder[0](x), want, atol=1e-6, rtol=0)
+    # fp32 weight, bf16 input: transformers' formula promotes to fp32, and so does the swapped module
+    assert holder[0](x.bfloat16()).dtype == norm(x.bfloat16()).dtype == torch.float32
+
+
+def test_attn_implementation_pyllm_in_a_fresh_process(tmp_path):
+    """After `import pyllm.integrations.hf` (no patch()), from_pretrained(attn_implementation="pyllm") works,
+    and T5 (whose position_bias is transformers' own path) gives transformers' output."""
+    import subprocess
+    import sys
+
+    _tiny("llama").save_pretrained(tmp_path / "llama")
+    _tiny("t5").save_pretrained(tmp_path / "t5")
+    code = f"""
+import torch, transformers, pyllm.integrations.hf
+ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]]); mask = (ids != 0).long()
+for folder, cls, extra in (("{tmp_path / 'llama'}", transformers.AutoModelForCausalLM, {{}}),
+                           ("{tmp_path / 't5'}", transformers.T5ForConditionalGeneration,
+                            {{"decoder_input_ids": ids[:, :3]}})):
+    ours = cls.from_pretrained(folder, attn_implementation="pyllm").eval()
+    theirs = cls.from_pretrained(folder).eval()
+    assert ours.config._attn_implementation == "pyllm"
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask, **extra).logits, theirs(ids, attention_mask=mask, **extra).logits
+    err = (a - b)[mask.bool()[:, :a.shape[1]]].abs().max().item()
+    assert err < 1e-4, err
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -139,19 +139,38 @@ def wordpiece():
 
 def test_tokenizers_train_save_load(tmp_path, wordpiece):
     bpe = D.train_bpe(words_corpus(), 300)
-    assert bpe.kind == "bpe" and bpe.vocab_size <= 300 and bpe.eos_id == 0 and bpe.mask_id is None
+    assert bpe.vocab_size <= 300 and bpe.eos_token_id == 0 and bpe.mask_token_id is None
+    assert bpe.pad_token_id == bpe.eos_token_id  # GPT-style: EOS pads
     text = "The parser reads the file."
-    assert bpe.decode(bpe.encode([text])[0].ids) == text  # byte-level: lossless
-    bpe.save(tmp_path / "bpe")
-    again = D.Tokenizer.from_folder(tmp_path / "bpe")
-    assert again.encode([text])[0].ids == bpe.encode([text])[0].ids
-    assert wordpiece.kind == "wordpiece" and wordpiece.mask_id == 4 and wordpiece.pad_id == 0
-    enc = wordpiece.encode(["the file"], ["the value"])[0]
+    assert bpe.decode(bpe.encode(text)) == text  # byte-level: lossless
+    bpe.save_pretrained(tmp_path / "bpe")
+    again = D.load_tokenizer(tmp_path / "bpe")
+    assert type(again) is type(bpe) and again.encode(text) == bpe.encode(text)
+    assert again.pad_token_id == bpe.pad_token_id and again.eos_token_id == bpe.eos_token_id
+    assert wordpiece.mask_token_id == 4 and wordpiece.pad_token_id == 0
+    enc = wordpiece.encode_batch(["the file"], ["the value"])[0]
     assert enc.tokens[0] == "[CLS]" and enc.tokens.count("[SEP]") == 2 and enc.type_ids[-1] == 1
     batch = wordpiece(["the file", "the parser reads the value"])
     assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert wordpiece.batch_decode(batch["input_ids"]) == ["the file", "the parser reads the value"]
     with pytest.raises(ValueError, match="kind must be"):
         D.train_tokenizer("unigram", ["x"])
+
+
+def test_one_tokenizer_class():
+    """pyllm.models and pyllm.data name the same class and loader (issue 10: one tokenizer)."""
+    import pyllm.models as M
+
+    assert M.Tokenizer is D.Tokenizer and M.load_tokenizer is D.load_tokenizer
+
+
+def test_defect_12_tokenizer_of_an_empty_batch(wordpiece):
+    """Issue 11, defect 12: tokenizer([]) is an empty batch of shape (0, 0), not an unrelated error."""
+    batch = wordpiece([])
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {
+        "input_ids": (0, 0), "attention_mask": (0, 0), "token_type_ids": (0, 0)}
+    with pytest.raises(TypeError, match=r"tokenizer: texts must be a str or a list of str, got list holding \['int'\]"):
+        wordpiece([1, 2])
 
 
 def test_lm_features_blocks(wordpiece):
@@ -159,7 +178,7 @@ def test_lm_features_blocks(wordpiece):
     clm = D.lm_features(words_corpus(), bpe, objective="clm", block_size=16)
     assert all(len(f["input_ids"]) == 16 for f in clm)
     mlm = D.lm_features(words_corpus(), wordpiece, objective="mlm", block_size=16)
-    assert all(f["input_ids"][0] == wordpiece.cls_id and f["input_ids"][-1] == wordpiece.sep_id for f in mlm)
+    assert all(f["input_ids"][0] == wordpiece.cls_token_id and f["input_ids"][-1] == wordpiece.sep_token_id for f in mlm)
     with pytest.raises(ValueError, match="needs a tokenizer with"):
         D.lm_features(words_corpus(), bpe, objective="mlm", block_size=16)
 

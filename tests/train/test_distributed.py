@@ -63,7 +63,7 @@ def test_two_processes_match_one(tmp_path, corpus_file, single_run, mode):
     assert ev2 == pytest.approx(ev1, rel=1e-4)
     # The tokens count covers both processes' halves of every batch.
     assert two[-1]["tokens"] == one[-1]["tokens"]
-    assert (tmp_path / "two" / "model.safetensors").is_file() and (tmp_path / "two" / "checkpoint.pt").is_file()
+    assert (tmp_path / "two" / "model.safetensors").is_file() and (tmp_path / "two" / "checkpoint.safetensors").is_file()
 
 
 def test_two_processes_stop_and_resume(tmp_path, corpus_file, single_run):

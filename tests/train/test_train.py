@@ -8,6 +8,7 @@ import torch
 
 from pyllm import data as D
 from pyllm.train import NonFiniteLossError, Trainer, TrainConfig, finetune, pretrain
+from pyllm.train.checkpoint import load_checkpoint
 from pyllm.train.optim import lr_factor, param_groups
 from pyllm.train.report import read_metrics
 
@@ -51,7 +52,7 @@ def test_pretrain_clm_on_embedded_corpus(tmp_path):
                  learning_rate=3e-3, warmup_steps=2, sample_tokens=5, eval_every=6,
                  **{**QUIET, "plot": True}, **TINY_MODEL)
     out = r.output_dir
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "pyllm_task.json", "checkpoint.pt",
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "pyllm_task.json", "checkpoint.safetensors",
                  "metrics.jsonl", "loss_curve.png", "pyllm_run.json"):
         assert (out / name).is_file(), name
     assert falling(losses(out))
@@ -151,7 +152,7 @@ def test_resume_continues_the_same_loss_curve(tmp_path):
     # Ctrl-C during step 4 (the 7th micro-batch): the trainer saves after step 3 and re-raises.
     with pytest.raises(KeyboardInterrupt):
         Trainer(model, feats, InterruptAt(collator, 7), cfg, tmp_path / "b").train()
-    assert (tmp_path / "b" / "checkpoint.pt").is_file()
+    assert (tmp_path / "b" / "checkpoint.safetensors").is_file()
     assert len(losses(tmp_path / "b")) == 3
     model, feats, collator = _tiny_setup()
     torch.manual_seed(1234)  # the checkpoint's RNG state must win over whatever came before
@@ -212,7 +213,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     model, feats, collator = _tiny_setup()
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5 .*last good checkpoint .*step 4"):
         Trainer(NaNAfter(model, 5), feats, collator, cfg, tmp_path).train()
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ck = load_checkpoint(tmp_path)  # safetensors + JSON: no pickle to trust
     assert ck["state"]["step"] == 4
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     events = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("event") == "non_finite_loss"]

@@ -1,0 +1,115 @@
+"""Generation: tokens/s of greedy decoding, pyllm's decoders against transformers' generate on the same weights.
+
+    python benchmarks/bench_generate.py [--device cpu|cuda] [--quick] [--json out.json]
+
+Two models with random weights, built in pyllm, saved as Hugging Face folders and loaded back into
+transformers (so both run the same weights): a GPT-2-124M-shaped GPTForCausalLM (12 layers, hidden 768,
+12 heads, vocabulary 50257) and a Llama of similar size (12 layers, hidden 768, 12 query / 4 kv heads,
+SwiGLU 2048, vocabulary 32000). For batch 1 and 8: a 512-token prompt, then 128 new tokens, greedy, no
+early stop. Before timing, both must produce the same tokens (a wrong provider is reported, not timed).
+Reported: tokens/s (batch * new tokens / time of the whole generate call, prefill included), the ratio
+pyllm / transformers (> 1 = pyllm faster) and the time of one decode step (generate's time minus a
+prefill-only call, divided by the new tokens - 1).
+
+--quick: 2 layers, prompt 64, 16 new tokens, batch 1 and 4 (a smoke run of a minute on a CPU).
+Timings on a shared machine are noisy: compare the ratio, measured alternately in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+FULL = dict(layers=12, prompt=512, new=128, batches=(1, 8))
+QUICK = dict(layers=2, prompt=64, new=16, batches=(1, 4))
+
+
+def build(arch: str, layers: int):
+    """(pyllm model, transformers model) with the same weights, eval mode, no EOS."""
+    import transformers
+
+    from pyllm.models import GPTForCausalLM, LlamaConfig, LlamaForCausalLM, TransformerConfig
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = TransformerConfig(vocab_size=50257, hidden_size=768, num_layers=layers, num_heads=12,
+                                max_position_embeddings=1024, hidden_dropout=0.0, norm_eps=1e-5)
+        ours = GPTForCausalLM(cfg)
+    else:
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=768, num_layers=layers, num_heads=12, num_kv_heads=4,
+                          intermediate_size=2048, max_position_embeddings=1024)
+        ours = LlamaForCausalLM(cfg)
+    with tempfile.TemporaryDirectory() as folder:
+        ours.save_pretrained(folder, overwrite=True)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    return ours.eval(), theirs.eval()
+
+
+def run(args) -> dict:
+    from pyllm.bench.measure import machine_info, summarize, time_interleaved
+
+    p = QUICK if args.quick else FULL
+    device, threads = args.device, torch.get_num_threads()
+    results = {"machine": machine_info(device, threads), "preset": "quick" if args.quick else "full", "rows": []}
+    for arch in ("gpt2", "llama"):
+        ours, theirs = (m.to(device) for m in build(arch, p["layers"]))
+        for B in p["batches"]:
+            ids = torch.randint(0, 32000, (B, p["prompt"]), generator=torch.Generator().manual_seed(B)).to(device)
+            new = p["new"]
+
+            def gen_ours(n=new):
+                return ours.generate(ids, max_new_tokens=n, eos_token_id=None)
+
+            def gen_theirs(n=new):
+                return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=False, pad_token_id=0)
+
+            with torch.no_grad():
+                same = torch.equal(gen_ours(), gen_theirs())
+            row = {"arch": arch, "batch": B, "prompt": p["prompt"], "new": new, "same_tokens": same}
+            if not same:
+                print(f"{arch} B{B}: WRONG -- pyllm and transformers generate different tokens; not timed")
+                results["rows"].append(row)
+                continue
+            fns = {"pyllm": gen_ours, "transformers": gen_theirs,
+                   "pyllm-prefill": lambda: gen_ours(1), "transformers-prefill": lambda: gen_theirs(1)}
+            with torch.no_grad():
+                times = time_interleaved(fns, device, threads=threads, repeats=args.repeats, warmup=1,
+                                         min_run_s=0.0, max_s=args.max_s)
+            med = {n: summarize(t)["median_ms"] / 1e3 for n, t in times.items()}  # seconds
+            for who in ("pyllm", "transformers"):
+                row[f"{who}_tokens_per_s"] = B * new / med[who]
+                row[f"{who}_decode_step_ms"] = 1e3 * (med[who] - med[f"{who}-prefill"]) / max(new - 1, 1)
+            row["ratio"] = row["pyllm_tokens_per_s"] / row["transformers_tokens_per_s"]
+            results["rows"].append(row)
+            print(f"{arch:5s} B{B} prompt {p['prompt']} +{new}: pyllm {row['pyllm_tokens_per_s']:8.1f} tok/s "
+                  f"(decode step {row['pyllm_decode_step_ms']:.1f} ms), transformers "
+                  f"{row['transformers_tokens_per_s']:8.1f} tok/s (decode step {row['transformers_decode_step_ms']:.1f}"
+                  f" ms): {row['ratio']:.2f}x", flush=True)
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="2 layers, prompt 64, 16 new tokens, batch 1 and 4")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-s", type=float, default=60.0, help="time budget per provider and case (seconds)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    results = run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    bad = [r for r in results["rows"] if not r["same_tokens"]]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Llama-family decoders (Llama 2/3, Qwen2, Mistral) on pyllm's fused ops, and their heads.
+
+One layout serves the three Hugging Face model types: pre-norm RMSNorm blocks whose residual adds are
+fused into the next norm, rotary position embeddings, grouped-query attention through
+`pyllm.attention` (K/V never repeated per head), a SwiGLU MLP, tied or untied embeddings. What differs
+is configuration: Qwen2's q/k/v bias (`attention_bias`), Mistral's and Qwen2's sliding window, the
+rope scaling of Llama 3 ("llama3"), "linear" and "dynamic" (NTK).
+
+    model(input_ids, attention_mask=None, position_ids=None, labels=None, cache=None, use_cache=False)
+
+`attention_mask` (B, N) with 1 = a real token. Positions count real tokens only (from the mask), as
+transformers' generate() does, so a left-padded row computes exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import pyllm
+from pyllm.nn import RMSNorm
+
+from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
+                   causal_lm_loss, check_inputs, last_token, padding_mask)
+from .bert import classification_loss
+from .block import KVCache
+from .config import TransformerConfig
+from .generation import generate
+from .gpt import default_positions
+
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclass
+class LlamaConfig(TransformerConfig):
+    """TransformerConfig plus what the Llama family adds. Defaults are Llama's own.
+
+    head_dim: None = hidden_size // num_heads (Mistral-Nemo-like configs set it explicitly).
+    rope_scaling: None or {"rope_type": "linear" | "dynamic" | "llama3", "factor": ..., and for llama3
+        "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}.
+    sliding_window: keys older than this many positions are hidden (j > i - sliding_window), on the
+        layers whose `layer_types` entry is "sliding_attention" (all layers when layer_types is None).
+    """
+
+    vocab_size: int = 32000
+    activation: str = "silu"
+    norm_position: Optional[str] = "pre"
+    norm_eps: float = 1e-6
+    hidden_dropout: float = 0.0
+    type_vocab_size: int = 0
+    tie_word_embeddings: bool = False
+    pad_token_id: Optional[int] = None
+    model_type: str = "llama"
+    head_dim: Optional[int] = None  # shadows TransformerConfig.head_dim (a property there)
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    attention_bias: bool = False  # bias on q, k, v (Qwen2)
+    mlp_bias: bool = False
+    sliding_window: Optional[int] = None
+    layer_types: Optional[list] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"LlamaConfig: model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.norm_position != "pre":
+            raise ValueError(f"LlamaConfig: norm_position must be 'pre' (Llama blocks are pre-norm), "
+                             f"got {self.norm_position!r}")
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: head_dim must be a positive even int (rotary pairs), got {self.head_dim!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"LlamaConfig: rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"LlamaConfig: sliding_window must be None or an int >= 1, got {self.sliding_window!r}")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.num_layers or any(t not in LAYER_TYPES for t in self.layer_types):
+                raise ValueError(f"LlamaConfig: layer_types must list one of {LAYER_TYPES} per layer "
+                                 f"({self.num_layers}), got {self.layer_types!r}")
+        rope_inv_freq(self)  # validates rope_scaling
+
+    def window(self, layer: int) -> Optional[int]:
+        """The sliding window of `layer`, or None for full attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def rope_type(self) -> str:
+        return (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+
+def rope_inv_freq(config: LlamaConfig, seq_len: Optional[int] = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) float32 of config's rope type, as transformers computes them.
+
+    seq_len matters for "dynamic" only: beyond max_position_embeddings the base grows (NTK scaling).
+    """
+    D = config.head_dim
+    scaling = config.rope_scaling or {}
+    kind = config.rope_type
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"LlamaConfig: rope_scaling type {kind!r} is not supported; supported types are "
+                         f"{ROPE_TYPES}")
+
+    def need(key):
+        if key not in scaling:
+            raise ValueError(f"LlamaConfig: rope_scaling of type {kind!r} needs the field {key!r}, got {scaling}")
+        return float(scaling[key])
+
+    base = float(config.rope_theta)
+    if kind == "dynamic":
+        factor, L = need("factor"), config.max_position_embeddings
+        n = max(seq_len or L, L)
+        base = base * ((factor * n / L) - (factor - 1)) ** (D / (D - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    if kind == "linear":
+        inv_freq = inv_freq / need("factor")
+    elif kind == "llama3":
+        factor, low, high = need("factor"), need("low_freq_factor"), need("high_freq_factor")
+        old = need("original_max_position_embeddings")
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def position_limits(config: LlamaConfig):
+    """What input checks read: max_position_embeddings bounds positions, except under "dynamic" rope
+    scaling, whose whole point is to run past it."""
+    if config.rope_type != "dynamic":
+        return config
+    return SimpleNamespace(vocab_size=config.vocab_size, max_position_embeddings=sys.maxsize)
+
+
+class RotaryEmbedding(nn.Module):
+    """position_ids (B or 1, N) -> cos, sin (B or 1, N, head_dim // 2) float32, the tables of pyllm.rotary."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor):
+        inv_freq = self.inv_freq
+        if self.config.rope_type == "dynamic":
+            n = int(position_ids.max()) + 1
+            if n > self.config.max_position_embeddings:
+                inv_freq = rope_inv_freq(self.config, n).to(inv_freq.device)
+        freqs = position_ids[..., None].float() * inv_freq.float()  # (B, N, D/2), fp32 like transformers
+        return freqs.cos(), freqs.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in plain PyTorch (what pyllm.rotary fuses; the benchmark's baseline):
+    x (B, N, H, D), cos/sin (B or 1, N, D/2) -> (B, N, H, D). Pairs are (x[i], x[i + D/2]), the layout
+    of transformers' Llama weights."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, :, None], sin[:, :, None]  # (B, N, 1, D/2)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def windowed_attention(q, k, v, window: int, key_padding_mask=None):
+    """Causal attention in which query i (bottom-right aligned) sees keys i - window < j <= i.
+
+    Served by the reference with an explicit (B, 1, Nq, Nk) mask until pyllm.attention takes
+    window_size; then this whole function is `pyllm.attention(q, k, v, causal=True,
+    window_size=(window - 1, 0), key_padding_mask=key_padding_mask)`.
+    """
+    B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
+    i = torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq)  # absolute column of each query
+    j = torch.arange(Nk, device=q.device)[None, :]
+    visible = ((j <= i) & (j > i - window)).expand(B, 1, Nq, Nk)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    o = pyllm.reference.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     visible, enable_gqa=True, upcast=True)
+    return o.transpose(1, 2)  # (B, Nq, Hq, D)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int):
+        super().__init__()
+        self.backend, self.window = config.backend, config.window(layer)
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        # q, k and v in one matmul; GQA makes the k and v parts narrower
+        self.qkv = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                             bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, key_padding_mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0):
+        B, N, _ = x.shape
+        hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([hq, hkv, hkv], dim=-1)
+        # views of the packed projection go into the fused rotary op as they are (no copies)
+        q, k = pyllm.rotary(q.view(B, N, self.num_heads, self.head_dim), k.view(B, N, self.num_kv_heads, self.head_dim),
+                            cos, sin, backend=self.backend)  # (B, N, Hq, D), (B, N, Hkv, D)
+        v = v.view(B, N, self.num_kv_heads, self.head_dim)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)  # (B, past + N, Hkv, D)
+        if self.window is not None and k.shape[1] > self.window:
+            o = windowed_attention(q, k, v, self.window, key_padding_mask)
+        else:  # every key is inside the window: plain causal attention is exact
+            o = pyllm.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, backend=self.backend)
+        return self.o_proj(o.reshape(B, N, hq))  # (B, N, C)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); gate and up in one matmul."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    """Takes and returns (hidden, residual) with the residual add deferred into the next norm:
+    r = hidden + r;  h = attn(norm1(r));  r = h + r;  hidden = mlp(norm2(r))."""
+
+    def __init__(self, config: LlamaConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps, backend=config.backend)
+        self.self_attn = LlamaAttention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.norm_eps, backend=config.backend)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, residual, cos, sin, key_padding_mask=None, cache=None, layer_idx=0):
+        if residual is None:
+            residual, normed = x, self.input_layernorm(x)
+        else:
+            normed, residual = self.input_layernorm(x, residual=residual)
+        a = self.self_attn(normed, cos, sin, key_padding_mask, cache, layer_idx)
+        normed, residual = self.post_attention_layernorm(a, residual=residual)
+        return self.mlp(normed), residual  # (B, N, C) each
+
+
+class LlamaLayers(nn.ModuleList):
+    """The blocks; owns the gradient checkpointing switch (PreTrainedModel.gradient_checkpointing)."""
+
+    is_layer_stack = True
+    gradient_checkpointing = False
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class LlamaModel(PreTrainedModel):
+    """Token embeddings -> pre-norm RMSNorm blocks with RoPE -> final RMSNorm.
+
+    forward -> BaseModelOutput(last_hidden_state (B, N, C), cache). With `cache` (a KVCache, filled
+    in place) the N tokens continue the cached ones; attention_mask then covers cached + new: (B, past + N).
+    """
+
+    family = "llama"
+    default_norm_position = "pre"
+    config_class = LlamaConfig
+
+    def __init__(self, config: LlamaConfig):
+        if not isinstance(config, LlamaConfig):
+            raise ValueError(f"{type(self).__name__}: config must be a LlamaConfig, got {type(config).__name__}")
+        super().__init__(config)
+        config = self.config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = LlamaLayers(LlamaBlock(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps, backend=config.backend)
+        self.rotary = RotaryEmbedding(config)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
+                use_cache: bool = False, inputs_embeds=None):
+        who = type(self).__name__
+        past = cache.seq_len if cache is not None else 0
+        B, N = check_inputs(position_limits(self.config), input_ids, attention_mask, None, position_ids, past, who)
+        if position_ids is None:
+            position_ids = default_positions(attention_mask, past, N, input_ids.device)
+        if use_cache and cache is None:
+            cache = KVCache(self.config.num_layers)
+        x = self.decode_step(input_ids, position_ids, padding_mask(attention_mask), cache)
+        return BaseModelOutput(last_hidden_state=x, cache=cache)
+
+    def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
+        """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
+        once: input_ids (B, N), position_ids (B or 1, N), key_padding_mask (B, past + N) bool or None
+        -> last hidden state (B, N, C)."""
+        x = self.embed_tokens(input_ids)  # (B, N, C)
+        cos, sin = self.rotary(position_ids)  # (B or 1, N, D/2) float32, shared by every layer
+        use_ckpt = self.layers.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        residual = None
+        for i, layer in enumerate(self.layers):
+            if use_ckpt:
+                x, residual = checkpoint(layer, x, residual, cos, sin, key_padding_mask, None, i, use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, cos, sin, key_padding_mask, cache, i)
+        return self.norm(x, residual=residual)[0]  # (B, N, C)
+
+
+class LlamaForCausalLM(PreTrainedModel):
+    """LlamaModel + a language-model head (tied to the embeddings when tie_word_embeddings).
+
+    labels (B, N): usually input_ids itself; shifted inside (position t predicts token t + 1);
+    -100 positions are ignored.
+    """
+
+    family = "llama"
+    default_norm_position = "pre"
+    config_class = LlamaConfig
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        config = self.config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights(self.lm_head)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                cache: Optional[KVCache] = None, use_cache: bool = False):
+        out = self.model(input_ids, attention_mask, position_ids, cache, use_cache)
+        logits = self.lm_head(out.last_hidden_state)  # (B, N, vocab)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, input_ids, self.config.vocab_size, type(self).__name__)
+        return CausalLMOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
+
+    @property
+    def position_limits(self):
+        return position_limits(self.config)
+
+    def generate(self, input_ids, max_new_tokens: int = 20, **kwargs):
+        """Continue each prompt; returns (B, prompt_len + new) token ids. See generation.generate."""
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+
+class LlamaForSequenceClassification(PreTrainedModel):
+    """LlamaModel + a linear scorer read at each row's last real token (from attention_mask, else the
+    last token that is not pad_token_id, as transformers does). labels (B,) class ids."""
+
+    family = "llama"
+    default_norm_position = "pre"
+    config_class = LlamaConfig
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        config = self.config
+        self.model = LlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.init_weights(self.score)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
+        h = self.model(input_ids, attention_mask, position_ids).last_hidden_state
+        B = input_ids.shape[0]
+        last = last_token(input_ids, attention_mask, self.config.pad_token_id)  # (B,)
+        logits = self.score(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = classification_loss(logits, labels, self.config.num_labels, type(self).__name__)
+        return SequenceClassifierOutput(loss=loss, logits=logits, last_hidden_state=h)
+
+
+__all__ = ["LlamaConfig", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification",
+           "RotaryEmbedding", "apply_rotary", "rope_inv_freq", "MODEL_TYPES"]
