@@ -34,6 +34,16 @@
 //   -> (dq, dk, dv), each contiguous and shaped/typed like q, k, v; rows with lse = -inf contribute
 //   nothing (no NaN). deterministic = true: bitwise-reproducible gradients (no atomics order dependence).
 //
+// linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, z_loss, mean,
+//                          chunk_size, compute_grad) -> (loss, dhidden, dweight, dbias)
+//   hidden (N, H), weight (V, H), bias (V,) or None, all one dtype (fp32 / fp16 / bf16; fp64 on the CPU);
+//   labels (N,) int64, each in [0, V) or == ignore_index.  logits = hidden @ weight^T + bias, computed in
+//   chunks of chunk_size tokens (0 = automatic), never all N x V at once; softcap > 0 caps them:
+//   z = softcap * tanh(logits / softcap).  loss: 0-d, float32 (float64 for fp64), the sum over non-ignored
+//   rows of  lse - (1 - label_smoothing) z_y - label_smoothing mean_j z_j + z_loss lse^2,  divided by the
+//   number of non-ignored rows (at least 1) when mean.  With compute_grad its gradients come from the same
+//   pass: dhidden (N, H) hidden.dtype, dweight (V, H) weight.dtype, dbias (V,) (shape (0,) without bias);
+//   without compute_grad all three have shape (0,).
 // rotary(q, k, cos, sin, interleaved, conjugate) -> (q_out, k_out)
 //   q (B, N, Hq, D), k (B, N, Hk, D), stride(-1) == 1, any other strides; fp32 / fp16 / bf16 (fp64 on the CPU)
 //   cos, sin (Bc, N, R/2) contiguous, Bc = 1 or B, R <= D; float32 (float64 for fp64 q, k)
@@ -61,6 +71,9 @@ TORCH_LIBRARY(pyllm, m) {
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor? key_padding_mask, bool causal, float softmax_scale, bool deterministic)"
         " -> (Tensor, Tensor, Tensor)");
+  m.def("linear_cross_entropy_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, int ignore_index,"
+        " float label_smoothing, float softcap, float z_loss, bool mean, int chunk_size, bool compute_grad)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool conjugate) -> (Tensor, Tensor)");
   m.def("attention_ext_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal,"
         " float softmax_scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes,"

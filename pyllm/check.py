@@ -5,7 +5,7 @@ The rule, its reference precision and the inputs are defined once, in :mod:`pyll
     max|fast - ref_hi| <= 2 * max|torch_same_dtype - ref_hi| + 1e-5
 
 for the output and every gradient. The same functions (:func:`attention_case`, :func:`norm_case`,
-:func:`rotary_case`) drive the test suite.
+:func:`rotary_case`, :func:`linear_cross_entropy_case`) drive the test suite.
 """
 from __future__ import annotations
 
@@ -148,6 +148,42 @@ def norm_case(op: str, backend: str, dtype: torch.dtype, M: int, N: int, *, resi
     return _rows(op, backend, dtype, shape, outs + ["d" + n for n in names], fast, ref, base)
 
 
+def linear_cross_entropy_case(backend: str, dtype: torch.dtype, N: int, H: int, V: int, *, bias: bool = False,
+                              ignored: int = 0, label_smoothing: float = 0.0, softcap: float | None = None,
+                              z_loss: float = 0.0, reduction: str = "mean", chunk_size: int | None = None,
+                              device="cpu", seed: int = 0) -> list[Row]:
+    """Errors of ``pyllm.linear_cross_entropy(backend=...)`` for the loss and d(hidden, weight, bias);
+    ``ignored`` of the N labels are ignore_index (-100)."""
+    import pyllm
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    wscale = (3.0 if softcap else 1.0) / H**0.5  # logits ~ N(0, 1), or ~ N(0, 9) to exercise the cap
+    h, w, b = mk(N, H), (mk(V, H).float() * wscale).to(dtype), (mk(V) * 0.1 if bias else None)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[torch.randperm(N, generator=g)[:ignored]] = -100
+    labels = labels.to(device)
+    params = [t for t in (h, w, b) if t is not None]
+    kw = dict(ignore_index=-100, label_smoothing=label_smoothing, softcap=softcap, reduction=reduction,
+              z_loss=z_loss)
+
+    def run(fn, tensors):
+        loss = fn(*tensors[:2], labels, bias=tensors[2] if bias else None, **kw)
+        return [loss, *_grads(loss, tensors, torch.ones_like(loss))]
+
+    fast = run(lambda *a, **k: pyllm.linear_cross_entropy(*a, **k, chunk_size=chunk_size, backend=backend),
+               [t.detach().requires_grad_() for t in params])
+    ref = run(lambda *a, **k: reference.linear_cross_entropy(*a, **k, upcast=False),
+              [t.detach().to(accuracy.reference_dtype(dtype)).requires_grad_() for t in params])
+    base = run(lambda *a, **k: reference.linear_cross_entropy(*a, **k, upcast=False),
+               [t.detach().requires_grad_() for t in params])
+    shape = (f"N{N} H{H} V{V}" + (" bias" if bias else "") + (f" ign{ignored}" if ignored else "")
+             + (f" ls{label_smoothing:g}" if label_smoothing else "") + (f" cap{softcap:g}" if softcap else "")
+             + (f" z{z_loss:g}" if z_loss else "") + (" sum" if reduction == "sum" else ""))
+    names = ["loss", "dhidden", "dweight"] + (["dbias"] if bias else [])
+    return _rows("lin_xent", backend, dtype, shape, names, fast, ref, base)
+
+
 def rotary_case(backend: str, dtype: torch.dtype, B: int, N: int, Hq: int, Hk: int, D: int, R: int | None = None,
                 *, interleaved: bool = False, batch_tables: bool = False, device="cpu", seed: int = 0) -> list[Row]:
     """Errors of ``pyllm.rotary(backend=...)`` for q_out, k_out, dq, dk on one random case; rotary_dim R
@@ -205,6 +241,13 @@ def _grid(device: str, full: bool):
     if full:
         attn += [(1, 1000, 1000, 2, 2, 64, True, False), (1, 33, 65, 1, 1, 256, False, True)]
     return dtypes, norm, attn
+
+
+LCE_GRID = [  # (N, H, V, options): odd vocab sizes, ignored rows, smoothing, softcap, z-loss, several chunks
+    (37, 24, 101, dict(bias=True, ignored=5, label_smoothing=0.1, chunk_size=16)),
+    (19, 16, 32003, dict(ignored=3, chunk_size=8)),
+    (23, 32, 257, dict(softcap=5.0, z_loss=1e-4, reduction="sum", ignored=2)),
+]
 
 
 # rotary: (B, N, Hq, Hk, D, rotary_dim, interleaved, per-batch tables)
@@ -284,6 +327,8 @@ def check(backends_: list[str] | None = None, *, device: str | None = None, full
                     continue  # e.g. the CUDA attention takes fp16/bf16 only (pyllm/capabilities.py)
                 rows += attention_case(name, dtype, B, Nq, Nk, Hq, Hkv, D, causal=causal, padded=padded,
                                        device=device)
+            for N, H, V, opts in LCE_GRID:
+                rows += linear_cross_entropy_case(name, dtype, N, H, V, device=device, **opts)
             for (B, N, Hq, Hk, D, R, inter, per_batch) in (ROTARY_GRID[:2] if interp else ROTARY_GRID):
                 rows += rotary_case(name, dtype, B, N, Hq, Hk, D, R, interleaved=inter, batch_tables=per_batch,
                                     device=device)

@@ -399,3 +399,42 @@ def _shape(normalized_shape) -> tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
     return tuple(normalized_shape)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    upcast: bool | torch.dtype = True,
+) -> Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), labels)`` with the whole (N, V) logits stored.
+
+    hidden (..., H), weight (V, H), bias (V,), labels (...) int64 with ``ignore_index`` rows skipped.
+    ``softcap`` caps the logits first (``softcap * tanh(logits / softcap)``, Gemma); ``z_loss`` adds
+    ``z_loss * logsumexp(logits)^2`` per non-ignored token. ``reduction="mean"`` divides by the number of
+    non-ignored tokens; with none it returns 0 (torch's ``F.cross_entropy`` returns NaN there).
+    Returns a 0-d tensor, float32 for fp16/bf16 inputs with ``upcast`` (else the math dtype).
+    """
+    import torch.nn.functional as F
+
+    mdt = _math_dtype(hidden.dtype, upcast)
+    logits = F.linear(hidden.to(mdt), weight.to(mdt), None if bias is None else bias.to(mdt))
+    logits = logits.reshape(-1, weight.shape[0])  # (N, V)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    labels = labels.reshape(-1)
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction="sum")
+    valid = labels != ignore_index
+    if z_loss:
+        loss = loss + z_loss * torch.where(valid, torch.logsumexp(logits, -1) ** 2, 0).sum()
+    if reduction == "mean":
+        loss = loss / valid.sum().clamp(min=1)
+    return loss

@@ -143,7 +143,7 @@ def test_plots_and_memory(tmp_path):
     (["--provider", "nope"], "unknown provider"),
     (["--shape", "1,6,64,32,4"], "multiple of kv heads"),
     (["--shape", "1,-2,64,32"], "positive"),
-    (["--shape", "1,2,3"], "expected 4 or 5 numbers"),
+    (["--shape", "1,2,3,4,5,6"], "expected 4 or 5 numbers"),  # 3 numbers are a linear_cross_entropy shape
     (["--shape", "a,b"], "integers"),
     (["--dtype", "fp8"], "--dtype"),
     (["--threads", "0"], "--threads"),
@@ -370,6 +370,19 @@ def test_forward_only_provider_times_forward(report):
     assert rows["fwd"]["status"] == "ok" and rows["fwd"]["time"] is not None
     assert rows["bwd"]["status"] == "error" and "backward failed" in rows["bwd"]["reason"]
     assert rows["fwd+bwd"]["time"] is None
+
+
+def test_linear_cross_entropy_case_checked_and_measured():
+    assert parse_shape("64,16,1001", ["linear_cross_entropy"]) == ("linear_cross_entropy", (64, 16, 1001))
+    cases = build_cases(["linear_cross_entropy"], ["fwd", "bwd", "fwd+bwd"], None, "long", "cpu")
+    assert {c.dims for c in cases} == {(8192, 2048, 32000), (8192, 2048, 128256)}  # issue 17's sizes
+    assert {c.mode for c in cases} == {"fwd+bwd"}
+    case = Case(op="linear_cross_entropy", mode="fwd+bwd", dtype="fp32", dims=(64, 16, 1001))
+    rep = bench.run([case], providers=["pyllm-cpu", "torch-linear-ce"], memory=True, log=lambda s: None, **FAST)
+    rows = {r["provider"]: r for r in rep["results"]}
+    assert rows["pyllm-cpu"]["status"] == rows["torch-linear-ce"]["status"] == "ok"
+    assert rows["pyllm-cpu"]["check"]["passed_grad"]
+    assert rows["pyllm-cpu"]["peak_bytes"] is not None
 
 
 class WrongRotary(providers.RotateHalf):

@@ -37,17 +37,8 @@
 // fp16/bf16 tiles are converted to fp32 once, when packed, and all math runs in fp32 (fp64 for
 // double inputs, which gradcheck uses).
 
-// Use the widest at::vec implementation this compilation targets (torch's own kernels get this
-// from their CPU_CAPABILITY build flags; an extension must ask for it before any ATen include).
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+// Use the widest at::vec implementation this compilation targets (before any ATen include).
+#include "vec_capability.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>

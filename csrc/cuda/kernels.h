@@ -125,6 +125,23 @@ cudaError_t layer_norm_bwd(const LayerNormBwdParams& p, DType dtype, DType weigh
                            cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------
+// Linear cross-entropy, the per-row step (the matmuls are cuBLAS calls in the binding): one block per row
+// of a chunk's float32 logits computes the row's loss and, when compute_grad, overwrites the row with
+// dloss/dlogits. Formulas in csrc/linear_cross_entropy.h and csrc/cuda/linear_cross_entropy.cu.
+// ---------------------------------------------------------------------------------------------------
+
+struct LinearCrossEntropyRowsParams {
+  float* z;               // (rows, vocab) logits, row stride z_row_stride; overwritten with the gradient
+  const int64_t* labels;  // (rows,)
+  float* loss;            // (rows,) output, 0 for ignored rows
+  int64_t rows, vocab, z_row_stride, ignore_index;
+  float label_smoothing, softcap /* 0 = none */, z_loss, grad_scale;
+  bool compute_grad;
+};
+
+cudaError_t linear_cross_entropy_rows(const LinearCrossEntropyRowsParams& p, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------
 // Rotary position embeddings on q and k (op contract in csrc/pyllm.cpp). fp32 / fp16 / bf16.
 // ---------------------------------------------------------------------------------------------------
 

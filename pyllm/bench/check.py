@@ -26,6 +26,9 @@ def ref_bytes(case: Case) -> int:
     if case.op == "attention":
         B, Hq, _, Nq, Nk, _ = case.dims
         return 8 * 6 * B * Hq * Nq * Nk
+    if case.op == "linear_cross_entropy":
+        N, _, V = case.dims
+        return 8 * 4 * N * V  # logits, log-softmax, their gradients
     if case.op == "rotary":
         B, N, Hq, Hk, D = case.dims
         return 8 * 6 * B * N * (Hq + Hk) * D
@@ -45,6 +48,11 @@ def check_case(case: Case, device: str) -> Case:
         while ref_bytes(c) > budget and min(Nq, Nk) > 128:
             Nq, Nk = max(128, Nq // 2), max(128, Nk // 2)
             c = c.with_(dims=(B, Hq, Hkv, Nq, Nk, D))
+    elif c.op == "linear_cross_entropy":
+        N, H, V = c.dims
+        while ref_bytes(c) > budget and N > 16:
+            N //= 2
+            c = c.with_(dims=(N, H, V))
     elif c.op in ("layer_norm", "rms_norm"):
         M, N = c.dims
         while ref_bytes(c) > budget and M > 64:
@@ -56,6 +64,8 @@ def check_case(case: Case, device: str) -> Case:
 def _names(case: Case) -> tuple[list[str], list[str]]:
     if case.op == "attention":
         return ["out"], ["dq", "dk", "dv"]
+    if case.op == "linear_cross_entropy":
+        return ["loss"], ["dhidden", "dweight"]
     if case.op == "rotary":
         return ["q", "k"], ["dq", "dk"]
     outs = ["y"] + (["h"] if case.residual else [])
@@ -73,6 +83,10 @@ def _reference_run(case: Case, inputs: dict, to: torch.dtype | None):
         out = R.attention(*leaves, causal=case.causal, softmax_scale=inputs["scale"],
                           key_padding_mask=inputs["mask"], upcast=False)
         outs, gouts = (out,), [cast(inputs["dout"])]
+    elif case.op == "linear_cross_entropy":
+        leaves = [cast(inputs[n]).requires_grad_(True) for n in ("hidden", "weight")]
+        out = R.linear_cross_entropy(*leaves, inputs["labels"], upcast=False)
+        outs, gouts = (out,), [torch.ones_like(out)]
     elif case.op == "rotary":
         leaves = [cast(inputs[n]).requires_grad_(True) for n in ("q", "k")]
         tables = [inputs[n].to(to or leaves[0].dtype) for n in ("cos", "sin")]

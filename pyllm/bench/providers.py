@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .spec import BenchError
 
 BASELINES = {"attention": "sdpa", "layer_norm": "torch", "rms_norm": "torch", "rotary": "rotate-half",
-             "train_step": "pyllm-reference"}
+             "train_step": "pyllm-reference", "linear_cross_entropy": "torch-linear-ce"}
 NORM_EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 
 
@@ -55,6 +55,9 @@ class Provider:
     def rotary_fn(self, case, q, k, cos, sin):
         raise NotImplementedError
 
+    def lce_fn(self, case, hidden, weight, labels):
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------------------------------- pyllm
 
@@ -71,7 +74,7 @@ def _pyllm_state() -> tuple[object | None, str]:
 
 class PyllmProvider(Provider):
     kind = "pyllm"
-    ops = ("attention", "layer_norm", "rms_norm", "rotary", "train_step")
+    ops = ("attention", "layer_norm", "rms_norm", "rotary", "train_step", "linear_cross_entropy")
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -99,7 +102,9 @@ class PyllmProvider(Provider):
 
         if case.op == "train_step":
             return None
-        if case.op == "attention":
+        if case.op == "linear_cross_entropy":
+            reasons = pyllm.backends.explain(case.op, inputs["hidden"], inputs["weight"], inputs["labels"])
+        elif case.op == "attention":
             reasons = pyllm.backends.explain("attention", inputs["q"], inputs["k"], inputs["v"], causal=case.causal,
                                              key_padding_mask=inputs["mask"])
         elif case.op == "rotary":
@@ -129,6 +134,11 @@ class PyllmProvider(Provider):
         import pyllm
 
         return lambda: pyllm.rotary(q, k, cos, sin, backend=self.backend)
+
+    def lce_fn(self, case, hidden, weight, labels):
+        import pyllm
+
+        return lambda: pyllm.linear_cross_entropy(hidden, weight, labels, backend=self.backend)
 
 
 # ------------------------------------------------------------------------------------------- torch
@@ -226,6 +236,14 @@ class TorchNorm(Provider):
         return fn
 
 
+class TorchLinearCrossEntropy(Provider):
+    name, ops = "torch-linear-ce", ("linear_cross_entropy",)
+    describe = "F.cross_entropy(F.linear(hidden, weight).float(), labels) (the (tokens, vocab) logits stored)"
+
+    def lce_fn(self, case, hidden, weight, labels):
+        return lambda: F.cross_entropy(F.linear(hidden, weight).float(), labels)
+
+
 # -------------------------------------------------------------------------------------------- peers
 
 class RotateHalf(Provider):
@@ -293,8 +311,8 @@ class XformersProvider(PeerProvider):
 
 
 class LigerProvider(PeerProvider):
-    name, module, ops = "liger_kernel", "liger_kernel", ("layer_norm", "rms_norm", "rotary")
-    describe = "liger_kernel's Triton LayerNorm/RMSNorm (residual added first) and RoPE"
+    name, module, ops = "liger_kernel", "liger_kernel", ("layer_norm", "rms_norm", "rotary", "linear_cross_entropy")
+    describe = "liger_kernel's Triton LayerNorm/RMSNorm (residual added first), RoPE and fused linear cross-entropy"
 
     def rotary_fn(self, case, q, k, cos, sin):
         from liger_kernel.ops.rope import LigerRopeFunction
@@ -303,6 +321,11 @@ class LigerProvider(PeerProvider):
         # Liger takes (B, H, N, D): transposed views in, pyllm's layout out
         return lambda: tuple(t.transpose(1, 2) for t in LigerRopeFunction.apply(
             q.transpose(1, 2), k.transpose(1, 2), c, s))
+
+    def lce_fn(self, case, hidden, weight, labels):
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return lambda: liger_fused_linear_cross_entropy(hidden, weight, labels)
 
     def norm_fn(self, case, x, w, b, r, eps):
         if case.op == "layer_norm":
@@ -354,7 +377,8 @@ def all_providers() -> list[Provider]:
     sdpa_backends = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
                      ("math", "MATH"))
     out += [SDPAProvider(f"sdpa-{s}", b) for s, b in sdpa_backends]
-    out += [EagerAttention(), TorchNorm(), RotateHalf(), FlashAttnProvider(), XformersProvider(), LigerProvider(), ApexProvider()]
+    out += [EagerAttention(), TorchNorm(), RotateHalf(), TorchLinearCrossEntropy(), FlashAttnProvider(), XformersProvider(),
+            LigerProvider(), ApexProvider()]
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-OPS = ("attention", "layer_norm", "rms_norm", "rotary", "train_step")
+OPS = ("attention", "layer_norm", "rms_norm", "rotary", "train_step", "linear_cross_entropy")
 MODES = ("fwd", "bwd", "fwd+bwd")  # train_step has the single mode "step"
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}  # name -> bytes per element
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
@@ -22,7 +22,8 @@ _SMALL_PRESETS = ("decode", "small")
 
 # Attention dims are (B, Hq, Hkv, Nq, Nk, D); norms (M, N); training step (B, T) of a preset model.
 _DIM_NAMES = {"attention": ("B", "Hq", "Hkv", "Nq", "Nk", "D"), "layer_norm": ("M", "N"),
-              "rms_norm": ("M", "N"), "rotary": ("B", "N", "Hq", "Hk", "D"), "train_step": ("B", "T")}
+              "rms_norm": ("M", "N"), "rotary": ("B", "N", "Hq", "Hk", "D"), "train_step": ("B", "T"),
+              "linear_cross_entropy": ("N", "H", "V")}
 
 
 class BenchError(ValueError):
@@ -80,6 +81,8 @@ class Case:
         if self.op == "train_step":
             m = dict(self.model)
             return f"B{self.dims[0]} T{self.dims[1]} L{m.get('layers')} d{m.get('hidden')}"
+        if self.op == "linear_cross_entropy":
+            return "N{} H{} V{}".format(*self.dims)
         return f"{self.dims[0]}x{self.dims[1]}" + (" +res" if self.residual else "")
 
     def key(self) -> tuple:
@@ -134,6 +137,9 @@ def flops(case: Case, key_lens=None) -> float | None:
         params = 12 * L * d * d + V * d  # blocks + the (tied) output projection
         attn = 4.0 * B * T * (T + 1) / 2 * d * L * 3.5  # causal attention (the kept pairs), fwd + bwd
         return 6.0 * params * B * T + attn
+    if case.op == "linear_cross_entropy":  # logits, then dhidden and dweight: 2*N*H*V each
+        N, H, V = case.dims
+        return 2.0 * N * H * V * {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}[case.mode]
     return None  # a norm's FLOPs say nothing; its figure is GB/s
 
 
@@ -219,17 +225,24 @@ def parse_shape(text: str, ops: list[str]) -> tuple[str, tuple[int, ...]]:
     if op is None:
         if len(nums) in (4, 5):
             op = "attention"
+        elif len(nums) == 3:
+            op = "linear_cross_entropy"
         elif len(nums) == 2:
             op = "train_step" if ops == ["train_step"] else "norm"
         else:
-            raise BenchError(f"--shape {text!r}: expected 4 or 5 numbers (B,H,N,D[,Hkv]) for attention "
-                             f"or 2 (M,N) for the norms, got {len(nums)}")
+            raise BenchError(f"--shape {text!r}: expected 4 or 5 numbers (B,H,N,D[,Hkv]) for attention, "
+                             f"3 (tokens,hidden,vocab) for linear_cross_entropy or 2 (M,N) for the norms, "
+                             f"got {len(nums)}")
     if op == "attention":
         if len(nums) not in (4, 5):
             raise BenchError(f"--shape {text!r}: attention takes B,H,N,D or B,H,N,D,Hkv, got {len(nums)} numbers")
         B, H, N, D = nums[:4]
         Hkv = nums[4] if len(nums) == 5 else H
         return "attention", check_attention_dims((B, H, Hkv, N, N, D), f"--shape {text!r}")
+    if op == "linear_cross_entropy":
+        if len(nums) != 3:
+            raise BenchError(f"--shape {text!r}: linear_cross_entropy takes tokens,hidden,vocab, got {len(nums)} numbers")
+        return op, tuple(nums)
     if len(nums) != 2:
         raise BenchError(f"--shape {text!r}: {op} takes 2 numbers, got {len(nums)}")
     return ("norm" if op in ("norm", "layer_norm", "rms_norm") else op), tuple(nums)
@@ -321,6 +334,10 @@ def preset_points(preset: str, op: str, device: str) -> list[dict]:
         bt = {"quick": (2, 64), "default": (8, 1024) if gpu else (4, 256),
               "long": (8, 2048) if gpu else (4, 512)}[preset]
         return [dict(dims=bt, model=tuple(sorted(model.items())), sweep="model")]
+    if op == "linear_cross_entropy":  # (tokens, hidden, vocab); "long" is issue 17's memory comparison
+        dims = {"quick": [(1024, 256, 8000)], "default": [(2048, 1024, 32000)],
+                "long": [(8192, 2048, 32000), (8192, 2048, 128256)]}[preset]
+        return [dict(dims=d, sweep="vocab") for d in dims]
     raise BenchError(f"--op: expected one of {', '.join(OPS)}, got {op!r}")
 
 
@@ -380,6 +397,8 @@ def build_cases(ops, modes, dtypes, preset, device, shapes=(), causal="preset", 
     cases = []
     for op, pts in points.items():
         op_modes = ["step"] if op == "train_step" else (modes or default_modes(op, preset))
+        if op == "linear_cross_entropy":
+            op_modes = ["fwd+bwd"]  # its gradients are computed in the forward pass: fwd+bwd is the comparison
         for dt in (dtypes or default_dtypes(op, device, preset)):
             for p in pts:
                 for m in op_modes:

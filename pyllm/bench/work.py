@@ -29,6 +29,14 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
         inputs = accuracy.attention_inputs(B, Nq, Nk, Hq, Hkv, D, dtype=case.torch_dtype, device=device,
                                            padded=case.padding, min_keys=1, seed=seed)
         return {**inputs, "scale": D ** -0.5}
+    if case.op == "linear_cross_entropy":  # logits ~ N(0, 1); 1 in 16 labels ignored (-100)
+        N, H, V = case.dims
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        randn = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=case.torch_dtype)  # noqa: E731
+        labels = torch.randint(0, V, (N,), generator=g)
+        labels[::16] = -100
+        return {"hidden": randn(N, H), "weight": (randn(V, H).float() * H ** -0.5).to(case.torch_dtype),
+                "labels": labels.to(device)}
     if case.op == "rotary":  # Llama's tables: (1, N, D/2) float32, theta = position * 10000^(-2i/D)
         B, N, Hq, Hk, D = case.dims
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -59,6 +67,12 @@ def _leaf(t):
 def build_call(case: Case, provider: Provider, inputs: dict) -> Call:
     if case.op == "attention":
         return _attention_call(case, provider, inputs)
+    if case.op == "linear_cross_entropy":
+        h, w = _leaf(inputs["hidden"]), _leaf(inputs["weight"])
+        fn = provider.lce_fn(case, h, w, inputs["labels"])
+        ident = lambda ts: tuple(ts)  # noqa: E731
+        return Call(forward=lambda: (fn(),), leaves=[h, w], grad_outs=[torch.ones((), device=h.device)],
+                    outs_to_common=ident, grads_to_common=ident)
     if case.op == "rotary":
         q, k = _leaf(inputs["q"]), _leaf(inputs["k"])
         fn = provider.rotary_fn(case, q, k, inputs["cos"], inputs["sin"])

@@ -1,8 +1,8 @@
 """torch.library glue shared by the ops: fake (meta) kernels and autograd for the fwd/bwd op pairs
 (and for rotary, whose backward is the same op rotating by -theta).
 
-The C++ ops ``pyllm::{layer_norm,attention}_{fwd,bwd}`` (schemas in csrc/pyllm.cpp, CPU and CUDA kernels)
-and their Triton twins ``pyllm::triton_*`` (custom ops around the launchers in ``pyllm.kernels``) share one
+The C++ ops ``pyllm::{layer_norm,attention}_{fwd,bwd}`` and ``pyllm::linear_cross_entropy_fwd`` (schemas in
+csrc/pyllm.cpp, CPU and CUDA kernels) and their Triton twins ``pyllm::triton_*`` (custom ops around the launchers in ``pyllm.kernels``) share one
 contract, so they share the fake kernels and the backward formulas registered here.
 """
 from __future__ import annotations
@@ -94,6 +94,41 @@ def register_attention(fwd_name: str, bwd: Callable) -> None:
         return dq, dk, dv, None, None, None
 
     torch.library.register_fake(fwd_name)(attention_fwd_fake)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------- linear cross-entropy
+def linear_cross_entropy_fwd_fake(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, z_loss,
+                                  mean, chunk_size, compute_grad):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    loss = hidden.new_empty((), dtype=_stat_dtype(hidden.dtype))
+    dbias = weight.new_empty((V,) if (compute_grad and bias is not None) else (0,))
+    return (loss, hidden.new_empty((N, H) if compute_grad else (0,)),
+            weight.new_empty((V, H) if compute_grad else (0,)), dbias)
+
+
+def register_linear_cross_entropy(fwd_name: str) -> None:
+    """Fake kernel and autograd for a linear_cross_entropy fwd op. The forward already computed the
+    gradients (chunk by chunk, while it had each chunk's logits); backward scales them by the incoming
+    scalar gradient. Only the loss is differentiable."""
+
+    def setup_context(ctx, inputs, output):
+        bias, compute_grad = inputs[3], inputs[-1]
+        _, dhidden, dweight, dbias = output
+        ctx.save_for_backward(dhidden, dweight, dbias)
+        ctx.has_bias, ctx.compute_grad = bias is not None, compute_grad
+
+    def backward(ctx, dloss, _dh, _dw, _db):
+        if not ctx.compute_grad:
+            raise RuntimeError("linear_cross_entropy: backward through a call made with compute_grad=False "
+                               "(its gradients were not computed)")
+        dhidden, dweight, dbias = ctx.saved_tensors
+        scale = lambda t: t * dloss.to(t.dtype)  # noqa: E731
+        return (scale(dhidden), scale(dweight), None, scale(dbias) if ctx.has_bias else None,
+                None, None, None, None, None, None, None)
+
+    torch.library.register_fake(fwd_name)(linear_cross_entropy_fwd_fake)
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
@@ -202,6 +237,17 @@ def triton_attention_bwd(
     return K.attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, deterministic)
 
 
+@torch.library.custom_op("pyllm::triton_linear_cross_entropy_fwd", mutates_args=())
+def triton_linear_cross_entropy_fwd(
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], ignore_index: int,
+    label_smoothing: float, softcap: float, z_loss: float, mean: bool, chunk_size: int, compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from pyllm.kernels import linear_cross_entropy as K
+
+    return K.linear_cross_entropy_fwd(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap,
+                                      z_loss, mean, chunk_size, compute_grad)
+
+
 @torch.library.custom_op("pyllm::triton_rotary", mutates_args=())
 def triton_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool,
                   conjugate: bool) -> tuple[Tensor, Tensor]:
@@ -238,6 +284,7 @@ torch.library.register_fake("pyllm::triton_layer_norm_bwd")(layer_norm_bwd_fake)
 torch.library.register_fake("pyllm::triton_attention_bwd")(attention_bwd_fake)
 register_layer_norm("pyllm::triton_layer_norm_fwd", triton_layer_norm_bwd)
 register_attention("pyllm::triton_attention_fwd", triton_attention_bwd)
+register_linear_cross_entropy("pyllm::triton_linear_cross_entropy_fwd")
 register_rotary("pyllm::triton_rotary", triton_rotary)
 torch.library.register_fake("pyllm::triton_attention_ext_bwd")(attention_ext_bwd_fake)
 register_attention_ext("pyllm::triton_attention_ext_fwd", triton_attention_ext_bwd)
@@ -254,6 +301,8 @@ def _register_extension_ops() -> None:
     torch.library.register_fake("pyllm::attention_bwd")(attention_bwd_fake)
     register_layer_norm("pyllm::layer_norm_fwd", ops.layer_norm_bwd)
     register_attention("pyllm::attention_fwd", ops.attention_bwd)
+    if hasattr(ops, "linear_cross_entropy_fwd"):  # an extension built before the op existed lacks it
+        register_linear_cross_entropy("pyllm::linear_cross_entropy_fwd")
     if hasattr(ops, "rotary"):  # absent from an extension built before the op existed (backends say so)
         register_rotary("pyllm::rotary", ops.rotary)
     if hasattr(ops, "attention_ext_fwd"):

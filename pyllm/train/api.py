@@ -39,7 +39,7 @@ import torch
 
 from pyllm import data as D
 
-from . import dist, run_folder, seq2seq
+from . import dist, lora, run_folder, seq2seq
 from .config import (ConfigError, EvaluateConfig, FinetuneConfig, GenerateConfig, PredictConfig, PretrainConfig, build,
                      from_sources)
 from .evaluation import (best_answers, evaluate_classification, evaluate_lm, evaluate_qa,
@@ -329,11 +329,20 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> TrainResult:
         evaluate, monitor = _task_evaluator(cfg.task, tokenizer, labels, val_x)
         task_info = {"task": cfg.task, "family": family, "labels": labels, "max_length": cfg.max_length,
                      "data": data_name, "base_model": str(model_dir)}
+        if cfg.lora:  # [lora wiring] peft adapters; the run folder gets them in peft's format
+            model = lora.apply(model, cfg.lora, base_model=str(model_dir))
+            task_info["lora"] = model.lora_spec.to_dict()
+            if proc.is_main:
+                print(lora.describe(model))
         trainer = Trainer(model, train_f, D.PadCollator(tokenizer.pad_token_id), cfg, out, proc,
                           eval_features=val_f, evaluate=evaluate, monitor=monitor,
                           save_model=_saver(tokenizer, task_info), description=f"finetune {cfg.task}",
                           on_checkpoint=run_folder.publish)
         result = trainer.train()
+        if cfg.lora and cfg.merge and proc.is_main:  # [lora wiring] a full checkpoint, usable without peft,
+            # written in the staging folder so the run's transaction publishes (or drops) it with the rest
+            plain_info = {k: v for k, v in task_info.items() if k != "lora"}
+            _saver(tokenizer, plain_info)(lora.merge(model), out / "merged")
     result.output_dir = target
     result.metrics["train_examples"] = len(train_f)
     result.metrics["eval_examples"] = len(val_f)
@@ -476,6 +485,10 @@ def load_run(folder, device: str = "auto"):
             raise
         task = {"task": "clm", "family": "gpt2", "max_length": 128}  # a plain GPT-2 checkpoint folder
     family = task.get("family") or _family(folder)
+    if "lora" in task:  # [lora wiring]
+        raise ValueError(f"load_run: {folder} holds LoRA adapters (peft format) for {task['base_model']}; load them "
+                         f"with peft.PeftModel.from_pretrained on that model, or use the merged checkpoint that "
+                         f"--merge writes ({Path(folder) / 'merged'})")
     model = _model_class(family, task["task"]).from_pretrained(folder)
     model.to(dist.resolve_device(device)).eval()
     return model, D.load_tokenizer(folder), task

@@ -381,6 +381,11 @@ class FinetuneConfig(TrainConfig):
     batch_size = 16
     warmup_ratio = 0.1
     schedule = "linear"
+    # [lora wiring] pyllm/train/lora.py
+    lora: Optional[str] = option(None, "train LoRA adapters (peft) instead of all weights, e.g. "
+                                       "'r=16,alpha=32,dropout=0.05,targets=q,k,v,o'", shown="full fine-tuning")
+    merge: bool = option(False, "with --lora: also write the adapters merged into a full checkpoint, "
+                                "<output>/merged")
     min_lr_ratio = 0.0
 
     def check(self) -> None:
@@ -388,6 +393,18 @@ class FinetuneConfig(TrainConfig):
         self.need(self.train_file is not None or self.task in ("sequence-classification", "translation"),
                   f"task {self.task!r} needs a train_file (the embedded data is for sequence-classification "
                   "and translation only)")
+        if self.lora is not None:  # [lora wiring] bad specs fail before the output folder is touched
+            from .lora import parse
+
+            try:
+                parse(self.lora)
+            except ValueError as e:
+                raise ConfigError(self.command, str(e)) from None
+            self.need(self.distributed != "fsdp", "lora with distributed='fsdp' is not supported (use ddp)")
+            self.need(self.task not in ("translation", "summarization"),
+                      f"lora is not supported for task {self.task!r} yet (encoder-decoders train all weights)")
+        self.need(not self.merge or self.lora is not None,
+                  "merge needs lora (it merges the LoRA adapters into the weights)")
 
 
 @config_class

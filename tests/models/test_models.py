@@ -89,10 +89,19 @@ def test_gpt_heads_shapes_and_losses():
     lm = GPTForCausalLM(cfg)
     assert lm.lm_head.weight is lm.transformer.word.weight
     labels = ids.masked_fill(mask == 0, -100)
-    o = lm(ids, mask, labels=labels)
+    o = lm(ids, mask, labels=labels, return_logits=True)
     assert o.logits.shape == (B, N, 97)
     lg, lb = o.logits[:, :-1], labels[:, 1:]
     torch.testing.assert_close(o.loss, F.cross_entropy(lg[lb != -100], lb[lb != -100]))
+    fused = lm(ids, mask, labels=labels)  # training with labels: the fused loss, no (B, N, vocab) logits
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, o.loss, atol=1e-5, rtol=1e-5)
+    fused.loss.backward()
+    g = lm.lm_head.weight.grad.clone()
+    lm.zero_grad()
+    o.loss.backward()
+    torch.testing.assert_close(g, lm.lm_head.weight.grad, atol=1e-5, rtol=1e-5)
+    assert lm.eval()(ids, mask, labels=labels).logits.shape == (B, N, 97)
     sc = GPTForSequenceClassification(cfg)
     o = sc(ids, mask, labels=torch.tensor([0, 1, 2]))
     assert o.logits.shape == (B, 3)
@@ -179,7 +188,7 @@ def test_kernel_backends_agree_with_reference(cls, backend):
         model = cls(tiny_config(backend=name, num_kv_heads=2, num_layers=1 if backend == "triton" else 2))
         out = model(ids, mask, labels=labels)
         out.loss.backward()
-        outs.append(out.logits.detach())
+        outs.append([out.loss.detach()] + ([] if out.logits is None else [out.logits.detach()]))
         grads.append([p.grad for p in model.parameters()])
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
     for a, b in zip(*grads):

@@ -1,0 +1,100 @@
+// CPU kernel of pyllm::linear_cross_entropy_fwd: the chunk loop of csrc/linear_cross_entropy.h (at::mm on
+// chunks of tokens) with the per-row loss and softmax gradient below, one row per task, SIMD through
+// at::vec::Vectorized. Per row of V logits z (softcapped: z = cap * tanh(z / cap)), label y, smoothing e:
+//   lse  = log sum_j exp(z_j)
+//   loss = lse - (1 - e) z_y - e mean_j z_j + z_loss lse^2                (0 when y == ignore_index)
+//   dz_j = s * (softmax_j (1 + 2 z_loss lse) - e / V - (1 - e) [j == y])  (s = 1/n_valid for mean)
+//   with a softcap, dlogits_j = dz_j (1 - tanh_j^2).
+// The widest at::vec implementation this compilation targets (without it Vectorized<float> is the generic
+// scalar fallback and exp/tanh run one element at a time); before any ATen include.
+#include "vec_capability.h"
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "linear_cross_entropy.h"
+
+namespace pyllm {
+namespace {
+
+using at::vec::Vectorized;
+
+// One row: returns its loss; with o.compute_grad, overwrites z with dloss/dlogits.
+template <typename T>
+T row_loss_grad(T* z, int64_t V, int64_t y, const lce::Options& o) {
+  using Vec = Vectorized<T>;
+  const T cap = static_cast<T>(o.softcap), eps = static_cast<T>(o.label_smoothing);
+  if (y == o.ignore_index) {
+    if (o.compute_grad) std::fill(z, z + V, T(0));
+    return T(0);
+  }
+  TORCH_CHECK(y >= 0 && y < V, "linear_cross_entropy: label ", y, " is out of range [0, ", V, ")");
+  if (cap > 0) {
+    at::vec::map([cap](Vec x) { return (x / Vec(cap)).tanh() * Vec(cap); }, z, z, V);
+  }
+  const T m = at::vec::reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, z, V);
+  const T s = at::vec::map_reduce_all<T>([m](Vec x) { return (x - Vec(m)).exp(); },
+                                         [](Vec& a, Vec& b) { return a + b; }, z, V);
+  const T lse = m + std::log(s);
+  T loss = lse - (T(1) - eps) * z[y] + static_cast<T>(o.z_loss) * lse * lse;
+  if (eps > 0) {
+    const T sum_z = at::vec::reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, z, V);
+    loss -= eps * sum_z / static_cast<T>(V);
+  }
+  if (!o.compute_grad) return loss;
+  const T scale = static_cast<T>(o.grad_scale);
+  const T pmul = scale * (T(1) + T(2) * static_cast<T>(o.z_loss) * lse), shift = scale * eps / static_cast<T>(V);
+  const T zy = z[y];
+  if (cap > 0) {  // d(cap tanh(x / cap))/dx = 1 - (z / cap)^2
+    at::vec::map([=](Vec x) {
+      Vec t = x / Vec(cap);
+      return ((x - Vec(lse)).exp() * Vec(pmul) - Vec(shift)) * (Vec(T(1)) - t * t);
+    }, z, z, V);
+    const T t = zy / cap;
+    z[y] -= scale * (T(1) - eps) * (T(1) - t * t);
+  } else {
+    at::vec::map([=](Vec x) { return (x - Vec(lse)).exp() * Vec(pmul) - Vec(shift); }, z, z, V);
+    z[y] -= scale * (T(1) - eps);
+  }
+  return loss;
+}
+
+template <typename T>
+void rows_cpu(at::Tensor z, const at::Tensor& labels, at::Tensor loss, const lce::Options& o) {
+  const int64_t c = z.size(0), V = z.size(1);
+  T* zp = z.data_ptr<T>();
+  T* lp = loss.data_ptr<T>();
+  const int64_t* yp = labels.data_ptr<int64_t>();
+  at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) lp[r] = row_loss_grad<T>(zp + r * V, V, yp[r], o);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+    const std::optional<at::Tensor>& bias, int64_t ignore_index, double label_smoothing, double softcap,
+    double z_loss, bool mean, int64_t chunk_size, bool compute_grad) {
+  lce::check_inputs("linear_cross_entropy", hidden, weight, labels, bias);
+  const bool fp64 = hidden.scalar_type() == at::kDouble;
+  const auto acc = fp64 ? at::kDouble : at::kFloat;
+  auto step = [fp64](at::Tensor z, const at::Tensor& y, at::Tensor loss, const lce::Options& o) {
+    if (fp64) {
+      rows_cpu<double>(z, y, loss, o);
+    } else {
+      rows_cpu<float>(z, y, loss, o);
+    }
+  };
+  return lce::chunked_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, z_loss, mean,
+                              chunk_size, compute_grad, acc, step);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyllm, CPU, m) { m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd_cpu); }
+
+}  // namespace pyllm
