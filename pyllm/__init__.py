@@ -22,4 +22,4 @@ lazy_exports(__name__, {
     "layer_norm": "pyllm.ops:layer_norm", "rms_norm": "pyllm.ops:rms_norm", "rotary": "pyllm.ops:rotary",
     "linear_cross_entropy": "pyllm.ops:linear_cross_entropy",
     "backends": "pyllm.backends", "reference": "pyllm.reference", "nn": "pyllm.nn", "check": "pyllm.check:check",
-})
+}, needs={"backends": "pyllm.ops"})  # backends.explain needs the ops' call describers, which they register

@@ -25,6 +25,11 @@ class _LazyPackage(types.ModuleType):
         if target is None:
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
         module_name, _, attribute = target.partition(":")
+        first = self.__dict__["_lazy_needs"].get(name)
+        if first is not None:  # e.g. pyllm.backends is complete only once the ops registered themselves
+            importlib.import_module(first)
+            if name in self.__dict__:  # importing `first` already set it
+                return self.__dict__[name]
         value = importlib.import_module(module_name)
         if attribute:
             value = getattr(value, attribute)
@@ -40,8 +45,10 @@ class _LazyPackage(types.ModuleType):
         return sorted(set(self.__dict__) | set(self.__dict__["_lazy_exports"]))
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> None:
-    """Make ``package``'s names ``exports`` (name -> "module" or "module:attribute") load on first use."""
+def lazy_exports(package: str, exports: dict[str, str], needs: dict[str, str] | None = None) -> None:
+    """Make ``package``'s names ``exports`` (name -> "module" or "module:attribute") load on first use;
+    ``needs`` (name -> module) names a module to import before that name's own."""
     module = sys.modules[package]
     module.__dict__["_lazy_exports"] = dict(exports)
+    module.__dict__["_lazy_needs"] = dict(needs or {})
     module.__class__ = _LazyPackage
