@@ -58,6 +58,13 @@
 //   ((b Hq + h) drop_lq + i) drop_lk + j, word 0; keep iff bits >= min(floor(p 2^32), 2^32 - 1); kept
 //   probabilities scaled by 1 / (1 - p); lse is taken before dropout). The backward returns dbias summed to
 //   attn_bias's shape when bias_grad (else shape (0,)).
+// attention_varlen_fwd / attention_varlen_bwd: packed variable-length sequences in one call (FlashAttention's
+//   varlen): q (total_q, Hq, D), k, v (total_k, Hkv, D), stride(-1) == 1; cu_seqlens_q/k (B + 1,) int32,
+//   starting at 0, non-decreasing, ending at total; sequence b is rows cu_q[b]..cu_q[b+1] of q against rows
+//   cu_k[b]..cu_k[b+1] of k and v, each at most max_seqlen_q/k long. Features as attention_ext (no key padding
+//   mask, no attn_bias; alibi (Hq,) or (B, Hq)); causal and window align bottom-right per sequence; dropout's
+//   element index is that of the padded batch (B, Hq, max_seqlen_q, max_seqlen_k) (drop_lq/lk = max_seqlen).
+//   out (total_q, Hq, D) contiguous, lse (Hq, total_q) float32 (float64 for fp64); the backward returns dq, dk, dv.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -82,6 +89,13 @@ TORCH_LIBRARY(pyllm, m) {
         " Tensor? key_padding_mask, bool causal, float softmax_scale, int window_left, int window_right,"
         " float softcap, Tensor? alibi_slopes, Tensor? attn_bias, float dropout_p, int seed, int offset,"
         " int drop_lq, int drop_lk, bool bias_grad, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
+        " int max_seqlen_q, int max_seqlen_k, bool causal, float softmax_scale, int window_left, int window_right,"
+        " float softcap, Tensor? alibi_slopes, float dropout_p, int seed, int offset) -> (Tensor, Tensor)");
+  m.def("attention_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal,"
+        " float softmax_scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes,"
+        " float dropout_p, int seed, int offset, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import pyllm._C` loads this library, which runs the registrations above; the module itself is empty.

@@ -41,6 +41,10 @@ dQ kernel, which visits each element once), DROPOUT (tl.randint = Philox4x32-10 
 the mask pyllm.reference.dropout_mask and the C++ kernel draw). Score order: scale * q.k, softcap,
 + ALiBi + bias, masks, softmax, dropout; the backward uses dV += (P Z)^T dO and dS = P * (Z dP - delta).
 
+VARLEN (attention_varlen_fwd / attention_varlen_bwd): one launch for a packed batch. The grid covers the
+longest sequence: program (block, sequence * head) loads its sequence's first rows and lengths from
+cu_seqlens_q/k and returns at once when its block lies past them; lse and delta are (Hq, total_q).
+
 Head dims up to 256 are padded to BLOCK_D = next_power_of_2(D) (at least 16) with masked loads.
 
 On CPU tensors the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before triton
@@ -62,7 +66,8 @@ import triton.language as tl
 from pyllm.capabilities import TRITON
 from pyllm.kernels import interpreting
 
-__all__ = ["attention_fwd", "attention_bwd", "attention_ext_fwd", "attention_ext_bwd"]
+__all__ = ["attention_fwd", "attention_bwd", "attention_ext_fwd", "attention_ext_bwd", "attention_varlen_fwd",
+           "attention_varlen_bwd"]
 
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = TRITON.max_head_dim
@@ -187,11 +192,12 @@ def _attn_fwd(
     stride_ab, stride_bb, stride_bh, stride_bm, stride_bn,
     win_left, win_right, softcap, sm_nat, drop_thr, drop_scale, seed, drop_offset, drop_lq, drop_lk,
     TUNE_NQ, TUNE_NK,  # bucketed seqlens: autotune keys only
+    CuQ, CuK,  # packed sequences (VARLEN): cu_seqlens_q/k int32 (B + 1,); dummies otherwise
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -200,14 +206,25 @@ def _attn_fwd(
     h = (pid_bh % Hq).to(tl.int64)
     g = h // GROUP
     start_m = pid_m * BLOCK_M
+    row_base = pid_bh.to(tl.int64) * Nq  # lse (B, Hq, Nq)
+    q_start = b * 0
+    k_start = b * 0
+    if VARLEN:  # sequence b of a packed batch: rows from cu_seqlens; Nq is total_q, lse is (Hq, total_q)
+        q_start = tl.load(CuQ + b).to(tl.int64)
+        k_start = tl.load(CuK + b).to(tl.int64)
+        row_base = h * Nq + q_start
+        Nq = (tl.load(CuQ + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CuK + b + 1) - k_start).to(tl.int32)
+        if start_m >= Nq:  # the grid covers the longest sequence
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Nq
     d_ok = offs_d < HEAD_DIM
 
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    q_base = Q + b * stride_qb + q_start * stride_qn + h * stride_qh
+    k_base = K + b * stride_kb + k_start * stride_kn + g * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vn + g * stride_vh
     mask_base = Mask + b * stride_mb
     q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (M, D)
@@ -255,10 +272,10 @@ def _attn_fwd(
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    o_base = Out + b * stride_ob + h * stride_oh
+    o_base = Out + b * stride_ob + q_start * stride_on + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], _to(out, Out.dtype.element_ty, INTERPRET),
              mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=m_ok)
+    tl.store(Lse + row_base + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -351,11 +368,12 @@ def _attn_bwd_dkdv(
     stride_ab, stride_bb, stride_bh, stride_bm, stride_bn,
     win_left, win_right, softcap, sm_nat, drop_thr, drop_scale, seed, drop_offset, drop_lq, drop_lk,
     TUNE_NQ, TUNE_NK,
+    CuQ, CuK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -363,12 +381,22 @@ def _attn_bwd_dkdv(
     b = (pid_bkv // Hkv).to(tl.int64)
     g = (pid_bkv % Hkv).to(tl.int64)
     start_n = pid_n * BLOCK_N
+    total_q = Nq
+    q_start = b * 0
+    k_start = b * 0
+    if VARLEN:  # as in the forward; lse and delta are (Hq, total_q)
+        q_start = tl.load(CuQ + b).to(tl.int64)
+        k_start = tl.load(CuK + b).to(tl.int64)
+        Nq = (tl.load(CuQ + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CuK + b + 1) - k_start).to(tl.int32)
+        if start_n >= Nk:
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (offs_n[:, None] < Nk) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b * stride_kb + g * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+    k = tl.load(K + b * stride_kb + k_start * stride_kn + g * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                 mask=kv_mask, other=0.0)  # (N, D)
-    v = tl.load(V + b * stride_vb + g * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+    v = tl.load(V + b * stride_vb + k_start * stride_vn + g * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
                 mask=kv_mask, other=0.0)  # (N, D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -394,9 +422,12 @@ def _attn_bwd_dkdv(
     # Each key block reads every query head of its GQA group: dK, dV summed in registers, in order.
     for i in range(0, GROUP):
         h = g * GROUP + i
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        row_base = (b * Hq + h) * Nq
+        q_base = Q + b * stride_qb + q_start * stride_qn + h * stride_qh
+        do_base = DO + b * stride_dob + q_start * stride_don + h * stride_doh
+        if VARLEN:
+            row_base = h * total_q + q_start
+        else:
+            row_base = (b * Hq + h) * Nq
         slope = tl.load(Alibi + b * stride_ab + h) if HAS_ALIBI else 0.0
         bias_base = Bias + b * stride_bb + h * stride_bh
         row0 = (b * Hq + h) * drop_lq
@@ -420,9 +451,9 @@ def _attn_bwd_dkdv(
         keep = tl.load(Mask + b * stride_mb + offs_n * stride_mn, mask=offs_n < Nk, other=0) != 0
         dk = tl.where(keep[:, None], dk, 0.0)
         dv = tl.where(keep[:, None], dv, 0.0)
-    tl.store(DK + b * stride_dkb + g * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+    tl.store(DK + b * stride_dkb + (k_start + offs_n[:, None]) * stride_dkn + g * stride_dkh + offs_d[None, :],
              _to(dk, DK.dtype.element_ty, INTERPRET), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + g * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+    tl.store(DV + b * stride_dvb + (k_start + offs_n[:, None]) * stride_dvn + g * stride_dvh + offs_d[None, :],
              _to(dv, DV.dtype.element_ty, INTERPRET), mask=kv_mask)
 
 
@@ -487,11 +518,12 @@ def _attn_bwd_dq(
     stride_ab, stride_bb, stride_bh, stride_bm, stride_bn,
     win_left, win_right, softcap, sm_nat, drop_thr, drop_scale, seed, drop_offset, drop_lq, drop_lk,
     TUNE_NQ, TUNE_NK,
+    CuQ, CuK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -500,16 +532,27 @@ def _attn_bwd_dq(
     h = (pid_bh % Hq).to(tl.int64)
     g = h // GROUP
     start_m = pid_m * BLOCK_M
+    row_base = pid_bh.to(tl.int64) * Nq
+    q_start = b * 0
+    k_start = b * 0
+    if VARLEN:  # as in the forward
+        q_start = tl.load(CuQ + b).to(tl.int64)
+        k_start = tl.load(CuK + b).to(tl.int64)
+        row_base = h * Nq + q_start
+        Nq = (tl.load(CuQ + b + 1) - q_start).to(tl.int32)
+        Nk = (tl.load(CuK + b + 1) - k_start).to(tl.int32)
+        if start_m >= Nq:
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ld_mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + (q_start + offs_m[:, None]) * stride_qn + h * stride_qh + offs_d[None, :],
                 mask=ld_mask, other=0.0)  # (M, D)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
+    do = tl.load(DO + b * stride_dob + (q_start + offs_m[:, None]) * stride_don + h * stride_doh + offs_d[None, :],
                  mask=ld_mask, other=0.0)  # (M, D)
-    lse2, delta = _load_row_stats(Lse, Delta, pid_bh.to(tl.int64) * Nq, offs_m, Nq)
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    lse2, delta = _load_row_stats(Lse, Delta, row_base, offs_m, Nq)
+    k_base = K + b * stride_kb + k_start * stride_kn + g * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vn + g * stride_vh
     mask_base = Mask + b * stride_mb
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     slope = tl.load(Alibi + b * stride_ab + h) if HAS_ALIBI else 0.0
@@ -547,7 +590,7 @@ def _attn_bwd_dq(
                       HEAD_DIM, BLOCK_N, True, CAUSAL, HAS_MASK, INTERPRET, PRECISION,
                       WINDOW, SOFTCAP, HAS_ALIBI, HAS_BIAS, DROPOUT, BIAS_GRAD)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
+    tl.store(DQ + b * stride_dqb + (q_start + offs_m[:, None]) * stride_dqn + h * stride_dqh + offs_d[None, :],
              _to(dq, DQ.dtype.element_ty, INTERPRET), mask=ld_mask)
 
 
@@ -561,7 +604,7 @@ def _attn_bwd_dq(
 # one kernel rather than timing all of them: quick GPU checks).
 _AUTOTUNE = os.environ.get("PYLLM_TRITON_AUTOTUNE", "1") != "0"
 _TUNE_KEY = ["TUNE_NQ", "TUNE_NK", "HEAD_DIM", "CAUSAL", "HAS_MASK", "WINDOW", "SOFTCAP", "HAS_ALIBI", "HAS_BIAS",
-             "DROPOUT"]
+             "DROPOUT", "VARLEN"]
 _CONFIGS_SM80 = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [
@@ -691,9 +734,11 @@ def _launch_args(q, key_padding_mask):
 
 
 def _feature_args(q, k, causal, softmax_scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
-                  attn_bias=None, dropout_p=0.0, seed=0, offset=0, drop_lq=0, drop_lk=0, dbias=None):
-    """(runtime arguments, constexprs) of the feature block the three kernels share (contract: csrc/pyllm.cpp)."""
+                  attn_bias=None, dropout_p=0.0, seed=0, offset=0, drop_lq=0, drop_lk=0, dbias=None, batch=None):
+    """(runtime arguments, constexprs) of the feature block the three kernels share (contract: csrc/pyllm.cpp);
+    ``batch``: the number of sequences of a packed call (q is then (1, total_q, Hq, D))."""
     B, Nq, Hq, _ = q.shape
+    B = B if batch is None else batch
     Nk = k.shape[1]
     right = 0 if causal else window_right
     alibi, stride_ab = q, 0  # dummy pointers when a feature is off: never read
@@ -716,29 +761,49 @@ def _feature_args(q, k, causal, softmax_scale, window_left=-1, window_right=-1, 
     return args, consts
 
 
-def attention_fwd(q, k, v, key_padding_mask, causal: bool, softmax_scale: float, features: dict | None = None):
+def _packed(varlen, q):
+    """Launch geometry of a packed call (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) or None:
+    (cu_q, cu_k pointers, batch for the grid, grid Nq, grid Nk, VARLEN). Packed tensors are (1, total, H, D)
+    views here, read with a zero batch stride from each sequence's first row."""
+    if varlen is None:
+        return q, q, None, None, None, False
+    cu_q, cu_k, max_q, max_k = varlen
+    return cu_q, cu_k, cu_q.numel() - 1, max_q, max_k, True
+
+
+def _strides(x, packed):
+    s = x.stride()[:3]
+    return (0,) + tuple(s[1:]) if packed else s
+
+
+def attention_fwd(q, k, v, key_padding_mask, causal: bool, softmax_scale: float, features: dict | None = None,
+                  varlen=None):
     """FlashAttention-2 forward.
 
     q (B, Nq, Hq, D); k, v (B, Nk, Hkv, D), Hq % Hkv == 0; any strides with stride(-1) == 1;
     key_padding_mask (B, Nk) bool (True = real token) or None; causal is bottom-right aligned.
     Returns out (B, Nq, Hq, D) contiguous in q.dtype and lse (B, Hq, Nq) float32 (natural log;
     -inf, with out = 0, for a row that sees no key). ``features``: keywords of :func:`_feature_args`.
+    ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k): q, k, v are packed (1, total, H, D)
+    views, one program per (query block, sequence * head); lse is then (1, Hq, total_q).
     """
     _check(q, k, v, key_padding_mask, "attention_fwd")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     B, Nq, Hq, D = q.shape
     Nk, Hkv = k.shape[1], k.shape[2]
+    cu_q, cu_k, nseq, grid_q, grid_k, packed = _packed(varlen, q)
     out = torch.zeros((B, Nq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, Nq), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or Nk == 0:
         return out, lse  # nothing to attend to: zeros and -inf, as the kernel would write
     mask, mask_strides, consts, fixed = _launch_args(q, key_padding_mask)
-    feat, feat_consts = _feature_args(q, k, causal, softmax_scale, **(features or {}))
-    consts.update(feat_consts)
+    feat, feat_consts = _feature_args(q, k, causal, softmax_scale, **(features or {}), batch=nseq)
+    consts.update(feat_consts, VARLEN=packed)
+    B, grid_q, grid_k = (nseq, grid_q, grid_k) if packed else (B, Nq, Nk)
     args = (q, k, v, mask, out, lse,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-            Hq, Nq, Nk, Hq // Hkv, softmax_scale * _LOG2E, *feat, _bucket(Nq), _bucket(Nk))
-    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+            *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *mask_strides, *_strides(out, packed),
+            Hq, Nq, Nk, Hq // Hkv, softmax_scale * _LOG2E, *feat, _bucket(grid_q), _bucket(grid_k), cu_q, cu_k)
+    grid = lambda meta: (triton.cdiv(grid_q, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
         if fixed is None:
             _attn_fwd_tuned[grid](*args, CAUSAL=bool(causal), **consts)
@@ -748,13 +813,13 @@ def attention_fwd(q, k, v, key_padding_mask, causal: bool, softmax_scale: float,
 
 
 def attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal: bool, softmax_scale: float,
-                  deterministic: bool, features: dict | None = None):
+                  deterministic: bool, features: dict | None = None, varlen=None):
     """FlashAttention-2 backward.
 
     dout, out (B, Nq, Hq, D); q, k, v and key_padding_mask as in attention_fwd; lse (B, Hq, Nq)
     float32 from attention_fwd. Returns dq, dk, dv, contiguous, shaped and typed like q, k, v.
     Rows with lse = -inf contribute nothing. No atomics are used, so the result is bitwise
-    reproducible for any `deterministic`.
+    reproducible for any `deterministic`. ``varlen`` as in :func:`attention_fwd` (lse (1, Hq, total_q)).
     """
     _check(q, k, v, key_padding_mask, "attention_bwd")
     if dout.shape != q.shape or out.shape != q.shape:
@@ -772,24 +837,27 @@ def attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal: bool, softm
     dv = torch.zeros((B, Nk, Hkv, D), dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:
         return dq, dk, dv  # no pairs at all: every gradient is zero
+    cu_q, cu_k, nseq, grid_q, grid_k, packed = _packed(varlen, q)
     mask, mask_strides, consts, fixed = _launch_args(q, key_padding_mask)
-    feat, feat_consts = _feature_args(q, k, causal, softmax_scale, **(features or {}))
+    feat, feat_consts = _feature_args(q, k, causal, softmax_scale, **(features or {}), batch=nseq)
     consts.update(feat_consts)
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    common = (Nq, Nk, Hq // Hkv, softmax_scale * _LOG2E, softmax_scale, *feat, _bucket(Nq), _bucket(Nk))
+    common = (Nq, Nk, Hq // Hkv, softmax_scale * _LOG2E, softmax_scale, *feat,
+              _bucket(grid_q if packed else Nq), _bucket(grid_k if packed else Nk), cu_q, cu_k)
     with torch.cuda.device(q.device) if q.is_cuda else nullcontext():
         pre_block = max(16, min(64, 8192 // consts["BLOCK_D"]))  # (pre_block, BLOCK_D) fp32 tiles stay in registers
         _attn_bwd_pre[(triton.cdiv(Nq, pre_block), B * Hq)](
             out, dout, delta, *out.stride()[:3], *dout.stride()[:3], Hq, Nq,
             HEAD_DIM=D, BLOCK_D=consts["BLOCK_D"], BLOCK_M=pre_block)
+        st = lambda x: _strides(x, packed)  # noqa: E731
         dkdv_args = (q, k, v, dout, lse, delta, mask, dk, dv,
-                     *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *mask_strides,
-                     *dk.stride()[:3], *dv.stride()[:3], Hq, Hkv, *common)
-        dkdv_grid = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+                     *st(q), *st(k), *st(v), *st(dout), *mask_strides, *st(dk), *st(dv), Hq, Hkv, *common)
+        B, grid_q, grid_k = (nseq, grid_q, grid_k) if packed else (B, Nq, Nk)
+        dkdv_grid = lambda meta: (triton.cdiv(grid_k, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
         dq_args = (q, k, v, dout, lse, delta, mask, dq,
-                   *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *mask_strides,
-                   *dq.stride()[:3], Hq, *common)
-        dq_grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+                   *st(q), *st(k), *st(v), *st(dout), *mask_strides, *st(dq), Hq, *common)
+        dq_grid = lambda meta: (triton.cdiv(grid_q, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+        consts.update(VARLEN=packed)
         if fixed is None:
             _attn_bwd_dkdv_tuned[dkdv_grid](*dkdv_args, CAUSAL=bool(causal), **consts)
             _attn_bwd_dq_tuned[dq_grid](*dq_args, CAUSAL=bool(causal), **consts)
@@ -823,3 +891,47 @@ def attention_ext_bwd(dout, q, k, v, out, lse, key_padding_mask, causal: bool, s
         dbias=full))
     dbias = full.sum_to_size(attn_bias.shape).to(attn_bias.dtype) if full is not None else q.new_empty((0,))
     return dq, dk, dv, dbias
+
+
+def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
+                         softmax_scale: float, window_left: int, window_right: int, softcap: float, alibi_slopes,
+                         dropout_p: float, seed: int, offset: int):
+    """Packed sequences in one launch; arguments as pyllm::attention_varlen_fwd (csrc/pyllm.cpp): q (total_q, Hq, D),
+    k, v (total_k, Hkv, D) -> out (total_q, Hq, D), lse (Hq, total_q)."""
+    varlen = _varlen_check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, "attention_varlen_fwd")
+    out, lse = attention_fwd(q[None], k[None], v[None], None, causal, softmax_scale, dict(
+        window_left=window_left, window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p, seed=seed, offset=offset, drop_lq=max_seqlen_q, drop_lk=max_seqlen_k), varlen)
+    return out[0], lse[0]
+
+
+def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                         causal: bool, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+                         alibi_slopes, dropout_p: float, seed: int, offset: int, deterministic: bool):
+    """The backward of :func:`attention_varlen_fwd`: (dq, dk, dv), packed like q, k, v."""
+    varlen = _varlen_check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, "attention_varlen_bwd")
+    if tuple(lse.shape) != (q.shape[1], q.shape[0]):
+        raise ValueError(f"attention_varlen_bwd: lse must be ({q.shape[1]}, {q.shape[0]}); got {tuple(lse.shape)}")
+    dq, dk, dv = attention_bwd(dout[None], q[None], k[None], v[None], out[None], lse[None], None, causal,
+                               softmax_scale, deterministic, dict(
+                                   window_left=window_left, window_right=window_right, softcap=softcap,
+                                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed, offset=offset,
+                                   drop_lq=max_seqlen_q, drop_lk=max_seqlen_k), varlen)
+    return dq[0], dk[0], dv[0]
+
+
+def _varlen_check(q, k, v, cu_q, cu_k, max_q, max_k, fn):
+    # Memory-safety guards for direct calls of the raw op (pyllm.attention_varlen validates with precise messages):
+    # the kernels read rows cu[b]..cu[b+1], so the offsets must stay inside the tensors.
+    ok = q.dim() == 3 and k.dim() == 3 and v.dim() == 3
+    for cu, total, mx in ((cu_q, q.shape[0], max_q), (cu_k, k.shape[0], max_k)):
+        ok = ok and cu.dtype == torch.int32 and cu.dim() == 1 and cu.numel() >= 1 and cu.device == q.device
+        if ok:
+            c = cu.tolist()
+            ok = c[0] == 0 and c[-1] == total and all(0 <= b - a <= mx for a, b in zip(c, c[1:]))
+    if not ok or cu_q.numel() != cu_k.numel():
+        raise ValueError(f"{fn}: packed inputs the kernel cannot take: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"cu_seqlens {cu_q.tolist() if cu_q.numel() < 64 else '...'} / "
+                         f"{cu_k.tolist() if cu_k.numel() < 64 else '...'} (call pyllm.attention_varlen for a "
+                         "precise error)")
+    return cu_q, cu_k, int(max_q), int(max_k)

@@ -33,6 +33,11 @@
 // mask every backend draws (csrc/pyllm.cpp): the forward scales P by keep / (1 - p) after the row sums,
 // the backward regenerates the mask and uses dV += (P Z)^T dO, dS = P * (Z dP - delta).
 //
+// Packed variable-length sequences (attention_varlen_fwd / attention_varlen_bwd) run the same kernels in one
+// call: Problem::seq(b) gives sequence b's lengths and first rows (read in place from cu_seqlens), the tasks are
+// (sequence, head, query block) forward and (sequence, kv head, split) backward, handed to the threads longest
+// first from a shared counter; no padding is computed or stored.
+//
 // Tile products run in a register-blocked at::vec micro-kernel (6 x 64 fp32 outputs per step, FMA);
 // fp16/bf16 tiles are converted to fp32 once, when packed, and all math runs in fp32 (fp64 for
 // double inputs, which gradcheck uses).
@@ -48,6 +53,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -232,6 +239,29 @@ struct Problem {
   double scale;
   const bool* mask;  // (B, Nk) contiguous, or nullptr
   Features f = {};
+  // lse (B, Hq, Nq): element (b, h, i) at b * lse_sb + h * lse_sh + qr0 + i (packed: (Hq, total_q)).
+  int64_t lse_sb = 0, lse_sh = 0;
+  // Packed sequences (attention_varlen_*; nullptr otherwise): B sequences, sequence b is rows
+  // cu_q[b]..cu_q[b+1] of q, out and lse against rows cu_k[b]..cu_k[b+1] of k and v; Nq and Nk are then the
+  // longest lengths, and seq(b) gives the problem of one sequence. Nothing is padded: inputs are read in place.
+  const int64_t* cu_q = nullptr;
+  const int64_t* cu_k = nullptr;
+  // Set by seq(b): the sequence's first row in the inputs (qr0, kr0; 0 for a padded batch, whose rows are
+  // reached through the batch stride) and in the contiguous outputs (qg0, kg0 = b * Nq, b * Nk when padded).
+  int64_t qr0 = 0, kr0 = 0, qg0 = 0, kg0 = 0;
+  Problem seq(int64_t b) const {
+    Problem s = *this;
+    if (cu_q != nullptr) {
+      s.qr0 = s.qg0 = cu_q[b];
+      s.kr0 = s.kg0 = cu_k[b];
+      s.Nq = cu_q[b + 1] - cu_q[b];
+      s.Nk = cu_k[b + 1] - cu_k[b];
+    } else {
+      s.qg0 = b * Nq;
+      s.kg0 = b * Nk;
+    }
+    return s;
+  }
   int64_t group() const { return Hq / Hkv; }
   int64_t right() const { return causal ? 0 : f.window_right; }  // causal is a window with right = 0
   bool windowed() const { return right() >= 0 || f.window_left >= 0; }
@@ -343,6 +373,36 @@ inline int mask_status(const bool* m, int64_t n) {
 // a thread) mixes cheap early causal blocks with expensive late ones: 0, n-1, 1, n-2, ...
 inline int64_t zigzag(int64_t i, int64_t n) { return (i % 2 == 0) ? i / 2 : n - 1 - i / 2; }
 
+// Packed sequences: tasks of unequal cost, so threads take them one at a time from a shared counter, most
+// expensive first (f(take): take() returns the next task index, or -1 when none is left). Each task writes
+// its own outputs, so which thread runs it changes nothing in the result.
+template <typename F>
+void run_dynamic(int64_t n, const F& f) {
+  std::atomic<int64_t> next{0};
+  auto take = [&]() -> int64_t {
+    const int64_t t = next.fetch_add(1);
+    return t < n ? t : -1;
+  };
+  at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) { f(take); });
+}
+
+// The (sequence, head, query block) forward tasks of a packed batch, by decreasing cost (keys visited).
+inline std::vector<std::array<int64_t, 3>> varlen_tasks(const Problem& p, int64_t BQ) {
+  std::vector<std::array<int64_t, 4>> t;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const Problem ps = p.seq(b);
+    for (int64_t q0 = 0; q0 < ps.Nq; q0 += BQ) {
+      const int64_t cost = ps.key_end(std::min(q0 + BQ, ps.Nq) - 1) - ps.key_start(q0);
+      if (cost <= 0) continue;  // sees no key: out stays 0, lse -inf (preset by the caller)
+      for (int64_t h = 0; h < p.Hq; ++h) t.push_back({cost, b, h, q0 / BQ});
+    }
+  }
+  std::stable_sort(t.begin(), t.end(), [](const auto& x, const auto& y) { return x[0] > y[0]; });
+  std::vector<std::array<int64_t, 3>> out(t.size());
+  for (size_t i = 0; i < t.size(); ++i) out[i] = {t[i][1], t[i][2], t[i][3]};
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tiles are kept transposed: S^T = K Q^T, (keys, queries). Then K and V rows are the operands that
 // stream (read in place from the inputs when they are fp32/fp64 with head_dim a multiple of the
@@ -376,18 +436,44 @@ void mask_block(const Problem& p, T* ST, int64_t ld, int64_t q0, int64_t mq, int
 
 // Key/value rows as tile operands: either the input itself (row stride of the tensor) or a packed,
 // converted, zero-padded copy (B * Hkv, Nkp, Dp) made once per call.
+// Packed sequences: row0[b] is sequence b's first row (cu_seqlens_k in place; in a packed copy the sum of the
+// earlier sequences' lengths rounded up to BK, see padded_starts).
 template <typename T>
 struct Rows {
   const T* base;
   int64_t sb, sh, ld;  // element offsets of (batch, head, row)
-  const T* at(int64_t b, int64_t g, int64_t row) const { return base + b * sb + g * sh + row * ld; }
+  const int64_t* row0 = nullptr;
+  const T* at(int64_t b, int64_t g, int64_t row) const {
+    return base + b * sb + g * sh + ((row0 ? row0[b] : 0) + row) * ld;
+  }
 };
 
+// Packed sequences: start of each sequence's key rows when every sequence is rounded up to BK rows (B + 1).
+inline std::vector<int64_t> padded_starts(const Problem& p, int64_t BK) {
+  std::vector<int64_t> s(p.B + 1, 0);
+  for (int64_t b = 0; b < p.B; ++b) s[b + 1] = s[b] + round_up(p.cu_k[b + 1] - p.cu_k[b], BK);
+  return s;
+}
+
 template <typename S, typename T>
-Rows<T> kv_rows(const Problem& p, const Blocks& bl, const S* x, Strides sx, at::Tensor& storage) {
+Rows<T> kv_rows(const Problem& p, const Blocks& bl, const S* x, Strides sx, at::Tensor& storage,
+                const std::vector<int64_t>& kp0) {
   constexpr int64_t W = Vectorized<T>::size();
   if constexpr (std::is_same_v<S, T>) {
-    if (p.D % W == 0) return {x, sx.b, sx.h, sx.n};
+    if (p.D % W == 0) return {x, sx.b, sx.h, sx.n, p.cu_k};
+  }
+  if (p.cu_k != nullptr) {  // packed sequences: (Hkv, kp0[B], Dp), sequence b from row kp0[b]
+    const int64_t tkp = kp0[p.B], Dp = bl.Dp;
+    storage = at::empty({p.Hkv * tkp * Dp}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+    T* dst = storage.data_ptr<T>();
+    at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t g = t % p.Hkv, b = t / p.Hkv, nk = p.cu_k[b + 1] - p.cu_k[b];
+        pack_rows(x + g * sx.h + p.cu_k[b] * sx.n, sx.n, nk, p.D, dst + (g * tkp + kp0[b]) * Dp, Dp,
+                  kp0[b + 1] - kp0[b]);
+      }
+    });
+    return {dst, 0, tkp * Dp, Dp, kp0.data()};
   }
   const int64_t Nkp = bl.nkb * bl.BK, Dp = bl.Dp;
   storage = at::empty({p.B * p.Hkv * Nkp * Dp}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
@@ -416,21 +502,24 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
   const Blocks bl{kFwdBlockQ, kFwdBlockK, round_up(D, W), (p.Nq + kFwdBlockQ - 1) / kFwdBlockQ,
                   (p.Nk + kFwdBlockK - 1) / kFwdBlockK};
   const int64_t BQ = bl.BQ, BK = bl.BK, Dp = bl.Dp, nqb = bl.nqb;
+  const std::vector<int64_t> kp0 = p.cu_k ? padded_starts(p, BK) : std::vector<int64_t>();
   at::Tensor k_store, v_store;
-  const Rows<T> Kr = kv_rows<S, T>(p, bl, k, sk, k_store), Vr = kv_rows<S, T>(p, bl, v, sv, v_store);
+  const Rows<T> Kr = kv_rows<S, T>(p, bl, k, sk, k_store, kp0), Vr = kv_rows<S, T>(p, bl, v, sv, v_store, kp0);
   const T scale = static_cast<T>(p.scale);
-  at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+  // A thread's work: tasks (b, h, qb) from next(b, h, qb) until it returns false.
+  auto work = [&](auto&& next) {
     // QT (D, BQ); ST (BK, BQ) scores then probabilities; O (BQ, Dp); per-query m, l, alpha, m_use
     Scratch<T> qt_buf(D * BQ), st_buf(BK * BQ), o_buf(BQ * Dp), m_buf(BQ), l_buf(BQ), a_buf(BQ), mu_buf(BQ);
     T *QT = qt_buf.ptr, *ST = st_buf.ptr, *O = o_buf.ptr, *m = m_buf.ptr, *l = l_buf.ptr, *alpha = a_buf.ptr,
       *mu = mu_buf.ptr;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = zigzag(task % nqb, nqb);
-      const int64_t h = (task / nqb) % p.Hq, b = task / (nqb * p.Hq), g = h / p.group();
-      const int64_t q0 = qb * BQ, mq = std::min(BQ, p.Nq - q0), mqp = round_up(mq, W);
+    int64_t b, h, qb;
+    while (next(b, h, qb)) {
+      const Problem ps = p.seq(b);  // the sequence's lengths and rows (packed); p itself when padded
+      const int64_t g = h / p.group();
+      const int64_t q0 = qb * BQ, mq = std::min(BQ, ps.Nq - q0), mqp = round_up(mq, W);
       const bool* mk = p.mask ? p.mask + b * p.Nk : nullptr;
-      const int64_t kend = p.key_end(q0 + mq - 1), kstart = p.key_start(q0);  // keys any row of the block sees
-      pack_transposed(q + b * sq.b + h * sq.h + q0 * sq.n, sq.n, mq, D, QT, BQ);
+      const int64_t kend = ps.key_end(q0 + mq - 1), kstart = ps.key_start(q0);  // keys any row of the block sees
+      pack_transposed(q + b * sq.b + h * sq.h + (ps.qr0 + q0) * sq.n, sq.n, mq, D, QT, BQ);
       std::fill(m, m + BQ, ninf);
       std::fill(l, l + BQ, T(0));
       std::fill(O, O + mq * Dp, T(0));
@@ -439,8 +528,8 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
         const int mstat = mask_status(mk ? mk + k0 : nullptr, nk);
         if (mstat == 0) continue;
         matmul<T>(nk, mqp, D, Kr.at(b, g, k0), Kr.ld, 1, QT, BQ, ST, BQ, scale, false);  // S^T (nk, mqp)
-        if (p.f.modifies_scores()) modify_scores<T>(p, ST, nullptr, BQ, b, h, q0, mq, k0, nk);
-        mask_block(p, ST, BQ, q0, mq, k0, nk, mk, mstat);
+        if (p.f.modifies_scores()) modify_scores<T>(ps, ST, nullptr, BQ, b, h, q0, mq, k0, nk);
+        mask_block(ps, ST, BQ, q0, mq, k0, nk, mk, mstat);
         // Online softmax down the columns: new max, rescale factor, P = exp(S - max), row sums.
         for (int64_t i = 0; i < mqp; i += W) {
           V mx = V::loadu(m + i);
@@ -465,18 +554,40 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
         }
         for (int64_t i = 0; i < mq; ++i)
           if (alpha[i] != T(1)) scale_row(O + i * Dp, Dp, alpha[i]);
-        if (p.f.drop_threshold) dropout_tile<T>(p, ST, nullptr, BQ, b, h, q0, mq, k0, nk);  // after the sums
+        if (p.f.drop_threshold) dropout_tile<T>(ps, ST, nullptr, BQ, b, h, q0, mq, k0, nk);  // after the sums
         // O += P V: P = (S^T)^T, read transposed
         matmul<T>(mq, Dp, nk, ST, 1, BQ, Vr.at(b, g, k0), Vr.ld, O, Dp, T(1), true);
       }
-      // out (B, Nq, Hq, D) contiguous; lse (B, Hq, Nq)
+      // out (B, Nq, Hq, D) contiguous (packed: (total_q, Hq, D)); lse (B, Hq, Nq) (packed: (Hq, total_q))
       for (int64_t i = 0; i < mq; ++i) {
-        S* o = out + ((b * p.Nq + q0 + i) * p.Hq + h) * D;
+        S* o = out + ((ps.qg0 + q0 + i) * p.Hq + h) * D;
         const T inv = l[i] > T(0) ? T(1) / l[i] : T(0);
         for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(O[i * Dp + d] * inv);
-        lse[(b * p.Hq + h) * p.Nq + q0 + i] = l[i] > T(0) ? m[i] + std::log(l[i]) : ninf;
+        lse[b * p.lse_sb + h * p.lse_sh + ps.qr0 + q0 + i] = l[i] > T(0) ? m[i] + std::log(l[i]) : ninf;
       }
     }
+  };
+  if (p.cu_q == nullptr) {  // padded: contiguous ranges of (b, h, zigzagged query block)
+    at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+      int64_t task = begin;
+      work([&](int64_t& b, int64_t& h, int64_t& qb) {
+        if (task >= end) return false;
+        qb = zigzag(task % nqb, nqb), h = (task / nqb) % p.Hq, b = task / (nqb * p.Hq);
+        ++task;
+        return true;
+      });
+    });
+    return;
+  }
+  // Packed: the (sequence, head, query block) tasks that exist, longest first, handed out one at a time.
+  const auto tasks = varlen_tasks(p, BQ);
+  run_dynamic(static_cast<int64_t>(tasks.size()), [&](auto&& take) {
+    work([&](int64_t& b, int64_t& h, int64_t& qb) {
+      const int64_t t = take();
+      if (t < 0) return false;
+      b = tasks[t][0], h = tasks[t][1], qb = tasks[t][2];
+      return true;
+    });
   });
 }
 
@@ -497,18 +608,26 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
   const int64_t D = p.D;
   const Blocks bl{kBwdBlockQ, kBwdBlockK, round_up(D, W), (p.Nq + kBwdBlockQ - 1) / kBwdBlockQ,
                   (p.Nk + kBwdBlockK - 1) / kBwdBlockK};
-  const int64_t BQ = bl.BQ, BK = bl.BK, Dp = bl.Dp, nqb = bl.nqb, Nkp = bl.nkb * BK;
+  const int64_t BQ = bl.BQ, BK = bl.BK, Dp = bl.Dp, Nkp = bl.nkb * BK;
+  const std::vector<int64_t> kp0 = p.cu_k ? padded_starts(p, BK) : std::vector<int64_t>();
   at::Tensor k_store, v_store;
-  const Rows<T> Kr = kv_rows<S, T>(p, bl, k, st.sk, k_store), Vr = kv_rows<S, T>(p, bl, v, st.sv, v_store);
+  const Rows<T> Kr = kv_rows<S, T>(p, bl, k, st.sk, k_store, kp0), Vr = kv_rows<S, T>(p, bl, v, st.sv, v_store, kp0);
   // dK, dV accumulators: the outputs themselves when they can be (fp32/fp64, aligned head_dim, one
-  // task per kv head), else (B * Hkv * nsplit, 2, Nkp, Dp), summed over splits in order at the end.
+  // task per kv head), else (B * Hkv * nsplit, 2, Nkp, Dp), summed over splits in order at the end
+  // (packed sequences: (Hkv, nsplit, 2, kp0[B], Dp), sequence b from row kp0[b]).
   const bool direct = std::is_same_v<S, T> && D % W == 0 && nsplit == 1;
-  const int64_t ntask = p.B * p.Hkv * nsplit;
+  const int64_t ntask = p.B * p.Hkv * nsplit, tkp = p.cu_k ? kp0[p.B] : 0;
+  const int64_t acc_rows = p.cu_k ? tkp : Nkp;  // rows between a task's dK and dV accumulators
+  auto acc_at = [&](T* acc, int64_t b, int64_t g, int64_t c) {  // task (b, g, c)'s dK accumulator
+    return p.cu_k ? acc + ((g * nsplit + c) * 2 * tkp + kp0[b]) * Dp : acc + ((b * p.Hkv + g) * nsplit + c) * 2 * Nkp * Dp;
+  };
   at::Tensor acc_t;
-  if (!direct) acc_t = at::zeros({ntask * 2 * Nkp * Dp}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  if (!direct)
+    acc_t = at::zeros({(p.cu_k ? p.Hkv * nsplit * 2 * tkp : ntask * 2 * Nkp) * Dp},
+                      at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* acc = direct ? nullptr : acc_t.data_ptr<T>();
   const T scale = static_cast<T>(p.scale);
-  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
+  auto work = [&](auto&& next) {
     // Qp, dOp (BQ, Dp) rows; QT, dOT (D, BQ); PT, dPT (BK, BQ); dQ (BQ, Dp); delta, L per query
     Scratch<T> q_buf(BQ * Dp), do_buf(BQ * Dp), qt_buf(D * BQ), dot_buf(D * BQ), p_buf(BK * BQ),
         dp_buf(BK * BQ), dq_buf(BQ * Dp), delta_buf(BQ), lse_buf(BQ), t_buf(BK * BQ), z_buf(BK * BQ),
@@ -518,28 +637,31 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
       *Z = z_buf.ptr, *PZ = pz_buf.ptr;
     const bool capped = p.f.softcap > 0, dropping = p.f.drop_threshold != 0;
     T* dbias = static_cast<T*>(p.f.dbias);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; (task = next()) >= 0;) {
       const int64_t c = task % nsplit, g = (task / nsplit) % p.Hkv, b = task / (nsplit * p.Hkv);
+      const Problem ps = p.seq(b);  // the sequence's lengths and rows (packed); p itself when padded
+      const int64_t nqb = (ps.Nq + BQ - 1) / BQ;
       T *dK, *dV;
       int64_t ldkv;
       if (direct) {  // rows of (B, Nk, Hkv, D) for head g
-        dK = reinterpret_cast<T*>(dk) + b * p.Nk * p.Hkv * D + g * D;
-        dV = reinterpret_cast<T*>(dv) + b * p.Nk * p.Hkv * D + g * D;
+        dK = reinterpret_cast<T*>(dk) + ps.kg0 * p.Hkv * D + g * D;
+        dV = reinterpret_cast<T*>(dv) + ps.kg0 * p.Hkv * D + g * D;
         ldkv = p.Hkv * D;
       } else {
-        dK = acc + task * 2 * Nkp * Dp;
-        dV = dK + Nkp * Dp;
+        dK = acc_at(acc, b, g, c);
+        dV = dK + acc_rows * Dp;
         ldkv = Dp;
       }
       const bool* mk = p.mask ? p.mask + b * p.Nk : nullptr;
       for (int64_t h = g * p.group(); h < (g + 1) * p.group(); ++h) {
         for (int64_t qb = c; qb < nqb; qb += nsplit) {
-          const int64_t q0 = qb * BQ, mq = std::min(BQ, p.Nq - q0), mqp = round_up(mq, W);
-          const int64_t kend = p.key_end(q0 + mq - 1), kstart = p.key_start(q0);
+          const int64_t q0 = qb * BQ, mq = std::min(BQ, ps.Nq - q0), mqp = round_up(mq, W);
+          const int64_t kend = ps.key_end(q0 + mq - 1), kstart = ps.key_start(q0);
           if (kend <= kstart) continue;
-          const S* Qs = q + b * st.sq.b + h * st.sq.h + q0 * st.sq.n;
-          const S* dOs = dout + b * st.sdo.b + h * st.sdo.h + q0 * st.sdo.n;
-          const S* Os = out + b * st.so.b + h * st.so.h + q0 * st.so.n;
+          const int64_t r0 = ps.qr0 + q0;
+          const S* Qs = q + b * st.sq.b + h * st.sq.h + r0 * st.sq.n;
+          const S* dOs = dout + b * st.sdo.b + h * st.sdo.h + r0 * st.sdo.n;
+          const S* Os = out + b * st.so.b + h * st.so.h + r0 * st.so.n;
           pack_rows(Qs, st.sq.n, mq, D, Qp, Dp, mq);
           pack_rows(dOs, st.sdo.n, mq, D, dOp, Dp, mq);
           pack_transposed(Qs, st.sq.n, mq, D, QT, BQ);
@@ -549,7 +671,7 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
             if (i < mq)
               for (int64_t d = 0; d < D; ++d) sum += dOp[i * Dp + d] * static_cast<T>(Os[i * st.so.n + d]);
             delta[i] = sum;
-            const T li = i < mq ? lse[(b * p.Hq + h) * p.Nq + q0 + i] : ninf;
+            const T li = i < mq ? lse[b * p.lse_sb + h * p.lse_sh + r0 + i] : ninf;
             L[i] = li == ninf ? pinf : li;
           }
           std::fill(dQ, dQ + mq * Dp, T(0));
@@ -559,14 +681,14 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
             if (mstat == 0) continue;
             const T* Kb = Kr.at(b, g, k0);
             matmul<T>(nk, mqp, D, Kb, Kr.ld, 1, QT, BQ, PT, BQ, scale, false);  // S^T (nk, mqp)
-            if (p.f.modifies_scores()) modify_scores<T>(p, PT, capped ? TT : nullptr, BQ, b, h, q0, mq, k0, nk);
-            mask_block(p, PT, BQ, q0, mq, k0, nk, mk, mstat);
+            if (p.f.modifies_scores()) modify_scores<T>(ps, PT, capped ? TT : nullptr, BQ, b, h, q0, mq, k0, nk);
+            mask_block(ps, PT, BQ, q0, mq, k0, nk, mk, mstat);
             for (int64_t j = 0; j < nk; ++j)  // P^T = exp(S^T - lse)
               at::vec::map2([](V s, V lv) { return vexp(s - lv); }, PT + j * BQ, PT + j * BQ, L, mqp);
             const T* PV = PT;  // the probabilities that multiplied V: P, or P Z under dropout
             if (dropping) {
               std::copy(PT, PT + nk * BQ, PZ);
-              dropout_tile<T>(p, PZ, Z, BQ, b, h, q0, mq, k0, nk);
+              dropout_tile<T>(ps, PZ, Z, BQ, b, h, q0, mq, k0, nk);
               PV = PZ;
             }
             // dV += P^T dO (nk, Dp);  dP^T = V dO^T (nk, mqp)
@@ -591,26 +713,48 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
             matmul<T>(nk, Dp, mq, dPT, BQ, 1, Qp, Dp, dK + k0 * ldkv, ldkv, scale, true);
           }
           for (int64_t i = 0; i < mq; ++i) {  // dq (B, Nq, Hq, D): this task owns these rows
-            S* o = dq + ((b * p.Nq + q0 + i) * p.Hq + h) * D;
+            S* o = dq + ((ps.qg0 + q0 + i) * p.Hq + h) * D;
             for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(dQ[i * Dp + d]);
           }
         }
       }
     }
-  });
+  };
+  if (p.cu_q == nullptr) {  // padded: contiguous ranges of tasks
+    at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
+      int64_t task = begin;
+      work([&]() -> int64_t { return task < end ? task++ : -1; });
+    });
+  } else {  // packed: the longest sequences' tasks first, handed out one at a time
+    std::vector<std::pair<int64_t, int64_t>> order;  // (cost, task)
+    for (int64_t t = 0; t < ntask; ++t) {
+      const Problem ps = p.seq(t / (nsplit * p.Hkv));
+      if (ps.Nq > 0 && ps.Nk > 0) order.push_back({ps.Nq * ps.Nk, t});
+    }
+    std::stable_sort(order.begin(), order.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+    run_dynamic(static_cast<int64_t>(order.size()), [&](auto&& take) {
+      work([&]() -> int64_t {
+        const int64_t i = take();
+        return i < 0 ? -1 : order[i].second;
+      });
+    });
+  }
   if (direct) return;
   // dk[b, n, g, :] = sum over splits c, in order, of the task accumulators; same for dv.
-  at::parallel_for(0, p.B * p.Hkv * p.Nk, 64, [&](int64_t begin, int64_t end) {
+  const int64_t nrows = p.cu_k ? p.cu_k[p.B] : p.B * p.Nk;  // key rows (b, n), packed or not
+  at::parallel_for(0, nrows * p.Hkv, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i % p.Nk, g = (i / p.Nk) % p.Hkv, b = i / (p.Nk * p.Hkv);
-      S* dk_row = dk + ((b * p.Nk + n) * p.Hkv + g) * D;
-      S* dv_row = dv + ((b * p.Nk + n) * p.Hkv + g) * D;
-      const T* a0 = acc + ((b * p.Hkv + g) * nsplit) * 2 * Nkp * Dp + n * Dp;
+      const int64_t g = i % p.Hkv, r = i / p.Hkv;
+      const int64_t b = p.cu_k ? std::upper_bound(p.cu_k, p.cu_k + p.B + 1, r) - p.cu_k - 1 : r / p.Nk;
+      const int64_t n = p.cu_k ? r - p.cu_k[b] : r % p.Nk;
+      S* dk_row = dk + (r * p.Hkv + g) * D;
+      S* dv_row = dv + (r * p.Hkv + g) * D;
+      const T* a0 = acc_at(acc, b, g, 0) + n * Dp;
       for (int64_t d = 0; d < D; ++d) {
         T sk = 0, sv = 0;
         for (int64_t c = 0; c < nsplit; ++c) {
-          sk += a0[c * 2 * Nkp * Dp + d];
-          sv += a0[c * 2 * Nkp * Dp + Nkp * Dp + d];
+          sk += a0[c * 2 * acc_rows * Dp + d];
+          sv += a0[c * 2 * acc_rows * Dp + acc_rows * Dp + d];
         }
         dk_row[d] = static_cast<S>(sk);
         dv_row[d] = static_cast<S>(sv);
@@ -669,9 +813,10 @@ struct FeatureArgs {
   int64_t seed = 0, offset = 0, drop_lq = 0, drop_lk = 0;
 };
 
-Features make_features(const FeatureArgs& a, const at::Tensor& q, const at::Tensor& k, std::vector<at::Tensor>& keep) {
+// B, Nq, Hq, Nk: the batch (number of sequences when packed) and the (longest) lengths.
+Features make_features(const FeatureArgs& a, const at::Tensor& q, int64_t B, int64_t Nq, int64_t Hq, int64_t Nk,
+                       std::vector<at::Tensor>& keep) {
   Features f;
-  const int64_t B = q.size(0), Nq = q.size(1), Hq = q.size(2), Nk = k.size(1);
   f.window_left = a.window_left;
   f.window_right = a.window_right;
   f.softcap = a.softcap;
@@ -715,7 +860,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(const at::Tensor& q, const
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
   std::vector<at::Tensor> keep;
   Problem p{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), causal, softmax_scale,
-            mask.defined() ? mask.data_ptr<bool>() : nullptr, make_features(fa, q, k, keep)};
+            mask.defined() ? mask.data_ptr<bool>() : nullptr,
+            make_features(fa, q, q.size(0), q.size(1), q.size(2), k.size(1), keep), q.size(2) * q.size(1), q.size(1)};
   at::Tensor out = at::empty({p.B, p.Nq, p.Hq, p.D}, q.options());                      // (B, Nq, Hq, D)
   at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, q.options().dtype(acc_type(q.scalar_type())));  // (B, Hq, Nq)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
@@ -731,6 +877,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& key_padding_mask,
                                                      bool causal, double softmax_scale) {
   return attention_fwd_impl(q, k, v, key_padding_mask, causal, softmax_scale, FeatureArgs{});
+}
+
+// Split each (batch, kv head) over query blocks only when there are too few of them to keep every thread busy.
+int64_t bwd_splits(const Problem& p, bool deterministic) {
+  const int64_t threads = deterministic ? 4 : at::get_num_threads(), units = p.B * p.Hkv;
+  const int64_t nqb = (p.Nq + kBwdBlockQ - 1) / kBwdBlockQ;
+  int64_t nsplit = 1;
+  if (units > 0 && !(units % threads == 0 || units >= 4 * threads))
+    nsplit = std::clamp<int64_t>((4 * threads + units - 1) / units, 1, std::max<int64_t>(nqb, 1));
+  return nsplit;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(
@@ -760,7 +916,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
   std::vector<at::Tensor> keep;
   Problem p{B, Nq, k.size(1), Hq, k.size(2), q.size(3), causal, softmax_scale,
-            mask.defined() ? mask.data_ptr<bool>() : nullptr, make_features(fa, q, k, keep)};
+            mask.defined() ? mask.data_ptr<bool>() : nullptr, make_features(fa, q, B, Nq, Hq, k.size(1), keep),
+            Hq * Nq, Nq};
   at::Tensor dbias_full;  // (B, Hq, Nq, Nk): every element written by one task, then summed to the bias shape
   if (bias_grad && fa.bias.has_value()) {
     dbias_full = at::zeros({p.B, p.Hq, p.Nq, p.Nk}, q.options().dtype(acc));
@@ -776,11 +933,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(
   // every thread busy; each split then keeps its own dK/dV accumulator (memory linear in Nk).
   // With `deterministic` the split depends on the shape only, so results do not change with the
   // thread count either.
-  const int64_t threads = deterministic ? 4 : at::get_num_threads(), units = p.B * p.Hkv;
-  const int64_t nqb = (p.Nq + kBwdBlockQ - 1) / kBwdBlockQ;
-  int64_t nsplit = 1;
-  if (units > 0 && !(units % threads == 0 || units >= 4 * threads))
-    nsplit = std::clamp<int64_t>((4 * threads + units - 1) / units, 1, std::max<int64_t>(nqb, 1));
+  const int64_t nsplit = bwd_splits(p, deterministic);
   const BwdStrides st{strides_of(dout), strides_of(q), strides_of(k), strides_of(v), strides_of(out)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "attention_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -831,9 +984,117 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_ext_bwd_cpu
                             bias_grad);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Packed variable-length sequences (attention_varlen_fwd / attention_varlen_bwd): q (total_q, Hq, D), k, v
+// (total_k, Hkv, D), cu_seqlens (B + 1,) int32. One call for the whole batch: the kernels above run with
+// Problem::cu_q / cu_k set, tasks (sequence, head, query block) over the threads; nothing is padded.
+
+// The offsets as int64, checked (memory safety: every row the kernels touch exists).
+std::vector<int64_t> read_cu(const at::Tensor& cu, const char* name, int64_t total, int64_t max_len) {
+  TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1 && cu.device().is_cpu(),
+              "attention_varlen: ", name, " must be a 1-D int32 CPU tensor (batch + 1,), got ", cu.scalar_type(),
+              " of shape ", cu.sizes(), " on ", cu.device());
+  const at::Tensor c = cu.contiguous();
+  const int32_t* d = c.data_ptr<int32_t>();
+  std::vector<int64_t> out(d, d + c.numel());
+  TORCH_CHECK(out[0] == 0, "attention_varlen: ", name, " must start at 0, got ", out[0]);
+  for (size_t i = 1; i < out.size(); ++i)
+    TORCH_CHECK(out[i] >= out[i - 1] && out[i] - out[i - 1] <= max_len, "attention_varlen: ", name,
+                " must be non-decreasing with lengths <= max_seqlen (", max_len, "), got ", out[i - 1], ", ", out[i]);
+  TORCH_CHECK(out.back() == total, "attention_varlen: ", name, " ends at ", out.back(), " but the tensor has ",
+              total, " rows");
+  return out;
+}
+
+struct Varlen {
+  at::Tensor q, k, v;  // (1, total, H, D) views
+  std::vector<int64_t> cu_q, cu_k;
+  Problem p;
+};
+
+Varlen varlen_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                      const at::Tensor& cu_seqlens_k, int64_t max_q, int64_t max_k, bool causal, double scale,
+                      const FeatureArgs& fa, std::vector<at::Tensor>& keep) {
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
+    TORCH_CHECK(t->dim() == 3, "attention_varlen: ", name, " must be 3-D (total, heads, head_dim), got ", t->sizes());
+  Varlen r{q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)};
+  check_qkv(r.q, r.k, r.v);
+  r.cu_q = read_cu(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_q);
+  r.cu_k = read_cu(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_k);
+  TORCH_CHECK(r.cu_q.size() == r.cu_k.size(), "attention_varlen: cu_seqlens_k has ", r.cu_k.size(),
+              " entries but cu_seqlens_q has ", r.cu_q.size());
+  const int64_t B = static_cast<int64_t>(r.cu_q.size()) - 1, Hq = q.size(1);
+  r.p = Problem{B, max_q, max_k, Hq, k.size(1), q.size(2), causal, scale, nullptr,
+                make_features(fa, q, B, max_q, Hq, max_k, keep), 0, q.size(0)};
+  r.p.cu_q = r.cu_q.data();
+  r.p.cu_k = r.cu_k.data();
+  return r;
+}
+
+Strides packed_strides(const at::Tensor& t) { return {0, t.stride(0), t.stride(1)}; }  // t: (total, H, D)
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double softmax_scale,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    double dropout_p, int64_t seed, int64_t offset) {
+  std::vector<at::Tensor> keep;
+  const Varlen r = varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                  softmax_scale, FeatureArgs{window_left, window_right, softcap, alibi_slopes,
+                                  std::nullopt, dropout_p, seed, offset, max_seqlen_q, max_seqlen_k}, keep);
+  at::Tensor out = at::zeros(q.sizes(), q.options());  // (total_q, Hq, D); rows that see no key stay 0
+  at::Tensor lse = at::full({q.size(1), q.size(0)}, -std::numeric_limits<double>::infinity(),
+                            q.options().dtype(acc_type(q.scalar_type())));  // (Hq, total_q)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_varlen_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    fwd_kernel<scalar_t, acc_t>(r.p, q.data_ptr<scalar_t>(), packed_strides(q), k.data_ptr<scalar_t>(),
+                                packed_strides(k), v.data_ptr<scalar_t>(), packed_strides(v),
+                                out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double softmax_scale, int64_t window_left, int64_t window_right,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p, int64_t seed, int64_t offset,
+    bool deterministic) {
+  std::vector<at::Tensor> keep;
+  const Varlen r = varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                  softmax_scale, FeatureArgs{window_left, window_right, softcap, alibi_slopes,
+                                  std::nullopt, dropout_p, seed, offset, max_seqlen_q, max_seqlen_k}, keep);
+  const auto dt = q.scalar_type(), acc = acc_type(dt);
+  for (auto [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
+    TORCH_CHECK(t->sizes() == q.sizes() && t->scalar_type() == dt && t->device().is_cpu() &&
+                (t->stride(2) == 1 || t->size(2) <= 1), "attention_varlen_bwd: ", name,
+                " must be a CPU tensor of q's shape and dtype, contiguous in its last dim, got ", t->sizes(), " ",
+                t->scalar_type());
+  }
+  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == q.size(1) && lse_in.size(1) == q.size(0) &&
+              lse_in.scalar_type() == acc && lse_in.device().is_cpu(),
+              "attention_varlen_bwd: lse must be a CPU ", acc, " tensor of shape (heads_q, total_q) = (", q.size(1),
+              ", ", q.size(0), "), got ", lse_in.sizes(), " ", lse_in.scalar_type());
+  const at::Tensor lse = lse_in.contiguous();
+  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
+             dv = at::zeros(v.sizes(), v.options());
+  const int64_t nsplit = bwd_splits(r.p, deterministic);
+  const BwdStrides st{packed_strides(dout), packed_strides(q), packed_strides(k), packed_strides(v),
+                      packed_strides(out)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "attention_varlen_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    bwd_kernel<scalar_t, acc_t>(r.p, st, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
+                                dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), nsplit);
+  });
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyllm, CPU, m) {
+  m.impl("attention_varlen_fwd", &attention_varlen_fwd_cpu);
+  m.impl("attention_varlen_bwd", &attention_varlen_bwd_cpu);
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
   m.impl("attention_ext_fwd", &attention_ext_fwd_cpu);
