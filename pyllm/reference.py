@@ -171,11 +171,18 @@ def attention(
     return o
 
 
+def draw_dropout_rng() -> Tensor:
+    """(seed, offset) for one dropout call as a (2,) int64 CPU tensor, drawn with torch ops from torch's default
+    generator: torch.manual_seed reproduces it, and torch.compile(fullgraph=True) traces it (no Python ints).
+    seed < 2**62, offset < 2**40 so offset + element index never overflows."""
+    r = torch.randint(0, 2**62, (2,), dtype=torch.int64)
+    return torch.stack([r[0], r[1] >> 22])
+
+
 def draw_dropout_seed() -> tuple[int, int]:
-    """(seed, offset) for one dropout call, drawn from torch's default CPU generator (torch.manual_seed
-    reproduces them); seed < 2**63, offset < 2**40 so offset + element index never overflows."""
-    seed, offset = torch.randint(0, 2**62, (2,), dtype=torch.int64).tolist()
-    return seed, offset >> 22
+    """:func:`draw_dropout_rng` as Python ints (seed, offset)."""
+    seed, offset = draw_dropout_rng().tolist()
+    return seed, offset
 
 
 def attention_varlen(

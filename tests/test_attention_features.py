@@ -397,3 +397,104 @@ def test_triton_window_skips_blocks_with_small_tiles(monkeypatch):
     for seed, (causal, window) in enumerate([(True, (9, -1)), (False, (5, 12))]):
         assert_rows(attention_case("triton", torch.float32, 1, 61, 75, 2, 1, 16, causal=causal, device=DEVICE,
                                    seed=seed, window_size=window, dropout_p=0.1))
+
+
+# ---------------------------------------------------------------- packed sequences in one call
+def _varlen_op(backend):
+    ops = torch.ops.pyllm
+    return (ops.triton_attention_varlen_fwd, ops.triton_attention_varlen_bwd) if backend == "triton" else \
+        (ops.attention_varlen_fwd, ops.attention_varlen_bwd)
+
+
+@pytest.mark.parametrize("backend", [b for b in serving("varlen") if b not in ("reference", "cuda")])
+def test_varlen_one_call_many_blocks(backend, monkeypatch):
+    """Lengths spanning several query/key blocks, empty sequences, Nq != Nk, GQA, causal + window + dropout +
+    per-sequence ALiBi: the single packed call against the reference under the accuracy rule."""
+    need(backend)
+    if backend == "triton" and DEVICE == "cpu":  # 16-wide tiles: many blocks at small sizes in the interpreter
+        from pyllm.kernels import attention as K
+
+        monkeypatch.setattr(K, "_INTERPRET_BLOCK_M", 16)
+        monkeypatch.setattr(K, "_INTERPRET_BLOCK_N", 16)
+        lens_q, lens_k = [21, 0, 5, 34], [37, 7, 0, 34]
+    else:
+        lens_q, lens_k = [131, 0, 7, 150, 1], [129, 5, 0, 140, 70]
+    slopes = torch.rand(len(lens_q), 4, device=DEVICE)
+    cases = [(True, dict(dropout_p=0.15, alibi_slopes=slopes)), (False, dict(window_size=(9, 20), softcap=3.0))]
+    for seed, (causal, kw) in enumerate(cases[:1] if backend == "triton" and DEVICE == "cpu" else cases):
+        assert_rows(varlen_case(backend, torch.float32, lens_q, lens_k, 4, 2, 24, causal=causal, device=DEVICE,
+                                seed=seed, **kw))
+
+
+@pytest.mark.parametrize("backend", [b for b in serving("varlen") if b not in ("reference", "cuda")])
+def test_varlen_op_opcheck_compile_and_bad_offsets(backend):
+    need(backend)
+    fwd, _ = _varlen_op(backend)
+    cu_q = torch.tensor([0, 3, 3, 9], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 4, 6, 11], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(9, 2, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(11, 1, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(11, 1, 16, device=DEVICE, requires_grad=True)
+    slopes = torch.tensor([0.1, 0.3], device=DEVICE)
+    for args in ((q, k, v, cu_q, cu_k, 6, 5, True, 0.25, 3, -1, 2.0, slopes, 0.2, 123, 7),
+                 (q, k, v, cu_q, cu_k, 6, 5, False, 0.25, 2, 4, 0.0, None, 0.0, 0, 0)):
+        torch.library.opcheck(fwd, args)
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v):
+        return pyllm.attention_varlen(q, k, v, cu_q, cu_k, 6, 5, causal=True, window_size=(3, -1), softcap=2.0,
+                                      alibi_slopes=slopes, backend=backend).sum()
+
+    f(q, k, v).backward()
+    got = q.grad.clone()
+    q.grad = None
+    pyllm.attention_varlen(q, k, v, cu_q, cu_k, 6, 5, causal=True, window_size=(3, -1), softcap=2.0,
+                           alibi_slopes=slopes, backend="reference").sum().backward()
+    torch.testing.assert_close(got, q.grad, atol=1e-4, rtol=1e-4)
+    # the raw op guards its own reads: offsets past the tensor, decreasing, or longer than max_seqlen raise
+    for bad in ([0, 3, 3, 10], [0, 5, 3, 9], [0, 3, 3, 9]):
+        with pytest.raises((RuntimeError, ValueError), match="cu_seqlens"):
+            fwd(q.detach(), k.detach(), v.detach(), torch.tensor(bad, dtype=torch.int32, device=DEVICE), cu_k,
+                6 if bad != [0, 3, 3, 9] else 5, 5, False, 0.25, -1, -1, 0.0, None, 0.0, 0, 0)
+
+
+def test_dropout_under_fullgraph_compile_default_backend():
+    """The seed is drawn with torch ops and read by the kernel op when it runs, so torch.compile(fullgraph=True)
+    with the default backend (inductor) and the default backend choice traces a dropout call; torch.manual_seed
+    reproduces it, and with inductor's fallback_random (eager's generator) it equals the eager result."""
+    torch._dynamo.reset()
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
+
+    def f(q, k, v, qp, kp, vp):
+        o = pyllm.attention(q, k, v, causal=True, dropout_p=0.3)
+        op = pyllm.attention_varlen(qp, kp, vp, cu, cu, 13, 13, dropout_p=0.3)
+        return o, op
+
+    def inputs(grad=True):
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(*s, generator=g).to(DEVICE).requires_grad_(grad) for s in [(1, 21, 2, 16)] * 3 +
+                [(20, 2, 16)] * 3]
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = inputs(grad=False)  # inductor's own generator: reproducible under torch.manual_seed
+    torch.manual_seed(4)
+    a = compiled(*x)
+    torch.manual_seed(4)
+    b = compiled(*x)
+    c = compiled(*x)
+    assert all(torch.equal(s, t) for s, t in zip(a, b)) and not torch.equal(a[0], c[0])
+    with torch._inductor.config.patch(fallback_random=True):
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True)
+        xc, xe = inputs(), inputs()
+        torch.manual_seed(9)
+        got = compiled(*xc)
+        torch.manual_seed(9)
+        want = f(*xe)
+        for s, t in zip(got, want):
+            torch.testing.assert_close(s, t)
+        sum(o.sum() for o in got).backward()
+        sum(o.sum() for o in want).backward()
+        for s, t in zip(xc, xe):
+            torch.testing.assert_close(s.grad, t.grad)

@@ -196,6 +196,131 @@ def register_attention_ext(fwd_name: str, bwd: Callable) -> None:
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
+# ---------------------------------------------------------------- packed sequences in one call
+# attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+#                      window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset) -> (out, lse)
+# attention_varlen_bwd(dout, q, k, v, out, lse, <the same from cu_seqlens_q on>, deterministic) -> (dq, dk, dv)
+#   q (total_q, Hq, D), k, v (total_k, Hkv, D); out like q, lse (Hq, total_q)   (contract: csrc/pyllm.cpp)
+def attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, *features):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_stat_dtype(q.dtype))
+
+
+def attention_varlen_bwd_fake(dout, q, k, v, *rest):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def register_attention_varlen(fwd_name: str, bwd: Callable) -> None:
+    """Fake kernels and autograd for an attention_varlen fwd op whose backward op is ``bwd``."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k = inputs[:5]
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, inputs[12])
+        ctx.args = inputs[5:12], inputs[13:]  # (max_q, max_k, causal, scale, window, softcap), (p, seed, offset)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k, alibi = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args[0], alibi, *ctx.args[1],
+                         torch.are_deterministic_algorithms_enabled())
+        return (dq, dk, dv) + (None,) * 13
+
+    torch.library.register_fake(fwd_name)(attention_varlen_fwd_fake)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------- dropout under torch.compile
+# The kernel ops take the Philox seed and offset as ints (csrc/pyllm.cpp). Ints read from a tensor in Python
+# would break a torch.compile(fullgraph=True) graph, so calls with dropout go through these two ops: they take
+# the (2,) int64 [seed, offset] tensor that pyllm.reference.draw_dropout_rng draws with torch ops (traced, and
+# reproduced by torch.manual_seed) and read it when they run. ``kernel``: "triton", or "native" for the C++ op
+# of the tensors' device; cu_seqlens_q/k given: the packed (attention_varlen) ops, where drop_lq/lk are the
+# max_seqlens, else the attention_ext ops.
+def _dropout_ops(kernel: str, packed: bool):
+    ops = torch.ops.pyllm
+    if packed:
+        return ((ops.triton_attention_varlen_fwd, ops.triton_attention_varlen_bwd) if kernel == "triton"
+                else (ops.attention_varlen_fwd, ops.attention_varlen_bwd))
+    return ((ops.triton_attention_ext_fwd, ops.triton_attention_ext_bwd) if kernel == "triton"
+            else (ops.attention_ext_fwd, ops.attention_ext_bwd))
+
+
+def _seed_offset(rng: Tensor) -> tuple[int, int]:
+    seed, offset = rng.tolist()
+    return seed, offset
+
+
+@torch.library.custom_op("pyllm::attention_dropout_fwd", mutates_args=())
+def attention_dropout_fwd(
+    kernel: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+    cu_seqlens_k: Optional[Tensor], causal: bool, softmax_scale: float, window_left: int, window_right: int,
+    softcap: float, alibi_slopes: Optional[Tensor], attn_bias: Optional[Tensor], dropout_p: float, rng: Tensor,
+    drop_lq: int, drop_lk: int,
+) -> tuple[Tensor, Tensor]:
+    seed, offset = _seed_offset(rng)
+    fwd, _ = _dropout_ops(kernel, cu_seqlens_q is not None)
+    if cu_seqlens_q is not None:
+        return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, drop_lq, drop_lk, causal, softmax_scale, window_left,
+                   window_right, softcap, alibi_slopes, dropout_p, seed, offset)
+    return fwd(q, k, v, key_padding_mask, causal, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+               attn_bias, dropout_p, seed, offset, drop_lq, drop_lk)
+
+
+@torch.library.custom_op("pyllm::attention_dropout_bwd", mutates_args=())
+def attention_dropout_bwd(
+    kernel: str, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    key_padding_mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], causal: bool,
+    softmax_scale: float, window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor],
+    attn_bias: Optional[Tensor], dropout_p: float, rng: Tensor, drop_lq: int, drop_lk: int, bias_grad: bool,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    seed, offset = _seed_offset(rng)
+    _, bwd = _dropout_ops(kernel, cu_seqlens_q is not None)
+    if cu_seqlens_q is not None:
+        dq, dk, dv = bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, drop_lq, drop_lk, causal, softmax_scale,
+                         window_left, window_right, softcap, alibi_slopes, dropout_p, seed, offset, deterministic)
+        return dq, dk, dv, q.new_empty((0,))
+    return bwd(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, window_left, window_right, softcap,
+               alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq, drop_lk, bias_grad, deterministic)
+
+
+@torch.library.register_fake("pyllm::attention_dropout_fwd")
+def _attention_dropout_fwd_fake(kernel, q, k, v, key_padding_mask, cu_seqlens_q, *rest):
+    if cu_seqlens_q is not None:
+        return attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, None)
+    return attention_fwd_fake(q, k, v, key_padding_mask, False, 1.0)
+
+
+@torch.library.register_fake("pyllm::attention_dropout_bwd")
+def _attention_dropout_bwd_fake(kernel, dout, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                                causal, softmax_scale, window_left, window_right, softcap, alibi_slopes, attn_bias,
+                                dropout_p, rng, drop_lq, drop_lk, bias_grad, deterministic):
+    dbias = attn_bias.new_empty(attn_bias.shape) if (bias_grad and attn_bias is not None) else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+def _attention_dropout_setup(ctx, inputs, output):
+    (kernel, q, k, v, kpm, cu_q, cu_k, causal, scale, wl, wr, cap, alibi, bias, p, rng, lq, lk) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kpm, cu_q, cu_k, alibi, bias, rng)
+    ctx.args = (kernel, causal, scale, wl, wr, cap, p, lq, lk)
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[13]
+
+
+def _attention_dropout_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, kpm, cu_q, cu_k, alibi, bias, rng = ctx.saved_tensors
+    kernel, causal, scale, wl, wr, cap, p, lq, lk = ctx.args
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    dq, dk, dv, dbias = attention_dropout_bwd(kernel, dout, q, k, v, out, lse, kpm, cu_q, cu_k, causal, scale, wl, wr,
+                                              cap, alibi, bias, p, rng, lq, lk, ctx.bias_grad,
+                                              torch.are_deterministic_algorithms_enabled())
+    return (None, dq, dk, dv) + (None,) * 9 + (dbias if ctx.bias_grad else None,) + (None,) * 4
+
+
+torch.library.register_autograd("pyllm::attention_dropout_fwd", _attention_dropout_backward,
+                                setup_context=_attention_dropout_setup)
+
+
 # ---------------------------------------------------------------- Triton custom ops
 # Custom ops (not triton_op): under TRITON_INTERPRET=1 a triton_op runs its kernel on fake tensors and
 # fails opcheck and torch.compile; custom_op + register_fake passes both there and on a GPU.
@@ -290,6 +415,37 @@ torch.library.register_fake("pyllm::triton_attention_ext_bwd")(attention_ext_bwd
 register_attention_ext("pyllm::triton_attention_ext_fwd", triton_attention_ext_bwd)
 
 
+@torch.library.custom_op("pyllm::triton_attention_varlen_fwd", mutates_args=())
+def triton_attention_varlen_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, causal: bool, softmax_scale: float, window_left: int, window_right: int, softcap: float,
+    alibi_slopes: Optional[Tensor], dropout_p: float, seed: int, offset: int,
+) -> tuple[Tensor, Tensor]:
+    from pyllm.kernels import attention as K
+
+    return K.attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                  softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p, seed,
+                                  offset)
+
+
+@torch.library.custom_op("pyllm::triton_attention_varlen_bwd", mutates_args=())
+def triton_attention_varlen_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, softmax_scale: float,
+    window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[Tensor], dropout_p: float,
+    seed: int, offset: int, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from pyllm.kernels import attention as K
+
+    return K.attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  causal, softmax_scale, window_left, window_right, softcap, alibi_slopes, dropout_p,
+                                  seed, offset, deterministic)
+
+
+torch.library.register_fake("pyllm::triton_attention_varlen_bwd")(attention_varlen_bwd_fake)
+register_attention_varlen("pyllm::triton_attention_varlen_fwd", triton_attention_varlen_bwd)
+
+
 def _register_extension_ops() -> None:
     """Fakes and autograd for the C++ ops, once pyllm._C has registered their schemas."""
     from pyllm import _ext
@@ -308,6 +464,9 @@ def _register_extension_ops() -> None:
     if hasattr(ops, "attention_ext_fwd"):
         torch.library.register_fake("pyllm::attention_ext_bwd")(attention_ext_bwd_fake)
         register_attention_ext("pyllm::attention_ext_fwd", ops.attention_ext_bwd)
+    if hasattr(ops, "attention_varlen_fwd"):  # absent from an extension built before the op existed
+        torch.library.register_fake("pyllm::attention_varlen_bwd")(attention_varlen_bwd_fake)
+        register_attention_varlen("pyllm::attention_varlen_fwd", ops.attention_varlen_bwd)
 
 
 _register_extension_ops()

@@ -207,6 +207,11 @@ def check_extras(fn: str, q: Tensor, k: Tensor, *, dropout_p=0.0, window_size=(-
     return Extras(p, ws, cap, alibi_slopes, attn_bias)
 
 
+def _native(name: str) -> str:
+    """The ``kernel`` argument of pyllm::attention_dropout_fwd for a kernel backend."""
+    return "triton" if name == "triton" else "native"
+
+
 def _ext_kernel(name: str):
     """The fused op with the features for a kernel backend (contract: csrc/pyllm.cpp, attention_ext_fwd)."""
     if name == "triton":
@@ -214,28 +219,30 @@ def _ext_kernel(name: str):
     return torch.ops.pyllm.attention_ext_fwd
 
 
-def _run_extras(q, k, v, causal, scale, key_padding_mask, return_lse, name, ext: Extras, seed=None, layout=None):
-    """One (batch, seqlen, heads, head_dim) call with features; ``layout`` = (b0, Lq, Lk) places it in a
-    larger dropout index space (packed sequences): element (b, h, i, j) gets index ((b0 + b) Hq + h) Lq ..."""
-    if seed is None:
-        seed = reference.draw_dropout_seed() if ext.dropout_p > 0 else (0, 0)
+def _dropout_rng(ext: Extras) -> Tensor | None:
+    """The [seed, offset] tensor of a call with dropout (torch ops: traced by torch.compile), else None."""
+    return reference.draw_dropout_rng() if ext.dropout_p > 0 else None
+
+
+def _run_extras(q, k, v, causal, scale, key_padding_mask, return_lse, name, ext: Extras):
+    """One (batch, seqlen, heads, head_dim) call with features."""
+    rng = _dropout_rng(ext)
     if name == "reference":
-        index = None
-        if ext.dropout_p > 0 and layout is not None:
-            b0, Lq, Lk = layout
-            ar = lambda n: torch.arange(n, device=q.device, dtype=torch.int64)  # noqa: E731
-            index = (((b0 + ar(q.shape[0])[:, None, None, None]) * q.shape[2] + ar(q.shape[2])[:, None, None]) * Lq
-                     + ar(q.shape[1])[:, None]) * Lk + ar(k.shape[1])
         o, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=key_padding_mask,
-                                     dropout_p=ext.dropout_p, dropout_seed=seed, window_size=ext.window_size,
-                                     softcap=ext.softcap, alibi_slopes=ext.alibi_slopes, attn_bias=ext.attn_bias,
-                                     return_lse=True, _dropout_index=index)
+                                     dropout_p=ext.dropout_p, dropout_seed=None if rng is None else tuple(rng),
+                                     window_size=ext.window_size, softcap=ext.softcap, alibi_slopes=ext.alibi_slopes,
+                                     attn_bias=ext.attn_bias, return_lse=True)
         return (o, lse.detach()) if return_lse else o
-    b0, Lq, Lk = layout if layout is not None else (0, q.shape[1], k.shape[1])
-    offset = seed[1] + b0 * q.shape[2] * Lq * Lk
+    Lq, Lk = q.shape[1], k.shape[1]
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    o, lse = _ext_kernel(name)(q, k, v, key_padding_mask, causal, scale, ext.window_size[0], ext.window_size[1],
-                               ext.softcap, ext.alibi_slopes, ext.attn_bias, ext.dropout_p, seed[0], offset, Lq, Lk)
+    wl, wr = ext.window_size
+    if rng is not None:  # the seed stays a tensor until the kernel runs (pyllm/ops/_autograd.py)
+        o, lse = torch.ops.pyllm.attention_dropout_fwd(_native(name), q, k, v, key_padding_mask, None, None, causal,
+                                                       scale, wl, wr, ext.softcap, ext.alibi_slopes, ext.attn_bias,
+                                                       ext.dropout_p, rng, Lq, Lk)
+    else:
+        o, lse = _ext_kernel(name)(q, k, v, key_padding_mask, causal, scale, wl, wr, ext.softcap, ext.alibi_slopes,
+                                   ext.attn_bias, 0.0, 0, 0, Lq, Lk)
     return (o, lse.detach()) if return_lse else o
 
 
@@ -253,6 +260,11 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"{fn}: q's heads ({q.shape[1]}) must be a multiple of k's heads ({k.shape[1]}) (GQA/MQA)")
     _checks.scale(fn, "softmax_scale", softmax_scale)
+    for name, mx in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(mx, bool) or not isinstance(mx, int) or mx < 0:
+            raise ValueError(f"{fn}: {name} must be an int >= the longest sequence, got {mx!r}")
+    if torch.compiler.is_compiling():  # offsets are data: the kernels check them (memory safety) when they run
+        return cu_seqlens_q.shape[0] - 1
     lens = {}
     for name, cu, total, mx in (("q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                 ("k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
@@ -314,29 +326,24 @@ def attention_varlen(
                        alibi_slopes=alibi_slopes, batch=nseq)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     name = backends.select("attention", _call(q, k, features=("varlen",) + ext.features()), backend)
-    seed = reference.draw_dropout_seed() if ext.dropout_p > 0 else (0, 0)
-    # One fused call per sequence on views of the packed tensors (nothing padded, nothing copied); each
-    # call is placed in the (batch, Hq, max_seqlen_q, max_seqlen_k) dropout index space.
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs, lses = [], []
-    for b in range(nseq):
-        nq, nk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
-        if nq == 0:
-            continue
-        if nk == 0:  # a sequence without keys: zeros, lse = -inf
-            outs.append(q.new_zeros((nq,) + tuple(q.shape[1:])))
-            lses.append(torch.full((q.shape[1], nq), -math.inf, device=q.device, dtype=torch.float32))
-            continue
-        slopes = ext.alibi_slopes
-        eb = dataclasses.replace(ext, alibi_slopes=slopes[b] if slopes is not None and slopes.dim() == 2 else slopes)
-        o, lse = _run_extras(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                             bool(causal), scale, None, True, name, eb, seed, (b, max_seqlen_q, max_seqlen_k))
-        outs.append(o[0])
-        lses.append(lse[0])
-    o = torch.cat(outs) if outs else q.new_zeros(q.shape)
-    if not return_lse:
-        return o
-    return o, (torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=torch.float32)).detach()
+    rng = _dropout_rng(ext)
+    wl, wr = ext.window_size
+    if name == "reference":
+        o, lse = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            causal=bool(causal), softmax_scale=scale, dropout_p=ext.dropout_p,
+                                            dropout_seed=None if rng is None else tuple(rng), window_size=(wl, wr),
+                                            softcap=ext.softcap, alibi_slopes=ext.alibi_slopes, return_lse=True)
+    elif rng is not None:  # one fused call; the seed stays a tensor until the kernel runs
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        o, lse = torch.ops.pyllm.attention_dropout_fwd(_native(name), q, k, v, None, cu_seqlens_q, cu_seqlens_k,
+                                                       bool(causal), scale, wl, wr, ext.softcap, ext.alibi_slopes,
+                                                       None, ext.dropout_p, rng, max_seqlen_q, max_seqlen_k)
+    else:  # one fused call for the whole batch (contract: csrc/pyllm.cpp, attention_varlen_fwd)
+        op = torch.ops.pyllm.triton_attention_varlen_fwd if name == "triton" else torch.ops.pyllm.attention_varlen_fwd
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        o, lse = op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale, wl, wr,
+                    ext.softcap, ext.alibi_slopes, 0.0, 0, 0)
+    return (o, lse.detach()) if return_lse else o
 
 
 def attention_probs(
