@@ -11,6 +11,9 @@ its own mask, so it is checked without dropout and then timed with it). Ratios a
     window    window 256 causal at N=8192 vs full causal at N=512: time per query (linear in N when ~1x)
     bias      attn_bias (1, H, N, N) with its gradient vs SDPA with the same float mask
 Also the peak extra memory of one fwd+bwd for the dropout case (this process, CPU resident set or CUDA).
+With ``flex``, torch's FlexAttention (compiled) joins as a peer wherever it expresses the case: a document
+block mask over the packed batch, a sliding-window block mask, the bias as a score_mod (it has no dropout).
+On the CPU this torch's FlexAttention has no backward, so there both sides are timed forward only.
 """
 from __future__ import annotations
 
@@ -19,9 +22,9 @@ import torch.nn.functional as F
 
 from .measure import rss_peak_of, summarize, time_interleaved
 
-FULL = dict(dropout=(1, 8, 4096, 64), packed=(8, 64, 64, 2048), window=(1, 8, 8192, 512, 64, 256),
+FULL = dict(dropout=(1, 8, 4096, 64), packed=(16, 64, 8, 2048), window=(1, 8, 8192, 512, 64, 256),
             bias=(2, 8, 1024, 64))
-QUICK = dict(dropout=(1, 2, 256, 32), packed=(2, 32, 16, 128), window=(1, 2, 1024, 128, 32, 64),
+QUICK = dict(dropout=(1, 2, 256, 32), packed=(16, 32, 2, 256), window=(1, 2, 1024, 128, 32, 64),
              bias=(1, 2, 128, 32))
 
 
@@ -104,6 +107,18 @@ def packed_case(dims, device, dtype, backend, flex=False):
            f"pyllm-{backend} padded": _fwd_bwd(
                lambda: pyllm.attention(*lp, causal=True, key_padding_mask=valid, backend=backend), lp),
            "sdpa padded": _fwd_bwd(lambda: F.scaled_dot_product_attention(*ls, attn_mask=sd_mask), ls)}
+    if flex and (fx := _flex()) is not None:  # one packed row, a document-causal block mask
+        flex_attention, create_block_mask = fx
+        doc = torch.repeat_interleave(torch.arange(nseq, device=device), torch.tensor(lens, device=device))
+        bm = create_block_mask(lambda b, h, i, j: (doc[i] == doc[j]) & (j <= i), None, None, total, total,
+                               device=device)
+        lf = _leaves(*(t[None].transpose(1, 2).contiguous() for t in (q, k, v)))
+        lf = [t.detach() for t in lf] if device == "cpu" else lf  # no FlexAttention backward on the CPU
+        checks["flex packed"] = _close(flex_attention(*(t.detach() for t in lf), block_mask=bm)[0].transpose(0, 1),
+                                       ref, "flex packed")
+        _add_flex(fns, f"pyllm-{backend} varlen", lambda: pyllm.attention_varlen(q, k, v, cu, cu, N, N, causal=True,
+                                                                                backend=backend),
+                  "flex packed", lambda: flex_attention(*lf, block_mask=bm), lf, device)
     return fns, checks, f"{nseq} seqs {lo}..{hi} (total {total}, longest {N}) H{H} D{D} causal"
 
 
@@ -140,6 +155,21 @@ def window_case(dims, device, dtype, backend, flex=False):
     return fns, checks, f"B{B} H{H} D{D} causal: N{N} window {w} vs N{N0}"
 
 
+def _no_grad(fn):
+    with torch.no_grad():
+        return fn()
+
+
+def _add_flex(fns, pyllm_name, pyllm_fwd, flex_name, flex_fn, leaves, device):
+    """Add FlexAttention beside pyllm: fwd+bwd on a GPU; on the CPU (no FlexAttention backward in this torch)
+    both forward only."""
+    if device == "cpu":
+        for name, fn in ((f"{pyllm_name} fwd", pyllm_fwd), (f"{flex_name} fwd", flex_fn)):
+            fns[name] = lambda fn=fn: _no_grad(fn)
+    else:
+        fns[flex_name] = _fwd_bwd(flex_fn, leaves)
+
+
 def bias_case(dims, device, dtype, backend, flex=False):
     import pyllm
 
@@ -155,6 +185,16 @@ def bias_case(dims, device, dtype, backend, flex=False):
     lp, ls = _leaves(q, k, v, bias), _leaves(qt, kt, vt, bias)
     fns = {f"pyllm-{backend}": _fwd_bwd(lambda: pyllm.attention(*lp[:3], attn_bias=lp[3], backend=backend), lp),
            "sdpa float mask": _fwd_bwd(lambda: F.scaled_dot_product_attention(*ls[:3], attn_mask=ls[3]), ls)}
+    if flex and (fx := _flex()) is not None:  # the bias as a score_mod (no gradient for it: q, k, v only)
+        flex_attention, _ = fx
+        bh = bias[0]
+        lf = _leaves(qt, kt, vt)
+        lf = [t.detach() for t in lf] if device == "cpu" else lf
+        score_mod = lambda s, b, h, i, j: s + bh[h, i, j]  # noqa: E731
+        checks["flex bias"] = _close(flex_attention(*(t.detach() for t in lf), score_mod=score_mod).transpose(1, 2),
+                                     ref, "flex bias")
+        _add_flex(fns, f"pyllm-{backend}", lambda: pyllm.attention(q, k, v, attn_bias=bias, backend=backend),
+                  "flex score_mod", lambda: flex_attention(*lf, score_mod=score_mod), lf, device)
     return fns, checks, f"B{B} H{H} N{N} D{D} bias (1, H, N, N) with grad"
 
 
