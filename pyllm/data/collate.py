@@ -1,4 +1,5 @@
-"""Batching: padding with attention masks, MLM masking, causal-LM packing.
+"""Batching: padding with attention masks, MLM masking, causal-LM packing (into blocks, or documents
+end to end with ``cu_seqlens``: :class:`PackedCollator`).
 
 Features are plain dicts of Python lists/ints (what the feature builders in
 :mod:`pyllm.data.features` produce); collation turns a list of them into a dict
@@ -123,6 +124,33 @@ class PadCollator:
         if self.copy_labels:
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
         return batch
+
+
+class PackedCollator:
+    """Causal-LM batches without padding (FlashAttention's varlen layout): the documents of a batch are laid
+    end to end in one row, and ``cu_seqlens`` marks where each starts, so attention never crosses a document.
+
+    features: dicts with ``input_ids`` (one document each, e.g. :func:`pyllm.data.features.document_features`).
+    Returns ``input_ids`` (1, T) with T the total token count, ``labels`` (1, T) (the inputs, with -100 on
+    each document's first token so no document predicts the next one's start), ``position_ids`` (1, T)
+    restarting at 0 per document, and ``cu_seqlens`` (documents + 1,) int32. The loss equals the per-document
+    losses taken together (every predicted token counted once).
+    """
+
+    def __call__(self, features: Sequence[dict], generator: torch.Generator | None = None) -> dict:
+        if not features:
+            raise ValueError("PackedCollator: got an empty list of features")
+        docs = [list(f["input_ids"]) for f in features]
+        if any(len(d) == 0 for d in docs):
+            raise ValueError("PackedCollator: a document has no tokens")
+        lengths = torch.tensor([len(d) for d in docs])
+        cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+        input_ids = torch.tensor([t for d in docs for t in d], dtype=torch.long)[None]  # (1, T)
+        starts = cu_seqlens[:-1].long()
+        labels = input_ids.clone()
+        labels[0, starts] = IGNORE_INDEX
+        positions = torch.arange(input_ids.shape[1]) - torch.repeat_interleave(starts, lengths)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": positions[None], "cu_seqlens": cu_seqlens}
 
 
 def pack_blocks(docs: Sequence[Sequence[int]], block_size: int, *, eos_id: int | None = None) -> torch.Tensor:

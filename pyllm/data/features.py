@@ -35,6 +35,18 @@ def lm_features(texts: Sequence[str], tokenizer, *, objective: str, block_size: 
     raise ValueError(f"lm_features: objective must be 'clm' or 'mlm', got {objective!r}")
 
 
+def document_features(texts: Sequence[str], tokenizer, *, max_length: int) -> list[dict]:
+    """Causal-LM features for :class:`pyllm.data.PackedCollator`: one per document (its tokens and
+    ``<|endoftext|>``), documents longer than ``max_length`` cut into pieces of at most ``max_length``."""
+    if max_length < 2:
+        raise ValueError(f"document_features: max_length must be >= 2, got {max_length}")
+    out = []
+    for e in tokenizer.encode_batch(texts, add_special_tokens=False):
+        ids = e.ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        out += [{"input_ids": ids[i:i + max_length]} for i in range(0, len(ids), max_length) if len(ids[i:i + max_length]) > 1]
+    return out
+
+
 def classification_features(rows: Sequence[dict], tokenizer, label_to_id: dict, *, max_length: int) -> list[dict]:
     """``{"text", "label"[, "text_pair"]}`` rows -> ids, type ids and an integer label."""
     has_pair = any("text_pair" in r for r in rows)

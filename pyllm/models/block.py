@@ -7,7 +7,7 @@ residual add is fused into the next norm: `norm(x, residual=r)` returns `(norm(x
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,46 @@ class KVCache:
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
 
+class PackedSequences(NamedTuple):
+    """Documents packed end to end without padding (FlashAttention's varlen layout): document d is tokens
+    cu_seqlens[d]:cu_seqlens[d+1] of the flattened (batch * seqlen) input; attention never crosses documents.
+    The models carry it to their attention layers in the key-padding-mask slot."""
+
+    cu_seqlens: torch.Tensor  # (documents + 1,) int32, from 0 to batch * seqlen
+    max_seqlen: int
+
+
+def packed_sequences(cu_seqlens, input_ids, attention_mask, cache, who: str) -> PackedSequences:
+    """Validate ``cu_seqlens`` for a packed (B, N) input_ids; returns the PackedSequences the blocks take."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        got = f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, torch.Tensor) \
+            else type(cu_seqlens).__name__
+        raise TypeError(f"{who}: cu_seqlens must be a 1-D int32 tensor (documents + 1,), got {got}")
+    if attention_mask is not None or cache is not None:
+        raise ValueError(f"{who}: cu_seqlens (packed documents) excludes attention_mask and cache")
+    c = cu_seqlens.tolist()
+    if not c or c[0] != 0 or c[-1] != input_ids.numel() or any(b < a for a, b in zip(c, c[1:])):
+        raise ValueError(f"{who}: cu_seqlens must rise from 0 to the {input_ids.numel()} tokens of input_ids "
+                         f"{tuple(input_ids.shape)}, got {c if len(c) <= 16 else c[:8] + ['...'] + c[-4:]}")
+    return PackedSequences(cu_seqlens, max((b - a for a, b in zip(c, c[1:])), default=0))
+
+
+def packed_positions(cu_seqlens: torch.Tensor, shape) -> torch.Tensor:
+    """Positions that restart at 0 at every document start: (B, N) for packed input_ids of ``shape``."""
+    lens = cu_seqlens.diff().long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens)
+    return (torch.arange(starts.numel(), device=cu_seqlens.device) - starts).view(shape)
+
+
+def packed_attention(q, k, v, packed: PackedSequences, **kwargs):
+    """pyllm.attention_varlen over (B, N, H, D) views of packed documents -> (B, N, Hq, D)."""
+    B, N = q.shape[:2]
+    cu, mx = packed
+    o = pyllm.attention_varlen(q.reshape(B * N, *q.shape[2:]), k.reshape(B * N, *k.shape[2:]),
+                               v.reshape(B * N, *v.shape[2:]), cu, cu, mx, mx, **kwargs)
+    return o.view(B, N, *o.shape[1:])
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: TransformerConfig, causal: bool):
         super().__init__()
@@ -93,8 +133,11 @@ class SelfAttention(nn.Module):
             k, v = cache.update(layer_idx, k, v)  # (B, past + N, Hkv, D)
         # causal is bottom-right aligned, so N new queries against past + N keys just work
         p = self.attention_dropout if self.training else 0.0  # dropped inside the fused kernel
-        o = pyllm.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, dropout_p=p,
-                            backend=self.backend)  # (B, N, Hq, D)
+        if isinstance(key_padding_mask, PackedSequences):  # documents packed without padding: one varlen call
+            o = packed_attention(q, k, v, key_padding_mask, causal=self.causal, dropout_p=p, backend=self.backend)
+        else:
+            o = pyllm.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, dropout_p=p,
+                                backend=self.backend)  # (B, N, Hq, D)
         return self.dropout(self.proj(o.reshape(B, N, C)))
 
 

@@ -18,7 +18,7 @@ from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceCla
                    causal_lm_loss, check_class_labels, check_inputs, check_labels, last_token,
                    padding_mask)
 from .bert import classification_loss
-from .block import BlockStack, KVCache
+from .block import BlockStack, KVCache, packed_positions, packed_sequences
 from .config import TransformerConfig
 from .generation import generate
 
@@ -48,6 +48,9 @@ class GPTModel(PreTrainedModel):
     forward -> BaseModelOutput(last_hidden_state (B, N, C), cache)
     With `cache` (a KVCache, filled in place) the N tokens continue the cached ones; then
     attention_mask, if given, covers cached + new positions: (B, past + N).
+    With `cu_seqlens` ((documents + 1,) int32 offsets into the B * N tokens, pyllm.data.PackedCollator)
+    the rows hold documents packed end to end: attention stays inside each document (attention_varlen) and
+    positions restart at each document unless position_ids are given.
     """
 
     family = "gpt2"
@@ -64,18 +67,23 @@ class GPTModel(PreTrainedModel):
         self.register_load_state_dict_pre_hook(_renamed_blocks)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                cache: Optional[KVCache] = None, use_cache: bool = False):
+                cache: Optional[KVCache] = None, use_cache: bool = False, cu_seqlens=None):
         who = type(self).__name__
         past = cache.seq_len if cache is not None else 0
         B, N = check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids, past, who)
         if token_type_ids is not None and bool(token_type_ids.any()):
             raise ValueError(f"{who}: GPT models have no token-type embeddings; token_type_ids must be "
                              f"None or all zeros")
+        mask = padding_mask(attention_mask)
+        if cu_seqlens is not None:  # packed documents (PackedCollator): attention stays inside each one
+            mask = packed_sequences(cu_seqlens, input_ids, attention_mask, cache, who)
+            if position_ids is None:
+                position_ids = packed_positions(cu_seqlens, input_ids.shape)
         if position_ids is None:
             position_ids = default_positions(attention_mask, past, N, input_ids.device)
         if use_cache and cache is None:
             cache = KVCache(self.config.num_layers)
-        x = self.decode_step(input_ids, position_ids, padding_mask(attention_mask), cache)
+        x = self.decode_step(input_ids, position_ids, mask, cache)
         return BaseModelOutput(last_hidden_state=x, cache=cache)
 
     def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
@@ -108,8 +116,10 @@ class GPTForCausalLM(PreTrainedModel):
             self.lm_head.weight = self.transformer.word.weight
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                cache: Optional[KVCache] = None, use_cache: bool = False, return_logits: Optional[bool] = None):
-        out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, cache, use_cache)
+                cache: Optional[KVCache] = None, use_cache: bool = False, return_logits: Optional[bool] = None,
+                cu_seqlens=None):
+        out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, cache, use_cache,
+                               cu_seqlens=cu_seqlens)
         h = out.last_hidden_state  # (B, N, C)
         if return_logits is None:
             return_logits = labels is None or not self.training

@@ -31,7 +31,7 @@ from pyllm.nn import RMSNorm
 from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
                    causal_lm_loss, check_inputs, last_token, padding_mask)
 from .bert import classification_loss
-from .block import KVCache
+from .block import KVCache, PackedSequences, packed_attention, packed_positions, packed_sequences
 from .config import TransformerConfig
 from .generation import generate
 from .gpt import default_positions
@@ -220,7 +220,10 @@ class LlamaAttention(nn.Module):
         v = v.view(B, N, self.num_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, past + N, Hkv, D)
-        if self.window is not None and k.shape[1] > self.window:
+        if isinstance(key_padding_mask, PackedSequences):  # packed documents: one varlen call, window fused
+            window = (-1, -1) if self.window is None else (self.window - 1, 0)
+            o = packed_attention(q, k, v, key_padding_mask, causal=True, window_size=window, backend=self.backend)
+        elif self.window is not None and k.shape[1] > self.window:
             o = windowed_attention(q, k, v, self.window, key_padding_mask)
         else:  # every key is inside the window: plain causal attention is exact
             o = pyllm.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, backend=self.backend)
@@ -295,15 +298,20 @@ class LlamaModel(PreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
-                use_cache: bool = False, inputs_embeds=None):
+                use_cache: bool = False, inputs_embeds=None, cu_seqlens=None):
         who = type(self).__name__
         past = cache.seq_len if cache is not None else 0
         B, N = check_inputs(position_limits(self.config), input_ids, attention_mask, None, position_ids, past, who)
+        mask = padding_mask(attention_mask)
+        if cu_seqlens is not None:  # packed documents, as GPTModel takes them
+            mask = packed_sequences(cu_seqlens, input_ids, attention_mask, cache, who)
+            if position_ids is None:
+                position_ids = packed_positions(cu_seqlens, input_ids.shape)
         if position_ids is None:
             position_ids = default_positions(attention_mask, past, N, input_ids.device)
         if use_cache and cache is None:
             cache = KVCache(self.config.num_layers)
-        x = self.decode_step(input_ids, position_ids, padding_mask(attention_mask), cache)
+        x = self.decode_step(input_ids, position_ids, mask, cache)
         return BaseModelOutput(last_hidden_state=x, cache=cache)
 
     def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
@@ -343,8 +351,8 @@ class LlamaForCausalLM(PreTrainedModel):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                cache: Optional[KVCache] = None, use_cache: bool = False):
-        out = self.model(input_ids, attention_mask, position_ids, cache, use_cache)
+                cache: Optional[KVCache] = None, use_cache: bool = False, cu_seqlens=None):
+        out = self.model(input_ids, attention_mask, position_ids, cache, use_cache, cu_seqlens=cu_seqlens)
         logits = self.lm_head(out.last_hidden_state)  # (B, N, vocab)
         loss = None
         if labels is not None:

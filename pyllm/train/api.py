@@ -206,6 +206,8 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
         causal = cfg.objective == "clm"
         collator = (D.PadCollator(tokenizer.pad_token_id, copy_labels=True) if causal
                     else D.MLMCollator(tokenizer, cfg.mlm_probability))
+        if cfg.pack:  # documents end to end with cu_seqlens, no padding (_lm_blocks made per-document features)
+            collator = D.PackedCollator()
         task_info = {"task": cfg.objective, "family": family, "max_length": cfg.block_size,
                      "data": cfg.train_file or "stdlib-docstrings"}
         trainer = Trainer(model, train_f, collator, cfg, out, proc, eval_features=val_f,
@@ -242,7 +244,10 @@ def _lm_tokenizer(cfg: PretrainConfig, texts, out: Path, proc):
 
 def _lm_blocks(cfg: PretrainConfig, texts, tokenizer) -> tuple[list, list]:
     """(training blocks, validation blocks) of block_size tokens."""
-    features = D.lm_features(texts, tokenizer, objective=cfg.objective, block_size=cfg.block_size)
+    if cfg.pack:
+        features = D.document_features(texts, tokenizer, max_length=cfg.block_size)
+    else:
+        features = D.lm_features(texts, tokenizer, objective=cfg.objective, block_size=cfg.block_size)
     if cfg.validation_file:
         val = D.lm_features(D.read_texts(cfg.validation_file), tokenizer, objective=cfg.objective,
                             block_size=cfg.block_size)

@@ -327,6 +327,8 @@ class PretrainConfig(TrainConfig):
     vocab_size: int = option(8192, "vocabulary size of the tokenizer trained on the corpus", at_least=2)
     init_from: Optional[str] = option(None, "model folder to continue pretraining from")
     block_size: int = option(128, "tokens per training sequence", at_least=4)
+    pack: bool = option(False, "clm: batches of whole documents (pieces of at most block_size tokens) packed "
+                               "end to end without padding; attention stays inside each (attention_varlen)")
     num_layers: int = option(4, "Transformer blocks", at_least=1)
     hidden_size: int = option(256, "model width", at_least=1)
     num_heads: int = option(4, "attention heads", at_least=1)
@@ -341,6 +343,10 @@ class PretrainConfig(TrainConfig):
     batch_size = 16
     max_steps = 250
     eval_every = 50
+
+    def check(self) -> None:
+        super().check()
+        self.need(not self.pack or self.objective == "clm", "pack takes objective 'clm' (a GPT)")
 
 
 @config_class

@@ -61,6 +61,16 @@ def test_pretrain_clm_on_embedded_corpus(tmp_path):
     assert any("eval_loss" in rec for rec in r.history)
 
 
+def test_pretrain_clm_packed_documents(tmp_path, corpus_file):
+    """--pack: whole documents end to end, cu_seqlens, no padding; the loss falls and --pack is clm only."""
+    r = pretrain(train_file=str(corpus_file), output_dir=str(tmp_path / "packed"), max_steps=12, batch_size=8,
+                 log_every=1, learning_rate=3e-3, warmup_steps=2, pack=True, sample_prompt=None, **QUIET,
+                 **TINY_MODEL)
+    assert falling(losses(r.output_dir)) and r.metrics["steps"] == 12
+    with pytest.raises(ValueError, match="pack takes objective 'clm'"):
+        pretrain(objective="mlm", pack=True, output_dir=str(tmp_path / "no"), **QUIET)
+
+
 def test_pretrain_mlm(tmp_path, corpus_file):
     r = pretrain(objective="mlm", train_file=str(corpus_file), output_dir=str(tmp_path / "bert"), max_steps=12,
                  batch_size=8, log_every=1, learning_rate=3e-3, warmup_steps=2, **QUIET, **TINY_MODEL)
