@@ -439,6 +439,14 @@ def test_varlen_op_opcheck_compile_and_bad_offsets(backend):
     for args in ((q, k, v, cu_q, cu_k, 6, 5, True, 0.25, 3, -1, 2.0, slopes, 0.2, 123, 7),
                  (q, k, v, cu_q, cu_k, 6, 5, False, 0.25, 2, 4, 0.0, None, 0.0, 0, 0)):
         torch.library.opcheck(fwd, args)
+    # the dropout wrapper that reads the seed tensor when it runs, packed and padded
+    kernel, rng = ("triton" if backend == "triton" else "native"), torch.tensor([123, 7])
+    torch.library.opcheck(torch.ops.pyllm.attention_dropout_fwd,
+                          (kernel, q, k, v, None, cu_q, cu_k, True, 0.25, 3, -1, 2.0, slopes, None, 0.2, rng, 6, 5))
+    qb, kb = q.detach()[None, :6].requires_grad_(), k.detach()[None, :7].requires_grad_()
+    torch.library.opcheck(torch.ops.pyllm.attention_dropout_fwd,
+                          (kernel, qb, kb, kb, None, None, None, False, 0.25, -1, -1, 0.0, None,
+                           torch.randn(1, 2, 6, 7, device=DEVICE, requires_grad=True), 0.2, rng, 6, 7))
     torch._dynamo.reset()
 
     @torch.compile(fullgraph=True, backend="aot_eager")

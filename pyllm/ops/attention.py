@@ -263,15 +263,18 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     for name, mx in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(mx, bool) or not isinstance(mx, int) or mx < 0:
             raise ValueError(f"{fn}: {name} must be an int >= the longest sequence, got {mx!r}")
-    if torch.compiler.is_compiling():  # offsets are data: the kernels check them (memory safety) when they run
+    for name, cu in (("q", cu_seqlens_q), ("k", cu_seqlens_k)):
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+            got = f"{_checks._dt(cu.dtype)} of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+            raise TypeError(f"{fn}: cu_seqlens_{name} must be a 1-D int32 tensor (batch + 1,), got {got}")
+    if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
+        raise ValueError(f"{fn}: cu_seqlens_k has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has "
+                         f"{cu_seqlens_q.shape[0]}")
+    if torch.compiler.is_compiling():  # the offsets' values are data: the kernels check them when they run
         return cu_seqlens_q.shape[0] - 1
-    lens = {}
     for name, cu, total, mx in (("q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                 ("k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
         cname = f"cu_seqlens_{name}"
-        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-            got = f"{_checks._dt(cu.dtype)} of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
-            raise TypeError(f"{fn}: {cname} must be a 1-D int32 tensor (batch + 1,), got {got}")
         c = cu.tolist()
         if c[0] != 0:
             raise ValueError(f"{fn}: {cname} must start at 0, got {c[0]}")
@@ -280,12 +283,9 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         if c[-1] != total:
             raise ValueError(f"{fn}: {cname} ends at {c[-1]} but {name} has {total} packed rows")
         longest = max((b - a for a, b in zip(c, c[1:])), default=0)
-        if isinstance(mx, bool) or not isinstance(mx, int) or mx < longest:
+        if mx < longest:
             raise ValueError(f"{fn}: max_seqlen_{name} must be an int >= the longest sequence ({longest}), got {mx!r}")
-        lens[name] = len(c) - 1
-    if lens["q"] != lens["k"]:
-        raise ValueError(f"{fn}: cu_seqlens_k has {lens['k'] + 1} entries but cu_seqlens_q has {lens['q'] + 1}")
-    return lens["q"]
+    return cu_seqlens_q.shape[0] - 1
 
 
 def attention_varlen(
