@@ -426,6 +426,19 @@ def test_varlen_one_call_many_blocks(backend, monkeypatch):
                                 seed=seed, **kw))
 
 
+def test_cpu_varlen_backward_split_over_query_blocks():
+    """Few (sequence, kv head) units: the cpu backward splits each over query blocks, each split with its own
+    dK/dV accumulator in the packed layout, summed in order (deterministic mode fixes the split count)."""
+    need("cpu")
+    torch.use_deterministic_algorithms(True)  # 2 units, 3 query blocks: 3 splits
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            assert_rows(varlen_case("cpu", dtype, [260, 3], [140, 9], 2, 1, 16, causal=True, device=DEVICE,
+                                    seed=3))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 @pytest.mark.parametrize("backend", [b for b in serving("varlen") if b not in ("reference", "cuda")])
 def test_varlen_op_opcheck_compile_and_bad_offsets(backend):
     need(backend)
