@@ -178,14 +178,7 @@ int main(int argc, char** argv) {
   }
   int failed = 0, total = 0;
   std::printf("validation (attention_bwd vs CPU reference):\n");
-  ++total;
-  if (!philox_ref_matches_python()) ++failed;
-  for (const auto& cases : {attention_cases(), feature_cases()})
-    for (const AttnCase& c : cases) {
-      if (quick && c.dtype != DType::kFloat16) continue;
-      ++total;
-      if (!validate(c, rng, quick)) ++failed;
-    }
+  validate_all(quick, failed, total, [&](const AttnCase& c) { return validate(c, rng, quick); });
   std::printf("%d/%d cases passed\n", total - failed, total);
   std::fflush(stdout);
   if (do_bench) {

@@ -154,14 +154,7 @@ int main(int argc, char** argv) {
   }
   int failed = 0, total = 0;
   std::printf("validation (attention_fwd vs CPU reference):\n");
-  ++total;
-  if (!philox_ref_matches_python()) ++failed;
-  for (const auto& cases : {attention_cases(), feature_cases()})
-    for (const AttnCase& c : cases) {
-      if (quick && c.dtype != DType::kFloat16) continue;
-      ++total;
-      if (!validate(c, rng)) ++failed;
-    }
+  validate_all(quick, failed, total, [&](const AttnCase& c) { return validate(c, rng); });
   for (DType t : {DType::kFloat16, DType::kBFloat16}) {
     if (quick && t != DType::kFloat16) continue;
     ++total;

@@ -350,4 +350,18 @@ inline std::vector<AttnCase> feature_cases() {
   return cases;
 }
 
+// The generator check, then validate(case) over attention_cases() and feature_cases() (fp16 only when
+// quick), counted into failed / total.
+template <typename Validate>
+void validate_all(bool quick, int& failed, int& total, Validate&& validate) {
+  ++total;
+  if (!philox_ref_matches_python()) ++failed;
+  for (const auto& cases : {attention_cases(), feature_cases()})
+    for (const AttnCase& c : cases) {
+      if (quick && c.dtype != DType::kFloat16) continue;
+      ++total;
+      if (!validate(c)) ++failed;
+    }
+}
+
 }  // namespace harness
