@@ -16,7 +16,7 @@
 #   harness_*        attention_fwd, attention_bwd, layer_norm: validate against the CPU reference, then time
 #   ncu_*            attention fwd and dK/dV once under ncu --clock-control none (SOL, occupancy, shared
 #                    memory, warp state)
-#   memcheck_*, racecheck_*, synccheck_*   compute-sanitizer on the harnesses' validation cases
+#   memcheck_*, racecheck_*, synccheck_*   compute-sanitizer on the harnesses' validation cases (attention: --quick)
 #   pytest_cuda_*    each op test file on CUDA tensors, cuda backend, PYLLM_REQUIRE_BACKENDS=cuda, no -x,
 #                    a per-test alarm and a per-file timeout, JUnit XML
 #   pytest_triton_*  the same for the triton backend (after cuda: its cold compile cache is slow)
@@ -284,13 +284,14 @@ fi
 if command -v compute-sanitizer >/dev/null 2>&1; then
   for h in "${HARNESSES[@]}"; do
     [[ -x "$DEV/$h" ]] || continue
-    run_step "memcheck_$h" 60 "$(phase 45)" compute-sanitizer --tool memcheck --error-exitcode 1 "$DEV/$h" --no-bench
+    quick=--no-bench; [[ $h == attention_* ]] && quick=--quick  # fp16 cases only, launcher's GQA split only
+    run_step "memcheck_$h" 60 "$(phase 45)" compute-sanitizer --tool memcheck --error-exitcode 1 "$DEV/$h" $quick
     failed_if $?
   done
   for tool in racecheck synccheck; do
     for h in attention_fwd attention_bwd; do
       [[ -x "$DEV/$h" ]] || continue
-      run_step "${tool}_$h" 60 "$(phase 45)" compute-sanitizer --tool "$tool" --error-exitcode 1 "$DEV/$h" --no-bench
+      run_step "${tool}_$h" 60 "$(phase 45)" compute-sanitizer --tool "$tool" --error-exitcode 1 "$DEV/$h" --quick
       failed_if $?
     done
   done

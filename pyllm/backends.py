@@ -115,6 +115,9 @@ class Backend:
         missing = [f for f in call.get("features", ()) if f not in self.attention_features]
         if missing:
             reasons.append(f"{', '.join(missing)} not implemented in the {self.name} kernels")
+        elif call.get("features") and self.dispatch_key and not _ext_has_kernel("attention_ext", self.dispatch_key):
+            reasons.append(f"pyllm._C has no {self.dispatch_key} kernel for attention_ext_fwd (built before the "
+                           "features existed: rebuild)")
         return reasons
 
 

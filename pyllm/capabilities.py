@@ -38,9 +38,12 @@ REFERENCE = Capabilities(devices=("cpu", "cuda", "mps", "xpu", "meta"), dtypes=_
                          max_head_dim=None, notes="plain PyTorch: serves every call; O(N^2) attention memory")
 CPU = Capabilities(devices=("cpu",), dtypes=_HALF_AND_FP32 + ("float64",), notes="C++ kernels in pyllm._C",
                    attention_features=ATTENTION_FEATURES)
+# attn_bias is not in the CUDA kernels (auto takes triton or cpu for it; explain says so); varlen runs the
+# feature kernels once per packed sequence (pyllm.ops.attention.attention_varlen)
 CUDA = Capabilities(devices=("cuda",), op_dtypes={"attention": ("float16", "bfloat16")},
                     min_compute_capability=(8, 0), capability_ops=("attention",),
-                    notes="CUDA C++ kernels in pyllm._C; attention on tensor cores (mma.sync bf16 needs sm_80)")
+                    notes="CUDA C++ kernels in pyllm._C; attention on tensor cores (mma.sync bf16 needs sm_80)",
+                    attention_features=("dropout", "window", "softcap", "alibi", "varlen"))
 TRITON = Capabilities(devices=("cuda", "cpu"), attention_features=ATTENTION_FEATURES,
                       notes="CPU tensors only under TRITON_INTERPRET=1 (tests), never chosen by auto there")
 

@@ -66,6 +66,23 @@ def test_backends_read_the_capability_tables():
     assert not hasattr(backends, "get")
 
 
+def test_cuda_declares_its_attention_features_and_declines_the_rest(monkeypatch):
+    """The CUDA kernels implement window, softcap, ALiBi and dropout (varlen runs them per sequence), not attn_bias;
+    an extension built before the feature op existed declines every feature with a reason."""
+    b = backends._BACKENDS["cuda"]
+    assert b.attention_features == {"dropout", "window", "softcap", "alibi", "varlen"}
+    monkeypatch.setattr(b, "unavailable_reason", lambda: None)  # as on a GPU machine with pyllm._C built
+    monkeypatch.setattr(backends, "_ext_has_kernel", lambda op, key: True)
+    base = backends.Backend.not_supported_reasons  # without the device capability query (no GPU here)
+    assert base(b, "attention", dict(CUDA_CALL, features=("dropout", "window", "softcap", "alibi", "varlen"))) == []
+    assert base(b, "attention", dict(CUDA_CALL, features=("window", "attn_bias"))) == [
+        "attn_bias not implemented in the cuda kernels"]
+    monkeypatch.setattr(backends, "_ext_has_kernel", lambda op, key: op != "attention_ext")
+    reasons = base(b, "attention", dict(CUDA_CALL, features=("softcap",)))
+    assert len(reasons) == 1 and "attention_ext_fwd" in reasons[0] and "rebuild" in reasons[0]
+    assert base(b, "attention", CUDA_CALL) == []  # plain attention needs only attention_fwd
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_compile_fullgraph_default_backend(backend, device):
     """Issue 13/14: fullgraph=True without backend= (the default choice is traced and guarded)."""

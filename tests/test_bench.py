@@ -274,6 +274,26 @@ def test_decode_and_small_presets():
     assert build_cases(["attention"], ["bwd"], None, "decode", "cpu")[0].mode == "bwd"  # --mode wins
 
 
+def test_sweep_preset_and_its_ratio_plot(tmp_path):
+    from pyllm.bench import report as R
+    from pyllm.bench.spec import SWEEP_DECODE_NK, SWEEP_ROWS, SWEEP_SEQ
+
+    cases = build_cases(["attention", "layer_norm"], None, None, "sweep", "cpu")
+    decode = [c for c in cases if c.sweep == "sweep-decode"]
+    seq = [c for c in cases if c.sweep == "sweep-seq"]
+    assert {(c.dims[4], c.mode) for c in decode} == {(nk, "fwd") for nk in SWEEP_DECODE_NK}  # inference only
+    assert {(c.dims[3], c.mode, c.causal) for c in seq} == {(n, m, True) for n in SWEEP_SEQ for m in ("fwd", "fwd+bwd")}
+    assert {c.dims[0] for c in cases if c.op == "layer_norm"} == set(SWEEP_ROWS)
+    assert {c.dtype for c in cases} == {"fp32", "bf16"}
+    rows = [{"op": c.op, "mode": c.mode, "dtype": c.dtype, "sweep": c.sweep, "padding": False, "label": c.label(),
+             "shape": dict(zip(("B", "Hq", "Hkv", "Nq", "Nk", "D") if c.op == "attention" else ("M", "N"), c.dims)),
+             "provider": p, "baseline": "sdpa" if c.op == "attention" else "torch", "speedup": s}
+            for c in cases for p, s in (("pyllm-cpu", 1.5), ("pyllm-reference", 0.3),
+                                        ("sdpa" if c.op == "attention" else "torch", 1.0))]
+    paths = R.plot({"results": rows, "machine": {"cpu": "test cpu"}}, str(tmp_path))
+    assert sorted(os.path.basename(p) for p in paths if "sweep" in p) == ["sweep_ratio_bf16.png", "sweep_ratio_fp32.png"]
+
+
 def test_single_shape_plot_shows_every_provider_unclipped():
     import matplotlib
 

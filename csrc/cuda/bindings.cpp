@@ -1,6 +1,8 @@
 // CUDA implementations of the pyllm ops (schemas in csrc/pyllm.cpp): argument checks, output allocation
 // and the current stream here; the kernels themselves are in attention.cu / layer_norm.cu behind the
 // torch-free launchers of kernels.h. Built only when torch is a CUDA build.
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -91,12 +93,66 @@ AttentionShape check_attention_inputs(const char* op, const at::Tensor& q, const
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+// The feature arguments of attention_ext_fwd/bwd (csrc/pyllm.cpp). The CUDA kernels implement the window,
+// softcap, ALiBi and dropout; attn_bias is declined (pyllm/capabilities.py does not declare it, so auto
+// takes another backend; asked for by name, this error says why).
+struct FeatureArgs {
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0;
+  std::optional<at::Tensor> alibi, bias;
+  double dropout_p = 0;
+  int64_t seed = 0, offset = 0, drop_lq = 0, drop_lk = 0;
+};
+
+// A window at least as wide as both sequences is no window (and keeps the kernels' int arithmetic small).
+int window_arg(int64_t w, const AttentionShape& s) { return w < 0 || w >= s.Nq + s.Nk ? -1 : static_cast<int>(w); }
+
+// Fills p.feat; `alibi` receives the float32 contiguous slopes the kernel reads (kept alive by the caller).
+pyllm::cuda::AttentionFeatures make_features(const char* op, const FeatureArgs& a, const AttentionShape& s,
+                                             const at::Device& dev, at::Tensor& alibi) {
+  pyllm::cuda::AttentionFeatures f;
+  TORCH_CHECK(!a.bias.has_value(), op, ": attn_bias is not implemented in the CUDA kernels (use backend='triton' "
+              "or 'cpu'; auto does)");
+  TORCH_CHECK(a.window_left >= -1 && a.window_right >= -1, op, ": window sizes must be >= -1, got (",
+              a.window_left, ", ", a.window_right, ")");
+  f.window_left = window_arg(a.window_left, s);
+  f.window_right = window_arg(a.window_right, s);
+  TORCH_CHECK(std::isfinite(a.softcap) && a.softcap >= 0, op, ": softcap must be a finite float >= 0, got ", a.softcap);
+  f.softcap = static_cast<float>(a.softcap);
+  if (a.alibi.has_value()) {
+    const at::Tensor& t = *a.alibi;
+    check_cuda_tensor(t, op, "alibi_slopes", dev);
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+                ": alibi_slopes must be float32, got ", t.scalar_type());
+    TORCH_CHECK((t.dim() == 1 && t.size(0) == s.Hq) || (t.dim() == 2 && t.size(0) == s.B && t.size(1) == s.Hq), op,
+                ": alibi_slopes must have shape (", s.Hq, ",) or (", s.B, ", ", s.Hq, "), got ", t.sizes());
+    alibi = t.to(at::kFloat).contiguous();
+    f.alibi_slopes = alibi.data_ptr<float>();
+    f.alibi_stride_b = t.dim() == 2 ? s.Hq : 0;
+  }
+  if (a.dropout_p > 0) {
+    TORCH_CHECK(a.dropout_p < 1 && a.drop_lq >= s.Nq && a.drop_lk >= s.Nk, op, ": dropout_p must be in [0, 1) and "
+                "the dropout layout at least (seqlen_q, seqlen_k) = (", s.Nq, ", ", s.Nk, "), got ", a.dropout_p,
+                " and (", a.drop_lq, ", ", a.drop_lk, ")");
+    f.drop_threshold =
+        static_cast<uint32_t>(std::min<double>(std::floor(a.dropout_p * 4294967296.0), 4294967295.0));
+    f.drop_scale = static_cast<float>(1.0 / (1.0 - a.dropout_p));
+    f.seed = static_cast<uint64_t>(a.seed);
+    f.offset = static_cast<uint64_t>(a.offset);
+    f.drop_lq = a.drop_lq;
+    f.drop_lk = a.drop_lk;
+  }
+  return f;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in,
                                                       const std::optional<at::Tensor>& key_padding_mask,
-                                                      bool causal, double softmax_scale) {
-  const char* op = "attention_fwd";
+                                                      bool causal, double softmax_scale, const FeatureArgs& fa,
+                                                      const char* op) {
   const AttentionShape s = check_attention_inputs(op, q_in, k_in, v_in, key_padding_mask);
+  at::Tensor alibi;
+  const pyllm::cuda::AttentionFeatures feat = make_features(op, fa, s, q_in.device(), alibi);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
   at::Tensor mask;
@@ -124,17 +180,24 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   p.out_stride_b = out.stride(0), p.out_stride_n = out.stride(1), p.out_stride_h = out.stride(2);
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
-  check_launch(pyllm::cuda::attention_fwd(p, kernel_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream()),
-               "attention_fwd");
+  p.feat = feat;
+  check_launch(pyllm::cuda::attention_fwd(p, kernel_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream()), op);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& key_padding_mask, bool causal,
+                                                      double softmax_scale) {
+  return attention_fwd_impl(q, k, v, key_padding_mask, causal, softmax_scale, FeatureArgs{}, "attention_fwd");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& key_padding_mask,
-    bool causal, double softmax_scale, bool deterministic) {
-  const char* op = "attention_bwd";
+    bool causal, double softmax_scale, bool deterministic, const FeatureArgs& fa, const char* op) {
   const AttentionShape s = check_attention_inputs(op, q_in, k_in, v_in, key_padding_mask);
+  at::Tensor alibi;
+  const pyllm::cuda::AttentionFeatures feat = make_features(op, fa, s, q_in.device(), alibi);
   check_cuda_tensor(dout_in, op, "dout", q_in.device());
   check_cuda_tensor(out_in, op, "out", q_in.device());
   check_cuda_tensor(lse_in, op, "lse", q_in.device());
@@ -189,9 +252,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
   p.deterministic = deterministic;
-  check_launch(pyllm::cuda::attention_bwd(p, kernel_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream()),
-               "attention_bwd");
+  p.feat = feat;
+  at::Tensor dkv_accum;  // GQA's dk/dv partials when the group is split (kernels.h)
+  const size_t ws = pyllm::cuda::attention_bwd_workspace_floats(p);
+  if (ws > 0) {
+    dkv_accum = at::empty({static_cast<int64_t>(ws)}, f32);
+    p.dkv_accum = dkv_accum.data_ptr<float>();
+  }
+  check_launch(pyllm::cuda::attention_bwd(p, kernel_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream()), op);
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask, bool causal, double softmax_scale,
+    bool deterministic) {
+  return attention_bwd_impl(dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, deterministic,
+                            FeatureArgs{}, "attention_bwd");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_ext_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask,
+    bool causal, double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& attn_bias, double dropout_p,
+    int64_t seed, int64_t offset, int64_t drop_lq, int64_t drop_lk) {
+  return attention_fwd_impl(q, k, v, key_padding_mask, causal, softmax_scale,
+                            FeatureArgs{window_left, window_right, softcap, alibi_slopes, attn_bias, dropout_p, seed,
+                                        offset, drop_lq, drop_lk},
+                            "attention_ext_fwd");
+}
+
+// dbias is always shape (0,): attn_bias is refused (make_features).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_ext_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask, bool causal, double softmax_scale,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& attn_bias, double dropout_p, int64_t seed, int64_t offset, int64_t drop_lq,
+    int64_t drop_lk, bool /*bias_grad*/, bool deterministic) {
+  auto [dq, dk, dv] = attention_bwd_impl(
+      dout, q, k, v, out, lse, key_padding_mask, causal, softmax_scale, deterministic,
+      FeatureArgs{window_left, window_right, softcap, alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq,
+                  drop_lk},
+      "attention_ext_bwd");
+  return {dq, dk, dv, at::empty({0}, q.options())};
 }
 
 // ---- layer norm -----------------------------------------------------------------------------------
@@ -390,6 +493,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_cuda(const at::Tensor& q_in, const at:
 TORCH_LIBRARY_IMPL(pyllm, CUDA, m) {
   m.impl("attention_fwd", &attention_fwd_cuda);
   m.impl("attention_bwd", &attention_bwd_cuda);
+  m.impl("attention_ext_fwd", &attention_ext_fwd_cuda);
+  m.impl("attention_ext_bwd", &attention_ext_bwd_cuda);
   m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
   m.impl("rotary", &rotary_cuda);

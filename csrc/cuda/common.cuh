@@ -61,6 +61,38 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// ---- dropout bits ------------------------------------------------------------------------------------
+
+__host__ __device__ __forceinline__ uint32_t mulhi32(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// Word 0 of Philox4x32-10 for key (lo, hi of seed) and counter (lo, hi of ctr, 0, 0): the generator of
+// pyllm.reference.philox_bits, the CPU kernels and Triton's tl.randint (host too, so it can be checked
+// against the reference without a GPU).
+__host__ __device__ __forceinline__ uint32_t philox_word0(uint64_t seed, uint64_t ctr) {
+  uint32_t c0 = static_cast<uint32_t>(ctr), c1 = static_cast<uint32_t>(ctr >> 32), c2 = 0u, c3 = 0u;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi_b = mulhi32(c2, 0xCD9E8D57u), lo_b = c2 * 0xCD9E8D57u;
+    const uint32_t hi_a = mulhi32(c0, 0xD2511F53u), lo_a = c0 * 0xD2511F53u;
+    c0 = hi_b ^ c1 ^ k0;
+    c1 = lo_b;
+    c2 = hi_a ^ c3 ^ k1;
+    c3 = lo_a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
 // ---- tensor-core primitives (sm_80+) ----------------------------------------------------------------
 // Compiled for an older architecture (a TORCH_CUDA_ARCH_LIST that includes sm_75, say) they become a
 // trap: the bindings refuse such devices before launching, and the library still builds.

@@ -25,6 +25,30 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 constexpr int kAttentionMaxHeadDim = 256;
 
+// FlashAttention's score modifications and dropout (attention_ext_fwd/bwd in csrc/pyllm.cpp); all off by
+// default. With any of them on, the kernels take their feature variant (head dims padded to 64, 128 or 256).
+//   window: query i sees key j iff i' - left <= j <= i' + right with i' = i + Nk - Nq (bottom-right
+//           aligned; -1 = unbounded; causal sets right = 0); key tiles outside every row's window are skipped
+//   softcap: s = softcap * tanh(s / softcap) on the scaled score (gradient through 1 - tanh^2)
+//   alibi: s -= slope * |i + Nk - Nq - j|, slope = alibi_slopes[b * alibi_stride_b + h]
+//   dropout: element (b, h, i, j) is kept iff word 0 of Philox4x32-10 (key = seed, counter = offset +
+//           ((b Hq + h) drop_lq + i) drop_lk + j) >= drop_threshold; kept probabilities are scaled by
+//           drop_scale = 1 / (1 - p); lse is taken before dropout
+struct AttentionFeatures {
+  int window_left = -1, window_right = -1;
+  float softcap = 0.f;                  // 0 = off
+  const float* alibi_slopes = nullptr;  // (Hq,) or (B, Hq) float32 contiguous, or nullptr
+  int64_t alibi_stride_b = 0;           // 0 for (Hq,), Hq for (B, Hq)
+  uint32_t drop_threshold = 0;          // min(floor(p 2^32), 2^32 - 1); 0 = no dropout
+  float drop_scale = 1.f;
+  uint64_t seed = 0, offset = 0;
+  int64_t drop_lq = 0, drop_lk = 0;     // the dropout index layout, at least (Nq, Nk)
+
+  bool any() const {
+    return window_left >= 0 || window_right >= 0 || softcap > 0.f || alibi_slopes != nullptr || drop_threshold != 0;
+  }
+};
+
 struct AttentionFwdParams {
   const void* q;  // (B, Nq, Hq, D) with strides q_stride_{b,n,h}
   const void* k;  // (B, Nk, Hkv, D)
@@ -40,6 +64,7 @@ struct AttentionFwdParams {
   int64_t out_stride_b, out_stride_n, out_stride_h;
   float softmax_scale;
   bool causal;  // bottom-right aligned: query i sees key j iff j <= i + Nk - Nq
+  AttentionFeatures feat;
 };
 
 cudaError_t attention_fwd(const AttentionFwdParams& p, DType dtype, cudaStream_t stream);
@@ -70,12 +95,32 @@ struct AttentionBwdParams {
   bool causal;
   // true: dq from a separate kernel that loops over key blocks (no atomics, bitwise reproducible);
   // false: dq accumulated with fp32 atomics into dq_accum by the dk/dv kernel, then converted.
+  // The same choice for GQA's dk/dv partials (below): a fixed-order reduction, or fp32 atomics.
   bool deterministic;
+  AttentionFeatures feat;
+  // GQA (Hq > Hkv): the query heads of a group are split over group_split CTAs per (key block, kv head);
+  // 0 = the launcher's choice (attention_bwd_group_split), otherwise a divisor of Hq / Hkv (the harness
+  // forces each split). With a split > 1 the dk/dv partials go through dkv_accum
+  // (attention_bwd_workspace_floats(p) fp32, provided by the caller; nullptr when that is 0) and a
+  // reduction kernel casts their sum to the output dtype.
+  int group_split = 0;
+  float* dkv_accum = nullptr;
 };
 
-// Runs delta = rowsum(dO * O), the dk/dv kernel (one CTA per key block and kv head; it loops over the
-// query heads of its group, so GQA needs no reduction afterwards), and dq (atomics + convert, or the
-// deterministic dq kernel).
+// The group split attention_bwd uses for p: 1 when Hq == Hkv (one pass, no workspace); otherwise the
+// smallest divisor of the group that gives the dK/dV grid about 4 CTAs per SM of the current device
+// (the whole group when none does). Depends on the shape and the device only, so deterministic runs
+// reproduce bitwise on one device.
+int attention_bwd_group_split(const AttentionBwdParams& p);
+
+// fp32 elements of dkv_accum that attention_bwd needs for p: 0 for a split of 1; otherwise
+// 2 * B * Nk * Hkv * D times the split (deterministic: one partial per split, summed in split order) or
+// times 1 (atomics).
+size_t attention_bwd_workspace_floats(const AttentionBwdParams& p);
+
+// Runs delta = rowsum(dO * O), the dk/dv kernel (one CTA per key block, kv head and group split; each
+// loops over its share of the group's query heads), the dk/dv reduction when the group is split, and dq
+// (atomics + convert, or the deterministic dq kernel).
 cudaError_t attention_bwd(const AttentionBwdParams& p, DType dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------

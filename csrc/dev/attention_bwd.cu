@@ -1,13 +1,16 @@
 /*
 FlashAttention-2 backward (csrc/cuda/attention.cu): validate dq, dk, dv against a CPU reference, in both
 the atomic (default) and the deterministic mode, check that deterministic mode is bitwise reproducible,
-then time both modes.
+then time both modes. GQA cases (groups 2, 4, 8) run with the launcher's group split and with forced
+splits 1, 2 and the whole group (the dK/dV partials' reduction, deterministic and atomic); the feature
+cases (window, softcap, ALiBi, dropout) check the gradients through each feature.
 
 Build and run (from the repository root):
   nvcc -O3 -std=c++17 -arch=sm_90 -Icsrc/cuda -Icsrc/dev csrc/dev/attention_bwd.cu csrc/cuda/attention.cu \
        -o /tmp/attention_bwd && /tmp/attention_bwd
 or with CMake: cmake --build build/cuda -j && build/cuda/attention_bwd
-Options: --no-bench (validation only); --profile (no validation, one backward of a D=128 case: for ncu).
+Options: --no-bench (validation only); --profile (no validation, one backward of a D=128 case: for ncu);
+--quick (validation of the fp16 cases with the launcher's group split only, no rerun: for compute-sanitizer).
 Exit status 1 when any case fails (the timings still run).
 
 The forward pass that produces out and lse is the CUDA kernel itself (validated by attention_fwd).
@@ -29,8 +32,9 @@ using namespace harness;
 
 struct DeviceBwd {
   void *q, *k, *v, *out, *dout, *dq, *dk, *dv;
-  float *lse, *delta, *dq_accum;
+  float *lse, *delta, *dq_accum, *dkv_accum;
   uint8_t* mask = nullptr;
+  float* slopes = nullptr;
   pyllm::cuda::AttentionFwdParams fp{};
   pyllm::cuda::AttentionBwdParams bp{};
 
@@ -46,6 +50,8 @@ struct DeviceBwd {
     CUDA_CHECK(cudaMalloc(&lse, std::max<size_t>(16, nl * 4)));
     CUDA_CHECK(cudaMalloc(&delta, std::max<size_t>(16, nl * 4)));
     CUDA_CHECK(cudaMalloc(&dq_accum, std::max<size_t>(16, nq * 4)));
+    // the largest GQA workspace: one fp32 dk and dv partial per query head of a group
+    CUDA_CHECK(cudaMalloc(&dkv_accum, std::max<size_t>(16, 2 * nk * (c.Hq / c.Hkv) * 4)));
     if (!in.mask.empty()) {
       CUDA_CHECK(cudaMalloc(&mask, in.mask.size()));
       CUDA_CHECK(cudaMemcpy(mask, in.mask.data(), in.mask.size(), cudaMemcpyHostToDevice));
@@ -69,15 +75,22 @@ struct DeviceBwd {
     bp.v_stride_b = in.sk.b, bp.v_stride_n = in.sk.n, bp.v_stride_h = in.sk.h;
     bp.out_stride_b = ob, bp.out_stride_n = on, bp.out_stride_h = oh;
     bp.softmax_scale = in.scale, bp.causal = c.causal;
+    bp.dkv_accum = dkv_accum;
+    if (!in.slopes.empty()) {
+      CUDA_CHECK(cudaMalloc(&slopes, in.slopes.size() * 4));
+      CUDA_CHECK(cudaMemcpy(slopes, in.slopes.data(), in.slopes.size() * 4, cudaMemcpyHostToDevice));
+    }
+    fp.feat = bp.feat = features_of(c, slopes);
   }
   ~DeviceBwd() {
     for (void* ptr : {q, k, v, out, dout, dq, dk, dv}) cudaFree(ptr);
-    cudaFree(lse), cudaFree(delta), cudaFree(dq_accum);
+    cudaFree(lse), cudaFree(delta), cudaFree(dq_accum), cudaFree(dkv_accum);
     if (mask) cudaFree(mask);
+    if (slopes) cudaFree(slopes);
   }
 };
 
-static bool validate(const AttnCase& c, std::mt19937& rng) {
+static bool validate(const AttnCase& c, std::mt19937& rng, bool quick) {
   print_case(c);
   AttnInputs in(c, rng);
   HostTensor g(c.dtype, in.q.f.size());  // dout, stored with q's layout
@@ -90,31 +103,44 @@ static bool validate(const AttnCase& c, std::mt19937& rng) {
   const bool bf = c.dtype == DType::kBFloat16;
   const double a = bf ? 1.6e-2 : 2e-3, r = bf ? 5e-2 : 1e-2;
   bool ok = true;
-  std::vector<float> first_dq, first_dk, first_dv;
-  for (int mode = 0; mode < 3; ++mode) {  // atomic, deterministic, deterministic again
-    dev.bp.deterministic = mode > 0;
-    // NaN poison: every element of dq, dk, dv must be written
-    CUDA_CHECK(cudaMemset(dev.dq, 0xff, std::max<size_t>(16, dq_ref.size() * dtype_size(c.dtype))));
-    CUDA_CHECK(cudaMemset(dev.dk, 0xff, std::max<size_t>(16, dk_ref.size() * dtype_size(c.dtype))));
-    CUDA_CHECK(cudaMemset(dev.dv, 0xff, std::max<size_t>(16, dv_ref.size() * dtype_size(c.dtype))));
-    CUDA_CHECK(pyllm::cuda::attention_bwd(dev.bp, c.dtype, 0));
-    CUDA_CHECK(cudaDeviceSynchronize());
-    const auto dq = download(dev.dq, dq_ref.size(), c.dtype);
-    const auto dk = download(dev.dk, dk_ref.size(), c.dtype);
-    const auto dv = download(dev.dv, dv_ref.size(), c.dtype);
-    if (mode < 2) {
-      std::printf("   %s:\n", mode == 0 ? "atomic dq" : "deterministic");
-      ok &= check_close("dq", dq, dq_ref, a * std::max(1.0, max_abs(dq_ref)), r);
-      ok &= check_close("dk", dk, dk_ref, a * std::max(1.0, max_abs(dk_ref)), r);
-      ok &= check_close("dv", dv, dv_ref, a * std::max(1.0, max_abs(dv_ref)), r);
-    }
-    if (mode == 1) first_dq = dq, first_dk = dk, first_dv = dv;
-    if (mode == 2) {
-      const bool same = std::memcmp(first_dq.data(), dq.data(), dq.size() * 4) == 0 &&
-                        std::memcmp(first_dk.data(), dk.data(), dk.size() * 4) == 0 &&
-                        std::memcmp(first_dv.data(), dv.data(), dv.size() * 4) == 0;
-      std::printf("    deterministic rerun %s\n", same ? "bitwise identical" : "DIFFERS");
-      ok &= same;
+  // GQA: the launcher's group split (0), then forced splits 1, 2 and the whole group
+  const int group = c.Hq / c.Hkv;
+  std::vector<int> splits = {0};
+  if (group > 1 && !quick) {
+    splits.push_back(1);
+    if (group > 2 && group % 2 == 0) splits.push_back(2);
+    splits.push_back(group);
+  }
+  for (int split : splits) {
+    dev.bp.group_split = split;
+    if (group > 1)
+      std::printf("   group split %d%s:\n", pyllm::cuda::attention_bwd_group_split(dev.bp), split ? " (forced)" : "");
+    std::vector<float> first_dq, first_dk, first_dv;
+    for (int mode = 0; mode < (quick ? 2 : 3); ++mode) {  // atomic, deterministic, deterministic again
+      dev.bp.deterministic = mode > 0;
+      // NaN poison: every element of dq, dk, dv must be written
+      CUDA_CHECK(cudaMemset(dev.dq, 0xff, std::max<size_t>(16, dq_ref.size() * dtype_size(c.dtype))));
+      CUDA_CHECK(cudaMemset(dev.dk, 0xff, std::max<size_t>(16, dk_ref.size() * dtype_size(c.dtype))));
+      CUDA_CHECK(cudaMemset(dev.dv, 0xff, std::max<size_t>(16, dv_ref.size() * dtype_size(c.dtype))));
+      CUDA_CHECK(pyllm::cuda::attention_bwd(dev.bp, c.dtype, 0));
+      CUDA_CHECK(cudaDeviceSynchronize());
+      const auto dq = download(dev.dq, dq_ref.size(), c.dtype);
+      const auto dk = download(dev.dk, dk_ref.size(), c.dtype);
+      const auto dv = download(dev.dv, dv_ref.size(), c.dtype);
+      if (mode < 2) {
+        std::printf("   %s:\n", mode == 0 ? "atomic dq" : "deterministic");
+        ok &= check_close("dq", dq, dq_ref, a * std::max(1.0, max_abs(dq_ref)), r);
+        ok &= check_close("dk", dk, dk_ref, a * std::max(1.0, max_abs(dk_ref)), r);
+        ok &= check_close("dv", dv, dv_ref, a * std::max(1.0, max_abs(dv_ref)), r);
+      }
+      if (mode == 1) first_dq = dq, first_dk = dk, first_dv = dv;
+      if (mode == 2) {
+        const bool same = std::memcmp(first_dq.data(), dq.data(), dq.size() * 4) == 0 &&
+                          std::memcmp(first_dk.data(), dk.data(), dk.size() * 4) == 0 &&
+                          std::memcmp(first_dv.data(), dv.data(), dv.size() * 4) == 0;
+        std::printf("    deterministic rerun %s\n", same ? "bitwise identical" : "DIFFERS");
+        ok &= same;
+      }
     }
   }
   return ok;
@@ -142,11 +168,8 @@ static void bench(int B, int H, int Hkv, int N, int D, bool causal, bool determi
 }
 
 int main(int argc, char** argv) {
-  bool do_bench = true, profile = false;
-  for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--no-bench")) do_bench = false;
-    if (!std::strcmp(argv[i], "--profile")) profile = true;
-  }
+  bool do_bench, profile, quick;
+  parse_options(argc, argv, do_bench, profile, quick);
   print_device();
   std::mt19937 rng(4321);
   if (profile) {
@@ -155,10 +178,7 @@ int main(int argc, char** argv) {
   }
   int failed = 0, total = 0;
   std::printf("validation (attention_bwd vs CPU reference):\n");
-  for (const AttnCase& c : attention_cases()) {
-    ++total;
-    if (!validate(c, rng)) ++failed;
-  }
+  validate_all(quick, failed, total, [&](const AttnCase& c) { return validate(c, rng, quick); });
   std::printf("%d/%d cases passed\n", total - failed, total);
   std::fflush(stdout);
   if (do_bench) {

@@ -15,6 +15,7 @@ examples:
   pyllm bench --op layer_norm --shape 4096,768 --shape 4096,4096 --dtype fp32 bf16
   pyllm bench --preset long --device cuda --out results/h100
   pyllm bench --preset decode                  one generation step (Nq=1) at Nk 128..1024, fp32 and bf16
+  pyllm bench --preset sweep --plots docs/img   the ratio to torch from the smallest size to the largest (plot)
   pyllm bench --list                           who can be measured here, and why not
 
 Shapes: B,H,N,D (attention; B,H,N,D,Hkv for GQA), M,N (layer_norm / rms_norm), train_step=B,T.
@@ -39,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--op", nargs="+", metavar="OP", help="attention, layer_norm, rms_norm, train_step (default: all)")
     g.add_argument("--provider", nargs="+", metavar="P", help="providers or groups to run (default: all available; "
                                                               "each op's baseline is always added)")
-    g.add_argument("--preset", default=None, help="quick, default, long, decode (Nq=1 steps) or small (small calls: "
-                                                    "norms 16x768 / 128x768, attention N=16) (default: default)")
+    g.add_argument("--preset", default=None, help="quick, default, long, decode (Nq=1 steps), small (small calls: "
+                                                    "norms 16x768 / 128x768, attention N=16) or sweep (ratio to "
+                                                    "torch across sizes, plotted) (default: default)")
     g.add_argument("--quick", action="store_const", dest="preset", const="quick", help="same as --preset quick")
     g.add_argument("--long", action="store_const", dest="preset", const="long", help="same as --preset long")
     g.add_argument("--shape", action="append", default=[], metavar="S",

@@ -179,6 +179,61 @@ def plot(report: dict, outdir: str) -> list[str]:
             plt.close(fig)
             paths.append(path)
     paths += _plot_memory(rows, outdir, dev, plt, color)
+    paths += _plot_sweep(rows, outdir, dev, plt, color)
+    return paths
+
+
+# (title, op, sweep, x dim, x label, modes): the panels of the size-sweep figure (``--preset sweep``)
+_SWEEP_PANELS = (
+    ("attention decode (Nq=1), fwd", "attention", "sweep-decode", "Nk", "keys Nk", ("fwd",)),
+    ("attention prefill (Nq=Nk, causal), fwd", "attention", "sweep-seq", "Nq", "sequence length", ("fwd",)),
+    ("attention training (causal), fwd+bwd", "attention", "sweep-seq", "Nq", "sequence length", ("fwd+bwd",)),
+    ("layer_norm (hidden 768)", "layer_norm", "sweep-rows", "M", "rows", ("fwd", "fwd+bwd")),
+    ("rms_norm (hidden 768)", "rms_norm", "sweep-rows", "M", "rows", ("fwd", "fwd+bwd")),
+)
+
+
+def _plot_sweep(rows, outdir, dev, plt, color) -> list[str]:
+    """``sweep_ratio_<dtype>.png``: each pyllm kernel provider's speed ratio to the baseline (torch) from the
+    smallest size to the largest, one panel per kind of call, log scale, the line y = 1 where torch is equal.
+    Above the line pyllm is faster; below, slower. The reference is left out (it is the check, not a kernel)."""
+    sel = [r for r in rows if r["sweep"].startswith("sweep-") and r.get("speedup")
+           and r["provider"] not in (r["baseline"], "pyllm-reference")]
+    paths = []
+    for dtype in sorted({r["dtype"] for r in sel}):
+        panels = [p for p in _SWEEP_PANELS
+                  if any(r["op"] == p[1] and r["sweep"] == p[2] and r["dtype"] == dtype for r in sel)]
+        if not panels:
+            continue
+        from matplotlib.ticker import FuncFormatter
+
+        ncols = min(3, len(panels))
+        nrows = -(-len(panels) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (title, op, sweep, xdim, xlabel, modes) in zip(axes.flat, panels):
+            for mode, style in zip(modes, ("-", "--")):
+                sub = [r for r in sel if r["op"] == op and r["sweep"] == sweep and r["dtype"] == dtype
+                       and r["mode"] == mode]
+                for prov, pts in _series(sub, lambda r: r["shape"][xdim], lambda r: r["speedup"]).items():
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", color=color[prov],
+                            label=prov + (f" {mode}" if len(modes) > 1 else ""))
+            ax.axhline(1.0, color="grey", linewidth=1, label="torch (= 1)")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+            ax.set_title(f"{title} {dtype}", fontsize=9)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("speed vs torch (x)")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"pyllm / torch speed ratio across sizes on {dev} (> 1: pyllm faster)", fontsize=10)
+        _adjust(fig, 3.6 * nrows)
+        path = os.path.join(outdir, f"sweep_ratio_{dtype}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
     return paths
 
 

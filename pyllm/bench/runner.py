@@ -33,12 +33,13 @@ BYTES_METHOD = "minimal bytes: each input read once (attention: the real keys an
 _CPU_DEFAULT = dict(repeats=10, warmup=2, warmup_s=0.2, min_run_s=0.01, max_s=2.0, max_rounds=60)
 SETTINGS = {
     "cpu": {"quick": dict(repeats=5, warmup=1, warmup_s=0.01, min_run_s=0.002, max_s=0.15, max_rounds=10),
-            "default": _CPU_DEFAULT, "decode": _CPU_DEFAULT, "small": _CPU_DEFAULT,
+            "default": _CPU_DEFAULT, "decode": _CPU_DEFAULT, "small": _CPU_DEFAULT, "sweep": _CPU_DEFAULT,
             "long": dict(repeats=10, warmup=3, warmup_s=0.5, min_run_s=0.02, max_s=10.0, max_rounds=100)},
     "cuda": {"quick": dict(repeats=10, warmup=3, min_run_s=0.0, max_s=0.5),
              "default": dict(repeats=30, warmup=5, min_run_s=0.0, max_s=2.0),
              "decode": dict(repeats=30, warmup=5, min_run_s=0.0, max_s=2.0),
              "small": dict(repeats=30, warmup=5, min_run_s=0.0, max_s=2.0),
+             "sweep": dict(repeats=30, warmup=5, min_run_s=0.0, max_s=2.0),
              "long": dict(repeats=30, warmup=5, min_run_s=0.0, max_s=5.0)},
 }
 LIMITS = {"cpu": {"quick": dict(sizes=(128, 256, 512), stream_numel=1 << 22, max_s=0.3)},

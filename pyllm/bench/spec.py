@@ -15,10 +15,15 @@ MODES = ("fwd", "bwd", "fwd+bwd")  # train_step has the single mode "step"
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}  # name -> bytes per element
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
                   "bfloat16": "bf16", "float64": "fp64", "double": "fp64"}
-PRESETS = ("quick", "default", "long", "decode", "small")
+PRESETS = ("quick", "default", "long", "decode", "small", "sweep")
 # decode and small: issue 15's small-call cases (one generation step; small-batch inference and the norms
 # at BERT/GPT-2 width), fwd only for decode, fwd and fwd+bwd for small, fp32 and bf16 (small: fp32 norms).
 _SMALL_PRESETS = ("decode", "small")
+# sweep: the ratio to torch from the smallest size to the largest, fp32 and bf16 (README's size-sweep plot):
+# attention decode (Nq=1, fwd), prefill (Nq=Nk, fwd) and training (Nq=Nk, fwd+bwd); the norms over rows.
+SWEEP_DECODE_NK = (16, 64, 256, 1024, 4096)
+SWEEP_SEQ = (16, 64, 256, 1024, 2048)
+SWEEP_ROWS = (16, 128, 1024, 4096, 16384)
 
 # Attention dims are (B, Hq, Hkv, Nq, Nk, D); norms (M, N); training step (B, T) of a preset model.
 _DIM_NAMES = {"attention": ("B", "Hq", "Hkv", "Nq", "Nk", "D"), "layer_norm": ("M", "N"),
@@ -260,7 +265,7 @@ def check_attention_dims(dims: tuple[int, ...], where: str) -> tuple[int, ...]:
 # ------------------------------------------------------------------------------------------ presets
 
 def default_dtypes(op: str, device: str, preset: str = "default") -> list[str]:
-    if preset == "decode":
+    if preset in ("decode", "sweep"):
         return ["fp32", "bf16"]
     if preset == "small":
         return ["fp32", "bf16"] if op == "attention" else ["fp32"]
@@ -275,7 +280,7 @@ def default_modes(op: str, preset: str) -> list[str]:
     """The modes a preset runs when ``--mode`` is not given: decode is inference only."""
     if preset == "decode":
         return ["fwd"]
-    if preset == "small":
+    if preset in ("small", "sweep"):
         return ["fwd", "fwd+bwd"]
     return list(MODES)
 
@@ -291,6 +296,8 @@ def preset_points(preset: str, op: str, device: str) -> list[dict]:
         raise BenchError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
     if preset in _SMALL_PRESETS:
         return _small_points(preset, op)
+    if preset == "sweep":
+        return _sweep_points(op)
     if op == "attention":
         if preset == "quick":
             seq, B, H, D, extra_n = [64, 128, 256], 1, 2, 32, 128
@@ -355,6 +362,18 @@ def _small_points(preset: str, op: str) -> list[dict]:
     return []
 
 
+def _sweep_points(op: str) -> list[dict]:
+    """The size sweep at GPT-2 / BERT-base width (12 heads of 64, hidden 768). A point's ``modes`` limits
+    the modes it runs in: a decode step is inference (fwd), the Nq=Nk points are prefill (fwd) and training
+    (fwd+bwd, causal)."""
+    if op == "attention":
+        return ([dict(dims=(1, 12, 12, 1, nk, 64), sweep="sweep-decode", modes=("fwd",)) for nk in SWEEP_DECODE_NK]
+                + [_attn(1, 12, n, 64, causal=True, sweep="sweep-seq") for n in SWEEP_SEQ])
+    if op in ("layer_norm", "rms_norm"):
+        return [dict(dims=(m, 768), sweep="sweep-rows") for m in SWEEP_ROWS]
+    return []
+
+
 def build_cases(ops, modes, dtypes, preset, device, shapes=(), causal="preset", padding=False,
                 residual="preset") -> list[Case]:
     """Expand presets (or user shapes) x modes x dtypes into cases, in a stable order.
@@ -401,6 +420,9 @@ def build_cases(ops, modes, dtypes, preset, device, shapes=(), causal="preset", 
             op_modes = ["fwd+bwd"]  # its gradients are computed in the forward pass: fwd+bwd is the comparison
         for dt in (dtypes or default_dtypes(op, device, preset)):
             for p in pts:
+                p = dict(p)
+                only = p.pop("modes", None)
                 for m in op_modes:
-                    cases.append(Case(op=op, mode=m, dtype=dt, **p))
+                    if only is None or m in only:
+                        cases.append(Case(op=op, mode=m, dtype=dt, **p))
     return list(dict.fromkeys(cases))
