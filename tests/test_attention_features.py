@@ -519,3 +519,15 @@ def test_dropout_under_fullgraph_compile_default_backend():
         sum(o.sum() for o in want).backward()
         for s, t in zip(xc, xe):
             torch.testing.assert_close(s.grad, t.grad)
+
+
+def test_varlen_per_sequence_fallback(monkeypatch):
+    """A C++ backend without an attention_varlen_fwd kernel for the device (the cuda kernels) runs one
+    attention_ext call per sequence, in the same dropout index space: checked here by hiding the CPU kernel."""
+    need("cpu")
+    from pyllm import _ext
+
+    monkeypatch.setitem(_ext._HAS, ("attention_varlen", "CPU"), False)
+    for seed, (lq, lk, Hq, Hkv, D, causal, kw) in enumerate(VARLEN_CASES):
+        assert_rows(varlen_case("cpu", torch.float32, lq, lk, Hq, Hkv, D, causal=causal, device=DEVICE, seed=seed,
+                                **kw))

@@ -333,6 +333,9 @@ def attention_varlen(
                                             causal=bool(causal), softmax_scale=scale, dropout_p=ext.dropout_p,
                                             dropout_seed=None if rng is None else tuple(rng), window_size=(wl, wr),
                                             softcap=ext.softcap, alibi_slopes=ext.alibi_slopes, return_lse=True)
+    elif not _one_call_varlen(name, q.device):
+        o, lse = _varlen_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
+                                      scale, name, ext, rng)
     elif rng is not None:  # one fused call; the seed stays a tensor until the kernel runs
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         o, lse = torch.ops.pyllm.attention_dropout_fwd(_native(name), q, k, v, None, cu_seqlens_q, cu_seqlens_k,
@@ -344,6 +347,46 @@ def attention_varlen(
         o, lse = op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal), scale, wl, wr,
                     ext.softcap, ext.alibi_slopes, 0.0, 0, 0)
     return (o, lse.detach()) if return_lse else o
+
+
+def _one_call_varlen(name: str, device: torch.device) -> bool:
+    """Whether ``name`` runs a packed batch in one call: triton, and the C++ ops where pyllm._C registered an
+    attention_varlen_fwd kernel for the device (the cpu kernels; not the cuda ones, nor an older build)."""
+    from pyllm import _ext
+
+    return name == "triton" or _ext.has_kernel("attention_varlen", "CUDA" if device.type == "cuda" else "CPU")
+
+
+def _varlen_per_sequence(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, name, ext: Extras, rng):
+    """A packed batch as one attention_ext call per sequence, on views of the packed tensors (nothing padded or
+    copied), each placed in the padded batch's dropout index space by shifting the offset by b Hq Lq Lk."""
+    Hq, (wl, wr) = q.shape[1], ext.window_size
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        nq, nk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if nq == 0:
+            continue
+        if nk == 0:  # a sequence without keys: zeros, lse = -inf
+            outs.append(q.new_zeros((nq,) + tuple(q.shape[1:])))
+            lses.append(torch.full((Hq, nq), -math.inf, device=q.device, dtype=torch.float32))
+            continue
+        slopes = ext.alibi_slopes
+        slopes = slopes[b] if slopes is not None and slopes.dim() == 2 else slopes
+        qb, kb, vb = q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]]
+        if rng is not None:
+            rb = rng + torch.tensor([0, b * Hq * max_q * max_k])
+            o, lse = torch.ops.pyllm.attention_dropout_fwd(_native(name), qb, kb, vb, None, None, None, causal, scale,
+                                                           wl, wr, ext.softcap, slopes, None, ext.dropout_p, rb,
+                                                           max_q, max_k)
+        else:
+            o, lse = _ext_kernel(name)(qb, kb, vb, None, causal, scale, wl, wr, ext.softcap, slopes, None, 0.0, 0, 0,
+                                       max_q, max_k)
+        outs.append(o[0])
+        lses.append(lse[0])
+    o = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    return o, (torch.cat(lses, dim=1) if lses else q.new_zeros((Hq, 0), dtype=torch.float32))
 
 
 def attention_probs(
