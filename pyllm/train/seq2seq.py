@@ -71,6 +71,12 @@ def _model_type(folder) -> str:
     return json.loads(cfg.read_text()).get("model_type")
 
 
+def model_class(model_type: str):
+    """The pyllm class of an encoder-decoder model type (bart / marian / t5)."""
+    from pyllm.models import BartForConditionalGeneration, T5ForConditionalGeneration
+    return T5ForConditionalGeneration if model_type == "t5" else BartForConditionalGeneration
+
+
 def pairs(cfg):
     """(train pairs, validation pairs, data name): the pairs files, or the embedded number set."""
     if cfg.train_file is None:  # the config allows this for translation only
