@@ -212,8 +212,8 @@ def _beam_search(model, memory, mask, eos, o, use_cache, generator=None):
     B, K, dev = memory.shape[0], o["num_beams"], memory.device
     lp, early = o["length_penalty"], o["early_stopping"]
     max_length, cur_len, prompt_len = 1 + o["max_new_tokens"], 1, 1
-    memory = memory.repeat_interleave(K, 0)  # (B*K, M, C): each beam reads its source
-    mask = mask.repeat_interleave(K, 0) if mask is not None else None
+    # memory (B, M, C) stays one row per source: the decoder's B*K rows (beam k of source b at b*K + k) read it
+    # as groups of K, so the cross-attention K/V are computed and read once per source, not per beam
     pad = o["pad_token_id"]
     fill = (pad if pad else eos[0]) if eos else -1  # transformers' `pad or eos[0]` (pad id 0 fills with EOS)
     keep = max(2, 1 + len(eos)) * K

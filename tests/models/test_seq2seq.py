@@ -90,6 +90,31 @@ def test_logits_loss_encoder_state_match_transformers(pair):
                                rtol=0)
 
 
+def test_training_loss_through_linear_cross_entropy(pair):
+    """model.train() with labels: the loss comes from the fused linear cross-entropy (no logits formed); it
+    and its gradients equal the logits path's (and the loss transformers' model gives)."""
+    name, hc, hm, pm = pair
+    ids, mask, labels = _source(hc, seed=5)
+    with torch.no_grad():
+        expected = hm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    pm.train()
+    try:
+        grads = []
+        for return_logits in (None, True):
+            pm.zero_grad(set_to_none=True)
+            out = pm(ids, mask, labels=labels, return_logits=return_logits)
+            assert (out.logits is None) == (return_logits is None)
+            torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
+            out.loss.backward()
+            grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and "model.shared.weight" in grads[0]
+        for n in grads[0]:
+            torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
+    finally:
+        pm.zero_grad(set_to_none=True)
+        pm.eval()
+
+
 def test_save_pretrained_loads_back_into_transformers(pair, tmp_path):
     name, hc, hm, pm = pair
     pm.save_pretrained(tmp_path)
