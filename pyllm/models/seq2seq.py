@@ -196,6 +196,35 @@ def biased_attention(q, k, v, attn_bias, *, causal: bool, key_padding_mask, soft
     return torch.einsum("bhqk,bkhd->bqhd", p, v.float()).to(q.dtype)  # (B, Nq, H, D)
 
 
+@dataclass
+class PackedTokens:
+    """The real tokens of a right- or left-padded batch laid end to end: how the encoder of a padded batch
+    skips its padding (every linear, norm and attention runs on the T real tokens only; rows that are padding
+    carry nothing any output reads). index (T,): their positions in the flattened (B * M) batch; cu_seqlens
+    (B + 1,) int32 and max_len: pyllm.attention_varlen's."""
+
+    index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> Optional["PackedTokens"]:
+        """From a (B, M) bool mask (True = real); None when nothing is padding."""
+        if bool(mask.all()):
+            return None
+        lengths = mask.sum(1)
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return cls(mask.flatten().nonzero().squeeze(1), cu, int(lengths.max()))
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, M, C) -> (1, T, C)."""
+        return x.flatten(0, 1).index_select(0, self.index)[None]
+
+    def unpack(self, x: torch.Tensor, B: int, M: int) -> torch.Tensor:
+        """(1, T, C) -> (B, M, C), zeros at the padding."""
+        return x.new_zeros(B * M, x.shape[-1]).index_copy(0, self.index, x[0]).view(B, M, x.shape[-1])
+
+
 class Attention(nn.Module):
     """Self-attention (q, k, v from one matmul) or cross-attention (q from the decoder, k and v in one
     matmul from the encoder output). Parameters: `qkv` or `q` + `kv`, and the output projection `o`."""
@@ -233,7 +262,11 @@ class Attention(nn.Module):
             q, k, v = self.qkv(x).view(B, N, 3, H, D).unbind(2)  # (B, N, H, D) views, last dim contiguous
             if cache is not None:
                 k, v = cache.self_attn.update(layer_idx, k, v)  # (B, past + N, H, D)
-        if position_bias is None:
+        if isinstance(key_padding_mask, PackedTokens):  # x is (1, T, C): the real tokens of a padded batch
+            p = key_padding_mask
+            o = pyllm.attention_varlen(q[0], k[0], v[0], p.cu_seqlens, p.cu_seqlens, p.max_len, p.max_len,
+                                       causal=causal, softmax_scale=self.scale, backend=self.backend)
+        elif position_bias is None:
             o = pyllm.attention(q, k, v, causal=causal, softmax_scale=self.scale, key_padding_mask=key_padding_mask,
                                 backend=self.backend)
         else:
@@ -382,6 +415,11 @@ class Seq2SeqStack(nn.Module):
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         x = self.dropout(x)
+        packed = None
+        if not self.decoder and bias is None and mask is not None:  # skip the padding of a padded source batch
+            packed = PackedTokens.of(mask)
+            if packed is not None:
+                x, mask = packed.pack(x), packed  # (1, T, C)
         residual = None
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
@@ -391,7 +429,7 @@ class Seq2SeqStack(nn.Module):
         if self.norm_f is not None:
             x = self.norm_f(x) if residual is None else self.norm_f(x, residual=residual)[0]
             x = self.dropout(x)
-        return x  # (B, N, C)
+        return x if packed is None else packed.unpack(x, B, N)  # (B, N, C)
 
 
 # ----------------------------------------------------------------------------- models

@@ -95,8 +95,12 @@ def test_training_loss_through_linear_cross_entropy(pair):
     and its gradients equal the logits path's (and the loss transformers' model gives)."""
     name, hc, hm, pm = pair
     ids, mask, labels = _source(hc, seed=5)
-    with torch.no_grad():
-        expected = hm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    hm.zero_grad(set_to_none=True)
+    expected = hm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    expected.backward()
+    expected = expected.detach()
+    hf_embedding_grad = hm.get_input_embeddings().weight.grad.clone()
+    hm.zero_grad(set_to_none=True)
     pm.train()
     try:
         grads = []
@@ -110,6 +114,12 @@ def test_training_loss_through_linear_cross_entropy(pair):
         assert grads[0].keys() == grads[1].keys() and "model.shared.weight" in grads[0]
         for n in grads[0]:
             torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
+        # the shared embedding's gradient gathers every path (padded encoder, decoder, LM head): as transformers'
+        # (but for the pad row: transformers' Marian embedding has padding_idx, which zeroes that row's gradient
+        # although Marian's decoder start token is the pad token)
+        rows = torch.arange(V) != hc.pad_token_id
+        torch.testing.assert_close(grads[0]["model.shared.weight"][rows], hf_embedding_grad[rows], atol=1e-5,
+                                   rtol=1e-4)
     finally:
         pm.zero_grad(set_to_none=True)
         pm.eval()
