@@ -162,7 +162,8 @@ class TextInfillingCollator:
         self.noise_density, self.mean_span_length = noise_density, mean_span_length
         self.permute_sentences = permute_sentences
         # tokens that end a sentence (byte-level BPE tokens keep the punctuation as text)
-        self.full_stops = {i for t, i in tokenizer._tok.get_vocab().items() if t.rstrip("ĠĊ ").endswith((".", "!", "?"))}
+        self.full_stops = {i for t, i in tokenizer._tok.get_vocab().items()
+                           if t.rstrip("ĠĊ ").endswith((".", "!", "?"))}
 
     def _permute(self, body: list[int], generator) -> list[int]:
         sentences, start = [], 0

@@ -40,8 +40,8 @@ import torch
 from pyllm import data as D
 
 from . import dist, lora, run_folder, seq2seq
-from .config import (SEQ2SEQ_OBJECTIVES, ConfigError, EvaluateConfig, FinetuneConfig, GenerateConfig, PredictConfig, PretrainConfig, build,
-                     from_sources)
+from .config import (SEQ2SEQ_OBJECTIVES, ConfigError, EvaluateConfig, FinetuneConfig, GenerateConfig, PredictConfig,
+                     PretrainConfig, build, from_sources)
 from .evaluation import (best_answers, evaluate_classification, evaluate_lm, evaluate_qa,
                          evaluate_token_classification)
 from .trainer import Trainer, TrainResult
@@ -254,14 +254,19 @@ def _init_from_family(cfg: PretrainConfig) -> str:
     return family
 
 
+def _noise_density(cfg: PretrainConfig) -> float:
+    """span / denoise: --noise-density, else T5's 0.15 / BART's 0.3."""
+    return cfg.noise_density or (0.15 if cfg.objective == "span" else 0.3)
+
+
 def _lm_collator(cfg: PretrainConfig, tokenizer):
     if cfg.objective == "clm":
         return D.PadCollator(tokenizer.pad_token_id, copy_labels=True)
     if cfg.objective == "mlm":
         return D.MLMCollator(tokenizer, cfg.mlm_probability)
     if cfg.objective == "span":
-        return D.SpanCorruptionCollator(tokenizer, cfg.noise_density or 0.15, cfg.mean_span_length)
-    return D.TextInfillingCollator(tokenizer, cfg.noise_density or 0.3, cfg.mean_span_length, cfg.permute_sentences)
+        return D.SpanCorruptionCollator(tokenizer, _noise_density(cfg), cfg.mean_span_length)
+    return D.TextInfillingCollator(tokenizer, _noise_density(cfg), cfg.mean_span_length, cfg.permute_sentences)
 
 
 def _lm_tokenizer(cfg: PretrainConfig, texts, out: Path, proc):
@@ -291,7 +296,7 @@ def _lm_blocks(cfg: PretrainConfig, texts, tokenizer) -> tuple[list, list]:
     def blocks(texts):
         if cfg.objective in SEQ2SEQ_OBJECTIVES:
             return D.seq2seq_lm_features(texts, tokenizer, objective=cfg.objective, block_size=cfg.block_size,
-                                         noise_density=cfg.noise_density or (0.15 if cfg.objective == "span" else 0.3),
+                                         noise_density=_noise_density(cfg),
                                          mean_span_length=cfg.mean_span_length)
         return D.lm_features(texts, tokenizer, objective=cfg.objective, block_size=cfg.block_size)
 
