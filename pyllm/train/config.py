@@ -311,7 +311,8 @@ class TrainConfig(_Checked):
 class PretrainConfig(TrainConfig):
     """Pretrain a language model. With no arguments: a small GPT (the model, data and step
     defaults below) with a byte-level BPE vocabulary trained on the docstrings of Python's standard
-    library, then a printed sample."""
+    library, then a printed sample. --objective span / denoise: a T5 / BART encoder-decoder of the same
+    size, by T5's span corruption / BART's text infilling."""
 
     command: ClassVar[str] = "pretrain"
     time_cap: ClassVar[float] = 150.0  # seconds of training for a run given no length option
