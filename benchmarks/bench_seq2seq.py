@@ -9,7 +9,8 @@
     folder format), timed alternately; also the loss of both over the same 20 steps on the same batches (the
     curves must agree).
 (b) Beam search: generated tokens/s of generate(num_beams=4, max_new_tokens=32) on a padded batch of 8
-    sources, both models, same weights; the outputs are compared token for token before timing.
+    sources, both models, same weights (EOS kept unlikely, so every source decodes all 32 tokens); the
+    outputs are compared token for token before timing.
 
 --quick shrinks both to a smoke run (seconds). Timings on a shared machine are noisy: compare the ratio
 (pyllm / transformers, > 1 = pyllm faster), which is measured side by side.
@@ -92,6 +93,9 @@ def training(c: dict, device: str) -> dict:
 def beam(c: dict, device: str) -> dict:
     import torch
     mine, theirs = (m.eval() for m in build_pair(c, device))
+    with torch.no_grad():  # an untrained model ranks a 1-token hypothesis (EOS) best: keep EOS out, so every
+        for m in (mine, theirs):  # source decodes max_new_tokens and the timing covers them all
+            m.final_logits_bias[0, 2] = -30.0
     ids, mask, _ = batch(c, device, 1)
     kw = dict(num_beams=c["beams"], max_new_tokens=c["new"])
     with torch.no_grad():

@@ -247,8 +247,11 @@ def load_tokenizer(folder) -> Tokenizer:
 # -- training --------------------------------------------------------------------------------------
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 8192, *, min_frequency: int = 2) -> Tokenizer:
-    """A GPT-2 style byte-level BPE tokenizer with one special token, ``<|endoftext|>`` (id 0)."""
+def train_bpe(texts: Iterable[str], vocab_size: int = 8192, *, min_frequency: int = 2,
+              special_tokens: Sequence[str] = ()) -> Tokenizer:
+    """A GPT-2 style byte-level BPE tokenizer with one special token, ``<|endoftext|>`` (id 0), plus
+    ``special_tokens`` appended after the learned vocabulary, in order (e.g. ``<pad>``, ``<mask>``, T5's
+    sentinels: :mod:`pyllm.data.noising`)."""
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -260,6 +263,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, *, min_frequency: in
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    if special_tokens:
+        tok.add_special_tokens(list(special_tokens))
     return Tokenizer(tok)
 
 

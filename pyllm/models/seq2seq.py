@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 import pyllm
 from pyllm.nn import LayerNorm, RMSNorm
 
+from ..ops import linear_cross_entropy
 from .base import ModelOutput, PreTrainedModel, check_class_labels, check_inputs, check_labels, padding_mask
 from .block import activation_fn
 from .config import ACTIVATIONS, BACKENDS
@@ -195,6 +196,35 @@ def biased_attention(q, k, v, attn_bias, *, causal: bool, key_padding_mask, soft
     return torch.einsum("bhqk,bkhd->bqhd", p, v.float()).to(q.dtype)  # (B, Nq, H, D)
 
 
+@dataclass
+class PackedTokens:
+    """The real tokens of a right- or left-padded batch laid end to end: how the encoder of a padded batch
+    skips its padding (every linear, norm and attention runs on the T real tokens only; rows that are padding
+    carry nothing any output reads). index (T,): their positions in the flattened (B * M) batch; cu_seqlens
+    (B + 1,) int32 and max_len: pyllm.attention_varlen's."""
+
+    index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> Optional["PackedTokens"]:
+        """From a (B, M) bool mask (True = real); None when nothing is padding."""
+        if bool(mask.all()):
+            return None
+        lengths = mask.sum(1)
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return cls(mask.flatten().nonzero().squeeze(1), cu, int(lengths.max()))
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, M, C) -> (1, T, C)."""
+        return x.flatten(0, 1).index_select(0, self.index)[None]
+
+    def unpack(self, x: torch.Tensor, B: int, M: int) -> torch.Tensor:
+        """(1, T, C) -> (B, M, C), zeros at the padding."""
+        return x.new_zeros(B * M, x.shape[-1]).index_copy(0, self.index, x[0]).view(B, M, x.shape[-1])
+
+
 class Attention(nn.Module):
     """Self-attention (q, k, v from one matmul) or cross-attention (q from the decoder, k and v in one
     matmul from the encoder output). Parameters: `qkv` or `q` + `kv`, and the output projection `o`."""
@@ -218,18 +248,25 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         H, D = self.num_heads, self.head_dim
         if self.cross:
-            q = self.q(x).view(B, N, H, D)
+            # memory may hold one row per G decoder rows (beam search: the beams of a source read it once); the
+            # G rows' queries then attend as G * N queries of that row (cross-attention is not causal)
+            S = memory.shape[0]
+            q = self.q(x).view(S, (B // S) * N, H, D)
             if cache is not None and cache.cross[layer_idx] is not None:
                 k, v = cache.cross[layer_idx]
             else:
-                k, v = self.kv(memory).view(B, memory.shape[1], 2, H, D).unbind(2)  # (B, M, H, D) views
+                k, v = self.kv(memory).view(S, memory.shape[1], 2, H, D).unbind(2)  # (S, M, H, D) views
                 if cache is not None:
                     cache.cross[layer_idx] = (k, v)
         else:
             q, k, v = self.qkv(x).view(B, N, 3, H, D).unbind(2)  # (B, N, H, D) views, last dim contiguous
             if cache is not None:
                 k, v = cache.self_attn.update(layer_idx, k, v)  # (B, past + N, H, D)
-        if position_bias is None:
+        if isinstance(key_padding_mask, PackedTokens):  # x is (1, T, C): the real tokens of a padded batch
+            p = key_padding_mask
+            o = pyllm.attention_varlen(q[0], k[0], v[0], p.cu_seqlens, p.cu_seqlens, p.max_len, p.max_len,
+                                       causal=causal, softmax_scale=self.scale, backend=self.backend)
+        elif position_bias is None:
             o = pyllm.attention(q, k, v, causal=causal, softmax_scale=self.scale, key_padding_mask=key_padding_mask,
                                 backend=self.backend)
         else:
@@ -378,6 +415,11 @@ class Seq2SeqStack(nn.Module):
         if self.layernorm_embedding is not None:
             x = self.layernorm_embedding(x)
         x = self.dropout(x)
+        packed = None
+        if not self.decoder and bias is None and mask is not None:  # skip the padding of a padded source batch
+            packed = PackedTokens.of(mask)
+            if packed is not None:
+                x, mask = packed.pack(x), packed  # (1, T, C)
         residual = None
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
@@ -387,7 +429,7 @@ class Seq2SeqStack(nn.Module):
         if self.norm_f is not None:
             x = self.norm_f(x) if residual is None else self.norm_f(x, residual=residual)[0]
             x = self.dropout(x)
-        return x  # (B, N, C)
+        return x if packed is None else packed.unpack(x, B, N)  # (B, N, C)
 
 
 # ----------------------------------------------------------------------------- models
@@ -492,13 +534,15 @@ class EncoderDecoderModel(Seq2SeqPreTrainedModel):
     def decode(self, decoder_input_ids, memory, attention_mask=None, decoder_attention_mask=None,
                cache: Optional[Seq2SeqCache] = None) -> torch.Tensor:
         """Decoder output (B, N, C) for decoder_input_ids (B, N) after `cache.seq_len` cached positions,
-        attending to memory (B, M, C) where attention_mask (B, M) is 1."""
+        attending to memory (S, M, C) where attention_mask (S, M) is 1. S is B, or a divisor of it: then decoder
+        rows s*B/S ... (s+1)*B/S - 1 read source s (the beams of one source share its encoder output)."""
         past = cache.seq_len if cache is not None else 0
         B, _ = _check_ids(self.config, decoder_input_ids, decoder_attention_mask, type(self).__name__,
                           "decoder_input_ids", past)
-        if memory.dim() != 3 or memory.shape[0] != B or memory.shape[2] != self.config.d_model:
-            raise ValueError(f"{type(self).__name__}: encoder output must have shape (batch={B}, source length, "
-                             f"d_model={self.config.d_model}), got {tuple(memory.shape)}")
+        if (memory.dim() != 3 or not memory.shape[0] or B % memory.shape[0] or
+                memory.shape[2] != self.config.d_model):
+            raise ValueError(f"{type(self).__name__}: encoder output must have shape (batch={B} or a divisor of it, "
+                             f"source length, d_model={self.config.d_model}), got {tuple(memory.shape)}")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(memory.shape[:2]):
             raise ValueError(f"{type(self).__name__}: attention_mask must have shape {tuple(memory.shape[:2])} "
                              f"(batch, source length), got {tuple(attention_mask.shape)}")
@@ -530,7 +574,10 @@ class Seq2SeqLM(Seq2SeqPreTrainedModel):
 
     labels (B, N): the target ids, -100 = ignored; decoder_input_ids default to labels shifted right
     behind decoder_start_token_id. Returns Seq2SeqLMOutput(loss, logits (B, N, vocab),
-    encoder_last_hidden_state (B, M, C), cache).
+    encoder_last_hidden_state (B, M, C), cache). While training (``model.train()``) with labels, the loss
+    comes from ``pyllm.linear_cross_entropy`` (LM head, final_logits_bias and cross-entropy in one pass, by
+    chunks) and the (B, N, vocab) logits are not formed: ``logits`` is None unless ``return_logits=True``.
+    In eval mode, or without labels, logits are returned as usual.
     """
 
     base_class = EncoderDecoderModel
@@ -548,15 +595,17 @@ class Seq2SeqLM(Seq2SeqPreTrainedModel):
         else:
             self.final_logits_bias = None
 
+    def _head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden * self.config.d_model ** -0.5 if self.config.scale_decoder_outputs else hidden
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder output (B, N, C) -> logits (B, N, vocab)."""
-        if self.config.scale_decoder_outputs:
-            hidden = hidden * self.config.d_model ** -0.5
-        logits = self.lm_head(hidden)
-        return logits if self.final_logits_bias is None else logits + self.final_logits_bias
+        bias = None if self.final_logits_bias is None else self.final_logits_bias[0]
+        return F.linear(self._head_input(hidden), self.lm_head.weight, bias)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                labels=None, encoder_outputs=None, cache: Optional[Seq2SeqCache] = None, use_cache: bool = False):
+                labels=None, encoder_outputs=None, cache: Optional[Seq2SeqCache] = None, use_cache: bool = False,
+                return_logits: Optional[bool] = None):
         who = type(self).__name__
         if labels is not None:
             if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
@@ -569,10 +618,17 @@ class Seq2SeqLM(Seq2SeqPreTrainedModel):
             check_class_labels(labels, self.config.vocab_size, who)
         out = self.model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
                          cache, use_cache)
-        logits = self.logits(out.last_hidden_state)
+        if return_logits is None:
+            return_logits = labels is None or not self.training
+        h = out.last_hidden_state  # (B, N, C)
+        logits = self.logits(h) if return_logits else None  # (B, N, vocab)
         loss = None
-        if labels is not None:
+        if labels is not None and logits is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        elif labels is not None:
+            bias = None if self.final_logits_bias is None else self.final_logits_bias[0]
+            loss = linear_cross_entropy(self._head_input(h), self.lm_head.weight, labels, bias=bias,
+                                        backend=self.config.backend)
         return Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=out.encoder_last_hidden_state,
                                cache=out.cache)
 

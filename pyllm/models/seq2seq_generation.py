@@ -1,4 +1,5 @@
-"""Generation for encoder-decoders: greedy, sampling (temperature, top-k, top-p) and beam search.
+"""Generation for encoder-decoders: greedy, sampling (temperature, top-k, top-p), beam search and beam
+sampling (do_sample=True with num_beams > 1).
 
 The encoder runs once; the decoder feeds one token per step against a KV cache (self-attention) and
 the cross-attention K/V computed at the first step. Outputs start with the decoder start token, as
@@ -11,6 +12,13 @@ the best `num_beams` unfinished ones continue. Stopping follows `early_stopping`
 source has num_beams finished hypotheses; False: when the best running beam cannot beat the worst
 finished one at the current length; "never": at the best length it could reach). The same algorithm on
 the same logits gives the same tokens as `transformers.generate(num_beams=...)` (tested).
+
+Beam sampling is transformers' too: the beams' log-probs go through temperature, top-k and top-p (each
+keeping at least 1 + #EOS tokens per beam), then the candidates are drawn without replacement from the
+softmax over all beams' accumulated scores and ranked by score; under the same torch seed it draws what
+transformers' `generate(do_sample=True, num_beams=...)` draws (tested). It is not beam search with noise:
+even with top_k=1 each beam offers its 1 + #EOS best tokens, so the kept candidates can differ from beam
+search's overall best.
 """
 
 from __future__ import annotations
@@ -99,6 +107,8 @@ def _check(model, input_ids, attention_mask, o):
     ngram = o["no_repeat_ngram_size"]
     if ngram is not None and (not isinstance(ngram, int) or ngram < 0):
         raise ValueError(f"{who}: no_repeat_ngram_size must be None or an int >= 0, got {ngram!r}")
+    if not isinstance(o["do_sample"], bool):
+        raise ValueError(f"{who}: do_sample must be True or False, got {o['do_sample']!r}")
     if o["do_sample"]:
         if not o["temperature"] > 0:
             raise ValueError(f"{who}: temperature must be > 0 when sampling, got {o['temperature']!r}")
@@ -106,9 +116,6 @@ def _check(model, input_ids, attention_mask, o):
             raise ValueError(f"{who}: top_k must be None or an int >= 1, got {o['top_k']!r}")
         if o["top_p"] is not None and not 0.0 < o["top_p"] <= 1.0:
             raise ValueError(f"{who}: top_p must be None or in (0, 1], got {o['top_p']!r}")
-        if nb > 1:
-            raise ValueError(f"{who}: beam sampling (do_sample=True with num_beams={nb}) is not supported; use "
-                             f"num_beams=1 to sample or do_sample=False for beam search")
     cfg = model.config
     if cfg.position != "relative" and 1 + n > cfg.max_position_embeddings:
         raise ValueError(f"{who}: 1 + max_new_tokens = {1 + n} exceeds max_position_embeddings="
@@ -150,7 +157,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens=_UNSET, nu
     eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
     if o["num_beams"] == 1:
         return _greedy_or_sample(model, memory, mask, eos, o, generator, use_cache)
-    return _beam_search(model, memory, mask, eos, o, use_cache)
+    return _beam_search(model, memory, mask, eos, o, use_cache, generator)
 
 
 def _step(model, tokens, memory, mask, cache, use_cache):
@@ -181,12 +188,32 @@ def _greedy_or_sample(model, memory, mask, eos, o, generator, use_cache):
     return tokens
 
 
-def _beam_search(model, memory, mask, eos, o, use_cache):
+def _warp(scores, o: dict, min_keep: int):
+    """Beam sampling's logits warpers, transformers' in its order, on log-probabilities (R, V): temperature,
+    top-k, top-p, each keeping at least ``min_keep`` tokens per beam (one more than the EOS ids, so a beam can
+    always continue)."""
+    if o["temperature"] != 1.0:
+        scores = scores / o["temperature"]
+    if o["top_k"]:
+        k = min(max(o["top_k"], min_keep), scores.shape[-1])
+        scores = scores.masked_fill(scores < scores.topk(k)[0][:, -1:], float("-inf"))
+    if o["top_p"] is not None and o["top_p"] < 1.0:
+        ascending, order = scores.sort(-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - o["top_p"]
+        drop[:, -min_keep:] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return scores
+
+
+def _beam_search(model, memory, mask, eos, o, use_cache, generator=None):
+    """Beam search, or beam sampling with do_sample=True: the `keep` candidates per source are drawn without
+    replacement from softmax(accumulated warped log-probs) over all its beams' continuations (then ranked by
+    score) instead of taken as the top `keep`; everything else is beam search."""
     B, K, dev = memory.shape[0], o["num_beams"], memory.device
     lp, early = o["length_penalty"], o["early_stopping"]
     max_length, cur_len, prompt_len = 1 + o["max_new_tokens"], 1, 1
-    memory = memory.repeat_interleave(K, 0)  # (B*K, M, C): each beam reads its source
-    mask = mask.repeat_interleave(K, 0) if mask is not None else None
+    # memory (B, M, C) stays one row per source: the decoder's B*K rows (beam k of source b at b*K + k) read it
+    # as groups of K, so the cross-attention K/V are computed and read once per source, not per beam
     pad = o["pad_token_id"]
     fill = (pad if pad else eos[0]) if eos else -1  # transformers' `pad or eos[0]` (pad id 0 fills with EOS)
     keep = max(2, 1 + len(eos)) * K
@@ -208,9 +235,16 @@ def _beam_search(model, memory, mask, eos, o, use_cache):
         flat = running[:, :, :cur_len].reshape(B * K, cur_len)
         logprobs = _process(_step(model, flat, memory, mask, cache, use_cache).log_softmax(-1), flat, cur_len,
                             max_length, o)
+        if o["do_sample"]:
+            logprobs = _warp(logprobs, o, len(eos) + 1 if eos else 2)
         V = logprobs.shape[-1]
         logprobs = (logprobs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)
-        topk_scores, topk = logprobs.topk(keep)  # (B, keep)
+        if o["do_sample"]:
+            topk = torch.multinomial(logprobs.softmax(-1), keep, generator=generator)  # (B, keep), no repeats
+            topk_scores, order = logprobs.gather(1, topk).sort(-1, descending=True)
+            topk = topk.gather(1, order)
+        else:
+            topk_scores, topk = logprobs.topk(keep)  # (B, keep)
         from_beam = topk // V
         cand = gather(running, from_beam)  # (B, keep, max_length)
         cand[:, :, cur_len] = topk % V

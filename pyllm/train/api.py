@@ -40,8 +40,8 @@ import torch
 from pyllm import data as D
 
 from . import dist, lora, run_folder, seq2seq
-from .config import (ConfigError, EvaluateConfig, FinetuneConfig, GenerateConfig, PredictConfig, PretrainConfig, build,
-                     from_sources)
+from .config import (SEQ2SEQ_OBJECTIVES, ConfigError, EvaluateConfig, FinetuneConfig, GenerateConfig, PredictConfig,
+                     PretrainConfig, build, from_sources)
 from .evaluation import (best_answers, evaluate_classification, evaluate_lm, evaluate_qa,
                          evaluate_token_classification)
 from .trainer import Trainer, TrainResult
@@ -194,22 +194,30 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
         result.metrics["eval_perplexity"], result.output_dir
     """
     cfg = _configure(PretrainConfig, config, kwargs)
+    family = _PRETRAIN_FAMILIES[cfg.objective][0]
+    if cfg.init_from:
+        family = _init_from_family(cfg)
+    seq2seq_lm = cfg.objective in SEQ2SEQ_OBJECTIVES
     with _process(cfg) as proc:
         out, target = _open_run(cfg, proc)
         texts = D.read_texts(cfg.train_file) if cfg.train_file else D.stdlib_corpus(cfg.max_files)
         tokenizer = _lm_tokenizer(cfg, texts, out, proc)
+        collator = _lm_collator(cfg, tokenizer)
         train_f, val_f = _lm_blocks(cfg, texts, tokenizer)
-        family = "gpt2" if cfg.objective == "clm" else "bert"
-        cls = _model_class(family, cfg.objective)
-        model = cls.from_pretrained(cfg.init_from, hidden_dropout=cfg.dropout) if cfg.init_from else \
-            cls(_lm_model_config(cfg, family, tokenizer))
+        if seq2seq_lm:
+            cls = seq2seq.model_class(family)
+            model = cls.from_pretrained(cfg.init_from, dropout=cfg.dropout) if cfg.init_from else \
+                cls(_seq2seq_lm_config(cfg, family, tokenizer))
+        else:
+            cls = _model_class(family, cfg.objective)
+            model = cls.from_pretrained(cfg.init_from, hidden_dropout=cfg.dropout) if cfg.init_from else \
+                cls(_lm_model_config(cfg, family, tokenizer))
         causal = cfg.objective == "clm"
-        collator = (D.PadCollator(tokenizer.pad_token_id, copy_labels=True) if causal
-                    else D.MLMCollator(tokenizer, cfg.mlm_probability))
-        if cfg.pack:  # documents end to end with cu_seqlens, no padding (_lm_blocks made per-document features)
-            collator = D.PackedCollator()
         task_info = {"task": cfg.objective, "family": family, "max_length": cfg.block_size,
                      "data": cfg.train_file or "stdlib-docstrings"}
+        if seq2seq_lm:  # what evaluate needs to noise its blocks the same way
+            task_info.update(noise_density=collator.noise_density, mean_span_length=cfg.mean_span_length,
+                             permute_sentences=cfg.permute_sentences)
         trainer = Trainer(model, train_f, collator, cfg, out, proc, eval_features=val_f,
                           evaluate=functools.partial(evaluate_lm, collator=collator, causal=causal),
                           monitor=("loss", "min"), save_model=_saver(tokenizer, task_info),
@@ -226,14 +234,56 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
     return result
 
 
+# objective -> the model types it trains (the first: the one built from scratch)
+_PRETRAIN_FAMILIES = {"clm": ("gpt2",), "mlm": ("bert",), "span": ("t5",), "denoise": ("bart", "marian")}
+_SEQ2SEQ_SPECIALS = {"span": D.span_corruption_specials, "denoise": D.text_infilling_specials}
+
+
+def _init_from_family(cfg: PretrainConfig) -> str:
+    """The model type of --init-from, which must be one the objective trains (else an error naming both)."""
+    cfg_file = Path(cfg.init_from) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"pretrain: --init-from {cfg.init_from} has no config.json: not a model folder")
+    family = json.loads(cfg_file.read_text()).get("model_type")
+    needed = _PRETRAIN_FAMILIES[cfg.objective]
+    if family not in needed:
+        wanted = {f: o for o, fs in _PRETRAIN_FAMILIES.items() for f in fs}.get(family)
+        hint = f" (a {family!r} model pretrains with objective {wanted!r})" if wanted else ""
+        raise ValueError(f"pretrain: objective {cfg.objective!r} needs a model of type {' or '.join(needed)}; "
+                         f"--init-from {cfg.init_from} holds a {family!r} model{hint}")
+    return family
+
+
+def _noise_density(cfg: PretrainConfig) -> float:
+    """span / denoise: --noise-density, else T5's 0.15 / BART's 0.3."""
+    return cfg.noise_density or (0.15 if cfg.objective == "span" else 0.3)
+
+
+def _lm_collator(cfg: PretrainConfig, tokenizer):
+    if cfg.pack:  # documents end to end with cu_seqlens, no padding (_lm_blocks made per-document features)
+        return D.PackedCollator()
+    if cfg.objective == "clm":
+        return D.PadCollator(tokenizer.pad_token_id, copy_labels=True)
+    if cfg.objective == "mlm":
+        return D.MLMCollator(tokenizer, cfg.mlm_probability)
+    if cfg.objective == "span":
+        return D.SpanCorruptionCollator(tokenizer, _noise_density(cfg), cfg.mean_span_length)
+    return D.TextInfillingCollator(tokenizer, _noise_density(cfg), cfg.mean_span_length, cfg.permute_sentences)
+
+
 def _lm_tokenizer(cfg: PretrainConfig, texts, out: Path, proc):
     """The tokenizer given (--tokenizer, --init-from's, a resumed run's), or one trained on the corpus
-    by rank 0 and saved in the run folder, where the other processes read it."""
+    by rank 0 and saved in the run folder, where the other processes read it (span / denoise: byte-level
+    BPE plus ``<pad>`` and T5's sentinels / BART's ``<mask>``)."""
     source = cfg.tokenizer or cfg.init_from or (out if cfg.resume else None)
     if source is None:
         if proc.is_main:
-            kind = "bpe" if cfg.objective == "clm" else "wordpiece"
-            D.train_tokenizer(kind, texts, cfg.vocab_size).save_pretrained(out)
+            if cfg.objective in SEQ2SEQ_OBJECTIVES:
+                D.train_bpe(texts, cfg.vocab_size, special_tokens=_SEQ2SEQ_SPECIALS[cfg.objective]()) \
+                    .save_pretrained(out)
+            else:
+                kind = "bpe" if cfg.objective == "clm" else "wordpiece"
+                D.train_tokenizer(kind, texts, cfg.vocab_size).save_pretrained(out)
         dist.barrier(proc)
         source = out
     tokenizer = D.load_tokenizer(source)
@@ -243,15 +293,20 @@ def _lm_tokenizer(cfg: PretrainConfig, texts, out: Path, proc):
 
 
 def _lm_blocks(cfg: PretrainConfig, texts, tokenizer) -> tuple[list, list]:
-    """(training blocks, validation blocks) of block_size tokens."""
-    if cfg.pack:
-        features = D.document_features(texts, tokenizer, max_length=cfg.block_size)
-    else:
-        features = D.lm_features(texts, tokenizer, objective=cfg.objective, block_size=cfg.block_size)
+    """(training blocks, validation blocks) of block_size tokens (span: blocks whose corrupted input is
+    block_size tokens; pack: one feature per document, packed by the collator)."""
+    def blocks(texts):
+        if cfg.objective in SEQ2SEQ_OBJECTIVES:
+            return D.seq2seq_lm_features(texts, tokenizer, objective=cfg.objective, block_size=cfg.block_size,
+                                         noise_density=_noise_density(cfg),
+                                         mean_span_length=cfg.mean_span_length)
+        if cfg.pack:
+            return D.document_features(texts, tokenizer, max_length=cfg.block_size)
+        return D.lm_features(texts, tokenizer, objective=cfg.objective, block_size=cfg.block_size)
+
+    features = blocks(texts)
     if cfg.validation_file:
-        val = D.lm_features(D.read_texts(cfg.validation_file), tokenizer, objective=cfg.objective,
-                            block_size=cfg.block_size)
-        return features, val
+        return features, blocks(D.read_texts(cfg.validation_file))
     train, val = _every_kth_split(features, cfg.validation_fraction)
     return (train, val) if val else (features, [])
 
@@ -268,6 +323,19 @@ def _lm_model_config(cfg: PretrainConfig, family: str, tokenizer):
         eos_token_id=tokenizer.eos_token_id if gpt else None, bos_token_id=tokenizer.eos_token_id if gpt else None,
         activation="gelu_new" if gpt else "gelu",
     )
+
+
+def _seq2seq_lm_config(cfg: PretrainConfig, family: str, tokenizer):
+    """A T5 (span) or BART (denoise) of the run's size: its encoder and decoder have num_layers each."""
+    from pyllm.models import Seq2SeqConfig
+
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    return Seq2SeqConfig(model_type=family, vocab_size=tokenizer.vocab_size, d_model=cfg.hidden_size,
+                         encoder_layers=cfg.num_layers, decoder_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                         ffn_dim=cfg.intermediate_size or 4 * cfg.hidden_size,
+                         max_position_embeddings=max(cfg.block_size, 512) + 2, dropout=cfg.dropout,
+                         pad_token_id=pad, bos_token_id=None, eos_token_id=eos,
+                         decoder_start_token_id=pad if family == "t5" else eos)  # as T5 and BART start
 
 
 def _sample(model, tokenizer, prompt: str, max_new_tokens: int, device, seed: int,
@@ -507,6 +575,8 @@ def evaluate(folder, data_file: Optional[str] = None, **options) -> dict:
                                       **options}))
     if seq2seq.is_seq2seq_folder(cfg.folder):  # BLEU/chrF or ROUGE of an encoder-decoder's generations
         model, tokenizer, task = seq2seq.load_run(cfg.folder, cfg.device)
+        if task["task"] in SEQ2SEQ_OBJECTIVES:  # a pretrained T5 / BART: its loss on noised blocks
+            return _evaluate_seq2seq_lm(cfg, model, tokenizer, task)
         examples = _subset(seq2seq.eval_examples(cfg.folder, task, cfg.data), cfg.max_examples, 0)
         return {**seq2seq.score(model, tokenizer, task, examples, cfg.batch_size), "examples": len(examples)}
     model, tokenizer, task = load_run(cfg.folder, cfg.device)
@@ -529,6 +599,19 @@ def evaluate(folder, data_file: Optional[str] = None, **options) -> dict:
     with torch.no_grad():
         metrics = fn(model, feats, batch_size=cfg.batch_size, device=model.device, autocast=contextlib.nullcontext)
     return metrics if name in ("clm", "mlm") else {**metrics, "examples": len(examples)}
+
+
+def _evaluate_seq2seq_lm(cfg: EvaluateConfig, model, tokenizer, task: dict) -> dict:
+    """Loss and perplexity of a span / denoise run folder on blocks noised as in its training."""
+    pcfg = build(PretrainConfig, ("", {"objective": task["task"], "block_size": task["max_length"],
+                                       "noise_density": task["noise_density"],
+                                       "mean_span_length": task["mean_span_length"],
+                                       "permute_sentences": task["permute_sentences"]}))
+    texts = D.read_texts(cfg.data) if cfg.data else _every_kth_split(D.stdlib_corpus(cfg.max_files), 0.05)[1]
+    feats = _subset(_lm_blocks(pcfg, texts, tokenizer)[0], cfg.max_examples, 0)
+    with torch.no_grad():
+        return evaluate_lm(model.eval(), feats, batch_size=cfg.batch_size, device=model.device,
+                           autocast=contextlib.nullcontext, collator=_lm_collator(pcfg, tokenizer), causal=False)
 
 
 def predict(folder, inputs: Sequence, **options) -> list[dict]:

@@ -182,7 +182,8 @@ def cmd_generate(config_file, flags: dict) -> int:
 
 
 COMMANDS = [  # (config class, function, one-line help)
-    (C.PretrainConfig, cmd_pretrain, "pretrain a GPT (clm) or BERT (mlm); default: stdlib docstrings"),
+    (C.PretrainConfig, cmd_pretrain, "pretrain a GPT (clm), BERT (mlm), T5 (span) or BART (denoise); default: stdlib "
+                                   "docstrings"),
     (C.FinetuneConfig, cmd_finetune, "fine-tune for classification, tagging or QA; default: MiniLM on stdlib topics"),
     (C.EvaluateConfig, cmd_evaluate, "score a fine-tuned or pretrained run folder"),
     (C.PredictConfig, cmd_predict, "predict labels, tags or answer spans with a fine-tuned folder"),

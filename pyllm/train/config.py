@@ -23,7 +23,8 @@ from typing import ClassVar, Optional
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
-OBJECTIVES = ("clm", "mlm")
+OBJECTIVES = ("clm", "mlm", "span", "denoise")
+SEQ2SEQ_OBJECTIVES = ("span", "denoise")  # encoder-decoder pretraining (pyllm.data.noising)
 TASKS = ("sequence-classification", "token-classification", "question-answering", "translation", "summarization")
 SEQ2SEQ_TASKS = ("translation", "summarization")  # encoder-decoder tasks (pyllm.train.seq2seq)
 # The target languages of the embedded number set (pyllm.data.pairs.NUMBER_LANGUAGES; a test keeps them equal:
@@ -310,12 +311,14 @@ class TrainConfig(_Checked):
 class PretrainConfig(TrainConfig):
     """Pretrain a language model. With no arguments: a small GPT (the model, data and step
     defaults below) with a byte-level BPE vocabulary trained on the docstrings of Python's standard
-    library, then a printed sample."""
+    library, then a printed sample. --objective span / denoise: a T5 / BART encoder-decoder of the same
+    size, by T5's span corruption / BART's text infilling."""
 
     command: ClassVar[str] = "pretrain"
     time_cap: ClassVar[float] = 150.0  # seconds of training for a run given no length option
 
-    objective: str = option("clm", "clm: a GPT (causal LM); mlm: a BERT (masked LM)", choices=OBJECTIVES)
+    objective: str = option("clm", "clm: a GPT (causal LM); mlm: a BERT (masked LM); span: a T5 (span "
+                                   "corruption); denoise: a BART (text infilling)", choices=OBJECTIVES)
     train_file: Optional[str] = option(None, "training text: a .txt/.jsonl file or a folder of them",
                                        shown="the stdlib docstrings")
     validation_file: Optional[str] = option(None, "validation text in the same format",
@@ -335,6 +338,12 @@ class PretrainConfig(TrainConfig):
     intermediate_size: Optional[int] = option(None, "MLP width", shown="4 * hidden size", at_least=1)
     dropout: float = option(0.0, "hidden dropout", at_least=0, below=1)
     mlm_probability: float = option(0.15, "share of tokens masked for MLM", above=0, below=1)
+    noise_density: Optional[float] = option(None, "span/denoise: share of tokens hidden",
+                                            shown="0.15 for span, 0.3 for denoise", above=0, below=1)
+    mean_span_length: float = option(3.0, "span: mean noise span length; denoise: the Poisson mean of the masked "
+                                          "span lengths", above=0)
+    permute_sentences: bool = option(False, "denoise: also shuffle the sentences of each block (BART's "
+                                            "sentence permutation)")
     sample_prompt: Optional[str] = option("Return the", "prompt of the sample printed after a clm run "
                                                         "('' or null: no sample)")
     sample_tokens: int = option(40, "tokens in that sample", at_least=1)
@@ -347,6 +356,12 @@ class PretrainConfig(TrainConfig):
     def check(self) -> None:
         super().check()
         self.need(not self.pack or self.objective == "clm", "pack takes objective 'clm' (a GPT)")
+        seq2seq = self.objective in SEQ2SEQ_OBJECTIVES
+        self.need(seq2seq or self.noise_density is None,
+                  f"noise_density applies to objectives 'span' and 'denoise', not {self.objective!r} (mlm: use "
+                  "mlm_probability)")
+        self.need(not self.permute_sentences or self.objective == "denoise",
+                  f"permute_sentences applies to objective 'denoise' (BART), not {self.objective!r}")
 
 
 @config_class

@@ -71,6 +71,12 @@ def _model_type(folder) -> str:
     return json.loads(cfg.read_text()).get("model_type")
 
 
+def model_class(model_type: str):
+    """The pyllm class of an encoder-decoder model type (bart / marian / t5)."""
+    from pyllm.models import BartForConditionalGeneration, T5ForConditionalGeneration
+    return T5ForConditionalGeneration if model_type == "t5" else BartForConditionalGeneration
+
+
 def pairs(cfg):
     """(train pairs, validation pairs, data name): the pairs files, or the embedded number set."""
     if cfg.train_file is None:  # the config allows this for translation only
@@ -89,13 +95,13 @@ def build_model(cfg, tokenizer, train_pairs):
     """(model, tokenizer): from --model (a bart / marian / t5 folder; anything else is refused naming the
     types) or a new small BART with a byte-level BPE vocabulary trained on the pairs. ``tokenizer`` (a resumed
     run's) is kept when given."""
-    from pyllm.models import BartForConditionalGeneration, Seq2SeqConfig, T5ForConditionalGeneration
+    from pyllm.models import BartForConditionalGeneration, Seq2SeqConfig
     if cfg.model:
         mt = _model_type(cfg.model)
         if mt not in SEQ2SEQ_MODEL_TYPES:
             raise ValueError(f"finetune --task {cfg.task}: {cfg.model} holds a {mt!r} model; {cfg.task} needs an "
                              f"encoder-decoder of model type {SEQ2SEQ_MODEL_TYPES}")
-        cls = T5ForConditionalGeneration if mt == "t5" else BartForConditionalGeneration
+        cls = model_class(mt)
         overrides = {"dropout": cfg.dropout} if cfg.dropout is not None else {}
         return cls.from_pretrained(cfg.model, **overrides), tokenizer or D.load_tokenizer(cfg.model)
     if tokenizer is None:
@@ -193,11 +199,10 @@ def is_seq2seq_folder(folder) -> bool:
 
 def load_run(folder, device):
     """(model, tokenizer, task info) of a seq2seq run folder or a bart / marian / t5 checkpoint folder."""
-    from pyllm.models import BartForConditionalGeneration, T5ForConditionalGeneration
     mt = _model_type(folder)
     if mt not in SEQ2SEQ_MODEL_TYPES:
         raise ValueError(f"{folder} holds a {mt!r} model, not an encoder-decoder ({SEQ2SEQ_MODEL_TYPES})")
-    cls = T5ForConditionalGeneration if mt == "t5" else BartForConditionalGeneration
+    cls = model_class(mt)
     task_file = Path(folder) / TASK_FILE
     task = json.loads(task_file.read_text()) if task_file.is_file() else {"task": "translation", "max_length": 512}
     model = cls.from_pretrained(folder).to(dist.resolve_device(device)).eval()

@@ -90,6 +90,41 @@ def test_logits_loss_encoder_state_match_transformers(pair):
                                rtol=0)
 
 
+def test_training_loss_through_linear_cross_entropy(pair):
+    """model.train() with labels: the loss comes from the fused linear cross-entropy (no logits formed); it
+    and its gradients equal the logits path's (and the loss transformers' model gives)."""
+    name, hc, hm, pm = pair
+    ids, mask, labels = _source(hc, seed=5)
+    hm.zero_grad(set_to_none=True)
+    expected = hm(input_ids=ids, attention_mask=mask, labels=labels).loss
+    expected.backward()
+    expected = expected.detach()
+    hf_embedding_grad = hm.get_input_embeddings().weight.grad.clone()
+    hm.zero_grad(set_to_none=True)
+    pm.train()
+    try:
+        grads = []
+        for return_logits in (None, True):
+            pm.zero_grad(set_to_none=True)
+            out = pm(ids, mask, labels=labels, return_logits=return_logits)
+            assert (out.logits is None) == (return_logits is None)
+            torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
+            out.loss.backward()
+            grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and "model.shared.weight" in grads[0]
+        for n in grads[0]:
+            torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4)
+        # the shared embedding's gradient gathers every path (padded encoder, decoder, LM head): as transformers'
+        # (but for the pad row: transformers' Marian embedding has padding_idx, which zeroes that row's gradient
+        # although Marian's decoder start token is the pad token)
+        rows = torch.arange(V) != hc.pad_token_id
+        torch.testing.assert_close(grads[0]["model.shared.weight"][rows], hf_embedding_grad[rows], atol=1e-5,
+                                   rtol=1e-4)
+    finally:
+        pm.zero_grad(set_to_none=True)
+        pm.eval()
+
+
 def test_save_pretrained_loads_back_into_transformers(pair, tmp_path):
     name, hc, hm, pm = pair
     pm.save_pretrained(tmp_path)
@@ -135,6 +170,43 @@ def test_sampling_is_seeded_and_in_vocab(pair):
     b = pm.generate(ids, mask, generator=torch.Generator().manual_seed(5), **kw)
     assert a.tolist() == b.tolist() and a.shape[0] == 3 and int(a.max()) < V
     assert (a[:, 0] == hc.decoder_start_token_id).all()
+
+
+@pytest.mark.parametrize("kw", [dict(num_beams=3, top_k=10, top_p=0.9, temperature=0.8),
+                                dict(num_beams=2, top_k=None, top_p=None),
+                                dict(num_beams=4, top_k=5, top_p=None, length_penalty=0.6, no_repeat_ngram_size=2),
+                                dict(num_beams=3, top_k=1, top_p=None)],
+                         ids=["beam3-k10-p0.9-t0.8", "beam2-full", "beam4-k5-lp-ngram", "beam3-k1"])
+def test_beam_sampling_matches_transformers_under_a_seed(pair, kw):
+    """do_sample=True with num_beams > 1 on a padded batch draws what transformers' beam sample draws from
+    the same torch seed (same warpers, same multinomial over the same scores), with or without the cache."""
+    name, hc, hm, pm = pair
+    ids, mask, _ = _source(hc, seed=2)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        h = hm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True, **kw)
+        torch.manual_seed(seed)
+        p = pm.generate(ids, mask, max_new_tokens=10, do_sample=True, **kw)
+        assert p.tolist() == h.tolist()
+        torch.manual_seed(seed)
+        assert pm.generate(ids, mask, max_new_tokens=10, do_sample=True, use_cache=False, **kw).tolist() == p.tolist()
+
+
+def test_beam_sampling_is_seeded_and_batched(pair):
+    name, hc, hm, pm = pair
+    ids, mask, _ = _source(hc, seed=4)
+    kw = dict(max_new_tokens=8, do_sample=True, num_beams=3, temperature=1.5, top_k=20)
+    runs = [pm.generate(ids, mask, generator=torch.Generator().manual_seed(s), **kw) for s in (5, 5, 6, 7, 8)]
+    assert runs[0].tolist() == runs[1].tolist()  # the generator alone decides
+    assert any(r.tolist() != runs[0].tolist() for r in runs[2:])  # and it does decide
+    for r in runs:
+        assert r.shape[0] == 3 and (r[:, 0] == hc.decoder_start_token_id).all() and int(r.max()) < V
+    with pytest.raises(ValueError, match="top_k must be None or an int >= 1, got 0"):
+        pm.generate(ids, mask, do_sample=True, num_beams=2, top_k=0)
+    with pytest.raises(ValueError, match="temperature must be > 0 when sampling, got 0"):
+        pm.generate(ids, mask, do_sample=True, num_beams=2, temperature=0)
+    with pytest.raises(ValueError, match="do_sample must be True or False, got 'yes'"):
+        pm.generate(ids, mask, do_sample="yes", num_beams=2)
 
 
 def test_generation_config_defaults_are_read(tmp_path):
