@@ -12,6 +12,8 @@ from torch import nn
 
 from pyllm.nn import LayerNorm
 
+from ..ops import linear_cross_entropy
+
 from .block import BlockStack, KVCache
 from .config import TransformerConfig
 
@@ -123,6 +125,26 @@ def causal_lm_loss(logits, labels, input_ids, vocab_size: int, who: str):
     check_labels(labels, input_ids.shape, who)
     check_class_labels(labels, vocab_size, who)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def lm_head_and_loss(model, h, lm_head: nn.Linear, labels, input_ids, return_logits: Optional[bool]):
+    """The causal-LM head of GPTForCausalLM and LlamaForCausalLM: h (B, N, C) -> (loss or None, logits or None).
+
+    While training (``model.training``) with labels, the loss comes from ``pyllm.linear_cross_entropy``
+    and the (B, N, vocab) logits are never formed: logits is None unless ``return_logits=True``. In eval
+    mode, or without labels, logits (B, N, vocab) are computed as usual (and the loss from them)."""
+    if return_logits is None:
+        return_logits = labels is None or not model.training
+    logits = lm_head(h) if return_logits else None  # (B, N, vocab)
+    if labels is None:
+        return None, logits
+    who = type(model).__name__
+    if logits is not None:
+        return causal_lm_loss(logits, labels, input_ids, model.config.vocab_size, who), logits
+    check_labels(labels, input_ids.shape, who)
+    check_class_labels(labels, model.config.vocab_size, who)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts t + 1; the last predicts nothing
+    return linear_cross_entropy(h, lm_head.weight, shifted, bias=lm_head.bias, backend=model.config.backend), None
 
 
 def last_token(input_ids, attention_mask, pad_token_id):

@@ -10,13 +10,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..ops import linear_cross_entropy
-from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
-                   causal_lm_loss, check_class_labels, check_inputs, check_labels, last_token,
-                   padding_mask)
+from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput, check_inputs,
+                   last_token, lm_head_and_loss, padding_mask)
 from .bert import classification_loss
 from .block import BlockStack, KVCache
 from .config import TransformerConfig
@@ -110,21 +107,7 @@ class GPTForCausalLM(PreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 cache: Optional[KVCache] = None, use_cache: bool = False, return_logits: Optional[bool] = None):
         out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, cache, use_cache)
-        h = out.last_hidden_state  # (B, N, C)
-        if return_logits is None:
-            return_logits = labels is None or not self.training
-        logits = self.lm_head(h) if return_logits else None  # (B, N, vocab)
-        loss = None
-        if labels is not None:
-            if logits is not None:
-                loss = causal_lm_loss(logits, labels, input_ids, self.config.vocab_size, type(self).__name__)
-            else:  # position t predicts token t + 1; the last position predicts nothing (-100)
-                who = type(self).__name__
-                check_labels(labels, input_ids.shape, who)
-                check_class_labels(labels, self.config.vocab_size, who)
-                shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, N)
-                loss = linear_cross_entropy(h, self.lm_head.weight, shifted, bias=self.lm_head.bias,
-                                            backend=self.config.backend)
+        loss, logits = lm_head_and_loss(self, out.last_hidden_state, self.lm_head, labels, input_ids, return_logits)
         return CausalLMOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
 
     def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,

@@ -29,7 +29,7 @@ import pyllm
 from pyllm.nn import RMSNorm
 
 from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
-                   causal_lm_loss, check_inputs, last_token, padding_mask)
+                   check_inputs, last_token, lm_head_and_loss, padding_mask)
 from .bert import classification_loss
 from .block import KVCache
 from .config import TransformerConfig
@@ -326,7 +326,9 @@ class LlamaForCausalLM(PreTrainedModel):
     """LlamaModel + a language-model head (tied to the embeddings when tie_word_embeddings).
 
     labels (B, N): usually input_ids itself; shifted inside (position t predicts token t + 1);
-    -100 positions are ignored.
+    -100 positions are ignored. While training (``model.train()``) with labels, the loss comes from
+    ``pyllm.linear_cross_entropy`` and the (B, N, vocab) logits are not formed: ``logits`` is None unless
+    ``return_logits=True``. In eval mode, or without labels, logits are returned as usual.
     """
 
     family = "llama"
@@ -343,12 +345,9 @@ class LlamaForCausalLM(PreTrainedModel):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                cache: Optional[KVCache] = None, use_cache: bool = False):
+                cache: Optional[KVCache] = None, use_cache: bool = False, return_logits: Optional[bool] = None):
         out = self.model(input_ids, attention_mask, position_ids, cache, use_cache)
-        logits = self.lm_head(out.last_hidden_state)  # (B, N, vocab)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, input_ids, self.config.vocab_size, type(self).__name__)
+        loss, logits = lm_head_and_loss(self, out.last_hidden_state, self.lm_head, labels, input_ids, return_logits)
         return CausalLMOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
 
     @property

@@ -183,3 +183,28 @@ def test_llama_style_tokenizer_folder_loads_through_load_tokenizer(tmp_path):
     assert torch.equal(enc["attention_mask"], want["attention_mask"])
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 2, 0)
     assert ours.decode(enc["input_ids"][0].tolist()) == theirs.decode(want["input_ids"][0], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_training_loss_is_fused_and_equals_the_unfused_path(tied):
+    """model.train() with labels: linear_cross_entropy (no (B, N, vocab) logits); same loss and gradients."""
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=40,
+                      max_position_embeddings=32, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).train()
+    ids, mask = batch(B=3, N=11)
+    labels = ids.masked_fill(mask == 0, -100)
+    fused = model(ids, mask, labels=labels)
+    assert fused.logits is None
+    fused.loss.backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plain = model(ids, mask, labels=labels, return_logits=True)
+    assert plain.logits.shape == (3, 11, 97)
+    lg, lb = plain.logits[:, :-1], labels[:, 1:]
+    torch.testing.assert_close(plain.loss, torch.nn.functional.cross_entropy(lg[lb != -100], lb[lb != -100]))
+    torch.testing.assert_close(fused.loss, plain.loss, atol=1e-5, rtol=1e-5)
+    plain.loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fused_grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert model.eval()(ids, mask, labels=labels).logits.shape == (3, 11, 97)  # eval: logits as usual
