@@ -24,6 +24,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 OBJECTIVES = ("clm", "mlm")
+ARCHS = ("gpt", "llama", "bert")  # pretrain --arch: gpt / llama for clm, bert for mlm
 TASKS = ("sequence-classification", "token-classification", "question-answering", "translation", "summarization")
 SEQ2SEQ_TASKS = ("translation", "summarization")  # encoder-decoder tasks (pyllm.train.seq2seq)
 # The target languages of the embedded number set (pyllm.data.pairs.NUMBER_LANGUAGES; a test keeps them equal:
@@ -316,6 +317,9 @@ class PretrainConfig(TrainConfig):
     time_cap: ClassVar[float] = 150.0  # seconds of training for a run given no length option
 
     objective: str = option("clm", "clm: a GPT (causal LM); mlm: a BERT (masked LM)", choices=OBJECTIVES)
+    arch: Optional[str] = option(None, "the model: gpt (GPT-2 layout) or llama (RMSNorm, rotary, SwiGLU, tied "
+                                       "embeddings) for clm, bert for mlm",
+                                 shown="gpt for clm, bert for mlm; --init-from's", choices=ARCHS)
     train_file: Optional[str] = option(None, "training text: a .txt/.jsonl file or a folder of them",
                                        shown="the stdlib docstrings")
     validation_file: Optional[str] = option(None, "validation text in the same format",
@@ -330,7 +334,10 @@ class PretrainConfig(TrainConfig):
     num_layers: int = option(4, "Transformer blocks", at_least=1)
     hidden_size: int = option(256, "model width", at_least=1)
     num_heads: int = option(4, "attention heads", at_least=1)
-    intermediate_size: Optional[int] = option(None, "MLP width", shown="4 * hidden size", at_least=1)
+    intermediate_size: Optional[int] = option(None, "MLP width", shown="4 * hidden size; llama: 8/3 * hidden size "
+                                                                     "rounded up to a multiple of 32", at_least=1)
+    num_kv_heads: Optional[int] = option(None, "llama: key/value heads (grouped-query attention; divides "
+                                               "--num-heads)", shown="--num-heads", at_least=1)
     dropout: float = option(0.0, "hidden dropout", at_least=0, below=1)
     mlm_probability: float = option(0.15, "share of tokens masked for MLM", above=0, below=1)
     sample_prompt: Optional[str] = option("Return the", "prompt of the sample printed after a clm run "
@@ -341,6 +348,17 @@ class PretrainConfig(TrainConfig):
     batch_size = 16
     max_steps = 250
     eval_every = 50
+
+    def check(self) -> None:
+        super().check()
+        if self.arch is not None:
+            wanted = ("bert",) if self.objective == "mlm" else ("gpt", "llama")
+            self.need(self.arch in wanted, f"arch {self.arch!r} does not train objective {self.objective!r} "
+                                           f"(it takes arch {' or '.join(map(repr, wanted))})")
+        if self.num_kv_heads is not None:
+            self.need(self.arch == "llama", "num_kv_heads is a llama option (give arch 'llama')")
+            self.need(self.num_heads % self.num_kv_heads == 0,
+                      f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
 
 
 @config_class
