@@ -251,7 +251,10 @@ class PreTrainedModel(nn.Module):
         from .hf_io import load_pretrained
         return load_pretrained(cls, folder, dtype=dtype, strict=strict, **overrides)
 
-    def save_pretrained(self, folder, *, overwrite: bool = False):
-        """Write config.json + model.safetensors in Hugging Face's layout (transformers reads it back)."""
+    def save_pretrained(self, folder, *, overwrite: bool = False, max_shard_size=None):
+        """Write config.json + model.safetensors in Hugging Face's layout (transformers reads it back).
+
+        max_shard_size (bytes, or "5GB" / "500MiB" as transformers spells it): past it, the weights go
+        into model-0000i-of-0000N.safetensors shards listed by model.safetensors.index.json."""
         from .hf_io import save_pretrained
-        save_pretrained(self, folder, overwrite=overwrite)
+        save_pretrained(self, folder, overwrite=overwrite, max_shard_size=max_shard_size)

@@ -208,3 +208,38 @@ def test_training_loss_is_fused_and_equals_the_unfused_path(tied):
     for n, p in model.named_parameters():
         torch.testing.assert_close(fused_grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
     assert model.eval()(ids, mask, labels=labels).logits.shape == (3, 11, 97)  # eval: logits as usual
+
+
+def test_sharded_save_loads_in_transformers_and_back(tmp_path):
+    """save_pretrained(max_shard_size=...) writes transformers' index + shards; both libraries read them;
+    a later save into the same folder (sharded or not) leaves no weights of the earlier one behind."""
+    theirs = _hf_model("mistral")
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    out = tmp_path / "ours"
+    ours.save_pretrained(out, max_shard_size="20KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards  # no model.safetensors beside them
+    from safetensors import safe_open
+    for shard in shards:
+        with safe_open(out / shard, "pt") as f:
+            names = list(f.keys())
+            assert sum(f.get_tensor(n).numel() * 4 for n in names) <= 20_000 or len(names) == 1
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in theirs.parameters())
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids, mask = batch(B=2, N=9)
+    with torch.no_grad():
+        want = theirs(ids, attention_mask=mask).logits
+        torch.testing.assert_close(back(ids, attention_mask=mask).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(LlamaForCausalLM.from_pretrained(out)(ids, mask).logits[mask.bool()],
+                                   want[mask.bool()], atol=1e-4, rtol=0)
+    ours.save_pretrained(out, overwrite=True)  # unsharded over sharded: index and shards go
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    ours.save_pretrained(out, overwrite=True, max_shard_size=30_000)  # and back: model.safetensors goes
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").exists()
+    with pytest.raises(ValueError, match=r"max_shard_size must be None, a positive number of bytes or a size "
+                                         r"such as '5GB'.*got '20 parsecs'"):
+        ours.save_pretrained(tmp_path / "bad", max_shard_size="20 parsecs")
+    assert not (tmp_path / "bad").exists()
