@@ -182,24 +182,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # ----------------------------------------------------------------------------- blocks
 
 
-def windowed_attention(q, k, v, window: int, key_padding_mask=None):
-    """Causal attention in which query i (bottom-right aligned) sees keys i - window < j <= i.
-
-    Served by the reference with an explicit (B, 1, Nq, Nk) mask until pyllm.attention takes
-    window_size; then this whole function is `pyllm.attention(q, k, v, causal=True,
-    window_size=(window - 1, 0), key_padding_mask=key_padding_mask)`.
-    """
-    B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
-    i = torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq)  # absolute column of each query
-    j = torch.arange(Nk, device=q.device)[None, :]
-    visible = ((j <= i) & (j > i - window)).expand(B, 1, Nq, Nk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    o = pyllm.reference.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     visible, enable_gqa=True, upcast=True)
-    return o.transpose(1, 2)  # (B, Nq, Hq, D)
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
@@ -220,10 +202,10 @@ class LlamaAttention(nn.Module):
         v = v.view(B, N, self.num_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, past + N, Hkv, D)
-        if self.window is not None and k.shape[1] > self.window:
-            o = windowed_attention(q, k, v, self.window, key_padding_mask)
-        else:  # every key is inside the window: plain causal attention is exact
-            o = pyllm.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, backend=self.backend)
+        # query i (bottom-right aligned) sees keys i - window < j <= i: blocks outside the window are skipped
+        window = (-1, -1) if self.window is None else (self.window - 1, 0)
+        o = pyllm.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, window_size=window,
+                            backend=self.backend)
         return self.o_proj(o.reshape(B, N, hq))  # (B, N, C)
 
 
