@@ -113,12 +113,12 @@ class GPTForCausalLM(PreTrainedModel):
     def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, use_cache: bool = True):
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True, compile=False):
         """Continue each prompt; returns (B, prompt_len + new) token ids. See generation.generate."""
         return generate(self, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
-                        use_cache=use_cache)
+                        use_cache=use_cache, compile=compile)
 
 
 class GPTForSequenceClassification(PreTrainedModel):
