@@ -12,25 +12,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput, check_inputs,
-                   last_token, lm_head_and_loss, padding_mask)
-from .bert import classification_loss
+from .base import (CausalLMOutput, PreTrainedModel, causal_lm_head, decoder_forward, default_positions,
+                   last_token_classification, lm_head_and_loss, positions_from_mask)
 from .block import BlockStack, KVCache
 from .config import TransformerConfig
 from .generation import generate
-
-
-def positions_from_mask(attention_mask, n_new: int):
-    """(B, past + N) mask -> (B, N) positions counting real tokens only (pads get 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
-
-
-def default_positions(attention_mask, past: int, n_new: int, device):
-    """Positions of n_new tokens after `past` cached ones: counted over real tokens when a mask (B, past +
-    n_new) is given -> (B, n_new), else past, past + 1, ... -> (1, n_new)."""
-    if attention_mask is not None:
-        return positions_from_mask(attention_mask, n_new)
-    return torch.arange(past, past + n_new, device=device)[None]
 
 
 def _renamed_blocks(module, state_dict, prefix, *args):
@@ -62,18 +48,11 @@ class GPTModel(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 cache: Optional[KVCache] = None, use_cache: bool = False):
-        who = type(self).__name__
-        past = cache.seq_len if cache is not None else 0
-        B, N = check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids, past, who)
         if token_type_ids is not None and bool(token_type_ids.any()):
-            raise ValueError(f"{who}: GPT models have no token-type embeddings; token_type_ids must be "
-                             f"None or all zeros")
-        if position_ids is None:
-            position_ids = default_positions(attention_mask, past, N, input_ids.device)
-        if use_cache and cache is None:
-            cache = KVCache(self.config.num_layers)
-        x = self.decode_step(input_ids, position_ids, padding_mask(attention_mask), cache)
-        return BaseModelOutput(last_hidden_state=x, cache=cache)
+            raise ValueError(f"{type(self).__name__}: GPT models have no token-type embeddings; token_type_ids "
+                             f"must be None or all zeros")
+        return decoder_forward(self, self.config, input_ids, attention_mask, token_type_ids, position_ids, cache,
+                               use_cache)
 
     def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
         """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
@@ -99,10 +78,7 @@ class GPTForCausalLM(PreTrainedModel):
         super().__init__(config)
         config = self.config
         self.transformer = GPTModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.init_weights(self.lm_head)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word.weight
+        self.lm_head = causal_lm_head(self, self.transformer.word)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 cache: Optional[KVCache] = None, use_cache: bool = False, return_logits: Optional[bool] = None):
@@ -137,13 +113,7 @@ class GPTForSequenceClassification(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None):
         h = self.transformer(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
-        B = input_ids.shape[0]
-        last = last_token(input_ids, attention_mask, self.config.pad_token_id)  # (B,)
-        logits = self.score(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            loss = classification_loss(logits, labels, self.config.num_labels, type(self).__name__)
-        return SequenceClassifierOutput(loss=loss, logits=logits, last_hidden_state=h)
+        return last_token_classification(self, h, self.score, input_ids, attention_mask, labels)
 
 
 __all__ = ["GPTModel", "GPTForCausalLM", "GPTForSequenceClassification", "positions_from_mask", "default_positions"]

@@ -28,13 +28,11 @@ from torch.utils.checkpoint import checkpoint
 import pyllm
 from pyllm.nn import RMSNorm
 
-from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
-                   check_inputs, last_token, lm_head_and_loss, padding_mask)
-from .bert import classification_loss
+from .base import (CausalLMOutput, PreTrainedModel, causal_lm_head, decoder_forward, last_token_classification,
+                   lm_head_and_loss)
 from .block import KVCache
 from .config import TransformerConfig
 from .generation import generate
-from .gpt import default_positions
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -277,16 +275,9 @@ class LlamaModel(PreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
-                use_cache: bool = False, inputs_embeds=None):
-        who = type(self).__name__
-        past = cache.seq_len if cache is not None else 0
-        B, N = check_inputs(position_limits(self.config), input_ids, attention_mask, None, position_ids, past, who)
-        if position_ids is None:
-            position_ids = default_positions(attention_mask, past, N, input_ids.device)
-        if use_cache and cache is None:
-            cache = KVCache(self.config.num_layers)
-        x = self.decode_step(input_ids, position_ids, padding_mask(attention_mask), cache)
-        return BaseModelOutput(last_hidden_state=x, cache=cache)
+                use_cache: bool = False):
+        return decoder_forward(self, position_limits(self.config), input_ids, attention_mask, None, position_ids,
+                               cache, use_cache)
 
     def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
         """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
@@ -305,13 +296,9 @@ class LlamaModel(PreTrainedModel):
 
 
 class LlamaForCausalLM(PreTrainedModel):
-    """LlamaModel + a language-model head (tied to the embeddings when tie_word_embeddings).
-
-    labels (B, N): usually input_ids itself; shifted inside (position t predicts token t + 1);
-    -100 positions are ignored. While training (``model.train()``) with labels, the loss comes from
-    ``pyllm.linear_cross_entropy`` and the (B, N, vocab) logits are not formed: ``logits`` is None unless
-    ``return_logits=True``. In eval mode, or without labels, logits are returned as usual.
-    """
+    """LlamaModel + a language-model head (tied to the embeddings when tie_word_embeddings). labels and
+    return_logits as GPTForCausalLM's (base.lm_head_and_loss): in training with labels the loss is fused
+    (``pyllm.linear_cross_entropy``) and logits is None unless return_logits=True."""
 
     family = "llama"
     default_norm_position = "pre"
@@ -321,10 +308,7 @@ class LlamaForCausalLM(PreTrainedModel):
         super().__init__(config)
         config = self.config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.init_weights(self.lm_head)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = causal_lm_head(self, self.model.embed_tokens)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
                 cache: Optional[KVCache] = None, use_cache: bool = False, return_logits: Optional[bool] = None):
@@ -342,8 +326,8 @@ class LlamaForCausalLM(PreTrainedModel):
 
 
 class LlamaForSequenceClassification(PreTrainedModel):
-    """LlamaModel + a linear scorer read at each row's last real token (from attention_mask, else the
-    last token that is not pad_token_id, as transformers does). labels (B,) class ids."""
+    """LlamaModel + a linear scorer at each row's last real token, as GPTForSequenceClassification
+    (base.last_token_classification). labels (B,) class ids."""
 
     family = "llama"
     default_norm_position = "pre"
@@ -358,13 +342,7 @@ class LlamaForSequenceClassification(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
         h = self.model(input_ids, attention_mask, position_ids).last_hidden_state
-        B = input_ids.shape[0]
-        last = last_token(input_ids, attention_mask, self.config.pad_token_id)  # (B,)
-        logits = self.score(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            loss = classification_loss(logits, labels, self.config.num_labels, type(self).__name__)
-        return SequenceClassifierOutput(loss=loss, logits=logits, last_hidden_state=h)
+        return last_token_classification(self, h, self.score, input_ids, attention_mask, labels)
 
 
 __all__ = ["LlamaConfig", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification",
