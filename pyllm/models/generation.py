@@ -82,8 +82,8 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
     LEFT-padded prompts. use_cache=False recomputes the whole sequence each step (the reference
     the KV-cache path is tested against).
 
-    compile=True (or a torch.compile backend name, e.g. "aot_eager") runs every decode step after the prompt as one ``torch.compile(fullgraph=True)`` graph
-    with static shapes: the cache is frozen at its final size (KVCache.freeze), each step writes its
+    compile=True (or a torch.compile backend name, e.g. "aot_eager") runs every decode step after the
+    prompt as one ``torch.compile(fullgraph=True)`` graph with static shapes: the cache is frozen at its final size (KVCache.freeze), each step writes its
     token's K/V in place and attends over the whole buffer with the not-yet-written columns masked, so
     one compilation serves every step (and later calls of the same batch size and total length). The
     tokens are those of the eager path. Sliding windows shorter than the total length are refused there
