@@ -173,7 +173,8 @@ def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_functio
     (custom mask functions, packed sequences, static-cache offsets) transformers' 4-D SDPA mask, which sends
     the call to transformers' own attention (fallback_reason)."""
     mu = _tf("transformers.masking_utils")
-    window = sliding_window_of(mask_function)
+    # under torch.compile a mask carrying an attribute is not traceable: sliding windows take the 4-D mask there
+    window = None if torch.compiler.is_compiling() else sliding_window_of(mask_function)
     causal = mask_function is mu.causal_mask_function or window is not None
     plain = causal or mask_function is mu.bidirectional_mask_function
     # causal: the last query is the last key (a sliding cache's kv_offset included); bidirectional: no offset

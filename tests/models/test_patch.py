@@ -358,3 +358,19 @@ def test_a_window_the_mask_does_not_carry_goes_to_transformers(count_attention, 
     assert hf.sliding_window_of(mu.sliding_window_causal_mask_function(5)) == 5
     assert hf.sliding_window_of(mu.and_masks(mu.causal_mask_function, mu.sliding_window_overlay(5))) is None
     assert hf.sliding_window_of(mu.causal_mask_function) is None
+
+
+def test_patched_mistral_with_a_window_compiles_fullgraph():
+    """Under torch.compile the window cannot ride on the mask (an attribute Dynamo does not trace): the mask
+    builder gives transformers' 4-D mask there, and the call is transformers' own, still whole-graph."""
+    import copy
+
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=3)).eval()
+    ids, mask = batch(B=2, N=8, pad_side="left", lengths=[8, 6])
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        got = torch.compile(patch(copy.deepcopy(model)), fullgraph=True, backend="eager")(ids, attention_mask=mask)
+    torch.testing.assert_close(got.logits[mask.bool()], want[mask.bool()], atol=1e-5, rtol=0)
