@@ -1,6 +1,6 @@
 """Generation: tokens/s of greedy decoding, pyllm's decoders against transformers' generate on the same weights.
 
-    python benchmarks/bench_generate.py [--device cpu|cuda] [--quick] [--json out.json]
+    python benchmarks/bench_generate.py [--device cpu|cuda] [--quick] [--compile] [--json out.json]
 
 Two models with random weights, built in pyllm, saved as Hugging Face folders and loaded back into
 transformers (so both run the same weights): a GPT-2-124M-shaped GPTForCausalLM (12 layers, hidden 768,
@@ -11,7 +11,9 @@ Reported: tokens/s (batch * new tokens / time of the whole generate call, prefil
 pyllm / transformers (> 1 = pyllm faster) and the time of one decode step (generate's time minus a
 prefill-only call, divided by the new tokens - 1).
 
---quick: 2 layers, prompt 64, 16 new tokens, batch 1 and 4 (a smoke run of a minute on a CPU).
+--compile adds pyllm's generate(compile=True) (the decode step as one torch.compile graph over the static
+cache; compilation happens in the token check, before timing). --quick: 2 layers, prompt 64, 16 new
+tokens, batch 1 and 4 (a smoke run of a minute or two on a CPU; add --max-s 5 on a loaded machine).
 Timings on a shared machine are noisy: compare the ratio, measured alternately in one run.
 """
 from __future__ import annotations
@@ -70,8 +72,12 @@ def run(args) -> dict:
                 return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                        do_sample=False, pad_token_id=0)
 
+            def gen_compiled(n=new):
+                return ours.generate(ids, max_new_tokens=n, eos_token_id=None, compile=True)
+
             with torch.no_grad():
-                same = torch.equal(gen_ours(), gen_theirs())
+                want = gen_theirs()
+                same = torch.equal(gen_ours(), want) and (not args.compile or torch.equal(gen_compiled(), want))
             row = {"arch": arch, "batch": B, "prompt": p["prompt"], "new": new, "same_tokens": same}
             if not same:
                 print(f"{arch} B{B}: WRONG -- pyllm and transformers generate different tokens; not timed")
@@ -79,19 +85,26 @@ def run(args) -> dict:
                 continue
             fns = {"pyllm": gen_ours, "transformers": gen_theirs,
                    "pyllm-prefill": lambda: gen_ours(1), "transformers-prefill": lambda: gen_theirs(1)}
+            if args.compile:  # the prefill is the same eager forward: pyllm-prefill serves both
+                fns["pyllm-compile"] = gen_compiled
             with torch.no_grad():
                 times = time_interleaved(fns, device, threads=threads, repeats=args.repeats, warmup=1,
                                          min_run_s=0.0, max_s=args.max_s)
             med = {n: summarize(t)["median_ms"] / 1e3 for n, t in times.items()}  # seconds
-            for who in ("pyllm", "transformers"):
+            for who in ("pyllm", "transformers") + (("pyllm-compile",) if args.compile else ()):
+                prefill = med[f"{who.split('-')[0]}-prefill"]
                 row[f"{who}_tokens_per_s"] = B * new / med[who]
-                row[f"{who}_decode_step_ms"] = 1e3 * (med[who] - med[f"{who}-prefill"]) / max(new - 1, 1)
+                row[f"{who}_decode_step_ms"] = 1e3 * (med[who] - prefill) / max(new - 1, 1)
             row["ratio"] = row["pyllm_tokens_per_s"] / row["transformers_tokens_per_s"]
+            if args.compile:
+                row["compile_ratio"] = row["pyllm-compile_tokens_per_s"] / row["transformers_tokens_per_s"]
             results["rows"].append(row)
             print(f"{arch:5s} B{B} prompt {p['prompt']} +{new}: pyllm {row['pyllm_tokens_per_s']:8.1f} tok/s "
                   f"(decode step {row['pyllm_decode_step_ms']:.1f} ms), transformers "
                   f"{row['transformers_tokens_per_s']:8.1f} tok/s (decode step {row['transformers_decode_step_ms']:.1f}"
-                  f" ms): {row['ratio']:.2f}x", flush=True)
+                  f" ms): {row['ratio']:.2f}x" + (f"; compiled {row['pyllm-compile_tokens_per_s']:8.1f} tok/s (decode "
+                                                  f"step {row['pyllm-compile_decode_step_ms']:.1f} ms): "
+                                                  f"{row['compile_ratio']:.2f}x" if args.compile else ""), flush=True)
     return results
 
 
@@ -99,6 +112,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="2 layers, prompt 64, 16 new tokens, batch 1 and 4")
+    ap.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-s", type=float, default=60.0, help="time budget per provider and case (seconds)")
     ap.add_argument("--json", help="write the results here")

@@ -9,7 +9,9 @@
 How: transformers (4.48+ / 5.x) dispatches attention through a registry keyed by
 `config._attn_implementation`. Importing this module registers a "pyllm" attention function there, and a
 "pyllm" mask builder that hands attention the plain (B, Nk) padding mask instead of a (B, 1, Nq, Nk)
-tensor whenever that says everything (causal bottom-right or bidirectional, plus padding). patch() switches
+tensor whenever that says everything (causal bottom-right or bidirectional, plus padding; or transformers'
+sliding-window causal mask (Mistral, Qwen2, ...), recognised by its code, whose window then travels with the
+(B, Nk) mask as its ``pyllm_window`` attribute and runs fused as ``window_size``). patch() switches
 any model that dispatches through that registry to it, and swaps every `nn.LayerNorm` for
 `pyllm.nn.LayerNorm` and every recognised RMSNorm class (transformers' LlamaRMSNorm and its copies in
 Qwen2, Mistral, ..., T5LayerNorm; recognised by the code of their forward, see pyllm.nn.recognize) for
@@ -17,8 +19,8 @@ pyllm's fused RMSNorm, reusing the same Parameter objects, so optimizers built b
 
 Per call, anything the fused op cannot express exactly goes to transformers' own implementation of the
 model (its `eager_attention_forward`, else SDPA), never to a silent wrong answer: see `fallback_reason`
-(T5's position_bias, custom 4-D masks, sliding windows, soft-capping, attention sinks, packed sequences,
-output_attentions together with attention dropout in training).
+(T5's position_bias, custom 4-D masks, a layer's sliding window the mask does not carry, soft-capping,
+attention sinks, packed sequences, output_attentions together with attention dropout in training).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def fallback_reason(module: nn.Module, query, key, attention_mask, dropout: floa
     """None when `pyllm.attention` computes this call exactly; else why transformers' own implementation must.
 
     This is the one place to switch a case to the fused path once pyllm.attention expresses it (attn_bias
-    for T5's position_bias, window_size for sliding windows). Attention dropout runs fused (``dropout_p``) and
+    for T5's position_bias). Sliding windows run fused when the mask carries them (see _mask). Attention dropout runs fused (``dropout_p``) and
     output_attentions comes from ``pyllm.attention_probs`` (exact maps recomputed from the log-sum-exp).
     """
     if kwargs.get("output_attentions") and dropout > 0 and module.training:
@@ -64,9 +66,11 @@ def fallback_reason(module: nn.Module, query, key, attention_mask, dropout: floa
         return "a custom or 4-D attention mask"
     if kwargs.get("position_bias") is not None:
         return "position_bias (T5's relative attention bias)"
-    window = kwargs.get("sliding_window")
-    if window is not None and key.shape[2] > window:
-        return f"sliding_window {window} shorter than the {key.shape[2]} keys"
+    window, mask_window = kwargs.get("sliding_window"), getattr(attention_mask, "pyllm_window", None)
+    if mask_window is not None and window is not None and window != mask_window:
+        return f"the layer's sliding_window {window} differs from the mask's {mask_window}"
+    if mask_window is None and window is not None and key.shape[2] > window:
+        return f"sliding_window {window} shorter than the {key.shape[2]} keys, and the mask does not carry it"
     extra = sorted(k for k, v in kwargs.items() if k not in _NEUTRAL | {"position_bias", "sliding_window"}
                    and v is not None and v is not False)
     if extra:
@@ -79,9 +83,13 @@ def _causal(module, is_causal) -> bool:
 
 
 def _dense_mask(attention_mask, B, Nq, Nk, causal, device) -> Optional[torch.Tensor]:
-    """pyllm's call (2-D padding mask or None, bottom-right causal) as transformers' (B, 1, Nq, Nk) bool mask."""
+    """pyllm's call (2-D padding mask or None, bottom-right causal, the mask's sliding window) as transformers'
+    (B, 1, Nq, Nk) bool mask."""
     visible = None
-    if causal and Nq > 1:
+    window = getattr(attention_mask, "pyllm_window", None)
+    if window is not None:  # query i (bottom-right aligned) sees keys i - window < j <= i
+        visible = torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril(Nk - Nq).triu(Nk - Nq - window + 1)[None, None]
+    elif causal and Nq > 1:
         visible = torch.ones(Nq, Nk, dtype=torch.bool, device=device).tril(Nk - Nq)[None, None]
     if attention_mask is not None:
         pad = attention_mask[:, None, None, :]
@@ -122,33 +130,69 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     p = dropout if module.training else 0.0  # transformers passes the module's rate; eval never drops
     kw = dict(causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
               backend=getattr(module, "_pyllm_backend", None))
+    window = getattr(attention_mask, "pyllm_window", None)
+    if window is not None:  # transformers' sliding-window causal mask: keys i - window < j <= i (bottom-right)
+        kw.update(causal=query.shape[2] > 1, window_size=(window - 1, 0),
+                  key_padding_mask=None if bool(attention_mask.all()) else attention_mask)
     if not kwargs.get("output_attentions"):
         return pyllm.attention(q, k, v, dropout_p=p, **kw), None
     o, lse = pyllm.attention(q, k, v, dropout_p=p, return_lse=True, **kw)
     # the exact softmax maps (B, Hq, Nq, Nk), recomputed from q, k and the saved log-sum-exp
-    return o, pyllm.attention_probs(q, k, causal=causal, softmax_scale=scaling, key_padding_mask=attention_mask,
+    return o, pyllm.attention_probs(q, k, causal=kw["causal"], softmax_scale=scaling,
+                                    key_padding_mask=kw["key_padding_mask"], window_size=kw.get("window_size", (-1, -1)),
                                     lse=lse)
+
+
+def sliding_window_of(mask_function) -> Optional[int]:
+    """w when `mask_function` is transformers' ``sliding_window_causal_mask_function(w)`` (recognised by its code:
+    ``and_masks(sliding_window_overlay(w), causal_mask_function)``, keys q - w < kv <= q), else None."""
+    mu = _tf("transformers.masking_utils")
+
+    def cell(fn, name):
+        code = getattr(fn, "__code__", None)
+        if code is None or name not in code.co_freevars or not fn.__closure__:
+            return None
+        return fn.__closure__[code.co_freevars.index(name)].cell_contents
+
+    if getattr(mask_function, "__code__", None) is not mu.and_masks(mu.causal_mask_function).__code__:
+        return None
+    parts = cell(mask_function, "mask_functions")
+    if not (isinstance(parts, tuple) and len(parts) == 2 and parts[1] is mu.causal_mask_function
+            and getattr(parts[0], "__code__", None) is mu.sliding_window_overlay(1).__code__):
+        return None
+    window = cell(parts[0], "sliding_window")
+    return window if isinstance(window, int) and not isinstance(window, bool) and window >= 1 else None
 
 
 def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
           **kwargs):
     """Mask builder: the (B, kv_length) bool padding mask (True = real) or None, when that plus the
-    attention's bottom-right causal flag says everything; otherwise (custom mask functions, sliding
-    windows, packed sequences, static-cache offsets) transformers' 4-D SDPA mask, which sends the call
-    to transformers' own attention (fallback_reason)."""
+    attention's bottom-right causal flag says everything; for transformers' sliding-window causal mask, the
+    (B, kv_length) mask (all True without padding) with the window as its ``pyllm_window`` attribute (the
+    attention applies it as window_size, bottom-right aligned: sliding caches' offsets included); otherwise
+    (custom mask functions, packed sequences, static-cache offsets) transformers' 4-D SDPA mask, which sends
+    the call to transformers' own attention (fallback_reason)."""
     mu = _tf("transformers.masking_utils")
-    plain = mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function)
-    bottom_right = kv_offset == 0 and (mask_function is not mu.causal_mask_function
-                                       or q_offset == kv_length - q_length)
-    fits = attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape[-1] >= kv_length)
+    # under torch.compile a mask carrying an attribute is not traceable: sliding windows take the 4-D mask there
+    window = None if torch.compiler.is_compiling() else sliding_window_of(mask_function)
+    causal = mask_function is mu.causal_mask_function or window is not None
+    plain = causal or mask_function is mu.bidirectional_mask_function
+    # causal: the last query is the last key (a sliding cache's kv_offset included); bidirectional: no offset
+    bottom_right = q_offset + q_length == kv_offset + kv_length if causal else kv_offset == 0
+    fits = attention_mask is None or (attention_mask.dim() == 2 and attention_mask.shape[-1] >= kv_offset + kv_length)
     if not (plain and bottom_right and fits):
         sdpa = mu.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
         return sdpa(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                     **{**kwargs, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False})
+    if window is not None:  # a mask object, even without padding: it carries the window to the attention
+        mask = (torch.ones(batch_size, kv_length, dtype=torch.bool, device=kwargs.get("device")) if attention_mask is None
+                else attention_mask[:, kv_offset:kv_offset + kv_length].bool())  # (B, Nk)
+        mask.pyllm_window = window
+        return mask
     if attention_mask is None:
         return None
-    mask = attention_mask[:, -kv_length:].bool()  # (B, Nk)
+    mask = attention_mask[:, kv_offset:kv_offset + kv_length].bool()  # (B, Nk): the columns of the keys
     return None if bool(mask.all()) else mask
 
 

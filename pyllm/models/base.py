@@ -12,7 +12,9 @@ from torch import nn
 
 from pyllm.nn import LayerNorm
 
-from .block import BlockStack, KVCache
+from ..ops import linear_cross_entropy
+
+from .block import BlockStack, KVCache, packed_positions, packed_sequences
 from .config import TransformerConfig
 
 
@@ -125,6 +127,99 @@ def causal_lm_loss(logits, labels, input_ids, vocab_size: int, who: str):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
+def positions_from_mask(attention_mask, n_new: int):
+    """(B, past + N) mask -> (B, N) positions counting real tokens only (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
+
+
+def default_positions(attention_mask, past: int, n_new: int, device):
+    """Positions of n_new tokens after `past` cached ones: counted over real tokens when a mask (B, past +
+    n_new) is given -> (B, n_new), else past, past + 1, ... -> (1, n_new)."""
+    if attention_mask is not None:
+        return positions_from_mask(attention_mask, n_new)
+    return torch.arange(past, past + n_new, device=device)[None]
+
+
+def decoder_forward(model, limits, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                    cache: Optional[KVCache] = None, use_cache: bool = False, cu_seqlens=None) -> "BaseModelOutput":
+    """The checked forward of a decoder backbone (GPTModel, LlamaModel) over its unchecked
+    ``model.decode_step(input_ids, position_ids, key_padding_mask, cache)``: inputs checked against
+    ``limits`` (vocab_size, max_position_embeddings), positions counted over real tokens, a new cache when
+    use_cache -> BaseModelOutput(last_hidden_state (B, N, C), cache). With ``cu_seqlens`` (packed documents,
+    pyllm.data.PackedCollator) attention stays inside each document and positions restart at each one."""
+    who = type(model).__name__
+    past = cache.seq_len if cache is not None else 0
+    B, N = check_inputs(limits, input_ids, attention_mask, token_type_ids, position_ids, past, who)
+    mask = padding_mask(attention_mask)
+    if cu_seqlens is not None:
+        mask = packed_sequences(cu_seqlens, input_ids, attention_mask, cache, who)
+        if position_ids is None:
+            position_ids = packed_positions(cu_seqlens, input_ids.shape)
+    if position_ids is None:
+        position_ids = default_positions(attention_mask, past, N, input_ids.device)
+    if use_cache and cache is None:
+        cache = KVCache(model.config.num_layers)
+    x = model.decode_step(input_ids, position_ids, mask, cache)
+    return BaseModelOutput(last_hidden_state=x, cache=cache)
+
+
+def causal_lm_head(model, embeddings: nn.Embedding) -> nn.Linear:
+    """The (vocab, hidden) LM head of a decoder, freshly initialized, or tied to the token embeddings
+    (the same Parameter) when config.tie_word_embeddings."""
+    head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    model.init_weights(head)
+    if model.config.tie_word_embeddings:
+        head.weight = embeddings.weight
+    return head
+
+
+def last_token_classification(model, h, score: nn.Linear, input_ids, attention_mask, labels):
+    """The sequence-classification head of a decoder: `score` (hidden -> num_labels) read at each row's last
+    real token of h (B, N, C) (see last_token) -> SequenceClassifierOutput(loss, logits (B, num_labels))."""
+    last = last_token(input_ids, attention_mask, model.config.pad_token_id)  # (B,)
+    logits = score(h[torch.arange(h.shape[0], device=h.device), last])  # (B, num_labels)
+    loss = None
+    if labels is not None:
+        loss = classification_loss(logits, labels, model.config.num_labels, type(model).__name__)
+    return SequenceClassifierOutput(loss=loss, logits=logits, last_hidden_state=h)
+
+
+def classification_loss(logits, labels, num_labels: int, who: str):
+    """transformers' rule: 1 label -> MSE regression; integer labels -> cross entropy;
+    float labels (B, num_labels) -> multi-label BCE."""
+    B = logits.shape[0]
+    if num_labels == 1:
+        if labels.numel() != B:
+            raise ValueError(f"{who}: labels must have {B} values (one per sequence), got shape {tuple(labels.shape)}")
+        return F.mse_loss(logits.view(-1).float(), labels.view(-1).float())
+    if labels.dtype in (torch.int64, torch.int32):
+        check_labels(labels, (B,), who)
+        check_class_labels(labels, num_labels, who)
+        return F.cross_entropy(logits.float(), labels.long(), ignore_index=-100)
+    check_labels(labels, (B, num_labels), who)
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def lm_head_and_loss(model, h, lm_head: nn.Linear, labels, input_ids, return_logits: Optional[bool]):
+    """The causal-LM head of GPTForCausalLM and LlamaForCausalLM: h (B, N, C) -> (loss or None, logits or None).
+
+    While training (``model.training``) with labels, the loss comes from ``pyllm.linear_cross_entropy``
+    and the (B, N, vocab) logits are never formed: logits is None unless ``return_logits=True``. In eval
+    mode, or without labels, logits (B, N, vocab) are computed as usual (and the loss from them)."""
+    if return_logits is None:
+        return_logits = labels is None or not model.training
+    logits = lm_head(h) if return_logits else None  # (B, N, vocab)
+    if labels is None:
+        return None, logits
+    who = type(model).__name__
+    if logits is not None:
+        return causal_lm_loss(logits, labels, input_ids, model.config.vocab_size, who), logits
+    check_labels(labels, input_ids.shape, who)
+    check_class_labels(labels, model.config.vocab_size, who)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts t + 1; the last predicts nothing
+    return linear_cross_entropy(h, lm_head.weight, shifted, bias=lm_head.bias, backend=model.config.backend), None
+
+
 def last_token(input_ids, attention_mask, pad_token_id):
     """(B,) index of each row's last real token: from attention_mask (left or right padding), else the last
     token that is not pad_token_id (as transformers does), else the last column."""
@@ -229,7 +324,10 @@ class PreTrainedModel(nn.Module):
         from .hf_io import load_pretrained
         return load_pretrained(cls, folder, dtype=dtype, strict=strict, **overrides)
 
-    def save_pretrained(self, folder, *, overwrite: bool = False):
-        """Write config.json + model.safetensors in Hugging Face's layout (transformers reads it back)."""
+    def save_pretrained(self, folder, *, overwrite: bool = False, max_shard_size=None):
+        """Write config.json + model.safetensors in Hugging Face's layout (transformers reads it back).
+
+        max_shard_size (bytes, or "5GB" / "500MiB" as transformers spells it): past it, the weights go
+        into model-0000i-of-0000N.safetensors shards listed by model.safetensors.index.json."""
         from .hf_io import save_pretrained
-        save_pretrained(self, folder, overwrite=overwrite)
+        save_pretrained(self, folder, overwrite=overwrite, max_shard_size=max_shard_size)

@@ -15,7 +15,7 @@ from pyllm.nn import LayerNorm
 
 from .base import (BaseModelOutput, MaskedLMOutput, PreTrainedModel, QuestionAnsweringOutput,
                    SequenceClassifierOutput, TokenClassifierOutput, check_class_labels, check_inputs,
-                   check_labels, padding_mask)
+                   check_labels, classification_loss, padding_mask)
 from .block import BlockStack, activation_fn
 from .config import TransformerConfig
 
@@ -100,22 +100,6 @@ class BertForMaskedLM(PreTrainedModel):
             check_class_labels(labels, self.config.vocab_size, type(self).__name__)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
         return MaskedLMOutput(loss=loss, logits=logits, last_hidden_state=h)
-
-
-def classification_loss(logits, labels, num_labels: int, who: str):
-    """transformers' rule: 1 label -> MSE regression; integer labels -> cross entropy;
-    float labels (B, num_labels) -> multi-label BCE."""
-    B = logits.shape[0]
-    if num_labels == 1:
-        if labels.numel() != B:
-            raise ValueError(f"{who}: labels must have {B} values (one per sequence), got shape {tuple(labels.shape)}")
-        return F.mse_loss(logits.view(-1).float(), labels.view(-1).float())
-    if labels.dtype in (torch.int64, torch.int32):
-        check_labels(labels, (B,), who)
-        check_class_labels(labels, num_labels, who)
-        return F.cross_entropy(logits.float(), labels.long(), ignore_index=-100)
-    check_labels(labels, (B, num_labels), who)
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
 class BertForSequenceClassification(PreTrainedModel):

@@ -44,6 +44,20 @@ class KVCache:
         self.v: list[Optional[torch.Tensor]] = [None] * num_layers
         self.lengths = [0] * num_layers
         self.capacity = capacity
+        self.write_at: Optional[torch.Tensor] = None  # static mode (freeze)
+
+    def freeze(self, write_at: torch.Tensor) -> None:
+        """Static shapes, for a compiled decode step: from now on update() writes its one token per row at
+        column ``write_at`` (a (1,) int64 tensor the caller advances in place) and returns the whole buffers
+        (B, capacity, Hkv, D), so every step has the same shapes. The caller's key padding mask
+        (B, capacity) must hide the columns not written yet. Needs buffers filled up to capacity's size."""
+        if any(k is None or k.shape[1] < self.capacity for k in self.k):
+            raise ValueError(f"KVCache.freeze: every layer needs a buffer of capacity {self.capacity} first "
+                             f"(fill it once, e.g. with the prompt)")
+        for layer, end in enumerate(self.lengths):  # masked columns must hold numbers (0 * NaN would be NaN)
+            self.k[layer][:, end:].zero_()
+            self.v[layer][:, end:].zero_()
+        self.write_at = write_at
 
     @property
     def seq_len(self) -> int:
@@ -51,7 +65,12 @@ class KVCache:
         return self.lengths[0]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Append k, v (B, N, Hkv, D) for `layer`; return all cached k, v (B, past + N, Hkv, D)."""
+        """Append k, v (B, N, Hkv, D) for `layer`; return all cached k, v (B, past + N, Hkv, D)
+        (frozen: write N=1 at column write_at, return the whole buffers (B, capacity, Hkv, D))."""
+        if self.write_at is not None:
+            self.k[layer].index_copy_(1, self.write_at, k)
+            self.v[layer].index_copy_(1, self.write_at, v)
+            return self.k[layer], self.v[layer]
         B, N, H, D = k.shape
         start, end = self.lengths[layer], self.lengths[layer] + k.shape[1]
         buf_k = self.k[layer]

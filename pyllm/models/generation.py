@@ -72,7 +72,7 @@ def _check_generate_args(model, input_ids, max_new_tokens, attention_mask, do_sa
 def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
              temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, use_cache: bool = True):
+             generator: Optional[torch.Generator] = None, use_cache: bool = True, compile=False):
     """Continue each prompt of `input_ids` (B, N) by up to `max_new_tokens` tokens.
 
     Greedy unless do_sample (then temperature, then top-k, then top-p filtering, then a draw with
@@ -81,6 +81,13 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
     stops early once every row is finished. `attention_mask` (B, N) marks real tokens (1) for
     LEFT-padded prompts. use_cache=False recomputes the whole sequence each step (the reference
     the KV-cache path is tested against).
+
+    compile=True (or a torch.compile backend name, e.g. "aot_eager") runs every decode step after the
+    prompt as one ``torch.compile(fullgraph=True)`` graph with static shapes: the cache is frozen at its final size (KVCache.freeze), each step writes its
+    token's K/V in place and attends over the whole buffer with the not-yet-written columns masked, so
+    one compilation serves every step (and later calls of the same batch size and total length). The
+    tokens are those of the eager path. Sliding windows shorter than the total length are refused there
+    (the static buffer is not bottom-right aligned with the query).
 
     Returns (B, N + new) token ids, the prompt included.
     """
@@ -109,12 +116,20 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
     position = mask[:, :N].sum(-1, keepdim=True)  # (B, 1): position of the token at column N (real ones counted)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     cache = KVCache(cfg.num_layers, capacity=total) if use_cache else None  # preallocated, filled in place
+    if compile:
+        step_fn, write_at, visible = _compiled_step(model, body, compile, use_cache, mask, N, total)
     cur = N
     for step in range(max_new_tokens):
         if not use_cache:  # the reference the cached path is tested against: recompute everything
             h = body(tokens[:, :cur], attention_mask=mask[:, :cur]).last_hidden_state[:, -1]
         elif step == 0:  # the prompt, through the checked forward
             h = body(tokens[:, :N], attention_mask=mask[:, :N], cache=cache).last_hidden_state[:, -1]
+        elif compile:  # the same step, compiled, over the whole (static) cache
+            if step == 1:
+                cache.freeze(write_at)
+            write_at.fill_(cur - 1)
+            visible[:, cur - 1] = True
+            h = step_fn(nxt[:, None], position + (step - 1), visible, cache)
         else:  # one token per row against the cache
             kpm = key_padding[:, :cur] if padded else None
             h = body.decode_step(tokens[:, cur - 1:cur], position + (step - 1), kpm, cache)[:, -1]  # (B, C)
@@ -128,3 +143,25 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
         if eos is not None and bool(finished.all()):
             break
     return tokens[:, :cur]
+
+
+def _compiled_step(model, body, compile, use_cache: bool, mask, N: int, total: int):
+    """(the compiled decode step, the (1,) cache column it writes, the (B, total) visible-keys mask), for
+    generate(compile=True). Refuses what the static cache cannot do exactly."""
+    if not isinstance(compile, (bool, str)):
+        raise ValueError(f"generate: compile must be True, False or a torch.compile backend name, got {compile!r}")
+    if not use_cache:
+        raise ValueError("generate: compile=True needs use_cache=True (it compiles the cached decode step)")
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and total > window and any(model.config.window(i) for i in range(model.config.num_layers)):
+        raise ValueError(f"generate: compile=True does not support a sliding window ({window}) shorter than the "
+                         f"prompt + new tokens ({total}); use compile=False")
+    write_at = torch.zeros(1, dtype=torch.long, device=mask.device)
+    visible = mask.bool().clone()
+    visible[:, N:] = False  # (B, total): real prompt tokens; each step adds its own column
+
+    def step(last, position, key_padding_mask, cache):  # (B, 1), (B, 1), (B, total) -> (B, C)
+        return body.decode_step(last, position, key_padding_mask, cache)[:, -1]
+
+    backend = "inductor" if compile is True else compile
+    return torch.compile(step, fullgraph=True, dynamic=False, backend=backend), write_at, visible

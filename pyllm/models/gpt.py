@@ -10,30 +10,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..ops import linear_cross_entropy
-from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
-                   causal_lm_loss, check_class_labels, check_inputs, check_labels, last_token,
-                   padding_mask)
-from .bert import classification_loss
-from .block import BlockStack, KVCache, packed_positions, packed_sequences
+from .base import (CausalLMOutput, PreTrainedModel, causal_lm_head, decoder_forward, default_positions,
+                   last_token_classification, lm_head_and_loss, positions_from_mask)
+from .block import BlockStack, KVCache
 from .config import TransformerConfig
 from .generation import generate
-
-
-def positions_from_mask(attention_mask, n_new: int):
-    """(B, past + N) mask -> (B, N) positions counting real tokens only (pads get 0)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -n_new:]
-
-
-def default_positions(attention_mask, past: int, n_new: int, device):
-    """Positions of n_new tokens after `past` cached ones: counted over real tokens when a mask (B, past +
-    n_new) is given -> (B, n_new), else past, past + 1, ... -> (1, n_new)."""
-    if attention_mask is not None:
-        return positions_from_mask(attention_mask, n_new)
-    return torch.arange(past, past + n_new, device=device)[None]
 
 
 def _renamed_blocks(module, state_dict, prefix, *args):
@@ -68,23 +51,11 @@ class GPTModel(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 cache: Optional[KVCache] = None, use_cache: bool = False, cu_seqlens=None):
-        who = type(self).__name__
-        past = cache.seq_len if cache is not None else 0
-        B, N = check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids, past, who)
         if token_type_ids is not None and bool(token_type_ids.any()):
-            raise ValueError(f"{who}: GPT models have no token-type embeddings; token_type_ids must be "
-                             f"None or all zeros")
-        mask = padding_mask(attention_mask)
-        if cu_seqlens is not None:  # packed documents (PackedCollator): attention stays inside each one
-            mask = packed_sequences(cu_seqlens, input_ids, attention_mask, cache, who)
-            if position_ids is None:
-                position_ids = packed_positions(cu_seqlens, input_ids.shape)
-        if position_ids is None:
-            position_ids = default_positions(attention_mask, past, N, input_ids.device)
-        if use_cache and cache is None:
-            cache = KVCache(self.config.num_layers)
-        x = self.decode_step(input_ids, position_ids, mask, cache)
-        return BaseModelOutput(last_hidden_state=x, cache=cache)
+            raise ValueError(f"{type(self).__name__}: GPT models have no token-type embeddings; token_type_ids "
+                             f"must be None or all zeros")
+        return decoder_forward(self, self.config, input_ids, attention_mask, token_type_ids, position_ids, cache,
+                               use_cache, cu_seqlens)
 
     def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
         """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
@@ -110,42 +81,25 @@ class GPTForCausalLM(PreTrainedModel):
         super().__init__(config)
         config = self.config
         self.transformer = GPTModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.init_weights(self.lm_head)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word.weight
+        self.lm_head = causal_lm_head(self, self.transformer.word)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 cache: Optional[KVCache] = None, use_cache: bool = False, return_logits: Optional[bool] = None,
                 cu_seqlens=None):
         out = self.transformer(input_ids, attention_mask, token_type_ids, position_ids, cache, use_cache,
                                cu_seqlens=cu_seqlens)
-        h = out.last_hidden_state  # (B, N, C)
-        if return_logits is None:
-            return_logits = labels is None or not self.training
-        logits = self.lm_head(h) if return_logits else None  # (B, N, vocab)
-        loss = None
-        if labels is not None:
-            if logits is not None:
-                loss = causal_lm_loss(logits, labels, input_ids, self.config.vocab_size, type(self).__name__)
-            else:  # position t predicts token t + 1; the last position predicts nothing (-100)
-                who = type(self).__name__
-                check_labels(labels, input_ids.shape, who)
-                check_class_labels(labels, self.config.vocab_size, who)
-                shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, N)
-                loss = linear_cross_entropy(h, self.lm_head.weight, shifted, bias=self.lm_head.bias,
-                                            backend=self.config.backend)
+        loss, logits = lm_head_and_loss(self, out.last_hidden_state, self.lm_head, labels, input_ids, return_logits)
         return CausalLMOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
 
     def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, use_cache: bool = True):
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True, compile=False):
         """Continue each prompt; returns (B, prompt_len + new) token ids. See generation.generate."""
         return generate(self, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
                         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
-                        use_cache=use_cache)
+                        use_cache=use_cache, compile=compile)
 
 
 class GPTForSequenceClassification(PreTrainedModel):
@@ -164,13 +118,7 @@ class GPTForSequenceClassification(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None):
         h = self.transformer(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
-        B = input_ids.shape[0]
-        last = last_token(input_ids, attention_mask, self.config.pad_token_id)  # (B,)
-        logits = self.score(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            loss = classification_loss(logits, labels, self.config.num_labels, type(self).__name__)
-        return SequenceClassifierOutput(loss=loss, logits=logits, last_hidden_state=h)
+        return last_token_classification(self, h, self.score, input_ids, attention_mask, labels)
 
 
 __all__ = ["GPTModel", "GPTForCausalLM", "GPTForSequenceClassification", "positions_from_mask", "default_positions"]

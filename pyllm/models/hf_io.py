@@ -282,9 +282,10 @@ def check_save_folder(folder: Path, who: str, overwrite: bool) -> None:
                               f"{' ...' if len(held) > 8 else ''}); pass overwrite=True to write into it")
 
 
-def save_pretrained(model, folder, *, overwrite: bool = False):
+def save_pretrained(model, folder, *, overwrite: bool = False, max_shard_size=None):
     folder = Path(folder)
     who = f"{type(model).__name__}.save_pretrained"
+    max_shard_size = shard_bytes(max_shard_size, who)
     check_save_folder(folder, who, overwrite)
     arch = _ARCH[type(model).__name__][0]
     if model.family == "llama":
@@ -308,21 +309,66 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
         C = model.config.hidden_size
         tensors[hf_prefix + "embeddings.token_type_embeddings.weight"] = params[
             _ARCH[type(model).__name__][2] + "embeddings.word.weight"].new_zeros(1, C)
-    write_checkpoint(folder, tensors, {"config.json": hf_config})
+    write_checkpoint(folder, tensors, {"config.json": hf_config}, max_shard_size)
 
 
-def write_checkpoint(folder: Path, tensors: dict, json_files: dict) -> None:
-    """model.safetensors and the JSON files ``{name: object}`` (config.json, ...) into ``folder``
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def shard_bytes(max_shard_size, who: str) -> Optional[int]:
+    """None, a byte count, or transformers' spelling ("5GB" = 5 * 10**9, "500MiB" = 500 * 2**20) -> bytes."""
+    if max_shard_size is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", max_shard_size) if isinstance(max_shard_size, str) else None
+    if m and m.group(2).upper() in _UNITS:
+        size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    elif isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        size = max_shard_size
+    else:
+        size = 0
+    if size < 1:
+        raise ValueError(f"{who}: max_shard_size must be None, a positive number of bytes or a size such as "
+                         f"'5GB' / '500MiB' (units {sorted(u for u in _UNITS if u)}), got {max_shard_size!r}")
+    return size
+
+
+def _shards(tensors: dict, max_shard_size: Optional[int]) -> dict:
+    """{file name: {tensor name: tensor}}: model.safetensors alone when everything fits one shard, else
+    transformers' model-00001-of-0000N.safetensors, filled in order up to max_shard_size bytes each (a
+    tensor larger than that gets a shard of its own)."""
+    groups, size = [{}], 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if max_shard_size is not None and groups[-1] and size + n > max_shard_size:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += n
+    if len(groups) == 1:
+        return {"model.safetensors": groups[0]}
+    return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
+
+
+def write_checkpoint(folder: Path, tensors: dict, json_files: dict, max_shard_size: Optional[int] = None) -> None:
+    """model.safetensors (or, past ``max_shard_size`` bytes, shards and model.safetensors.index.json as
+    transformers writes them) and the JSON files ``{name: object}`` (config.json, ...) into ``folder``
     (shared by the encoder-decoder writer, seq2seq_io)."""
     from safetensors.torch import save_file
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    shards = _shards(tensors, max_shard_size)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: f for f, group in shards.items() for k in group}}
+        json_files = {"model.safetensors.index.json": index, **json_files}
     folder.mkdir(parents=True, exist_ok=True)
     # All files are written under temporary names and renamed into place (a failed or killed
     # save leaves the old files), then the weights of an earlier save that would shadow or
-    # outlive the new ones (a sharded index and its shards) are removed, as transformers does.
+    # outlive the new ones (a sharded index and its shards, or a single model.safetensors when
+    # sharding) are removed, as transformers does.
     written = []
     try:
-        for name, write in (("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
+        for name, write in (*((f, lambda p, g=g: save_file(g, p, metadata={"format": "pt"})) for f, g in shards.items()),
                             *((name, lambda p, obj=obj: Path(p).write_text(
                                 json.dumps(obj, indent=2, sort_keys=True) + "\n")) for name, obj in json_files.items())):
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
@@ -335,16 +381,17 @@ def write_checkpoint(folder: Path, tensors: dict, json_files: dict) -> None:
         for tmp, _ in written:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    for stale in _earlier_weight_files(folder):
+    for stale in _earlier_weight_files(folder, keep={path.name for _, path in written}):
         stale.unlink()
 
 
 _SHARD = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
 
 
-def _earlier_weight_files(folder: Path) -> list[Path]:
-    """Sharded weights (index files, the shards they list, shard-named files) in ``folder``."""
-    stale = set()
+def _earlier_weight_files(folder: Path, keep: set) -> list[Path]:
+    """Weights in ``folder`` not among the files just written (``keep``): sharded ones (index files, the
+    shards they list, shard-named files), and model.safetensors when a sharded save replaces it."""
+    stale = {folder / "model.safetensors"}
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.exists():
@@ -355,4 +402,4 @@ def _earlier_weight_files(folder: Path) -> list[Path]:
                 shards = []
             stale.update(folder / s for s in shards if isinstance(s, str) and "/" not in s)
     stale.update(p for p in folder.iterdir() if _SHARD.match(p.name))
-    return sorted(p for p in stale if p.is_file())
+    return sorted(p for p in stale if p.is_file() and p.name not in keep)

@@ -28,13 +28,11 @@ from torch.utils.checkpoint import checkpoint
 import pyllm
 from pyllm.nn import RMSNorm
 
-from .base import (BaseModelOutput, CausalLMOutput, PreTrainedModel, SequenceClassifierOutput,
-                   causal_lm_loss, check_inputs, last_token, padding_mask)
-from .bert import classification_loss
-from .block import KVCache, PackedSequences, packed_attention, packed_positions, packed_sequences
+from .base import (CausalLMOutput, PreTrainedModel, causal_lm_head, decoder_forward, last_token_classification,
+                   lm_head_and_loss)
+from .block import KVCache, PackedSequences, packed_attention
 from .config import TransformerConfig
 from .generation import generate
-from .gpt import default_positions
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -182,24 +180,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # ----------------------------------------------------------------------------- blocks
 
 
-def windowed_attention(q, k, v, window: int, key_padding_mask=None):
-    """Causal attention in which query i (bottom-right aligned) sees keys i - window < j <= i.
-
-    Served by the reference with an explicit (B, 1, Nq, Nk) mask until pyllm.attention takes
-    window_size; then this whole function is `pyllm.attention(q, k, v, causal=True,
-    window_size=(window - 1, 0), key_padding_mask=key_padding_mask)`.
-    """
-    B, Nq, Nk = q.shape[0], q.shape[1], k.shape[1]
-    i = torch.arange(Nq, device=q.device)[:, None] + (Nk - Nq)  # absolute column of each query
-    j = torch.arange(Nk, device=q.device)[None, :]
-    visible = ((j <= i) & (j > i - window)).expand(B, 1, Nq, Nk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    o = pyllm.reference.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     visible, enable_gqa=True, upcast=True)
-    return o.transpose(1, 2)  # (B, Nq, Hq, D)
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int):
         super().__init__()
@@ -220,13 +200,13 @@ class LlamaAttention(nn.Module):
         v = v.view(B, N, self.num_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # (B, past + N, Hkv, D)
+        # query i (bottom-right aligned) sees keys i - window < j <= i: blocks outside the window are skipped
+        window = (-1, -1) if self.window is None else (self.window - 1, 0)
         if isinstance(key_padding_mask, PackedSequences):  # packed documents: one varlen call, window fused
-            window = (-1, -1) if self.window is None else (self.window - 1, 0)
             o = packed_attention(q, k, v, key_padding_mask, causal=True, window_size=window, backend=self.backend)
-        elif self.window is not None and k.shape[1] > self.window:
-            o = windowed_attention(q, k, v, self.window, key_padding_mask)
-        else:  # every key is inside the window: plain causal attention is exact
-            o = pyllm.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, backend=self.backend)
+        else:
+            o = pyllm.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, window_size=window,
+                                backend=self.backend)
         return self.o_proj(o.reshape(B, N, hq))  # (B, N, C)
 
 
@@ -298,21 +278,9 @@ class LlamaModel(PreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Optional[KVCache] = None,
-                use_cache: bool = False, inputs_embeds=None, cu_seqlens=None):
-        who = type(self).__name__
-        past = cache.seq_len if cache is not None else 0
-        B, N = check_inputs(position_limits(self.config), input_ids, attention_mask, None, position_ids, past, who)
-        mask = padding_mask(attention_mask)
-        if cu_seqlens is not None:  # packed documents, as GPTModel takes them
-            mask = packed_sequences(cu_seqlens, input_ids, attention_mask, cache, who)
-            if position_ids is None:
-                position_ids = packed_positions(cu_seqlens, input_ids.shape)
-        if position_ids is None:
-            position_ids = default_positions(attention_mask, past, N, input_ids.device)
-        if use_cache and cache is None:
-            cache = KVCache(self.config.num_layers)
-        x = self.decode_step(input_ids, position_ids, mask, cache)
-        return BaseModelOutput(last_hidden_state=x, cache=cache)
+                use_cache: bool = False, cu_seqlens=None):
+        return decoder_forward(self, position_limits(self.config), input_ids, attention_mask, None, position_ids,
+                               cache, use_cache, cu_seqlens)
 
     def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
         """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
@@ -331,11 +299,9 @@ class LlamaModel(PreTrainedModel):
 
 
 class LlamaForCausalLM(PreTrainedModel):
-    """LlamaModel + a language-model head (tied to the embeddings when tie_word_embeddings).
-
-    labels (B, N): usually input_ids itself; shifted inside (position t predicts token t + 1);
-    -100 positions are ignored.
-    """
+    """LlamaModel + a language-model head (tied to the embeddings when tie_word_embeddings). labels and
+    return_logits as GPTForCausalLM's (base.lm_head_and_loss): in training with labels the loss is fused
+    (``pyllm.linear_cross_entropy``) and logits is None unless return_logits=True."""
 
     family = "llama"
     default_norm_position = "pre"
@@ -345,18 +311,13 @@ class LlamaForCausalLM(PreTrainedModel):
         super().__init__(config)
         config = self.config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.init_weights(self.lm_head)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.lm_head = causal_lm_head(self, self.model.embed_tokens)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                cache: Optional[KVCache] = None, use_cache: bool = False, cu_seqlens=None):
+                cache: Optional[KVCache] = None, use_cache: bool = False, return_logits: Optional[bool] = None,
+                cu_seqlens=None):
         out = self.model(input_ids, attention_mask, position_ids, cache, use_cache, cu_seqlens=cu_seqlens)
-        logits = self.lm_head(out.last_hidden_state)  # (B, N, vocab)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, input_ids, self.config.vocab_size, type(self).__name__)
+        loss, logits = lm_head_and_loss(self, out.last_hidden_state, self.lm_head, labels, input_ids, return_logits)
         return CausalLMOutput(loss=loss, logits=logits, last_hidden_state=out.last_hidden_state, cache=out.cache)
 
     @property
@@ -369,8 +330,8 @@ class LlamaForCausalLM(PreTrainedModel):
 
 
 class LlamaForSequenceClassification(PreTrainedModel):
-    """LlamaModel + a linear scorer read at each row's last real token (from attention_mask, else the
-    last token that is not pad_token_id, as transformers does). labels (B,) class ids."""
+    """LlamaModel + a linear scorer at each row's last real token, as GPTForSequenceClassification
+    (base.last_token_classification). labels (B,) class ids."""
 
     family = "llama"
     default_norm_position = "pre"
@@ -385,13 +346,7 @@ class LlamaForSequenceClassification(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None):
         h = self.model(input_ids, attention_mask, position_ids).last_hidden_state
-        B = input_ids.shape[0]
-        last = last_token(input_ids, attention_mask, self.config.pad_token_id)  # (B,)
-        logits = self.score(h[torch.arange(B, device=h.device), last])  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            loss = classification_loss(logits, labels, self.config.num_labels, type(self).__name__)
-        return SequenceClassifierOutput(loss=loss, logits=logits, last_hidden_state=h)
+        return last_token_classification(self, h, self.score, input_ids, attention_mask, labels)
 
 
 __all__ = ["LlamaConfig", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification",

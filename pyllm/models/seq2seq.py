@@ -505,10 +505,11 @@ class Seq2SeqPreTrainedModel(PreTrainedModel):
         from .seq2seq_io import load_pretrained
         return load_pretrained(cls, folder, dtype=dtype, **overrides)
 
-    def save_pretrained(self, folder, *, overwrite: bool = False):
-        """Write config.json, generation_config.json and model.safetensors as transformers lays them out."""
+    def save_pretrained(self, folder, *, overwrite: bool = False, max_shard_size=None):
+        """Write config.json, generation_config.json and model.safetensors as transformers lays them out
+        (sharded past max_shard_size, as PreTrainedModel.save_pretrained)."""
         from .seq2seq_io import save_pretrained
-        save_pretrained(self, folder, overwrite=overwrite)
+        save_pretrained(self, folder, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
 class EncoderDecoderModel(Seq2SeqPreTrainedModel):

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .hf_io import Rule, _read_tensors, check_save_folder, read_config, write_checkpoint
+from .hf_io import Rule, _read_tensors, check_save_folder, read_config, shard_bytes, write_checkpoint
 
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                 "silu": "silu", "swish": "silu"}
@@ -253,9 +253,10 @@ def load_pretrained(cls, folder, *, dtype: Optional[torch.dtype] = None, **overr
     return model.eval()
 
 
-def save_pretrained(model, folder, *, overwrite: bool = False):
+def save_pretrained(model, folder, *, overwrite: bool = False, max_shard_size=None):
     folder = Path(folder)
     who = f"{type(model).__name__}.save_pretrained"
+    max_shard_size = shard_bytes(max_shard_size, who)
     check_save_folder(folder, who, overwrite)
     hf_config = config_to_hf(model)
     params = model.state_dict()
@@ -270,4 +271,4 @@ def save_pretrained(model, folder, *, overwrite: bool = False):
         if getattr(model.config, k) is not None:
             gen.setdefault(k, getattr(model.config, k))
     # atomically, stale shards of an earlier save removed (hf_io.write_checkpoint)
-    write_checkpoint(folder, tensors, {"config.json": hf_config, "generation_config.json": gen})
+    write_checkpoint(folder, tensors, {"config.json": hf_config, "generation_config.json": gen}, max_shard_size)

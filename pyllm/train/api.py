@@ -54,6 +54,8 @@ _MODEL_CLASSES = {
     ("gpt2", "clm"): "GPTForCausalLM",
     ("bert", "sequence-classification"): "BertForSequenceClassification",
     ("gpt2", "sequence-classification"): "GPTForSequenceClassification",
+    ("llama", "clm"): "LlamaForCausalLM",
+    ("llama", "sequence-classification"): "LlamaForSequenceClassification",
     ("bert", "token-classification"): "BertForTokenClassification",
     ("bert", "question-answering"): "BertForQuestionAnswering",
 }
@@ -69,14 +71,20 @@ def _model_class(family: str, task: str):
     return getattr(M, name)
 
 
+# pretrain --arch -> the model family it builds; a folder's model_type -> the family that reads it
+_ARCH_FAMILY = {"gpt": "gpt2", "llama": "llama", "bert": "bert"}
+_TYPE_FAMILY = {"bert": "bert", "gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama"}
+_DECODERS = ("gpt2", "llama")  # families without token types, with causal-LM and last-token heads
+
+
 def _family(folder) -> str:
     cfg = Path(folder) / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"no config.json in {folder}: not a model folder")
-    family = json.loads(cfg.read_text()).get("model_type")
-    if family not in ("bert", "gpt2"):
-        raise ValueError(f"{folder} holds a {family!r} model; pyllm trains 'bert' and 'gpt2' models")
-    return family
+    model_type = json.loads(cfg.read_text()).get("model_type")
+    if model_type not in _TYPE_FAMILY:
+        raise ValueError(f"{folder} holds a {model_type!r} model; pyllm trains model types {sorted(_TYPE_FAMILY)}")
+    return _TYPE_FAMILY[model_type]
 
 
 # -- every training run: its options, its processes, its folder ---------------------------
@@ -194,9 +202,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
         result.metrics["eval_perplexity"], result.output_dir
     """
     cfg = _configure(PretrainConfig, config, kwargs)
-    family = _PRETRAIN_FAMILIES[cfg.objective][0]
-    if cfg.init_from:
-        family = _init_from_family(cfg)
+    family = _pretrain_family(cfg)
     seq2seq_lm = cfg.objective in SEQ2SEQ_OBJECTIVES
     with _process(cfg) as proc:
         out, target = _open_run(cfg, proc)
@@ -209,6 +215,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
             model = cls.from_pretrained(cfg.init_from, dropout=cfg.dropout) if cfg.init_from else \
                 cls(_seq2seq_lm_config(cfg, family, tokenizer))
         else:
+            _check_dropout(family, cfg)
             cls = _model_class(family, cfg.objective)
             model = cls.from_pretrained(cfg.init_from, hidden_dropout=cfg.dropout) if cfg.init_from else \
                 cls(_lm_model_config(cfg, family, tokenizer))
@@ -235,7 +242,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
 
 
 # objective -> the model types it trains (the first: the one built from scratch)
-_PRETRAIN_FAMILIES = {"clm": ("gpt2",), "mlm": ("bert",), "span": ("t5",), "denoise": ("bart", "marian")}
+_PRETRAIN_FAMILIES = {"clm": ("gpt2", "llama"), "mlm": ("bert",), "span": ("t5",), "denoise": ("bart", "marian")}
 _SEQ2SEQ_SPECIALS = {"span": D.span_corruption_specials, "denoise": D.text_infilling_specials}
 
 
@@ -244,7 +251,8 @@ def _init_from_family(cfg: PretrainConfig) -> str:
     cfg_file = Path(cfg.init_from) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"pretrain: --init-from {cfg.init_from} has no config.json: not a model folder")
-    family = json.loads(cfg_file.read_text()).get("model_type")
+    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    family = _TYPE_FAMILY.get(model_type, model_type)
     needed = _PRETRAIN_FAMILIES[cfg.objective]
     if family not in needed:
         wanted = {f: o for o, fs in _PRETRAIN_FAMILIES.items() for f in fs}.get(family)
@@ -269,6 +277,22 @@ def _lm_collator(cfg: PretrainConfig, tokenizer):
     if cfg.objective == "span":
         return D.SpanCorruptionCollator(tokenizer, _noise_density(cfg), cfg.mean_span_length)
     return D.TextInfillingCollator(tokenizer, _noise_density(cfg), cfg.mean_span_length, cfg.permute_sentences)
+
+
+def _pretrain_family(cfg: PretrainConfig) -> str:
+    """--arch's family; without one, --init-from's (one the objective trains), else the objective's first
+    (gpt2 for clm, bert for mlm, t5 for span, bart for denoise)."""
+    if cfg.arch is not None:
+        return _ARCH_FAMILY[cfg.arch]
+    if cfg.init_from:
+        return _init_from_family(cfg)
+    return _PRETRAIN_FAMILIES[cfg.objective][0]
+
+
+def _check_dropout(family: str, cfg) -> None:
+    """Llama blocks have no hidden dropout: a rate asked of one would be silently ignored."""
+    if family == "llama" and cfg.dropout:
+        raise ValueError(f"{cfg.command}: dropout {cfg.dropout}: llama blocks have no hidden dropout (give 0)")
 
 
 def _lm_tokenizer(cfg: PretrainConfig, texts, out: Path, proc):
@@ -314,6 +338,14 @@ def _lm_blocks(cfg: PretrainConfig, texts, tokenizer) -> tuple[list, list]:
 def _lm_model_config(cfg: PretrainConfig, family: str, tokenizer):
     import pyllm.models as M
 
+    if family == "llama":  # SwiGLU's three matrices: 8/3 * hidden keeps the MLP's size of GPT's 4 * hidden
+        C = cfg.hidden_size
+        return M.LlamaConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=C, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size or -(-8 * C // 96) * 32,
+            max_position_embeddings=max(cfg.block_size, 512), tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id)
     gpt = family == "gpt2"
     return M.TransformerConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
@@ -470,7 +502,8 @@ def _task_model(cfg: FinetuneConfig, family: str, model_dir: Path, labels: list,
         overrides.update(num_labels=len(labels), id2label=dict(enumerate(labels)))
     if cfg.dropout is not None:
         overrides["hidden_dropout"] = cfg.dropout
-    if family == "gpt2":
+    _check_dropout(family, cfg)
+    if family in _DECODERS:
         overrides["pad_token_id"] = tokenizer.pad_token_id
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*newly initialized.*")
@@ -529,7 +562,7 @@ def _features(task: str, examples, tokenizer, labels, max_length: int, family: s
                                                 max_length=max_length)
     else:
         feats = D.qa_features(examples, tokenizer, max_length=max_length)
-    if family == "gpt2":  # GPT models have no token types
+    if family in _DECODERS:  # GPT and Llama models have no token types
         for f in feats:
             f.pop("token_type_ids", None)
     return feats
@@ -554,9 +587,9 @@ def load_run(folder, device: str = "auto"):
     try:
         task = read_task(folder)
     except FileNotFoundError:
-        if _family(folder) != "gpt2":
+        if _family(folder) not in _DECODERS:
             raise
-        task = {"task": "clm", "family": "gpt2", "max_length": 128}  # a plain GPT-2 checkpoint folder
+        task = {"task": "clm", "family": _family(folder), "max_length": 128}  # a plain GPT-2 / Llama folder
     family = task.get("family") or _family(folder)
     if "lora" in task:  # [lora wiring]
         raise ValueError(f"load_run: {folder} holds LoRA adapters (peft format) for {task['base_model']}; load them "

@@ -25,6 +25,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 OBJECTIVES = ("clm", "mlm", "span", "denoise")
 SEQ2SEQ_OBJECTIVES = ("span", "denoise")  # encoder-decoder pretraining (pyllm.data.noising)
+ARCHS = ("gpt", "llama", "bert")  # pretrain --arch: gpt / llama for clm, bert for mlm
 TASKS = ("sequence-classification", "token-classification", "question-answering", "translation", "summarization")
 SEQ2SEQ_TASKS = ("translation", "summarization")  # encoder-decoder tasks (pyllm.train.seq2seq)
 # The target languages of the embedded number set (pyllm.data.pairs.NUMBER_LANGUAGES; a test keeps them equal:
@@ -319,6 +320,9 @@ class PretrainConfig(TrainConfig):
 
     objective: str = option("clm", "clm: a GPT (causal LM); mlm: a BERT (masked LM); span: a T5 (span "
                                    "corruption); denoise: a BART (text infilling)", choices=OBJECTIVES)
+    arch: Optional[str] = option(None, "the model: gpt (GPT-2 layout) or llama (RMSNorm, rotary, SwiGLU, tied "
+                                       "embeddings) for clm, bert for mlm",
+                                 shown="gpt for clm, bert for mlm; --init-from's", choices=ARCHS)
     train_file: Optional[str] = option(None, "training text: a .txt/.jsonl file or a folder of them",
                                        shown="the stdlib docstrings")
     validation_file: Optional[str] = option(None, "validation text in the same format",
@@ -335,7 +339,10 @@ class PretrainConfig(TrainConfig):
     num_layers: int = option(4, "Transformer blocks", at_least=1)
     hidden_size: int = option(256, "model width", at_least=1)
     num_heads: int = option(4, "attention heads", at_least=1)
-    intermediate_size: Optional[int] = option(None, "MLP width", shown="4 * hidden size", at_least=1)
+    intermediate_size: Optional[int] = option(None, "MLP width", shown="4 * hidden size; llama: 8/3 * hidden size "
+                                                                     "rounded up to a multiple of 32", at_least=1)
+    num_kv_heads: Optional[int] = option(None, "llama: key/value heads (grouped-query attention; divides "
+                                               "--num-heads)", shown="--num-heads", at_least=1)
     dropout: float = option(0.0, "hidden dropout", at_least=0, below=1)
     mlm_probability: float = option(0.15, "share of tokens masked for MLM", above=0, below=1)
     noise_density: Optional[float] = option(None, "span/denoise: share of tokens hidden",
@@ -362,6 +369,15 @@ class PretrainConfig(TrainConfig):
                   "mlm_probability)")
         self.need(not self.permute_sentences or self.objective == "denoise",
                   f"permute_sentences applies to objective 'denoise' (BART), not {self.objective!r}")
+        if self.arch is not None:
+            wanted = {"clm": ("gpt", "llama"), "mlm": ("bert",)}.get(self.objective, ())
+            self.need(self.arch in wanted, f"arch {self.arch!r} does not train objective {self.objective!r} " + (
+                f"(it takes arch {' or '.join(map(repr, wanted))})" if wanted else
+                "(span and denoise build their own T5 / BART: leave arch unset)"))
+        if self.num_kv_heads is not None:
+            self.need(self.arch == "llama", "num_kv_heads is a llama option (give arch 'llama')")
+            self.need(self.num_heads % self.num_kv_heads == 0,
+                      f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})")
 
 
 @config_class

@@ -6,8 +6,9 @@ projections, freezes everything else but the task head, and returns the model. T
 norms stay in the path: LoRA wraps ``nn.Linear`` modules only.
 
 Targets: ``q``, ``k``, ``v`` (pyllm computes them with one projection, ``attn.qkv``: the three are
-adapted together, so they must be named together), ``o`` (``attn.proj``), ``fc1`` / ``fc2`` (the MLP),
-or any linear module name of the model.
+adapted together, so they must be named together), ``o`` (``attn.proj``; Llama: ``self_attn.o_proj``),
+``fc1`` / ``fc2`` (the MLP; Llama: ``gate_up`` (gate and up in one projection) / ``down_proj``), or any
+linear module name of the model.
 
 ``save_adapter(model, folder, base_model)`` writes ``adapter_config.json`` + ``adapter_model.safetensors``
 under transformers' module names, loadable with ``peft.PeftModel.from_pretrained`` on the transformers
@@ -77,17 +78,24 @@ def linear_names(model: nn.Module) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
+def _alias(target: str, names: set) -> str:
+    """A target's module name in this model: q, k, v -> qkv; o -> proj (Llama: o_proj)."""
+    if target == "o" and "proj" not in names and "o_proj" in names:
+        return "o_proj"
+    return ALIASES.get(target, target)
+
+
 def _target_paths(model: nn.Module, spec: LoraSpec) -> list[str]:
     names = set(linear_names(model))
     qkv = {t for t in spec.targets if t in ("q", "k", "v")}
     if qkv and qkv != {"q", "k", "v"}:
         raise ValueError(f"lora: targets {sorted(qkv)} name part of q, k, v, which pyllm computes with one "
                          f"projection (qkv); name all three (q,k,v) or none")
-    wanted = {ALIASES.get(t, t) for t in spec.targets}
-    unknown = sorted(t for t in spec.targets if ALIASES.get(t, t) not in names or ALIASES.get(t, t) in HEADS)
+    wanted = {_alias(t, names) for t in spec.targets}
+    unknown = sorted(t for t in spec.targets if _alias(t, names) not in names or _alias(t, names) in HEADS)
     if unknown:
         raise ValueError(f"lora: unknown target(s) {unknown}; the model's linear modules are "
-                         f"{sorted(names - set(HEADS))} (aliases: q, k, v -> qkv, o -> proj)")
+                         f"{sorted(names - set(HEADS))} (aliases: q, k, v -> qkv, o -> proj or o_proj)")
     paths = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in wanted]
     for p in paths:
         m = model.get_submodule(p)
@@ -146,12 +154,13 @@ def save_adapter(model: nn.Module, folder, base_model: str | None = None) -> Pat
     arch = hf_io._ARCH[type(model).__name__]
     rules = {r.pyllm: r for r in hf_io._rules(model, arch[1])}
     cfg = model.config
-    sizes = [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+    sizes = {3: [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2,  # q, k, v
+             2: [cfg.intermediate_size] * 2}  # Llama's gate and up
     tensors, targets, conv1d = {}, [], False
     for name, layer in _lora_layers(model):
         A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
         rule = rules[name + ".weight"]
-        parts = B.split(sizes, 0) if rule.kind == "cat" else (B,)
+        parts = B.split(sizes[len(rule.hf)], 0) if rule.kind == "cat" else (B,)
         conv1d = conv1d or rule.kind == "t"
         for hf_key, b in zip(rule.hf, parts):
             module = hf_key[: -len(".weight")]

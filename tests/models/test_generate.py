@@ -88,3 +88,62 @@ def test_generate_bad_arguments(model):
         model.generate(ids, 4, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match=r"attention_mask must have shape \(3, 11\)"):
         model.generate(ids, 4, attention_mask=mask[:2])
+
+
+def test_compiled_decode_step_gives_the_eager_tokens():
+    """generate(compile=True): one static-shape graph (compiled once, no recompilation from step to step or
+    on a second call) over the frozen cache gives the eager tokens: a 1-layer Llama through inductor, a GPT
+    through the "eager" backend (graph capture only: cheap), padded batches, an EOS stop."""
+    import torch._dynamo
+
+    from pyllm.models import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                         intermediate_size=32, max_position_embeddings=32)).eval()
+    gpt = GPTForCausalLM(tiny_config(vocab_size=61, max_position_embeddings=32)).eval()
+    ids, mask = batch(B=2, N=5, vocab=61, pad_side="left", lengths=[5, 3])
+    # (torch's config.patch, not monkeypatch: undoing a monkeypatch deletes a torch config entry)
+    with torch._dynamo.config.patch(error_on_recompile=True), \
+            torch._inductor.config.patch(compile_threads=1):  # no worker pool for one tiny graph
+        for model, backend in ((llama, True), (gpt, "eager")):
+            _compiled_equals_eager(model, backend, ids, mask)
+
+
+def _compiled_equals_eager(model, backend, ids, mask):
+    """The compiled tokens equal the eager ones, twice (no recompilation), and with an EOS stop."""
+    torch._dynamo.reset()  # another model is another graph; within one model nothing may recompile
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert len(set(want[0, 5:].tolist())) > 2  # not one repeated token: the comparison has teeth
+    for _ in range(2):  # the second call reuses the compiled step (error_on_recompile)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, compile=backend), want)
+    eos = int(want[1, 7])  # row 1 stops there, row 0 runs on; a finished row emits pad
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=eos,
+                                      pad_token_id=0, compile=backend), want)
+
+
+def test_compiled_decode_refuses_what_it_cannot_do_and_frozen_cache_masks_numbers():
+    from pyllm.models import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=16, num_layers=1, num_heads=2,
+                                         intermediate_size=32, max_position_embeddings=32, sliding_window=8)).eval()
+    ids = torch.randint(0, 61, (1, 5))
+    with pytest.raises(ValueError, match=r"compile=True does not support a sliding window \(8\) shorter than the "
+                                         r"prompt \+ new tokens \(11\)"):
+        llama.generate(ids, max_new_tokens=6, compile=True)
+    with pytest.raises(ValueError, match="compile=True needs use_cache=True"):
+        llama.generate(ids, max_new_tokens=2, compile=True, use_cache=False)
+    with pytest.raises(ValueError, match="compile must be True, False or a torch.compile backend name, got 1.5"):
+        llama.generate(ids, max_new_tokens=2, compile=1.5)
+    # the frozen cache's unwritten columns are zeros, whatever the memory held (masked keys still enter P @ V)
+    cache = KVCache(1, capacity=6)
+    cache.update(0, torch.ones(1, 2, 1, 4), torch.ones(1, 2, 1, 4))
+    cache.k[0][:, 2:] = float("nan")
+    cache.v[0][:, 2:] = float("inf")
+    cache.freeze(torch.tensor([2]))
+    assert torch.equal(cache.k[0][:, 2:], torch.zeros(1, 4, 1, 4)) and torch.equal(cache.v[0][:, 2:], cache.k[0][:, 2:])
+    k, v = cache.update(0, torch.full((1, 1, 1, 4), 2.0), torch.full((1, 1, 1, 4), 3.0))
+    assert k.shape == (1, 6, 1, 4) and k[0, 2, 0, 0] == 2 and v[0, 2, 0, 0] == 3 and k[0, 3].abs().sum() == 0
+    with pytest.raises(ValueError, match="every layer needs a buffer of capacity 6 first"):
+        KVCache(2, capacity=6).freeze(torch.tensor([0]))

@@ -183,3 +183,63 @@ def test_llama_style_tokenizer_folder_loads_through_load_tokenizer(tmp_path):
     assert torch.equal(enc["attention_mask"], want["attention_mask"])
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (1, 2, 0)
     assert ours.decode(enc["input_ids"][0].tolist()) == theirs.decode(want["input_ids"][0], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_training_loss_is_fused_and_equals_the_unfused_path(tied):
+    """model.train() with labels: linear_cross_entropy (no (B, N, vocab) logits); same loss and gradients."""
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=40,
+                      max_position_embeddings=32, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).train()
+    ids, mask = batch(B=3, N=11)
+    labels = ids.masked_fill(mask == 0, -100)
+    fused = model(ids, mask, labels=labels)
+    assert fused.logits is None
+    fused.loss.backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plain = model(ids, mask, labels=labels, return_logits=True)
+    assert plain.logits.shape == (3, 11, 97)
+    lg, lb = plain.logits[:, :-1], labels[:, 1:]
+    torch.testing.assert_close(plain.loss, torch.nn.functional.cross_entropy(lg[lb != -100], lb[lb != -100]))
+    torch.testing.assert_close(fused.loss, plain.loss, atol=1e-5, rtol=1e-5)
+    plain.loss.backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(fused_grads[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert model.eval()(ids, mask, labels=labels).logits.shape == (3, 11, 97)  # eval: logits as usual
+
+
+def test_sharded_save_loads_in_transformers_and_back(tmp_path):
+    """save_pretrained(max_shard_size=...) writes transformers' index + shards; both libraries read them;
+    a later save into the same folder (sharded or not) leaves no weights of the earlier one behind."""
+    theirs = _hf_model("mistral")
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    out = tmp_path / "ours"
+    ours.save_pretrained(out, max_shard_size="20KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards  # no model.safetensors beside them
+    from safetensors import safe_open
+    for shard in shards:
+        with safe_open(out / shard, "pt") as f:
+            names = list(f.keys())
+            assert sum(f.get_tensor(n).numel() * 4 for n in names) <= 20_000 or len(names) == 1
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in theirs.parameters())
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids, mask = batch(B=2, N=9)
+    with torch.no_grad():
+        want = theirs(ids, attention_mask=mask).logits
+        torch.testing.assert_close(back(ids, attention_mask=mask).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(LlamaForCausalLM.from_pretrained(out)(ids, mask).logits[mask.bool()],
+                                   want[mask.bool()], atol=1e-4, rtol=0)
+    ours.save_pretrained(out, overwrite=True)  # unsharded over sharded: index and shards go
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    ours.save_pretrained(out, overwrite=True, max_shard_size=30_000)  # and back: model.safetensors goes
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").exists()
+    with pytest.raises(ValueError, match=r"max_shard_size must be None, a positive number of bytes or a size "
+                                         r"such as '5GB'.*got '20 parsecs'"):
+        ours.save_pretrained(tmp_path / "bad", max_shard_size="20 parsecs")
+    assert not (tmp_path / "bad").exists()

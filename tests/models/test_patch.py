@@ -125,7 +125,7 @@ def _tiny(name):
             vocab_size=97, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)),
         "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_kw)),
         "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**llama_kw)),
-        # a window shorter than the sequence: those calls are transformers' own (until window_size lands)
+        # a window (4) shorter than the sequence (10): fused with window_size
         "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**llama_kw, sliding_window=4)),
         "t5": lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
             vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)),
@@ -146,7 +146,7 @@ def _tiny(name):
 
 
 # fused calls per forward on a padded batch (the rest are transformers' own, each for a stated reason)
-FUSED = {"bert": 2, "gpt2": 2, "llama": 2, "qwen2": 2, "mistral": 0, "t5": 0, "bart": 6}
+FUSED = {"bert": 2, "gpt2": 2, "llama": 2, "qwen2": 2, "mistral": 2, "t5": 0, "bart": 6}
 NORMS = {"bert": ("LayerNorm", 5), "gpt2": ("LayerNorm", 5), "llama": ("LlamaRMSNorm", 5),
          "qwen2": ("Qwen2RMSNorm", 5), "mistral": ("MistralRMSNorm", 5), "t5": ("T5LayerNorm", 12),
          "bart": ("LayerNorm", 12)}
@@ -274,3 +274,103 @@ print("ok")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.fixture
+def count_fallback(monkeypatch):
+    """Counts calls that went to transformers' own attention, with the reason."""
+    import pyllm.integrations.hf as hf
+
+    reasons, real = [], hf._transformers_attention
+    monkeypatch.setattr(hf, "_transformers_attention", lambda *a: reasons.append(a[-2]) or real(*a))
+    return reasons
+
+
+def test_mistral_sliding_window_runs_fused_through_generate_and_maps(count_attention, count_fallback):
+    """Window 3 < 7 prompt tokens + 8 new: transformers' sliding cache (offset keys) included; the maps of
+    output_attentions equal eager's, window and padding applied."""
+    import copy
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=3,
+                                     initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    want_model = transformers.MistralForCausalLM(cfg).eval()
+    got_model = patch(copy.deepcopy(want_model))
+    ids, mask = batch(B=3, N=7, pad_side="left", lengths=[7, 5, 4])
+    args = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        want, got = want_model.generate(ids, **args), got_model.generate(ids, **args)
+    assert torch.equal(got, want) and len(set(want[0, 7:].tolist())) > 2
+    assert len(count_attention) == 2 * 8 and count_fallback == []  # prefill + 7 decode steps, 2 layers, all fused
+    eager = copy.deepcopy(want_model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        a = got_model(ids, attention_mask=mask, output_attentions=True)
+        b = eager(ids, attention_mask=mask, output_attentions=True)
+    real = mask.bool()
+    torch.testing.assert_close(a.logits[real], b.logits[real], atol=1e-4, rtol=0)
+    for x, y in zip(a.attentions, b.attentions):
+        assert bool((y[:, :, -1, :-3] == 0).all())  # the window hides all but the last 3 keys: not a no-op
+        torch.testing.assert_close(x.transpose(1, 2)[real], y.transpose(1, 2)[real], atol=1e-6, rtol=0)  # real queries
+    assert count_fallback == []
+
+
+def test_qwen2_mixed_full_and_sliding_layers_patched_match(count_attention, count_fallback):
+    import copy
+
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)).eval()
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    ids, mask = batch(B=3, N=10)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        got = patch(copy.deepcopy(model))(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-4, rtol=0)
+    assert len(count_attention) == 2 and count_fallback == []
+
+
+def test_a_window_the_mask_does_not_carry_goes_to_transformers(count_attention, count_fallback):
+    """Per call: a layer's sliding_window that disagrees with the mask's, or that a plain mask does not carry,
+    is transformers' own attention (its eager formula on the mask's window), never a silently different one."""
+    import pyllm.integrations.hf as hf
+
+    module = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=3)).model.layers[0].self_attn.eval()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 6, 8, generator=g) for h in (4, 2, 2))
+    marked = torch.ones(2, 6, dtype=torch.bool)
+    marked[1, 0] = False
+    marked.pyllm_window = 3
+    fused, _ = hf._attention(module, q, k, v, marked, scaling=8 ** -0.5, sliding_window=3)
+    assert len(count_attention) == 1 and count_fallback == []
+    other, _ = hf._attention(module, q, k, v, marked, scaling=8 ** -0.5, sliding_window=4)
+    assert count_fallback == ["the layer's sliding_window 4 differs from the mask's 3"]
+    # the mask's window, by transformers' eager (the padded query row, which sees no key, excepted: zeros vs uniform)
+    torch.testing.assert_close(other[marked], fused[marked], atol=1e-5, rtol=0)
+    plain = marked.clone()  # a clone carries no window
+    hf._attention(module, q, k, v, plain, scaling=8 ** -0.5, sliding_window=3)
+    assert count_fallback[-1] == "sliding_window 3 shorter than the 6 keys, and the mask does not carry it"
+    mu = transformers.masking_utils
+    assert hf.sliding_window_of(mu.sliding_window_causal_mask_function(5)) == 5
+    assert hf.sliding_window_of(mu.and_masks(mu.causal_mask_function, mu.sliding_window_overlay(5))) is None
+    assert hf.sliding_window_of(mu.causal_mask_function) is None
+
+
+def test_patched_mistral_with_a_window_compiles_fullgraph():
+    """Under torch.compile the window cannot ride on the mask (an attribute Dynamo does not trace): the mask
+    builder gives transformers' 4-D mask there, and the call is transformers' own, still whole-graph."""
+    import copy
+
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=3)).eval()
+    ids, mask = batch(B=2, N=8, pad_side="left", lengths=[8, 6])
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        got = torch.compile(patch(copy.deepcopy(model)), fullgraph=True, backend="eager")(ids, attention_mask=mask)
+    torch.testing.assert_close(got.logits[mask.bool()], want[mask.bool()], atol=1e-5, rtol=0)

@@ -119,3 +119,33 @@ def test_lora_matches_full_finetuning_in_the_same_steps(tmp_path, tiny_bert, cls
     assert share < 2.0
     assert full.metrics["eval_accuracy"] > full.metrics["majority_class_accuracy"]
     assert low.metrics["eval_accuracy"] >= full.metrics["eval_accuracy"] - 0.03, (low.metrics, full.metrics)
+
+
+def test_llama_adapters_load_into_transformers_peft_with_the_same_logits(tmp_path):
+    """A Llama (GQA; q/k/v and gate/up fused in pyllm, separate in transformers): every projection adapted,
+    the adapters split back to transformers' modules give the same logits under peft."""
+    transformers = pytest.importorskip("transformers")
+    from peft import PeftModel
+
+    from pyllm.models import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0)).save_pretrained(tmp_path / "base")
+    model = LlamaForSequenceClassification.from_pretrained(tmp_path / "base")
+    lora.apply(model, "r=4,alpha=8,dropout=0.0,targets=q,k,v,o,gate_up,down_proj", base_model=str(tmp_path / "base"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids, mask = _batch()
+    ids = (ids % 96 + 1) * mask  # pads are pad_token_id 0: transformers finds the last real token by id
+    ours = model.eval()(ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.v_proj",
+            "model.layers.1.self_attn.o_proj"} <= set(cfg["target_modules"])
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    theirs = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
