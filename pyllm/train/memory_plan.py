@@ -170,7 +170,7 @@ class MemoryPlan:
         lines.append(f"{'peak':<{width}}{fmt_bytes(self.peak):>14}  at {self.phase}")
         lines.append("")
         lines.append("kept for backward, per segment:")
-        for name, nbytes in self.layers:
+        for name, nbytes in _runs(self.layers):
             lines.append(f"  {name:<{width + 10}}{fmt_bytes(nbytes):>14}")
         if self.memory is not None:
             lines.append("")
@@ -185,6 +185,19 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "resident": self.resident}
+
+
+def _runs(layers: list) -> list:
+    """[(name, bytes)] with runs of equal layers ("layer 3" .. "layer 9") as one row, "layers 3-9 (each)"."""
+    out = []
+    for name, nbytes in layers:
+        m = re.fullmatch(r"(.*)layer (\d+)", name)
+        last = out[-1] if out else None
+        if m and last and last[2] == m.group(1) and last[1] == nbytes:
+            out[-1] = (f"{m.group(1)}layers {last[3]}-{m.group(2)} (each)", nbytes, m.group(1), last[3])
+        else:
+            out.append((name, nbytes, m.group(1) if m else None, m.group(2) if m else None))
+    return [(name, nbytes) for name, nbytes, _, _ in out]
 
 
 # ----------------------------------------------------------------------------- the forward, symbolically
@@ -818,6 +831,14 @@ def build_meta_model(arch: Optional[str] = None, *, model_dir=None, task: Option
         if arch not in ARCHS:
             raise ValueError(f"plan: arch must be one of {list(ARCHS)}, got {arch!r}")
         fields = {k: v for k, v in sizes.items() if v is not None}
+    if arch in ("bart", "t5"):  # the decoder-only names of the sizes, in Seq2SeqConfig's words
+        for mine, theirs in (("hidden_size", "d_model"), ("intermediate_size", "ffn_dim")):
+            if mine in fields:
+                fields[theirs] = fields.pop(mine)
+        if "num_layers" in fields:
+            n = fields.pop("num_layers")
+            fields["encoder_layers"] = fields["decoder_layers"] = n
+        fields.pop("num_kv_heads", None)
     task = task or _default_task(arch)
     cls = _head_class(arch, task)
     if task in ("sequence-classification", "token-classification") and arch not in ("bart", "t5"):
@@ -829,6 +850,40 @@ def build_meta_model(arch: Optional[str] = None, *, model_dir=None, task: Option
         config = cls.config_class(**{**fields, **overrides})
     with torch.device("meta"):
         return cls(config)
+
+
+PRETRAIN_SIZES = dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4)  # PretrainConfig's defaults
+
+
+def plan_from_config(cfg) -> MemoryPlan:
+    """The plan ``pyllm plan`` prints, from its :class:`~pyllm.train.config.PlanConfig`."""
+    sizes = {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                          "intermediate_size")}
+    task = cfg.task
+    if cfg.model is None:
+        sizes = {k: PRETRAIN_SIZES[k] if v is None and k in PRETRAIN_SIZES else v for k, v in sizes.items()}
+        sizes["max_position_embeddings"] = max(512, cfg.seq_len, cfg.target_len or 0)
+        if cfg.arch == "gpt":
+            sizes.update(activation="gelu_new", hidden_dropout=0.0)  # the pretrain run's GPT
+    elif task is None and (Path(cfg.model) / "pyllm_task.json").is_file():  # a run folder knows its task
+        task = json.loads((Path(cfg.model) / "pyllm_task.json").read_text(encoding="utf-8")).get("task")
+    device = cfg.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return plan(cfg.model, arch=cfg.arch, task=task, num_labels=cfg.num_labels, batch_size=cfg.batch_size,
+                seq_len=cfg.seq_len, target_len=cfg.target_len, precision=cfg.precision,
+                gradient_checkpointing=cfg.gradient_checkpointing,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps, lora=cfg.lora, fused_loss=cfg.fused_loss,
+                device=device, memory=cfg.memory, **sizes)
+
+
+def for_run(model, cfg, seq_len: int, device, world_size: int = 1, target_len: Optional[int] = None) -> MemoryPlan:
+    """The plan of a training run's step (per process) for its live model (adapters applied, if any)."""
+    return plan(model, batch_size=cfg.batch_size // world_size, seq_len=seq_len, target_len=target_len,
+                precision=cfg.precision, gradient_checkpointing=cfg.gradient_checkpointing,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps, device=str(device))
 
 
 def _proposal(make, effective: int, memory: int):
@@ -848,7 +903,7 @@ def _proposal(make, effective: int, memory: int):
 def plan(model=None, *, batch_size: int = 8, seq_len: int = 128, target_len: Optional[int] = None,
          precision: str = "fp32", gradient_checkpointing: bool = False, gradient_accumulation_steps: int = 1,
          lora=None, fused_loss: Optional[bool] = None, device: str = "cpu", memory=None, arch: Optional[str] = None,
-         task: Optional[str] = None, **sizes) -> MemoryPlan:
+         task: Optional[str] = None, num_labels: int = 2, **sizes) -> MemoryPlan:
     """The memory plan of one training step.
 
     model: a pyllm model (a live one: its parameters' ``requires_grad`` and any peft adapters are read as they
@@ -878,8 +933,8 @@ def plan(model=None, *, batch_size: int = 8, seq_len: int = 128, target_len: Opt
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"{who}: precision must be one of ['fp32', 'bf16', 'fp16'], got {precision!r}")
     if not isinstance(model, torch.nn.Module):
-        model = (build_meta_model(model_dir=model, task=task, **sizes) if model is not None
-                 else build_meta_model(arch or "gpt", task=task, **sizes))
+        model = (build_meta_model(model_dir=model, task=task, num_labels=num_labels, **sizes) if model is not None
+                 else build_meta_model(arch or "gpt", task=task, num_labels=num_labels, **sizes))
     family = _family(model)
     lora_text = lora if isinstance(lora, str) else None
     adapters = _lora_adapters(model, lora)
@@ -919,22 +974,23 @@ def plan(model=None, *, batch_size: int = 8, seq_len: int = 128, target_len: Opt
 
 
 def _too_large(p: MemoryPlan, nbytes: int, given) -> str:
-    """Which part of the micro-batch-1 plan is too large, in the bad-input form (argument, expected, received)."""
+    """Why a micro-batch of 1 does not fit, in the bad-input form (argument, expected, received), naming the
+    part that is too large."""
     static = p.parameters + p.optimizer_states + p.gradients
-    parts = sorted(p.parts.items(), key=lambda kv: -kv[1])
-    name, biggest = parts[0]
+    parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in p.parts.items())
     if static > nbytes:
-        why = (f"parameters ({fmt_bytes(p.parameters)}) + gradients ({fmt_bytes(p.gradients)}) + optimizer states "
-               f"({fmt_bytes(p.optimizer_states)}) alone need {fmt_bytes(static)}; train fewer parameters (--lora) "
-               f"or use more devices (--distributed fsdp)")
-    elif name in ("activations", "logits/loss"):
-        hint = ("--gradient-checkpointing or a shorter --seq-len" if name == "activations"
-                else "the fused loss, or a shorter --seq-len")
-        why = f"{name} of one sequence take {fmt_bytes(biggest)} (try {hint})"
+        why = (f"the parameters, gradients and optimizer states alone need {fmt_bytes(static)} (train fewer "
+               f"parameters with --lora, or shard them with --distributed fsdp)")
     else:
-        why = f"the largest part is {name}, {fmt_bytes(biggest)}"
-    return (f"plan: memory must be at least {fmt_bytes(p.peak)} (the peak of a micro-batch of 1 at seq_len "
-            f"{p.seq_len}), got {given}: even batch 1 does not fit: {why}")
+        name, size = max(((k, v) for k, v in p.parts.items() if k in ("activations", "logits/loss", "temporary")),
+                         key=lambda kv: kv[1])
+        hint = {"activations": "--gradient-checkpointing, bf16, or a shorter --seq-len",
+                "logits/loss": "a shorter --seq-len" if p.fused_loss else "the fused loss, or a shorter --seq-len",
+                }.get(name, "a shorter --seq-len")
+        why = (f"after the parameters and optimizer states, {name} is the largest part: {fmt_bytes(size)} for "
+               f"one sequence of {p.seq_len} tokens (try {hint})")
+    return (f"plan: memory must be at least {fmt_bytes(p.peak)} for a micro-batch of 1, got {given}: {why}; "
+            f"the peak at batch 1 is {parts}")
 
 
 def _trainable(model, adapters: dict, spec_given: bool) -> tuple[set, dict]:
@@ -1016,4 +1072,5 @@ def _estimate(model, family, micro, seq, target, precision, device, adapters, sp
         layers=[(s.name, s.kept) for s in segs])
 
 
-__all__ = ["MemoryPlan", "plan", "parse_memory", "device_memory", "build_meta_model", "fmt_bytes", "TASKS", "ARCHS"]
+__all__ = ["MemoryPlan", "plan", "plan_from_config", "for_run", "parse_memory", "device_memory", "build_meta_model",
+           "fmt_bytes", "TASKS", "ARCHS"]
