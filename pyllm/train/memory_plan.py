@@ -234,6 +234,11 @@ class _Graph:
         self.kept: dict[str, tuple[int, str]] = {}  # storage -> (bytes, segment)
         self.segment = "embeddings"
         self.n = 0
+        self.marked: Optional[set] = None  # what was kept when the MLP's widest backward moment was marked
+
+    def mark(self) -> None:
+        """The MLP's widest backward moment: what ops after this point keep is released by then."""
+        self.marked = set(self.kept)
 
     def new(self, numel: int, size: int, tag: str = "t", grad: bool = True) -> _T:
         self.n += 1
@@ -343,8 +348,9 @@ def _self_attention(g: _Graph, attn, x: _T) -> _T:
 def _block(g: _Graph, blk, x: _T, residual: Optional[_T]):
     """pyllm.models.block.Block.forward (post-norm BERT, pre-norm GPT)."""
     def mlp(h):
-        return g.dropout(g.linear(g.act(g.linear(h, blk.mlp.fc1), _act_kind(blk.mlp.act)), blk.mlp.fc2),
-                         blk.mlp.dropout.p)
+        a = g.act(g.linear(h, blk.mlp.fc1), _act_kind(blk.mlp.act))
+        g.mark()  # the activation's backward: d(act out) and d(act in)
+        return g.dropout(g.linear(a, blk.mlp.fc2), blk.mlp.dropout.p)
 
     if not blk.pre_norm:
         x, _ = g.norm(_self_attention(g, blk.attn, x), residual=x)
@@ -383,6 +389,7 @@ def _llama_block(g: _Graph, blk, x: _T, residual: Optional[_T], rows: int):
         g.keep(gate_up)
         g.keep(silu)  # the product keeps both factors: silu(gate) and up (the other half of gate_up)
     prod = g.new(silu.numel, g.e, "prod", gate_up.grad)
+    g.mark()  # the product's backward: d(prod), d(silu out) and d(up)
     return g.linear(prod, blk.mlp.down_proj), residual
 
 
@@ -408,6 +415,7 @@ def _seq2seq_layer(g: _Graph, layer, x: _T, residual: Optional[_T], rows: int, m
             g.keep(a)
             g.keep(gt)
             a = g.new(a.numel, a.size, "gated")
+        g.mark()
         return g.linear(g.dropout(a, f.dropout.p), f.fc2)
 
     subs = [(layer.norm1, lambda h: attention(h, layer.self_attn, False))]
@@ -435,6 +443,7 @@ class _Segment:
     grads: int = 0  # gradients of its trainable parameters (first produced in its backward)
     transient: int = 0  # the largest gradient temporaries inside its backward
     early_grads: Optional[int] = None  # of ``grads``, those that exist at that moment (None: all)
+    released: int = 0  # kept by the ops after the MLP's activation: released before its backward
 
 
 class _Walk:
@@ -462,8 +471,11 @@ class _Walk:
                 if t is not None:
                     g.keep(t)
         before = set(g.kept)
+        g.marked = None
         out = fn()
         seg = _Segment(name, list(modules))
+        if g.marked is not None:
+            seg.released = sum(b for k, (b, s) in g.kept.items() if s == name and k not in g.marked)
         if layer and self.ckpt:
             new = [k for k in g.kept if k not in before]
             seg.recompute = sum(g.kept[k][0] for k in new)
@@ -474,13 +486,16 @@ class _Walk:
 
     def backward_transient(self, rows: int, hidden: int, mlp: int, attn: int, residual_stream: bool, mlp_out):
         """Beyond what a layer keeps, its backward holds the gradient of its output (and of the residual
-        stream), and at its widest moment the gradients of one sublayer's intermediates less the kept
-        tensors already released (:func:`_widest`). The MLP is the last sublayer, so its backward runs
-        first: at its widest moment only the MLP's output projection has its gradient (``mlp_out``)."""
+        stream), and at its widest moment the gradients of one sublayer's intermediates (:func:`_widest`).
+        The MLP is the last sublayer, so its backward runs first: by its widest moment what the ops after
+        the marked point kept has been released, and only the MLP's output projection (``mlp_out``) has
+        its weight gradient."""
         g, seg = self.g, self.segments[-1]
-        seg.transient = rows * (hidden * 4 * (2 if residual_stream else 1) + max(mlp, attn) * g.e)
+        stream = rows * hidden * 4 * (2 if residual_stream else 1)
+        at_mlp, at_attn = stream + rows * mlp * g.e - seg.released, stream + rows * attn * g.e
+        seg.transient = max(at_mlp, at_attn, 0)
         seg.early_grads = (sum(p.numel() * p.element_size() for p in mlp_out.parameters() if g.trains(p))
-                           if mlp >= attn else None)
+                           if at_mlp >= at_attn else None)
 
     def finish(self, adapters_to_add: dict) -> None:
         """Bytes kept per segment; gradients by the segment whose backward produces them first (the last one
@@ -542,7 +557,7 @@ def _walk_decoder_only(w: _Walk, model):
         x = w.run_segment("embeddings", [base.word, base.position], embeddings)
         blocks = list(base.blocks.layers)
     residual = None
-    mlp, attn = _widest(cfg.intermediate_size * (2 if llama else 1), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    mlp, attn = _widest(cfg.intermediate_size, llama, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     for i, blk in enumerate(blocks):
         if llama:
             def layer(blk=blk, x=x, residual=residual):
@@ -568,13 +583,11 @@ def _walk_decoder_only(w: _Walk, model):
     w.run_segment("head", head_mods, head)
 
 
-def _widest(mlp: int, heads: int, kv_heads: int, head_dim: int) -> int:
-    """Elements per row a layer's backward adds at its widest moment. MLP: the activation's backward holds
-    d(act out) and d(act in) after fc2's backward released the kept activation output -- one intermediate
-    width net (``mlp``: I, or 2I for the gated SwiGLU whose product and silu output are released while the
-    gate and up gradients exist). Attention: d(o) and dq, dk, dv (then the qkv gradient replaces q, k, v).
-    Returns (mlp, attention)."""
-    return mlp, (2 * heads + 2 * kv_heads) * head_dim
+def _widest(inter: int, gated: bool, heads: int, kv_heads: int, head_dim: int) -> tuple[int, int]:
+    """Gradient elements per row at a layer's widest backward moments: (MLP, attention). MLP: the
+    activation's backward holds d(act out) and d(act in), 2I; the gated (SwiGLU) product's holds d(prod),
+    d(silu out) and d(up), 3I. Attention: d(o) and dq, dk, dv."""
+    return (3 if gated else 2) * inter, (2 * heads + 2 * kv_heads) * head_dim
 
 
 def _causal_lm_loss(w: _Walk, h: _T, lm_head, rows: int, B: int):
@@ -644,7 +657,7 @@ def _walk_bert(w: _Walk, model):
         return g.dropout(g.norm(s)[0], e.dropout.p)
 
     x = w.run_segment("embeddings", mods, embeddings)
-    mlp, attn = _widest(cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    mlp, attn = _widest(cfg.intermediate_size, False, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     for i, blk in enumerate(bert.encoder.layers):
         x, _ = w.run_segment(f"layer {i}", [blk], lambda blk=blk, x=x: _block(g, blk, x, None), (x,), layer=True)
         w.backward_transient(rows, g.hidden, mlp, attn, False, blk.mlp.fc2)
@@ -697,7 +710,7 @@ def _walk_seq2seq(w: _Walk, model):
     cfg = model.config
     g.hidden = cfg.d_model
     enc, dec = model.model.encoder, model.model.decoder
-    mlp, attn = _widest(cfg.ffn_dim * (2 if cfg.gated_ffn else 1), cfg.num_heads, cfg.num_heads, cfg.head_dim)
+    mlp, attn = _widest(cfg.ffn_dim, cfg.gated_ffn, cfg.num_heads, cfg.num_heads, cfg.head_dim)
     pre = cfg.norm_position == "pre"
     rms = cfg.norm == "rms"
 
@@ -984,9 +997,10 @@ def _too_large(p: MemoryPlan, nbytes: int, given) -> str:
     else:
         name, size = max(((k, v) for k, v in p.parts.items() if k in ("activations", "logits/loss", "temporary")),
                          key=lambda kv: kv[1])
-        hint = {"activations": "--gradient-checkpointing, bf16, or a shorter --seq-len",
-                "logits/loss": "a shorter --seq-len" if p.fused_loss else "the fused loss, or a shorter --seq-len",
-                }.get(name, "a shorter --seq-len")
+        tries = {"activations": ["--gradient-checkpointing"] * (not p.gradient_checkpointing)
+                 + ["--precision bf16"] * (p.precision == "fp32"),
+                 "logits/loss": ["the fused loss"] * (not p.fused_loss)}.get(name, [])
+        hint = ", ".join(tries + ["a shorter --seq-len"])
         why = (f"after the parameters and optimizer states, {name} is the largest part: {fmt_bytes(size)} for "
                f"one sequence of {p.seq_len} tokens (try {hint})")
     return (f"plan: memory must be at least {fmt_bytes(p.peak)} for a micro-batch of 1, got {given}: {why}; "
