@@ -146,12 +146,14 @@ class MemoryPlan:
                 "logits/loss": self.logits, "temporary": self.temporary}
 
     def summary(self) -> str:
-        """One line: the estimated peak and its parts."""
-        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.parts.items())
+        """One line: the estimated peak and its parts, in one unit."""
+        unit, size = ("GiB", 2**30) if self.peak >= 2**30 else ("MiB", 2**20)
+        names = {"optimizer states": "optimizer", "logits/loss": "logits"}
+        parts = " + ".join(f"{names.get(k, k)} {v / size:.1f}" for k, v in self.parts.items())
         fit = ""
         if self.memory is not None:
             fit = f"; {'fits' if self.peak <= self.memory else 'does NOT fit'} in {fmt_bytes(self.memory)}"
-        return f"memory plan: peak {fmt_bytes(self.peak)} per step ({parts}){fit}"
+        return f"memory plan: peak {self.peak / size:.1f} {unit} per step = {parts} {unit}{fit}"
 
     def table(self) -> str:
         """The plan as a readable table (what ``pyllm plan`` prints)."""
