@@ -24,32 +24,31 @@ What is counted, and how (one training step = forward, backward, gradient clippi
   log-softmax (kept), and in the backward pass their float32 gradients; fused
   (:func:`pyllm.linear_cross_entropy`, GPT's causal-LM head while training), one chunk of float32 logits
   and the gradients of the hidden states and of the weight, which the op computes in its forward pass.
-- **temporary**: what exists only inside one op: the gradients of the layer being back-propagated (its
-  output's gradient and its widest intermediate's, twice), and AdamW's ``sqrt(exp_avg_sq) / c`` of the
-  largest parameter on the CPU (on CUDA pyllm uses the fused AdamW, which needs none).
+- **temporary**: what exists only for a moment: inside a layer's backward, its output's gradient (and the
+  residual stream's) and, at its widest op, the gradients of that op's output and input (less what the ops
+  after it kept, released by then); a tied weight's second gradient before it is summed in; AdamW's
+  ``sqrt(exp_avg_sq) / c`` of the largest parameter on the CPU (on CUDA pyllm uses the fused AdamW, which
+  needs none).
 
 The peak is the largest of three moments: the end of the forward pass, each segment of the backward pass
 (the gradient of a segment's parameters exists from then on, the activations of later segments are gone),
 and the optimizer step (every gradient). With gradient accumulation the micro-batches after the first run
 with every gradient already allocated. The plan is per process (data parallel replicas each hold it all).
 
-Checked against measurements (tests/train/test_memory_plan.py): the activations the plan derives equal,
-byte for byte, the storages autograd keeps (``torch.autograd.graph.saved_tensors_hooks``) for every family;
-and the step's peak is within 15% of the measured high-water mark of the process's resident memory on the
+Checked against measurements (tests/train/test_memory_plan.py): the activations the plan derives equal the
+storages autograd keeps (``torch.autograd.graph.saved_tensors_hooks``) for every family, to nll_loss's
+4-byte scalar; and the step's peak is within 15% of the measured high-water mark of the process's resident memory on the
 CPU (on CUDA the same comparison is ``torch.cuda.max_memory_allocated``).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-TASKS = ("clm", "mlm", "sequence-classification", "token-classification", "question-answering",
-         "translation", "summarization")
 ARCHS = ("gpt", "bert", "llama", "bart", "t5")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -685,17 +684,24 @@ def _bert_head(w: _Walk, model, x: _T, rows: int, B: int):
         g.linear(x, model.qa_outputs)
     else:  # BertForMaskedLM: transform, activation, LayerNorm, decoder -> logits, cross-entropy in float32
         t = g.act(g.linear(x, model.transform), _act_kind(model.act))
-        h = g.norm(t)[0]
-        V = model.decoder.out_features
-        if g.trains(model.decoder.weight):
-            g.keep(g.cast(h))
-        if g.autocast:
-            g.keep_bytes(2 * model.decoder.weight.numel(), "w16_")
-        logsm = g.new(rows * V, 4, "log_softmax")
-        g.keep(logsm)
-        w.loss_kept = logsm.nbytes
-        w.fwd_transient = rows * V * g.e + (rows * V * 4 if g.e != 4 else 0)
-        w.loss_bwd = 2 * rows * V * 4 + (rows * V * g.e if g.e != 4 else 0)
+        _logits_loss(w, g.norm(t)[0], model.decoder, rows)
+
+
+def _logits_loss(w: _Walk, h: _T, head, rows: int, biased: bool = False) -> None:
+    """Full logits then ``F.cross_entropy(logits.flatten(0, 1).float(), labels)`` (BERT's MLM head, the
+    encoder-decoders): the head keeps its input (and its 16-bit weight), the float32 log-softmax is kept; the
+    forward also holds the logits (+ the biased copy, + the float32 copy under autocast), the backward two
+    float32 gradients of that size (+ their 16-bit copy)."""
+    g, V = w.g, head.out_features
+    if g.trains(head.weight):
+        g.keep(g.cast(h))
+    if g.autocast:
+        g.keep_bytes(2 * head.weight.numel(), "w16_")
+    logsm = g.new(rows * V, 4, "log_softmax")
+    g.keep(logsm)
+    w.loss_kept = logsm.nbytes
+    w.fwd_transient = rows * V * g.e * (2 if biased else 1) + (rows * V * 4 if g.e != 4 else 0)
+    w.loss_bwd = 2 * rows * V * 4 + (rows * V * g.e if g.e != 4 else 0)
 
 
 def _class_loss(g: _Graph, logits: _T, rows: int) -> None:
@@ -754,18 +760,8 @@ def _walk_seq2seq(w: _Walk, model):
         if dec.norm_f is not None:
             h = g.dropout(g.norm(y, residual, rms=rms)[0] if residual is not None else g.norm(y, rms=rms)[0],
                           dec.dropout.p)
-        rows, V = B * N, model.lm_head.out_features
-        if g.trains(model.lm_head.weight):
-            g.keep(g.cast(h))
-        if g.autocast:
-            g.keep_bytes(2 * model.lm_head.weight.numel(), "w16_")
-        logsm = g.new(rows * V, 4, "log_softmax")
-        g.keep(logsm)
-        g.keep(g.new(rows, 8, "targets"))
-        w.loss_kept = logsm.nbytes
-        extra = rows * V * g.e if model.final_logits_bias is not None else 0  # logits + bias: one more
-        w.fwd_transient = rows * V * g.e + extra + (rows * V * 4 if g.e != 4 else 0)
-        w.loss_bwd = 2 * rows * V * 4 + (rows * V * g.e if g.e != 4 else 0)
+        g.keep(g.new(B * N, 8, "targets"))  # nll_loss keeps the labels
+        _logits_loss(w, h, model.lm_head, B * N, biased=model.final_logits_bias is not None)
 
     w.run_segment("head", [model.lm_head], head)
 
@@ -1089,4 +1085,4 @@ def _estimate(model, family, micro, seq, target, precision, device, adapters, sp
 
 
 __all__ = ["MemoryPlan", "plan", "plan_from_config", "for_run", "parse_memory", "device_memory", "build_meta_model",
-           "fmt_bytes", "TASKS", "ARCHS"]
+           "fmt_bytes", "ARCHS"]
