@@ -22,7 +22,7 @@ What is counted, and how (one training step = forward, backward, gradient clippi
   activation checkpointing a layer keeps only its inputs, and its backward recomputes the layer's full set.
 - **logits / loss**: unfused, the (tokens, vocab) logits, the float32 copy ``F.cross_entropy`` takes and its
   log-softmax (kept), and in the backward pass their float32 gradients; fused
-  (:func:`pyllm.linear_cross_entropy`, GPT's causal-LM head while training), one chunk of float32 logits
+  (:func:`pyllm.linear_cross_entropy`, a causal-LM head that takes ``return_logits``), one chunk of float32 logits
   and the gradients of the hidden states and of the weight, which the op computes in its forward pass.
 - **temporary**: what exists only for a moment: inside a layer's backward, its output's gradient (and the
   residual stream's) and, at its widest op, the gradients of that op's output and input (less what the ops
@@ -769,6 +769,14 @@ def _walk_seq2seq(w: _Walk, model):
 # ----------------------------------------------------------------------------- the model to plan for
 
 
+def fuses_loss(model) -> bool:
+    """Whether the model's training loss is pyllm.linear_cross_entropy: a causal LM whose forward takes
+    ``return_logits`` (GPTForCausalLM; the logits are formed only when asked for)."""
+    import inspect
+
+    return hasattr(model, "lm_head") and "return_logits" in inspect.signature(type(model).forward).parameters
+
+
 def _family(model) -> str:
     name = type(model).__name__
     if name.startswith(("Bart", "T5")) or hasattr(model, "lm_head") and hasattr(model, "final_logits_bias"):
@@ -923,8 +931,8 @@ def plan(model=None, *, batch_size: int = 8, seq_len: int = 128, target_len: Opt
     batch_size: the global batch per optimizer step (split into ``gradient_accumulation_steps`` micro-batches);
         seq_len: tokens per sequence (the encoder's for seq2seq; ``target_len`` the decoder's, default seq_len).
     precision: "fp32", or "bf16" / "fp16" autocast. lora: a spec "r=16,alpha=32,dropout=0.05,targets=q,k,v,o"
-        for a model without adapters. fused_loss: None = what the model does (GPT's causal-LM head trains with
-        the fused loss; the other heads form logits); False plans GPT with logits (``return_logits=True``).
+        for a model without adapters. fused_loss: None = what the model does (a causal-LM head whose forward
+        takes return_logits trains with the fused loss: GPT's; the other heads form logits); False plans them with logits (``return_logits=True``).
     memory: bytes or a size ("24GB"); "auto" = the device's (CUDA total memory, or MemAvailable on the CPU).
         With it, ``proposal`` holds the largest micro-batch (and accumulation) that keeps ``batch_size`` and fits;
         if even a micro-batch of 1 does not fit, ValueError names the part that is too large.
@@ -953,11 +961,11 @@ def plan(model=None, *, batch_size: int = 8, seq_len: int = 128, target_len: Opt
         lora_text = getattr(getattr(model, "lora_spec", None), "to_dict", lambda: "peft adapters")()
         lora_text = ",".join(f"{k}={v if not isinstance(v, (tuple, list)) else ','.join(v)}"
                              for k, v in lora_text.items()) if isinstance(lora_text, dict) else lora_text
-    can_fuse = type(model).__name__ == "GPTForCausalLM"
+    can_fuse = fuses_loss(model)
     if fused_loss and not can_fuse:
         raise ValueError(f"{who}: fused_loss=True, but {type(model).__name__} computes its loss from full logits "
-                         f"(only GPTForCausalLM trains with pyllm.linear_cross_entropy); expected fused_loss None "
-                         f"or False, got True")
+                         f"(a causal LM whose forward takes return_logits trains with pyllm.linear_cross_entropy); "
+                         f"expected fused_loss None or False, got True")
     fused = can_fuse if fused_loss is None else bool(fused_loss)
     if family == "seq2seq" and seq_len > model.config.max_position_embeddings and model.config.position != "relative":
         raise ValueError(f"{who}: seq_len {seq_len} exceeds the model's max_position_embeddings "

@@ -49,7 +49,7 @@ CASES = {
     "gpt-fused-ckpt": dict(arch="gpt", config=GPT, batch=4, seq=256, ckpt=True),
     "gpt-unfused-bf16": dict(arch="gpt", config=GPT, batch=4, seq=256, fused_loss=False, precision="bf16"),
     "llama": dict(arch="llama", config=LLAMA, batch=4, seq=256),
-    "llama-ckpt": dict(arch="llama", config=LLAMA, batch=4, seq=256, ckpt=True),
+    "llama-unfused-ckpt": dict(arch="llama", config=LLAMA, batch=4, seq=256, fused_loss=False, ckpt=True),
     "bert-classifier": dict(arch="bert", config=BERT, batch=8, seq=256, task="sequence-classification"),
     "bert-classifier-lora": dict(arch="bert", config=BERT, batch=8, seq=256, task="sequence-classification",
                                  lora="r=8,alpha=16,dropout=0.05,targets=q,k,v,o"),
@@ -77,6 +77,8 @@ def _model(case: dict):
 
 
 def _batches(case: dict, model, g: torch.Generator) -> list[dict]:
+    from pyllm.train.memory_plan import fuses_loss
+
     A = case.get("accumulation", 1)
     micro, N = case["batch"] // A, case["seq"]
     out = []
@@ -85,7 +87,7 @@ def _batches(case: dict, model, g: torch.Generator) -> list[dict]:
         if case["arch"] == "bert":
             out.append(dict(input_ids=ids, labels=torch.randint(0, model.config.num_labels, (micro,), generator=g)))
         else:
-            extra = {} if case.get("fused_loss", True) or case["arch"] != "gpt" else {"return_logits": True}
+            extra = {"return_logits": True} if case.get("fused_loss") is False and fuses_loss(model) else {}
             out.append(dict(input_ids=ids, labels=ids, **extra))
     return out
 
@@ -132,7 +134,7 @@ def measure(name: str) -> dict:
              gradient_checkpointing=bool(case.get("ckpt")), gradient_accumulation_steps=A,
              fused_loss=case.get("fused_loss"), device="cpu")
     result = {"case": name, "measured": measured, "estimated": p.peak - p.resident, "peak": p.peak,
-              "resident": p.resident, "phase": p.phase, "parts": p.parts,
+              "resident": p.resident, "phase": p.phase, "parts": p.parts, "fused_loss": p.fused_loss,
               "parameters_M": round(p.num_parameters / 1e6, 2), "trainable_M": round(p.trainable_parameters / 1e6, 3)}
     del model, opt, batches
     gc.collect()
@@ -152,8 +154,8 @@ def table(results: list[dict]) -> str:
             opts.append(f"accumulation {c['accumulation']}")
         if c.get("lora"):
             opts.append("LoRA r=8 q,k,v,o")
-        if c["arch"] == "gpt":
-            opts.append("unfused loss" if c.get("fused_loss") is False else "fused loss")
+        if c["arch"] in ("gpt", "llama"):
+            opts.append("fused loss" if r["fused_loss"] else "unfused loss")
         model = f"{c['arch']} {r['parameters_M']}M ({', '.join(opts)})"
         rows.append(f"| {r['case']} | {model} | {r['measured'] / MB:.1f} | {r['estimated'] / MB:.1f} | "
                     f"{r['estimated'] / r['measured']:.3f} | {r['phase']} |")

@@ -50,7 +50,8 @@ def _case(name):
     ids = torch.randint(3, 500, (B, N))
     if name.startswith("gpt"):
         m = M.GPTForCausalLM(M.TransformerConfig(**TINY, hidden_dropout=0.0))
-        return m, dict(input_ids=ids, labels=ids, **({"return_logits": True} if "unfused" in name else {})), {}
+        unfused = {"return_logits": True} if "unfused" in name and MP.fuses_loss(m) else {}
+        return m, dict(input_ids=ids, labels=ids, **unfused), {}
     if name == "bert-classifier" or name == "bert-lora":
         m = M.BertForSequenceClassification(M.TransformerConfig(**TINY, num_labels=3))
         if name == "bert-lora":
@@ -61,9 +62,10 @@ def _case(name):
         return m, dict(input_ids=ids, labels=torch.tensor([0, 2])), {}
     if name == "bert-mlm":
         return M.BertForMaskedLM(M.TransformerConfig(**TINY)), dict(input_ids=ids, labels=ids), {}
-    if name == "llama":
+    if name.startswith("llama"):
         m = M.LlamaForCausalLM(M.LlamaConfig(**TINY, num_kv_heads=2, intermediate_size=96))
-        return m, dict(input_ids=ids, labels=ids), {}
+        unfused = {"return_logits": True} if "unfused" in name and MP.fuses_loss(m) else {}
+        return m, dict(input_ids=ids, labels=ids, **unfused), {}
     cfg = M.Seq2SeqConfig(model_type=name, vocab_size=500, d_model=64, encoder_layers=2, decoder_layers=2, num_heads=4,
                           ffn_dim=128, max_position_embeddings=64, pad_token_id=0, eos_token_id=2,
                           decoder_start_token_id=2, bos_token_id=None)
@@ -73,8 +75,8 @@ def _case(name):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("ckpt", [False, True])
-@pytest.mark.parametrize("name", ["gpt", "gpt-unfused", "bert-classifier", "bert-mlm", "bert-lora", "llama", "bart",
-                                  "t5"])
+@pytest.mark.parametrize("name", ["gpt", "gpt-unfused", "bert-classifier", "bert-mlm", "bert-lora", "llama",
+                                  "llama-unfused", "bart", "t5"])
 def test_activations_equal_what_autograd_keeps(name, ckpt, precision):
     model, batch, extra = _case(name)
     model.train()
@@ -94,8 +96,8 @@ def test_step_peak_within_15_percent_of_measured_rss():
     out = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert {r["case"] for r in results} >= {"gpt-fused", "gpt-unfused", "gpt-fused-ckpt", "llama", "llama-ckpt",
-                                            "bert-classifier", "bert-classifier-lora"}
+    assert {r["case"] for r in results} >= {"gpt-fused", "gpt-unfused", "gpt-fused-ckpt", "llama",
+                                            "llama-unfused-ckpt", "bert-classifier", "bert-classifier-lora"}
     for r in results:
         assert r["measured"] > 20 * 2**20, r  # tensors, not allocator noise, dominate
         assert 0.85 <= r["estimated"] / r["measured"] <= 1.15, r
@@ -170,8 +172,8 @@ def test_even_batch_one_too_large_names_the_part():
                        (dict(task="question-answering"), "task must be one of")):
         with pytest.raises(ValueError, match=match):
             plan(**{**kw, **bad})
-    with pytest.raises(ValueError, match="fused_loss=True, but LlamaForCausalLM computes its loss from full logits"):
-        plan(arch="llama", fused_loss=True, vocab_size=300, hidden_size=64, num_layers=1, num_heads=4)
+    with pytest.raises(ValueError, match="fused_loss=True, but BertForMaskedLM computes its loss from full logits"):
+        plan(arch="bert", fused_loss=True, vocab_size=300, hidden_size=64, num_layers=1, num_heads=4)
     with pytest.raises(ValueError, match=r"lora: unknown target\(s\) \['nope'\]"):
         plan(lora="targets=nope", **kw)
 
