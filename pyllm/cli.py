@@ -1,4 +1,4 @@
-"""The pyllm command: check, info, bench, pretrain, finetune, evaluate, predict, generate.
+"""The pyllm command: check, info, bench, pretrain, finetune, evaluate, predict, generate, plan.
 
 Subcommand modules add their own parsers (``add_parsers(subparsers)``); they and the package faces
 above them import only the standard library (:mod:`pyllm._lazy`), so ``pyllm --help`` and

@@ -118,12 +118,17 @@ def register_linear_cross_entropy(fwd_name: str) -> None:
         _, dhidden, dweight, dbias = output
         ctx.save_for_backward(dhidden, dweight, dbias)
         ctx.has_bias, ctx.compute_grad = bias is not None, compute_grad
+        # the gradients reaching the three gradient outputs are always None: leave them None instead of
+        # zeros (a (vocab, hidden) float32 tensor of zeros in every backward pass otherwise)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, dloss, _dh, _dw, _db):
         if not ctx.compute_grad:
             raise RuntimeError("linear_cross_entropy: backward through a call made with compute_grad=False "
                                "(its gradients were not computed)")
         dhidden, dweight, dbias = ctx.saved_tensors
+        if dloss is None:  # nothing reached the loss (grads are not materialized as zeros): no gradient
+            return (None,) * 11
         scale = lambda t: t * dloss.to(t.dtype)  # noqa: E731
         return (scale(dhidden), scale(dweight), None, scale(dbias) if ctx.has_bias else None,
                 None, None, None, None, None, None, None)

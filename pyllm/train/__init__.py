@@ -3,7 +3,8 @@
 Entry points: :func:`pretrain`, :func:`finetune` (keyword arguments or a config
 dataclass; both return a :class:`TrainResult` with ``.metrics`` and
 ``.output_dir``), and :func:`evaluate`, :func:`predict`, :func:`generate` for a
-trained folder. Their options are the fields of the dataclasses in :mod:`pyllm.train.config`.
+trained folder; :func:`plan` (a :class:`MemoryPlan`: the peak memory of one training step, by part).
+Their options are the fields of the dataclasses in :mod:`pyllm.train.config`.
 The ``pyllm`` command's pretrain/finetune/evaluate/predict/generate subcommands are in
 :mod:`pyllm.train.cli`. Names load on first use (:mod:`pyllm._lazy`).
 """
@@ -17,6 +18,8 @@ _EXPORTS = {
         "TrainConfig", "PretrainConfig", "FinetuneConfig", "EvaluateConfig", "PredictConfig", "GenerateConfig",
         "ConfigError")},
     **{name: f"pyllm.train.trainer:{name}" for name in ("Trainer", "TrainResult", "NonFiniteLossError")},
+    "plan": "pyllm.train.memory_plan:plan", "MemoryPlan": "pyllm.train.memory_plan:MemoryPlan",
+    "PlanConfig": "pyllm.train.config:PlanConfig",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -219,6 +219,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
             cls = _model_class(family, cfg.objective)
             model = cls.from_pretrained(cfg.init_from, hidden_dropout=cfg.dropout) if cfg.init_from else \
                 cls(_lm_model_config(cfg, family, tokenizer))
+        planned = _announce_plan(model, cfg, proc, cfg.block_size)
         causal = cfg.objective == "clm"
         task_info = {"task": cfg.objective, "family": family, "max_length": cfg.block_size,
                      "data": cfg.train_file or "stdlib-docstrings"}
@@ -232,6 +233,7 @@ def pretrain(config: Optional[PretrainConfig] = None, **kwargs) -> TrainResult:
         result = trainer.train()
         result.metrics["train_blocks"] = len(train_f)
         result.metrics["parameters"] = sum(p.numel() for p in model.parameters())
+        result.metrics["planned_peak_mb"] = planned
         if causal and cfg.sample_prompt and proc.is_main:
             # Under FSDP the live model is sharded over the processes: sample from the saved copy.
             sampler = cls.from_pretrained(out).to(proc.device) if proc.mode == "fsdp" else model
@@ -368,6 +370,20 @@ def _seq2seq_lm_config(cfg: PretrainConfig, family: str, tokenizer):
                          max_position_embeddings=max(cfg.block_size, 512) + 2, dropout=cfg.dropout,
                          pad_token_id=pad, bos_token_id=None, eos_token_id=eos,
                          decoder_start_token_id=pad if family == "t5" else eos)  # as T5 and BART start
+def _announce_plan(model, cfg, proc, seq_len: int, target_len: Optional[int] = None) -> Optional[float]:
+    """Print the memory plan's one-line summary (rank 0) before training; its peak in MiB for the metrics.
+    An estimate that cannot be made says why and never stops the run."""
+    from .memory_plan import for_run
+
+    try:
+        p = for_run(model, cfg, seq_len, proc.device.type, proc.world_size, target_len)
+    except (ValueError, TypeError, AttributeError) as e:
+        if proc.is_main:
+            print(f"memory plan: not available for this model ({e})", file=sys.stderr)
+        return None
+    if proc.is_main:
+        print(p.summary())
+    return round(p.peak / 2**20, 1)
 
 
 def _sample(model, tokenizer, prompt: str, max_new_tokens: int, device, seed: int,
@@ -439,6 +455,7 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> TrainResult:
             task_info["lora"] = model.lora_spec.to_dict()
             if proc.is_main:
                 print(lora.describe(model))
+        planned = _announce_plan(model, cfg, proc, cfg.max_length)
         trainer = Trainer(model, train_f, D.PadCollator(tokenizer.pad_token_id), cfg, out, proc,
                           eval_features=val_f, evaluate=evaluate, monitor=monitor,
                           save_model=_saver(tokenizer, task_info), description=f"finetune {cfg.task}",
@@ -451,6 +468,7 @@ def finetune(config: Optional[FinetuneConfig] = None, **kwargs) -> TrainResult:
     result.output_dir = target
     result.metrics["train_examples"] = len(train_f)
     result.metrics["eval_examples"] = len(val_f)
+    result.metrics["planned_peak_mb"] = planned
     if cfg.task == "sequence-classification":
         counts = {}
         for x in val_x:
@@ -470,13 +488,14 @@ def _finetune_seq2seq(cfg: FinetuneConfig) -> TrainResult:
         model, tokenizer = seq2seq.build_model(cfg, D.load_tokenizer(out) if cfg.resume else None, train_x)
         train_f, val_f = seq2seq.features(cfg, tokenizer, train_x), seq2seq.features(cfg, tokenizer, val_x)
         evaluate, monitor = seq2seq.evaluator(cfg, tokenizer, val_x)
+        planned = _announce_plan(model, cfg, proc, cfg.max_length, cfg.max_target_length)
         trainer = Trainer(model, train_f, seq2seq.Seq2SeqCollator(tokenizer.pad_token_id), cfg, out, proc,
                           eval_features=val_f, evaluate=evaluate, monitor=monitor,
                           save_model=_saver(tokenizer, seq2seq.task_info(cfg, model, data_name)),
                           description=f"finetune {cfg.task}", on_checkpoint=run_folder.publish)
         result = trainer.train()
         result.metrics.update(train_examples=len(train_f), eval_examples=len(val_f),
-                              parameters=model.num_parameters())
+                              parameters=model.num_parameters(), planned_peak_mb=planned)
         if proc.is_main:
             # Under FSDP the live model is sharded over the processes: sample from the saved copy.
             sampler = type(model).from_pretrained(out).to(proc.device) if proc.mode == "fsdp" else model

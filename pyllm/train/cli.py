@@ -1,6 +1,6 @@
-"""``pyllm pretrain | finetune | evaluate | predict | generate``.
+"""``pyllm pretrain | finetune | evaluate | predict | generate | plan``.
 
-``add_parsers(subparsers)`` adds the five subcommands to the ``pyllm`` parser. Every option is a
+``add_parsers(subparsers)`` adds the six subcommands to the ``pyllm`` parser. Every option is a
 field of the command's dataclass in :mod:`pyllm.train.config` (its flag, its help line, its default
 and its allowed values come from there), so the flags, the keys of a ``--config file.json`` and the
 keyword arguments of :mod:`pyllm.train.api` always agree. Precedence: defaults < config file < flags.
@@ -88,7 +88,7 @@ def cmd_pretrain(config_file, flags: dict) -> int:
     losses = [r["loss"] for r in result.history if "loss" in r]
     if losses:
         print(f"  train loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    _print_metrics(m, ["eval_loss", "eval_perplexity", "peak_memory_mb", "stopped"])
+    _print_metrics(m, ["eval_loss", "eval_perplexity", "peak_memory_mb", "planned_peak_mb", "stopped"])
     if m.get("sample"):
         print(f"sample:\n  {m['sample']}")
     return 0
@@ -104,7 +104,7 @@ def cmd_finetune(config_file, flags: dict) -> int:
           f"({m['train_seconds']:.0f} s) -> {result.output_dir}")
     _print_metrics(m, ["eval_accuracy", "eval_macro_f1", "majority_class_accuracy", "eval_f1", "eval_exact_match",
                        "eval_bleu", "eval_chrf", "eval_rouge1", "eval_rouge2", "eval_rougeL",  # translation etc.
-                       "eval_loss", "train_loss", "peak_memory_mb", "stopped"])
+                       "eval_loss", "train_loss", "peak_memory_mb", "planned_peak_mb", "stopped"])
     for s in m.get("samples", []):  # translation / summarization: a few validation sources, references, outputs
         print(f"  {s['source']!r}\n    -> {s['output']!r}\n    reference {s['reference']!r}")
     return 0
@@ -181,6 +181,16 @@ def cmd_generate(config_file, flags: dict) -> int:
     return 0
 
 
+@_command
+def cmd_plan(config_file, flags: dict) -> int:
+    from .memory_plan import plan_from_config
+
+    cfg = C.from_sources(C.PlanConfig, config_file, flags)
+    p = plan_from_config(cfg)
+    print(json.dumps(p.to_dict(), indent=2) if cfg.json else p.table())
+    return 0
+
+
 COMMANDS = [  # (config class, function, one-line help)
     (C.PretrainConfig, cmd_pretrain, "pretrain a GPT (clm), BERT (mlm), T5 (span) or BART (denoise); default: stdlib "
                                    "docstrings"),
@@ -188,6 +198,7 @@ COMMANDS = [  # (config class, function, one-line help)
     (C.EvaluateConfig, cmd_evaluate, "score a fine-tuned or pretrained run folder"),
     (C.PredictConfig, cmd_predict, "predict labels, tags or answer spans with a fine-tuned folder"),
     (C.GenerateConfig, cmd_generate, "continue prompts with a causal LM folder"),
+    (C.PlanConfig, cmd_plan, "estimate the peak memory of a training step; propose a batch that fits --memory"),
 ]
 
 
@@ -200,7 +211,7 @@ def _description(cls) -> str:
 
 
 def add_parsers(subparsers) -> None:
-    """Add pretrain, finetune, evaluate, predict and generate to ``pyllm``'s subparsers."""
+    """Add pretrain, finetune, evaluate, predict, generate and plan to ``pyllm``'s subparsers."""
     for cls, func, help_ in COMMANDS:
         p = subparsers.add_parser(cls.command, help=help_, description=_description(cls),
                                   argument_default=argparse.SUPPRESS)

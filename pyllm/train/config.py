@@ -1,8 +1,8 @@
-"""The options of the five training-side commands, each described and range-checked once, here.
+"""The options of the training-side commands, each described and range-checked once, here.
 
 One dataclass per command: :class:`PretrainConfig` and :class:`FinetuneConfig` (both built on
 :class:`TrainConfig`, what every training run shares), :class:`EvaluateConfig`,
-:class:`PredictConfig`, :class:`GenerateConfig`. Each field carries its one-line help and its
+:class:`PredictConfig`, :class:`GenerateConfig`, :class:`PlanConfig`. Each field carries its one-line help and its
 allowed values, so the CLI flags (``--learning-rate``), the keys of a ``--config file.json`` and the
 keyword arguments of :func:`pyllm.train.pretrain` and friends are the same names, described once and
 checked by the same code: a value of the wrong type or out of range is a :class:`ConfigError` naming
@@ -501,4 +501,55 @@ class GenerateConfig(_UseRun):
             self.need(bool(p.strip()), f"prompt {i} is {p!r}, an empty prompt; give some text to continue")
 
 
-COMMANDS = {c.command: c for c in (PretrainConfig, FinetuneConfig, EvaluateConfig, PredictConfig, GenerateConfig)}
+PLAN_ARCHS = ("gpt", "bert", "llama", "bart", "t5")  # pyllm.train.memory_plan.ARCHS (a test keeps them equal)
+PLAN_TASKS = ("clm", "mlm") + TASKS
+
+
+@config_class
+class PlanConfig(_Checked):
+    """Estimate the peak memory of one training step -- parameters, gradients, AdamW states, the
+    activations each layer keeps for the backward pass, logits/loss, temporaries -- for a model folder
+    (--model) or an architecture and its sizes (default: the model of the default `pyllm pretrain` run),
+    at a batch, sequence length, precision, checkpointing, LoRA and loss. With --memory, propose the
+    largest micro-batch (and the accumulation) that keeps --batch-size and fits."""
+
+    command: ClassVar[str] = "plan"
+
+    model: Optional[str] = option(None, "model or run folder (config.json; its pyllm_task.json gives the task)",
+                                  shown="--arch with the sizes below")
+    arch: str = option("gpt", "architecture when no --model is given", choices=PLAN_ARCHS)
+    task: Optional[str] = option(None, "the training task (its head and loss)", choices=PLAN_TASKS,
+                                 shown="clm for gpt/llama, mlm for bert, translation for bart/t5, or the run's")
+    # sizes: with --arch, the default pretrain model's unless given; with --model, they override its config
+    vocab_size: Optional[int] = option(None, "vocabulary size", shown="8192 with --arch", at_least=2)
+    hidden_size: Optional[int] = option(None, "model width", shown="256 with --arch", at_least=1)
+    num_layers: Optional[int] = option(None, "Transformer blocks (encoder and decoder each for bart/t5)",
+                                       shown="4 with --arch", at_least=1)
+    num_heads: Optional[int] = option(None, "attention heads", shown="4 with --arch", at_least=1)
+    num_kv_heads: Optional[int] = option(None, "key/value heads (grouped-query attention)", shown="--num-heads",
+                                         at_least=1)
+    intermediate_size: Optional[int] = option(None, "MLP width", shown="4 * hidden size", at_least=1)
+    num_labels: int = option(2, "classification tasks: number of labels", at_least=1)
+    batch_size: int = option(16, "global batch per optimizer step (split over accumulation steps)", at_least=1)
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", at_least=1)
+    seq_len: int = option(128, "tokens per sequence (the source for encoder-decoders)", at_least=1)
+    target_len: Optional[int] = option(None, "encoder-decoders: target tokens", shown="--seq-len", at_least=1)
+    precision: str = option("fp32", "fp32, or bf16/fp16 autocast", choices=PRECISIONS)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    lora: Optional[str] = option(None, "LoRA adapters, e.g. 'r=16,alpha=32,dropout=0.05,targets=q,k,v,o'",
+                                 shown="full training")
+    fused_loss: Optional[bool] = option(None, "fused linear cross-entropy (logits never stored) vs logits",
+                                        shown="what the model does: fused for GPT's causal LM")
+    memory: Optional[str] = option(None, "memory to fit, e.g. 24GB or 24GiB; 'auto': the device's (CUDA total "
+                                         "memory, else MemAvailable)", shown="no proposal")
+    device: str = _device()
+    json: bool = option(False, "print the plan as JSON")
+
+    def check(self) -> None:
+        self.need(self.batch_size % self.gradient_accumulation_steps == 0,
+                  f"batch_size ({self.batch_size}) must be divisible by gradient_accumulation_steps "
+                  f"({self.gradient_accumulation_steps})")
+
+
+COMMANDS = {c.command: c for c in (PretrainConfig, FinetuneConfig, EvaluateConfig, PredictConfig, GenerateConfig,
+                                   PlanConfig)}

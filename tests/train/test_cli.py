@@ -10,7 +10,7 @@ from pyllm.train import cli
 
 from .conftest import TINY_MODEL
 
-COMMANDS = ["pretrain", "finetune", "evaluate", "predict", "generate"]
+COMMANDS = ["pretrain", "finetune", "evaluate", "predict", "generate", "plan"]
 FAST = ["--no-progress", "--no-plot", "--device", "cpu", "--distributed", "none"]
 TINY = [x for k, v in TINY_MODEL.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
@@ -69,6 +69,7 @@ def test_pretrain_generate_end_to_end(tmp_path, corpus_file, capsys):
     assert run(argv) == 0
     printed = capsys.readouterr().out
     assert "sample:" in printed and "train loss" in printed
+    assert printed.startswith("memory plan: peak ") and "planned_peak_mb" in printed  # the plan comes first
     saved = json.loads((out / "pyllm_run.json").read_text())["config"]
     assert saved["max_steps"] == 3 and saved["batch_size"] == 4 and saved["learning_rate"] == 0.003  # flag > file
     # The same folder again: a clear error and exit code 2, nothing overwritten.
