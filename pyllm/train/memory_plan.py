@@ -591,7 +591,7 @@ def _widest(inter: int, gated: bool, heads: int, kv_heads: int, head_dim: int) -
     return (3 if gated else 2) * inter, (2 * heads + 2 * kv_heads) * head_dim
 
 
-def _causal_lm_loss(w: _Walk, h: _T, lm_head, rows: int, B: int):
+def _causal_lm_loss(w: _Walk, h: _T, lm_head, rows: int, B: int, bias_numel: int = 0):
     """The causal-LM loss: fused (pyllm.linear_cross_entropy keeps dhidden and dweight; one chunk of float32
     logits at a time) or unfused (logits, the float32 copy of the shifted logits, their log-softmax kept;
     in backward the log-softmax's output gradient and input gradient, then the logits' gradient)."""
@@ -604,6 +604,10 @@ def _causal_lm_loss(w: _Walk, h: _T, lm_head, rows: int, B: int):
         g.keep(dh)
         g.keep(dw)
         w.loss_kept = dh.nbytes + dw.nbytes
+        if bias_numel or lm_head.bias is not None:  # the bias gradient, computed in the same pass
+            db = g.new(bias_numel or V, e, "dbias")
+            g.keep(db)
+            w.loss_kept += db.nbytes
         chunk = _lce_chunk(rows, C, V)
         # forward: the float32 accumulator of dweight and one chunk's float32 logits (+ their 16-bit product)
         w.fwd_transient = V * C * 4 * (g.e != 4) + chunk * V * (4 + (g.e != 4) * g.e) + (V * C * 2 if g.autocast
@@ -712,7 +716,8 @@ def _class_loss(g: _Graph, logits: _T, rows: int) -> None:
 
 def _walk_seq2seq(w: _Walk, model):
     """BART / Marian / T5: encoder over the source (seq_len), decoder over the target (target_len) with
-    cross-attention to the encoder output, and the LM head (unfused logits)."""
+    cross-attention to the encoder output, and the LM head (the fused loss when the model takes
+    ``return_logits``, else the logits)."""
     g, B, M = w.g, w.B, w.N
     N = w.target or w.N
     cfg = model.config
@@ -760,6 +765,10 @@ def _walk_seq2seq(w: _Walk, model):
         if dec.norm_f is not None:
             h = g.dropout(g.norm(y, residual, rms=rms)[0] if residual is not None else g.norm(y, rms=rms)[0],
                           dec.dropout.p)
+        if w.fused:  # training with labels: pyllm.linear_cross_entropy (LM head, final_logits_bias, loss)
+            _causal_lm_loss(w, h, model.lm_head, B * N, B,
+                            bias_numel=model.lm_head.out_features if model.final_logits_bias is not None else 0)
+            return
         g.keep(g.new(B * N, 8, "targets"))  # nll_loss keeps the labels
         _logits_loss(w, h, model.lm_head, B * N, biased=model.final_logits_bias is not None)
 
