@@ -160,7 +160,7 @@ def test_pretrain_seq2seq_objective(tmp_path, corpus_file, objective, model_type
 def test_pretrain_objective_and_model_type_must_agree(tmp_path, corpus_file):
     kw = dict(train_file=str(corpus_file), max_steps=1, batch_size=4, **QUIET, **{**TINY_MODEL, "num_layers": 1})
     t5 = pretrain(objective="span", output_dir=str(tmp_path / "t5"), **kw).output_dir
-    for objective, needed in (("denoise", "bart or marian"), ("clm", "gpt2"), ("mlm", "bert")):
+    for objective, needed in (("denoise", "bart or marian"), ("clm", "gpt2 or llama"), ("mlm", "bert")):
         with pytest.raises(ValueError, match=f"objective '{objective}' needs a model of type {needed}; --init-from "
                                              f".* holds a 't5' model \\(a 't5' model pretrains with objective 'span'"):
             pretrain(objective=objective, init_from=str(t5), output_dir=str(tmp_path / objective), **kw)
