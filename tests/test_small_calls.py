@@ -58,3 +58,29 @@ def test_cache_keeps_no_tensor_alive():
     before = dict(backends._selected)
     backends.select("layer_norm", call)
     assert backends._selected == before
+
+
+def test_validated_metadata_skips_to_the_kernel():
+    """A norm call whose metadata passed validation before goes straight to the kernel: same values, gradients
+    still flow, the backend in force still decides, and bad arguments (new metadata) are still refused."""
+    import importlib
+
+    L = importlib.import_module("pyllm.ops.layer_norm")
+    x, w, b = torch.randn(4, 24), torch.randn(24), torch.randn(24)
+    first = pyllm.layer_norm(x, 24, w, b)
+    key = L._fast_key("layer_norm", x, 24, w, b, 1e-5, None, None)
+    assert key in L._validated and not any(isinstance(e, torch.Tensor) for e in key)
+    torch.testing.assert_close(pyllm.layer_norm(x, 24, w, b), first, rtol=0, atol=0)
+    xs = x.clone().requires_grad_(True)
+    pyllm.layer_norm(xs, 24, w, b).sum().backward()
+    assert xs.grad is not None and xs.grad.shape == x.shape
+    with backends.use("reference"):
+        assert L._fast_key("layer_norm", x, 24, w, b, 1e-5, None, None) != key
+        torch.testing.assert_close(pyllm.layer_norm(x, 24, w, b),
+                                   torch.nn.functional.layer_norm(x, (24,), w, b), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="weight"):
+        pyllm.layer_norm(x, 24, torch.randn(23), b)
+    with pytest.raises(ValueError, match="eps"):
+        pyllm.layer_norm(x, 24, w, b, eps=-1.0)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        pyllm.layer_norm(torch.randn(4, 25), 24, w, b)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from pyllm import backends, reference
-from pyllm.ops import _checks
+from pyllm.ops import _autograd, _checks
 
 
 def _check(q, k, v, key_padding_mask, softmax_scale) -> None:
@@ -80,8 +80,8 @@ def _run(q, k, v, causal, scale, key_padding_mask, return_lse, name, ext: Extras
         o, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale,
                                      key_padding_mask=key_padding_mask, return_lse=True)
         return (o, lse.detach()) if return_lse else o
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    o, lse = _kernel_fwd(name)(q, k, v, key_padding_mask, causal, scale)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    o, lse = _autograd.call(_kernel_fwd(name), q, k, v, key_padding_mask, causal, scale)
     return (o, lse.detach()) if return_lse else o
 
 
@@ -130,10 +130,15 @@ def attention(
         (and lse = -inf), never NaN, gradients included.
     """
     _check(q, k, v, key_padding_mask, softmax_scale)
-    ext = check_extras("attention", q, k, dropout_p=dropout_p, window_size=window_size, softcap=softcap,
-                       alibi_slopes=alibi_slopes, attn_bias=attn_bias)
+    if (type(dropout_p) is float and dropout_p == 0.0 and type(window_size) is tuple and window_size == (-1, -1)
+            and type(softcap) is float and softcap == 0.0 and alibi_slopes is None and attn_bias is None):
+        ext, features = None, ()  # the defaults: nothing to validate (small calls pay for every check)
+    else:
+        ext = check_extras("attention", q, k, dropout_p=dropout_p, window_size=window_size, softcap=softcap,
+                           alibi_slopes=alibi_slopes, attn_bias=attn_bias)
+        features = ext.features()
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    name = backends.select("attention", _call(q, k, features=ext.features()), backend)
+    name = backends.select("attention", _call(q, k, features=features), backend)
     return _run(q, k, v, bool(causal), scale, key_padding_mask, return_lse, name, ext)
 
 
