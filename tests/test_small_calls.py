@@ -84,3 +84,27 @@ def test_validated_metadata_skips_to_the_kernel():
         pyllm.layer_norm(x, 24, w, b, eps=-1.0)
     with pytest.raises(ValueError, match="normalized_shape"):
         pyllm.layer_norm(torch.randn(4, 25), 24, w, b)
+
+
+def test_attention_validated_metadata_skips_the_checks():
+    """attention without features: a call whose metadata was validated before skips the checks and the backend
+    choice; values unchanged, gradients flow, use() still decides, and new (bad) metadata is still refused."""
+    import importlib
+
+    A = importlib.import_module("pyllm.ops.attention")
+    q, k, v = torch.randn(1, 3, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    first = pyllm.attention(q, k, v, causal=True)
+    key = A._fast_key(q, k, v, None, None, None)
+    assert key in A._validated and not any(isinstance(e, torch.Tensor) for e in key)
+    torch.testing.assert_close(pyllm.attention(q, k, v, causal=True), first, rtol=0, atol=0)
+    qs = q.clone().requires_grad_(True)
+    pyllm.attention(qs, k, v, causal=True).sum().backward()
+    assert qs.grad is not None and qs.grad.shape == q.shape
+    with backends.use("reference"):
+        assert A._fast_key(q, k, v, None, None, None) != key
+        torch.testing.assert_close(pyllm.attention(q, k, v, causal=True),
+                                   pyllm.reference.attention(q, k, v, causal=True), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="head_dim"):
+        pyllm.attention(q, k[..., :4], v)
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        pyllm.attention(q, k, v, key_padding_mask=torch.ones(1, 5))
