@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-import pyllm
 from pyllm.check import attention_case
 from tests.conftest import DEVICE, need
 
