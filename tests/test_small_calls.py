@@ -58,3 +58,53 @@ def test_cache_keeps_no_tensor_alive():
     before = dict(backends._selected)
     backends.select("layer_norm", call)
     assert backends._selected == before
+
+
+def test_validated_metadata_skips_to_the_kernel():
+    """A norm call whose metadata passed validation before goes straight to the kernel: same values, gradients
+    still flow, the backend in force still decides, and bad arguments (new metadata) are still refused."""
+    import importlib
+
+    L = importlib.import_module("pyllm.ops.layer_norm")
+    x, w, b = torch.randn(4, 24), torch.randn(24), torch.randn(24)
+    first = pyllm.layer_norm(x, 24, w, b)
+    key = L._fast_key("layer_norm", x, 24, w, b, 1e-5, None, None)
+    assert key in L._validated and not any(isinstance(e, torch.Tensor) for e in key)
+    torch.testing.assert_close(pyllm.layer_norm(x, 24, w, b), first, rtol=0, atol=0)
+    xs = x.clone().requires_grad_(True)
+    pyllm.layer_norm(xs, 24, w, b).sum().backward()
+    assert xs.grad is not None and xs.grad.shape == x.shape
+    with backends.use("reference"):
+        assert L._fast_key("layer_norm", x, 24, w, b, 1e-5, None, None) != key
+        torch.testing.assert_close(pyllm.layer_norm(x, 24, w, b),
+                                   torch.nn.functional.layer_norm(x, (24,), w, b), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="weight"):
+        pyllm.layer_norm(x, 24, torch.randn(23), b)
+    with pytest.raises(ValueError, match="eps"):
+        pyllm.layer_norm(x, 24, w, b, eps=-1.0)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        pyllm.layer_norm(torch.randn(4, 25), 24, w, b)
+
+
+def test_attention_validated_metadata_skips_the_checks():
+    """attention without features: a call whose metadata was validated before skips the checks and the backend
+    choice; values unchanged, gradients flow, use() still decides, and new (bad) metadata is still refused."""
+    import importlib
+
+    A = importlib.import_module("pyllm.ops.attention")
+    q, k, v = torch.randn(1, 3, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    first = pyllm.attention(q, k, v, causal=True)
+    key = A._fast_key(q, k, v, None, None, None)
+    assert key in A._validated and not any(isinstance(e, torch.Tensor) for e in key)
+    torch.testing.assert_close(pyllm.attention(q, k, v, causal=True), first, rtol=0, atol=0)
+    qs = q.clone().requires_grad_(True)
+    pyllm.attention(qs, k, v, causal=True).sum().backward()
+    assert qs.grad is not None and qs.grad.shape == q.shape
+    with backends.use("reference"):
+        assert A._fast_key(q, k, v, None, None, None) != key
+        torch.testing.assert_close(pyllm.attention(q, k, v, causal=True),
+                                   pyllm.reference.attention(q, k, v, causal=True), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="head_dim"):
+        pyllm.attention(q, k[..., :4], v)
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        pyllm.attention(q, k, v, key_padding_mask=torch.ones(1, 5))

@@ -52,6 +52,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "attention_decode.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -876,6 +878,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                      const std::optional<at::Tensor>& key_padding_mask,
                                                      bool causal, double softmax_scale) {
+  check_qkv(q, k, v);
+  check_mask(key_padding_mask, q, k);
+  std::tuple<at::Tensor, at::Tensor> decoded;  // few query rows: flash-decoding (attention_decode.cpp)
+  if (pyllm::cpu::attention_decode_fwd(q, k, v, key_padding_mask, causal, softmax_scale, decoded)) return decoded;
   return attention_fwd_impl(q, k, v, key_padding_mask, causal, softmax_scale, FeatureArgs{});
 }
 

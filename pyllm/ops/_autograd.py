@@ -17,6 +17,17 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def call(op: Callable, *args):
+    """``op(*args)``, past its registered autograd when nothing can need it (grad mode off, or no input requires
+    grad): the same kernel and result without the Python wrapper of torch.library, which small calls pay for.
+    torch.compile always sees the op as registered."""
+    if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 # ---------------------------------------------------------------- layer norm
 def layer_norm_fwd_fake(x, weight, bias, residual, eps, rms):
     M, N = x.shape

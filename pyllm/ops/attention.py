@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import torch
 from torch import Tensor
 
 from pyllm import backends, reference
-from pyllm.ops import _checks
+from pyllm.ops import _autograd, _checks
 
 
 def _check(q, k, v, key_padding_mask, softmax_scale) -> None:
@@ -80,8 +81,8 @@ def _run(q, k, v, causal, scale, key_padding_mask, return_lse, name, ext: Extras
         o, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale,
                                      key_padding_mask=key_padding_mask, return_lse=True)
         return (o, lse.detach()) if return_lse else o
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    o, lse = _kernel_fwd(name)(q, k, v, key_padding_mask, causal, scale)
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    o, lse = _autograd.call(_kernel_fwd(name), q, k, v, key_padding_mask, causal, scale)
     return (o, lse.detach()) if return_lse else o
 
 
@@ -129,12 +130,42 @@ def attention(
         o (batch, seqlen_q, heads_q, head_dim) in q's dtype; a query row that sees no key gives zeros
         (and lse = -inf), never NaN, gradients included.
     """
-    _check(q, k, v, key_padding_mask, softmax_scale)
-    ext = check_extras("attention", q, k, dropout_p=dropout_p, window_size=window_size, softcap=softcap,
-                       alibi_slopes=alibi_slopes, attn_bias=attn_bias)
+    plain = (type(dropout_p) is float and dropout_p == 0.0 and type(window_size) is tuple
+             and window_size == (-1, -1) and type(softcap) is float and softcap == 0.0 and alibi_slopes is None
+             and attn_bias is None)  # the feature defaults: nothing to validate for them
+    key = _fast_key(q, k, v, key_padding_mask, softmax_scale, backend) if plain else None
+    name = _validated.get(key) if key is not None else None
+    ext = None
+    if name is None:
+        _check(q, k, v, key_padding_mask, softmax_scale)
+        if not plain:
+            ext = check_extras("attention", q, k, dropout_p=dropout_p, window_size=window_size, softcap=softcap,
+                               alibi_slopes=alibi_slopes, attn_bias=attn_bias)
+        name = backends.select("attention", _call(q, k, features=ext.features() if ext else ()), backend)
+        if key is not None:
+            if len(_validated) > 1024:
+                _validated.clear()
+            _validated[key] = name
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    name = backends.select("attention", _call(q, k, features=ext.features()), backend)
     return _run(q, k, v, bool(causal), scale, key_padding_mask, return_lse, name, ext)
+
+
+# Small calls (issue 15): the checks and the backend choice of a call without features depend only on its
+# arguments' metadata, so a call whose metadata was validated before skips them. The key holds no tensor.
+_validated: dict = {}
+
+
+def _fast_key(q, k, v, key_padding_mask, softmax_scale, backend):
+    if (not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor))
+            or not (softmax_scale is None or type(softmax_scale) is float) or torch.compiler.is_compiling()):
+        return None
+    m = key_padding_mask
+    if m is not None:
+        if not isinstance(m, Tensor):
+            return None
+        m = (m.shape, m.dtype, m.device)
+    return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, m, softmax_scale,
+            backends.requested(backend), os.environ.get("TRITON_INTERPRET"))
 
 
 def _describe_attention(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, dropout_p=0.0,

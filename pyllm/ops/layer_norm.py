@@ -6,6 +6,7 @@ Each backend gets a 2-D view ``x2`` (M, N) (M = product of the leading dims, N =
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyllm import backends, reference
-from pyllm.ops import _checks
+from pyllm.ops import _autograd, _checks
 
 _Shape = int | Sequence[int] | torch.Size
 
@@ -100,11 +101,40 @@ def _reference(op, x, shape, weight, bias, eps, residual):
     return y if residual is None else (y, h)
 
 
-def _norm(op, x, shape, weight, bias, eps, residual, backend):
-    rms = op == "rms_norm"
+def _norm(op, x, shape, weight, bias, eps, residual, backend, key=None):
     name = backends.select(op, _call(x, math.prod(shape), weight), backend)
     if name == "reference":
         return _reference(op, x, shape, weight, bias, eps, residual)
+    if key is not None:  # validated, unconverted, served by a kernel: later calls like it skip to _kernel
+        if len(_validated) > 1024:
+            _validated.clear()
+        _validated[key] = (name, shape, eps)
+    return _kernel(op, name, x, shape, weight, bias, eps, residual)
+
+
+# Small calls (issue 15): a call's checks, dtype harmonization and backend choice depend only on its arguments'
+# metadata, so a call whose metadata was validated before (and needed no conversion) goes straight to the
+# kernel. The key holds no tensor (nothing kept alive) and the backend in force (per call, use(), the env).
+_validated: dict = {}
+
+
+def _fast_key(op, x, normalized_shape, weight, bias, eps, residual, backend):
+    if (residual is not None or not isinstance(x, Tensor) or not (eps is None or type(eps) is float)
+            or type(normalized_shape) not in (int, tuple, torch.Size) or torch.compiler.is_compiling()):
+        return None
+    meta = []
+    for p in (weight, bias):
+        if p is not None:
+            if not isinstance(p, Tensor) or p.dtype not in (x.dtype, torch.float32):
+                return None
+            p = (p.shape, p.dtype, p.device)
+        meta.append(p)
+    return (op, x.shape, x.dtype, x.device, normalized_shape, *meta, eps, backends.requested(backend),
+            os.environ.get("TRITON_INTERPRET"))
+
+
+def _kernel(op, name, x, shape, weight, bias, eps, residual):
+    rms = op == "rms_norm"
     n = math.prod(shape)
     flat = x.dim() == 2 and len(shape) == 1  # already (M, N): no reshapes (small calls pay for each)
     x2 = x if flat else x.reshape(-1, n)
@@ -115,23 +145,10 @@ def _norm(op, x, shape, weight, bias, eps, residual, backend):
         r2 = r2.contiguous()
     w = weight if weight is None or len(shape) == 1 else weight.reshape(n)
     b = bias if bias is None or len(shape) == 1 else bias.reshape(n)
-    args = (x2, w, b, r2, float(eps), rms)
-    if _needs_autograd(args):
-        y, h, _, _ = _kernel_fwd(name)(*args)
-    else:  # nothing to differentiate: skip the Python autograd wrapper of torch.library (same kernel, same result)
-        with torch._C._AutoDispatchBelowAutograd():
-            y, h, _, _ = _kernel_fwd(name)(*args)
+    y, h, _, _ = _autograd.call(_kernel_fwd(name), x2, w, b, r2, float(eps), rms)
     if not flat:
         y = y.view(x.shape)
     return y if residual is None else (y, h if flat else h.view(x.shape))
-
-
-def _needs_autograd(args) -> bool:
-    """Whether the kernel call must go through its registered autograd: grad mode is on and an input requires
-    grad, or torch.compile is tracing (it must see the op as registered)."""
-    if torch.compiler.is_compiling():
-        return True
-    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
 def layer_norm(
@@ -152,9 +169,13 @@ def layer_norm(
     ``(layer_norm(h), h)`` -- the pre-norm Transformer block's add & norm. ``backend`` picks a backend
     by name (see :mod:`pyllm.backends`); the default follows ``backends.use`` / ``PYLLM_BACKEND`` / auto.
     """
+    key = _fast_key("layer_norm", x, normalized_shape, weight, bias, eps, residual, backend)
+    hit = _validated.get(key) if key is not None else None
+    if hit is not None:
+        return _kernel("layer_norm", hit[0], x, hit[1], weight, bias, hit[2], None)
     shape = _check("layer_norm", x, normalized_shape, weight, bias, residual, eps)
     x, weight, bias, residual = _harmonize(x, weight, bias, residual)
-    return _norm("layer_norm", x, shape, weight, bias, eps, residual, backend)
+    return _norm("layer_norm", x, shape, weight, bias, eps, residual, backend, key)
 
 
 def rms_norm(
@@ -170,10 +191,14 @@ def rms_norm(
 
     ``eps=None`` means ``torch.finfo(x.dtype).eps`` (torch's default). ``residual`` as in :func:`layer_norm`.
     """
+    key = _fast_key("rms_norm", x, normalized_shape, weight, None, eps, residual, backend)
+    hit = _validated.get(key) if key is not None else None
+    if hit is not None:
+        return _kernel("rms_norm", hit[0], x, hit[1], weight, None, hit[2], None)
     shape = _check("rms_norm", x, normalized_shape, weight, None, residual, eps)
     x, weight, _, residual = _harmonize(x, weight, None, residual)
     eps = torch.finfo(x.dtype).eps if eps is None else eps
-    return _norm("rms_norm", x, shape, weight, None, eps, residual, backend)
+    return _norm("rms_norm", x, shape, weight, None, eps, residual, backend, key)
 
 
 backends.register_op("layer_norm", _describe("layer_norm"))

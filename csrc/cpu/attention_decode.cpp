@@ -1,0 +1,145 @@
+// Flash-decoding on the CPU (issue 15): attention forward for few query rows and many keys.
+//
+// With Nq small (a generation step: Nq = 1) the blocked kernel of attention.cpp does one query block per
+// (batch, head) and packs K/V into fp32 tiles on every call. Here, per task (batch b, kv head g, key split s):
+//
+//   the R = (Hq / Hkv) Nq query rows that read kv head g share each K/V read (GQA); the keys of split s are
+//   visited in sub-chunks small enough to stay in L1/L2 while every row uses them; per row, 16 scores at a
+//   time (16 dot products, one transpose-add tree, no horizontal sum per key), an online softmax (running
+//   max m, sum l, unnormalized acc), and acc += p_j v_j with V widened to fp32 in registers.
+//   Splits (flash-decoding) only when B Hkv tasks cannot keep every thread busy; they are combined by one
+//   log-sum-exp: M = max m_s, L = sum l_s e^(m_s - M), out = sum acc_s e^(m_s - M) / L, lse = M + log L.
+//
+// Precision: fp32 products and sums for fp32; fp16 and bf16 are widened in registers (never copied to fp32
+// buffers), and on a CPU with AVX512-BF16 the bf16 q.k products run as vdpbf16ps (bf16 x bf16 is exact in
+// fp32, accumulated in fp32). The kernel is compiled for AVX-512 by #pragma GCC target whatever -march the
+// build uses, and runs only when the CPU reports the instructions (runtime dispatch below); everywhere else,
+// and for fp64, attention.cpp's blocked kernel serves the call.
+
+#include "attention_decode.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define PYLLM_DECODE_X86 1
+#else
+#define PYLLM_DECODE_X86 0
+#endif
+
+namespace pyllm::cpu {
+
+struct DecodeProblem {
+  int64_t B, Nq, Nk, Hq, Hkv, D;
+  bool causal;
+  float scale;
+  const bool* mask;             // (B, Nk) contiguous, or nullptr
+  int64_t sq[3], sk[3], sv[3];  // strides of dims 0..2 in elements (dim 3 is contiguous)
+  int64_t nsplit;               // key ranges per (batch, kv head), combined by log-sum-exp when > 1
+  int64_t kc;                   // keys per sub-chunk (a multiple of 16): its K, V rows stay in L1/L2 across rows
+  bool parallel;                // at::parallel_for over the tasks, or the calling thread alone
+};
+
+#if PYLLM_DECODE_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+namespace decode_avx512 {
+#define PYLLM_DECODE_BF16_DOT 0
+#include "attention_decode_kernel.inc"
+#undef PYLLM_DECODE_BF16_DOT
+}  // namespace decode_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")
+namespace decode_avx512_bf16 {
+#define PYLLM_DECODE_BF16_DOT 1
+#include "attention_decode_kernel.inc"
+#undef PYLLM_DECODE_BF16_DOT
+}  // namespace decode_avx512_bf16
+#pragma GCC pop_options
+#endif
+
+namespace {
+
+struct Cpu {
+  bool avx512 = false, bf16 = false;
+};
+
+const Cpu& cpu() {
+  static const Cpu c = [] {
+    Cpu x;
+#if PYLLM_DECODE_X86
+    __builtin_cpu_init();
+    x.avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    x.bf16 = x.avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
+    return x;
+  }();
+  return c;
+}
+
+}  // namespace
+
+bool attention_decode_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& key_padding_mask, bool causal, double softmax_scale,
+                          std::tuple<at::Tensor, at::Tensor>& result) {
+#if !PYLLM_DECODE_X86
+  return false;
+#else
+  const auto dt = q.scalar_type();
+  const int64_t B = q.size(0), Nq = q.size(1), Hq = q.size(2), D = q.size(3), Nk = k.size(1), Hkv = k.size(2);
+  // Few query rows per kv head (the blocked kernel's matrix products win beyond), head_dim <= 256.
+  // PYLLM_CPU_DECODE=0 leaves every call to the blocked kernel (A/B timing, tests); read per call, it is cheap.
+  const char* env = std::getenv("PYLLM_CPU_DECODE");
+  if (env != nullptr && env[0] == '0') return false;
+  if (!cpu().avx512 || !(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) || Nq > 16 ||
+      (Hq / Hkv) * Nq > 32 || D > 256 || B == 0 || Nq == 0 || Hq == 0 || Nk == 0)
+    return false;
+  if ((q.stride(3) != 1 && D > 1) || (k.stride(3) != 1 && D > 1) || (v.stride(3) != 1 && D > 1)) return false;
+  at::Tensor mask;
+  if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
+  DecodeProblem p{B, Nq, Nk, Hq, Hkv, D, causal, static_cast<float>(softmax_scale),
+                           mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                           {q.stride(0), q.stride(1), q.stride(2)},
+                           {k.stride(0), k.stride(1), k.stride(2)},
+                           {v.stride(0), v.stride(1), v.stride(2)}, 1, 16, false};
+  // Threads only when the call is big enough to pay for waking them; key splits only when the B Hkv tasks
+  // cannot keep every thread busy (each split keeps >= 256 keys).
+  const int64_t threads = at::get_num_threads(), units = B * Hkv;
+  p.parallel = threads > 1 && B * Hq * Nq * Nk * D >= (int64_t{1} << 17);
+  if (p.parallel && !(units % threads == 0 || units >= 4 * threads))
+    p.nsplit = std::clamp<int64_t>((4 * threads + units - 1) / units, 1, std::max<int64_t>(1, Nk / 256));
+  const int64_t elem = dt == at::kFloat ? 4 : 2;
+  p.kc = std::clamp<int64_t>(32768 / (D * elem) / 16 * 16, 32, 256);
+  at::Tensor out = at::empty({B, Nq, Hq, D}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
+  const void *qp = q.data_ptr(), *kp = k.data_ptr(), *vp = v.data_ptr();
+  void* op = out.data_ptr();
+  float* lp = lse.data_ptr<float>();
+  if (dt == at::kFloat) {
+    decode_avx512::decode_any<decode_avx512::F32>(p, qp, kp, vp, op, lp);
+  } else if (dt == at::kHalf) {
+    decode_avx512::decode_any<decode_avx512::Widened<at::Half, false>>(p, qp, kp, vp, op, lp);
+  } else if (cpu().bf16) {
+    decode_avx512_bf16::decode_any<decode_avx512_bf16::BF16Dot>(p, qp, kp, vp, op, lp);
+  } else {
+    decode_avx512::decode_any<decode_avx512::Widened<at::BFloat16, true>>(p, qp, kp, vp, op, lp);
+  }
+  result = {out, lse};
+  return true;
+#endif
+}
+
+}  // namespace pyllm::cpu
