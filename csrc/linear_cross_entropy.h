@@ -8,7 +8,8 @@
 //   row step: loss per row; z <- dloss/dlogits      (softcap, label smoothing, z-loss, ignore_index)
 //   dhidden[c] = dz @ weight                        in the input dtype
 //   dweight   += dz^T @ hidden[c]                   accumulated in float32 (float64), cast at the end
-//   dbias     += sum_rows dz
+//                                                  (the first chunk writes it: no zero fill of (V, H))
+//   dbias     += dz^T @ ones                        a GEMV (a column sum of dz; faster than sum(0) on the CPU)
 // The gradients are final (they already carry the 1/n of the mean), so the autograd backward only
 // multiplies them by the incoming scalar gradient.
 #pragma once
@@ -80,12 +81,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_forward(
             mean ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1)) : 1.0, compute_grad};
 
   at::Tensor dhidden = compute_grad ? at::empty({N, H}, hidden.options()) : at::empty({0}, hidden.options());
-  // dweight is the sum over all chunks: accumulate in acc precision (float32 for bf16/fp16 inputs).
-  at::Tensor dweight_acc = compute_grad ? at::zeros({V, H}, fopts) : at::empty({0}, fopts);
+  // dweight is the sum over all chunks: accumulate in acc precision (float32 for bf16/fp16 inputs). The first
+  // chunk overwrites it (zeros only when there is no chunk).
+  at::Tensor dweight_acc = !compute_grad ? at::empty({0}, fopts)
+                           : N > 0      ? at::empty({V, H}, fopts)
+                                        : at::zeros({V, H}, fopts);
   at::Tensor dbias_acc = (compute_grad && bias) ? at::zeros({V}, fopts) : at::empty({0}, fopts);
   at::Tensor loss_sum = at::zeros({}, hidden.options().dtype(at::kDouble));
   const at::Tensor wt = weight.t();
   const int64_t C = chunk_size > 0 ? std::min(chunk_size, std::max<int64_t>(N, 1)) : auto_chunk(N, H, V);
+  const at::Tensor ones = (compute_grad && bias) ? at::ones({C}, fopts) : at::Tensor();
 
   for (int64_t start = 0; start < N; start += C) {
     const int64_t c = std::min(C, N - start);
@@ -101,8 +106,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_forward(
     at::Tensor dh = dhidden.narrow(0, start, c);                               // (c, H)
     at::mm_out(dh, g, weight);
     // (V, c) @ (c, H) in acc precision: bf16 products are exact in fp32, no (V, H) low-precision temporary
-    dweight_acc.addmm_(z.t(), h.scalar_type() == acc ? h : h.to(acc));
-    if (bias) dbias_acc.add_(z.sum(0));
+    const at::Tensor ha = h.scalar_type() == acc ? h : h.to(acc);
+    if (start == 0) {
+      at::mm_out(dweight_acc, z.t(), ha);
+    } else {
+      dweight_acc.addmm_(z.t(), ha);
+    }
+    if (bias) dbias_acc.addmv_(z.t(), ones.narrow(0, 0, c));
   }
   at::Tensor loss = (mean ? loss_sum / static_cast<double>(std::max<int64_t>(n_valid, 1)) : loss_sum).to(acc);
   at::Tensor dweight = compute_grad ? dweight_acc.to(weight.scalar_type()) : at::empty({0}, weight.options());

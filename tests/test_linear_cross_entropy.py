@@ -112,6 +112,34 @@ def test_torch_compile(backend):
     torch.testing.assert_close(gw, w.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_scaling_keeps_retained_graphs_and_held_outputs(backend):
+    """Backward returns the saved gradients unscaled (dloss == 1) or scales them in place only when autograd
+    alone holds them and frees them after: a retained graph backpropagates again (after an in-place change of
+    .grad, as gradient clipping does), and outputs of a direct op call are not changed by backward."""
+    need(backend)
+    h = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    w = torch.randn(23, 10, device=DEVICE, requires_grad=True)
+    y = torch.tensor([0, 22, -100, 5, 5, 1], device=DEVICE)
+    rh, rw = torch.autograd.grad(F.cross_entropy(F.linear(h, w), y), (h, w))
+    for dloss in (1.0, 2.5):
+        h.grad = w.grad = None
+        loss = pyllm.linear_cross_entropy(h, w, y, chunk_size=4, backend=backend)
+        (loss * dloss).backward(retain_graph=True)
+        w.grad.mul_(0.5)
+        (loss * dloss).backward(retain_graph=True)
+        (loss * dloss).backward()
+        torch.testing.assert_close(h.grad, 3 * dloss * rh, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(w.grad, 2.5 * dloss * rw, atol=1e-5, rtol=1e-5)
+        out = _op(backend)(h, w, y, None, -100, 0.0, 0.0, 0.0, True, 0, True)
+        kept = [t.detach().clone() for t in out[1:3]]
+        gh, gw = torch.autograd.grad(out[0] * dloss, (h, w))
+        for t, k in zip(out[1:3], kept):
+            assert torch.equal(t.detach(), k)  # unchanged
+        torch.testing.assert_close(gh, dloss * rh, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, dloss * rw, atol=1e-5, rtol=1e-5)
+
+
 def test_explain_and_mixed_dtypes():
     h, w, y = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([1, 2, 3])
     reasons = pyllm.backends.explain("linear_cross_entropy", h, w, y)

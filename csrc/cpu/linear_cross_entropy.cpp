@@ -75,6 +75,18 @@ void rows_cpu(at::Tensor z, const at::Tensor& labels, at::Tensor loss, const lce
   });
 }
 
+// The CPU's default chunk: Liger's rule (lce::auto_chunk), raised to as many rows as fit kChunkBytes of
+// float32 logits. Each chunk streams weight twice and dweight once (read and write), so small chunks of a
+// small vocabulary spend their time there: at N 1024, H 256, V 8000 (fp32, 2 threads, measured under load)
+// one 1024-row chunk took 0.65x the time of four 256-row ones; at V 32000 the rule keeps 256 rows.
+constexpr int64_t kChunkBytes = int64_t(32) << 20;
+
+int64_t cpu_chunk(int64_t N, int64_t H, int64_t V) {
+  int64_t fit = 1;
+  while (2 * fit * V * int64_t(sizeof(float)) <= kChunkBytes) fit <<= 1;
+  return std::max<int64_t>(std::min(std::max(fit, lce::auto_chunk(N, H, V)), N), 1);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
     const std::optional<at::Tensor>& bias, int64_t ignore_index, double label_smoothing, double softcap,
@@ -89,6 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
       rows_cpu<float>(z, y, loss, o);
     }
   };
+  if (chunk_size <= 0) chunk_size = cpu_chunk(hidden.size(0), hidden.size(1), weight.size(0));
   return lce::chunked_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, z_loss, mean,
                               chunk_size, compute_grad, acc, step);
 }

@@ -119,10 +119,37 @@ def linear_cross_entropy_fwd_fake(hidden, weight, labels, bias, ignore_index, la
             weight.new_empty((V, H) if compute_grad else (0,)), dbias)
 
 
+# References to a saved gradient's storage while autograd alone holds it (3 with torch 2.13: the saved copy, the
+# unpacked tensor and one internal reference); one more means the caller kept the op's output (a direct
+# torch.ops call). tests/test_linear_cross_entropy.py checks that such an output is left unchanged.
+_LCE_PRIVATE_REFS = 3
+
+
+def _lce_scale(dloss):
+    """How backward turns a saved (final) gradient t into the returned one, t * dloss, without a full pass
+    over (V, H) and (N, H) where that is safe. Eager only (a traced backward stays functional), and only when
+    the graph is not kept (no retain_graph/create_graph: autograd frees the saved gradients after this node)
+    and nobody else holds them: then on the CPU, dloss == 1 (``loss.backward()``) returns t itself, and any
+    other dloss scales t in place. Otherwise out of place, as before."""
+    out_of_place = lambda t: t * dloss.to(t.dtype)  # noqa: E731
+    if torch.compiler.is_compiling() or type(dloss) is not torch.Tensor or dloss.requires_grad:
+        return out_of_place
+    if getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)():
+        return out_of_place
+    one = dloss.device.type == "cpu" and dloss.item() == 1.0
+
+    def scale(t):
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        if use_count is None or use_count(t.untyped_storage()._cdata) > _LCE_PRIVATE_REFS:
+            return out_of_place(t)
+        return t if one else t.mul_(dloss.to(t.dtype))
+    return scale
+
+
 def register_linear_cross_entropy(fwd_name: str) -> None:
     """Fake kernel and autograd for a linear_cross_entropy fwd op. The forward already computed the
     gradients (chunk by chunk, while it had each chunk's logits); backward scales them by the incoming
-    scalar gradient. Only the loss is differentiable."""
+    scalar gradient (see _lce_scale). Only the loss is differentiable."""
 
     def setup_context(ctx, inputs, output):
         bias, compute_grad = inputs[3], inputs[-1]
@@ -134,13 +161,13 @@ def register_linear_cross_entropy(fwd_name: str) -> None:
         ctx.set_materialize_grads(False)
 
     def backward(ctx, dloss, _dh, _dw, _db):
+        if dloss is None:  # only the gradient outputs were backpropagated through: they are not differentiable
+            return (None,) * 11
         if not ctx.compute_grad:
             raise RuntimeError("linear_cross_entropy: backward through a call made with compute_grad=False "
                                "(its gradients were not computed)")
         dhidden, dweight, dbias = ctx.saved_tensors
-        if dloss is None:  # nothing reached the loss (grads are not materialized as zeros): no gradient
-            return (None,) * 11
-        scale = lambda t: t * dloss.to(t.dtype)  # noqa: E731
+        scale = _lce_scale(dloss)
         return (scale(dhidden), scale(dweight), None, scale(dbias) if ctx.has_bias else None,
                 None, None, None, None, None, None, None)
 
