@@ -52,6 +52,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "attention_args.h"
 #include "attention_decode.h"
 
 #include <algorithm>
@@ -807,13 +808,7 @@ void check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, cons
 
 // The feature arguments of attention_ext_{fwd,bwd} as a Features struct; `keep` holds the converted
 // tensors it points into. Memory-safety guards only: the op layer has validated the values.
-struct FeatureArgs {
-  int64_t window_left = -1, window_right = -1;
-  double softcap = 0;
-  std::optional<at::Tensor> alibi, bias;
-  double dropout_p = 0;
-  int64_t seed = 0, offset = 0, drop_lq = 0, drop_lk = 0;
-};
+using FeatureArgs = pyllm::AttentionFeatureArgs;  // csrc/attention_args.h
 
 // B, Nq, Hq, Nk: the batch (number of sequences when packed) and the (longest) lengths.
 Features make_features(const FeatureArgs& a, const at::Tensor& q, int64_t B, int64_t Nq, int64_t Hq, int64_t Nk,

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include "attention_args.h"
 #include "kernels.h"
 
 namespace {
@@ -96,13 +97,7 @@ AttentionShape check_attention_inputs(const char* op, const at::Tensor& q, const
 // The feature arguments of attention_ext_fwd/bwd (csrc/pyllm.cpp). The CUDA kernels implement the window,
 // softcap, ALiBi and dropout; attn_bias is declined (pyllm/capabilities.py does not declare it, so auto
 // takes another backend; asked for by name, this error says why).
-struct FeatureArgs {
-  int64_t window_left = -1, window_right = -1;
-  double softcap = 0;
-  std::optional<at::Tensor> alibi, bias;
-  double dropout_p = 0;
-  int64_t seed = 0, offset = 0, drop_lq = 0, drop_lk = 0;
-};
+using FeatureArgs = pyllm::AttentionFeatureArgs;  // csrc/attention_args.h
 
 // A window at least as wide as both sequences is no window (and keeps the kernels' int arithmetic small).
 int window_arg(int64_t w, const AttentionShape& s) { return w < 0 || w >= s.Nq + s.Nk ? -1 : static_cast<int>(w); }
