@@ -608,7 +608,7 @@ def _causal_lm_loss(w: _Walk, h: _T, lm_head, rows: int, B: int, bias_numel: int
             db = g.new(bias_numel or V, e, "dbias")
             g.keep(db)
             w.loss_kept += db.nbytes
-        chunk = _lce_chunk(rows, C, V)
+        chunk = _lce_chunk(rows, C, V, cpu=not g.cuda)
         # forward: the float32 accumulator of dweight and one chunk's float32 logits (+ their 16-bit product)
         w.fwd_transient = V * C * 4 * (g.e != 4) + chunk * V * (4 + (g.e != 4) * g.e) + (V * C * 2 if g.autocast
                                                                                         else 0)
@@ -634,14 +634,22 @@ def _causal_lm_loss(w: _Walk, h: _T, lm_head, rows: int, B: int, bias_numel: int
     w.loss_bwd = max(2 * shifted * 4, rows * V * g.e + shifted * 4)
 
 
-def _lce_chunk(N: int, H: int, V: int) -> int:
-    """csrc/linear_cross_entropy.h auto_chunk: about N / ceil(V / H) tokens, a power of two, at least 256."""
+def _lce_chunk(N: int, H: int, V: int, cpu: bool = False) -> int:
+    """csrc/linear_cross_entropy.h auto_chunk: about N / ceil(V / H) tokens, a power of two, at least 256; on
+    the CPU (csrc/cpu/linear_cross_entropy.cpp cpu_chunk) raised to the power of two of rows whose float32
+    logits, twice over, fit 32 MiB."""
     ratio = max(1, -(-V // max(H, 1)))
     c = max(1, -(-N // ratio))
     p = 1
     while p < c:
         p <<= 1
-    return max(min(max(p, 256), N), 1)
+    chunk = max(min(max(p, 256), N), 1)
+    if cpu:
+        fit = 1
+        while 2 * fit * V * 4 <= 32 << 20:
+            fit <<= 1
+        chunk = max(min(max(fit, max(p, 256)), N), 1)
+    return chunk
 
 
 def _walk_bert(w: _Walk, model):
