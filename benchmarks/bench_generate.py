@@ -59,9 +59,9 @@ def run(args) -> dict:
     p = QUICK if args.quick else FULL
     device, threads = args.device, torch.get_num_threads()
     results = {"machine": machine_info(device, threads), "preset": "quick" if args.quick else "full", "rows": []}
-    for arch in ("gpt2", "llama"):
+    for arch in args.arch or ("gpt2", "llama"):
         ours, theirs = (m.to(device) for m in build(arch, p["layers"]))
-        for B in p["batches"]:
+        for B in args.batch or p["batches"]:
             ids = torch.randint(0, 32000, (B, p["prompt"]), generator=torch.Generator().manual_seed(B)).to(device)
             new = p["new"]
 
@@ -115,6 +115,8 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-s", type=float, default=60.0, help="time budget per provider and case (seconds)")
+    ap.add_argument("--arch", nargs="+", choices=("gpt2", "llama"), help="only these models (default: both)")
+    ap.add_argument("--batch", nargs="+", type=int, help="only these batch sizes (default: 1 and 8; quick: 1 and 4)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     results = run(args)
