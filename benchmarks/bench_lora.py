@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps of both runs (default 100, one epoch)")
     ap.add_argument("--lora", default="r=16,alpha=32,dropout=0.05,targets=q,k,v,o")
-    ap.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA learning rate (full: finetune's default)")
+    ap.add_argument("--lora-lr", type=float, default=5e-3, help="LoRA learning rate (full: finetune's default); "
+                    "at 100 steps 1e-3 trails full fine-tuning by 19 points, 5e-3 matches it")
     ap.add_argument("--max-eval", type=int, default=None, help="evaluate on this many validation examples")
     args = ap.parse_args(argv)
 
