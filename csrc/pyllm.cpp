@@ -51,6 +51,10 @@
 //   (interleaved = true) of the first R dims by angle theta (cos, sin): (x1 c - x2 s, x2 c + x1 s);
 //   conjugate = true rotates by -theta (the backward pass); dims R..D are copied.
 //   q_out, k_out contiguous, q's shape and dtype / k's; math in fp32 (fp64 for fp64)
+// linear_decode(x, weight, bias) -> y   (CPU only; inference, no autograd)
+//   x (..., K) (M rows in all), weight (N, K), bias (N,) or None: y = x weight^T + bias, (..., N) contiguous,
+//   x.dtype. For the few rows of a generation step (M <= 16): fp32 streams the weights once for all rows;
+//   other dtypes run at::linear.
 // attention_ext_fwd / attention_ext_bwd: the same plus FlashAttention's features (see pyllm.attention):
 //   window_left/right (-1 = unbounded; causal makes right 0), softcap (0 = off; s = cap tanh(s / cap)),
 //   alibi_slopes (Hq,) or (B, Hq) float32: - slope |i + Nk - Nq - j|;  attn_bias 4-D, broadcastable to
@@ -82,6 +86,7 @@ TORCH_LIBRARY(pyllm, m) {
         " float label_smoothing, float softcap, float z_loss, bool mean, int chunk_size, bool compute_grad)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool conjugate) -> (Tensor, Tensor)");
+  m.def("linear_decode(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("attention_ext_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal,"
         " float softmax_scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes,"
         " Tensor? attn_bias, float dropout_p, int seed, int offset, int drop_lq, int drop_lk) -> (Tensor, Tensor)");

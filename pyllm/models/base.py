@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyllm.nn import LayerNorm
+from pyllm.nn import LayerNorm, Linear
 
 from ..ops import linear_cross_entropy
 
@@ -163,10 +163,10 @@ def decoder_forward(model, limits, input_ids, attention_mask=None, token_type_id
     return BaseModelOutput(last_hidden_state=x, cache=cache)
 
 
-def causal_lm_head(model, embeddings: nn.Embedding) -> nn.Linear:
+def causal_lm_head(model, embeddings: nn.Embedding) -> Linear:
     """The (vocab, hidden) LM head of a decoder, freshly initialized, or tied to the token embeddings
     (the same Parameter) when config.tie_word_embeddings."""
-    head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False)
+    head = Linear(model.config.hidden_size, model.config.vocab_size, bias=False, backend=model.config.backend)
     model.init_weights(head)
     if model.config.tie_word_embeddings:
         head.weight = embeddings.weight

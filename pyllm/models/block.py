@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import pyllm
-from pyllm.nn import LayerNorm
+from pyllm.nn import LayerNorm, Linear
 
 from .config import TransformerConfig
 
@@ -135,8 +135,9 @@ class SelfAttention(nn.Module):
         self.backend = config.backend
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         # q, k and v in one matmul; GQA makes the k and v parts narrower
-        self.qkv = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.qkv = Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                          backend=config.backend)
+        self.proj = Linear(config.hidden_size, config.hidden_size, backend=config.backend)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.attention_dropout = config.attention_dropout
 
@@ -163,8 +164,8 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, backend=config.backend)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, backend=config.backend)
         self.act = activation_fn(config.activation)
         self.dropout = nn.Dropout(config.hidden_dropout)
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import pyllm
-from pyllm.nn import RMSNorm
+from pyllm.nn import Linear, RMSNorm
 
 from .base import (CausalLMOutput, PreTrainedModel, causal_lm_head, decoder_forward, last_token_classification,
                    lm_head_and_loss)
@@ -186,9 +186,9 @@ class LlamaAttention(nn.Module):
         self.backend, self.window = config.backend, config.window(layer)
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         # q, k and v in one matmul; GQA makes the k and v parts narrower
-        self.qkv = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
-                             bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv = Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                          bias=config.attention_bias, backend=config.backend)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False, backend=config.backend)
 
     def forward(self, x, cos, sin, key_padding_mask=None, cache: Optional[KVCache] = None, layer_idx: int = 0):
         B, N, _ = x.shape
@@ -216,8 +216,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias,
+                              backend=config.backend)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias, backend=config.backend)
 
     def forward(self, x):
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)

@@ -1,0 +1,84 @@
+"""pyllm.nn.Linear: few-row fp32 inference runs pyllm::linear_decode (the decode step's GEMV), held to the
+accuracy rule against an fp64 reference; everything else is F.linear, unchanged."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import profile
+
+from pyllm.accuracy import allowed_error, max_error, passes
+from pyllm.nn import Linear
+from pyllm.nn.linear import DECODE_ROWS
+
+def _calls_kernel(fn) -> bool:
+    with profile() as prof:
+        fn()
+    return any(e.name == "pyllm::linear_decode" for e in prof.events())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("K,N,bias", [(37, 7, True), (64, 130, False), (200, 33, True)])
+def test_few_rows_match_fp64_within_the_rule(rows, K, N, bias):
+    torch.manual_seed(rows * 1000 + K + N)
+    m = Linear(K, N, bias=bias)
+    x = torch.randn(rows, 1, K)  # (batch, one new token, features): a decode step
+    with torch.no_grad():
+        y = m(x)
+        assert _calls_kernel(lambda: m(x))
+        ref = F.linear(x.double(), m.weight.double(), None if m.bias is None else m.bias.double())
+        base = F.linear(x, m.weight, m.bias)
+    assert y.shape == (rows, 1, N) and y.dtype == torch.float32 and y.is_contiguous()
+    err, allowed = max_error(y, ref), allowed_error(max_error(base, ref))
+    assert passes(err, allowed), f"rows {rows} K {K} N {N}: error {err:.3g} > allowed {allowed:.3g}"
+
+
+def test_training_more_rows_and_other_dtypes_are_f_linear_unchanged():
+    torch.manual_seed(0)
+    m = Linear(48, 24)
+    x = torch.randn(3, 48, requires_grad=True)
+    y = m(x)  # grad enabled: F.linear, with its gradients
+    assert torch.equal(y, F.linear(x, m.weight, m.bias))
+    y.sum().backward()
+    assert m.weight.grad is not None and x.grad is not None
+    with torch.no_grad():
+        many = torch.randn(DECODE_ROWS + 1, 48)
+        assert not _calls_kernel(lambda: m(many))
+        assert torch.equal(m(many), F.linear(many, m.weight, m.bias))
+        m64 = Linear(48, 24).double()
+        x64 = torch.randn(2, 48, dtype=torch.float64)
+        assert torch.equal(m64(x64), F.linear(x64, m64.weight, m64.bias))
+        assert not _calls_kernel(lambda: Linear(48, 24, backend="reference")(x[:2].detach()))
+
+
+def test_same_parameters_and_state_dict_as_torch_linear_and_reads_the_current_weights():
+    torch.manual_seed(1)
+    ours, theirs = Linear(40, 20), torch.nn.Linear(40, 20)
+    assert isinstance(ours, torch.nn.Linear)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 40)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.5)
+    F.mse_loss(ours(x), torch.randn(4, 20)).backward()
+    opt.step()  # the weights change in place: the kernel must read them, not a copy
+    with torch.no_grad():
+        ref = F.linear(x.double(), ours.weight.double(), ours.bias.double())
+        err = max_error(ours(x), ref)
+        assert passes(err, allowed_error(max_error(F.linear(x, ours.weight, ours.bias), ref)))
+        assert max_error(theirs(x), ref) > 1e-3  # the old weights give other outputs
+
+
+def test_op_errors_name_the_shapes():
+    with pytest.raises(RuntimeError, match="linear_decode: x must be"):
+        torch.ops.pyllm.linear_decode(torch.randn(2, 5), torch.randn(3, 4), None)
+    with pytest.raises(RuntimeError, match="linear_decode: bias must be"):
+        torch.ops.pyllm.linear_decode(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4))
+
+
+def test_compiled_graph_calls_the_kernel():
+    torch.manual_seed(2)
+    m = Linear(32, 12)
+    x = torch.randn(3, 1, 32)
+    with torch.no_grad():
+        want = m(x)
+        compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x), want)  # the same kernel inside the graph: the same numbers
+        assert _calls_kernel(lambda: compiled(x))
