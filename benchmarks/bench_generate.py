@@ -9,7 +9,11 @@ SwiGLU 2048, vocabulary 32000). For batch 1 and 8: a 512-token prompt, then 128 
 early stop. Before timing, both must produce the same tokens (a wrong provider is reported, not timed).
 Reported: tokens/s (batch * new tokens / time of the whole generate call, prefill included), the ratio
 pyllm / transformers (> 1 = pyllm faster) and the time of one decode step (generate's time minus a
-prefill-only call, divided by the new tokens - 1).
+prefill-only call, divided by the new tokens - 1). A decode step must read every weight matrix once (the
+Linear layers and the LM head) and the KV cache so far, whoever runs it: each row also reports those bytes,
+the bandwidth each decode step achieves over them (GB/s), and the machine's copy bandwidth measured in the
+same run (``Limits.copy_peak``, read + write counted). A step near that ceiling is bound by memory; the ratio
+then cannot exceed what the other side leaves of the ceiling.
 
 --compile adds pyllm's generate(compile=True) (the decode step as one torch.compile graph over the static
 cache; compilation happens in the token check, before timing). --quick: 2 layers, prompt 64, 16 new
@@ -53,12 +57,32 @@ def build(arch: str, layers: int):
     return ours.eval(), theirs.eval()
 
 
+def bytes_per_step(model, batch: int, prompt: int, new: int) -> tuple[int, int]:
+    """(weight bytes, mean KV-cache bytes) a decode step reads: every Linear weight and bias (the LM head
+    included, a tied one once) and, per layer, K and V of the positions cached so far (mean over the steps)."""
+    seen, weights = set(), 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            for p in (m.weight, m.bias):
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    weights += p.numel() * p.element_size()
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_heads)
+    per_position = 2 * cfg.num_layers * batch * cfg.num_kv_heads * head_dim * next(model.parameters()).element_size()
+    return weights, int(per_position * (prompt + new / 2))
+
+
 def run(args) -> dict:
-    from pyllm.bench.measure import machine_info, summarize, time_interleaved
+    from pyllm.bench.measure import COPY_STREAM_NUMEL, Limits, machine_info, summarize, time_interleaved
 
     p = QUICK if args.quick else FULL
     device, threads = args.device, torch.get_num_threads()
     results = {"machine": machine_info(device, threads), "preset": "quick" if args.quick else "full", "rows": []}
+    limits = Limits(device, threads)
+    copy_gbps = limits.copy_peak(torch.float32, COPY_STREAM_NUMEL[device])
+    results["copy_gbps"] = copy_gbps
+    print(f"copy bandwidth {copy_gbps:.1f} GB/s (read + write, {threads} threads)", flush=True)
     for arch in args.arch or ("gpt2", "llama"):
         ours, theirs = (m.to(device) for m in build(arch, p["layers"]))
         for B in args.batch or p["batches"]:
@@ -96,6 +120,10 @@ def run(args) -> dict:
                 row[f"{who}_tokens_per_s"] = B * new / med[who]
                 row[f"{who}_decode_step_ms"] = 1e3 * (med[who] - prefill) / max(new - 1, 1)
             row["ratio"] = row["pyllm_tokens_per_s"] / row["transformers_tokens_per_s"]
+            weights, kv = bytes_per_step(ours, B, p["prompt"], new)
+            row["weight_mb_per_step"], row["kv_mb_per_step"] = weights / 1e6, kv / 1e6
+            for who in ("pyllm", "transformers") + (("pyllm-compile",) if args.compile else ()):
+                row[f"{who}_decode_gbps"] = (weights + kv) / (row[f"{who}_decode_step_ms"] / 1e3) / 1e9
             if args.compile:
                 row["compile_ratio"] = row["pyllm-compile_tokens_per_s"] / row["transformers_tokens_per_s"]
             results["rows"].append(row)
@@ -105,6 +133,9 @@ def run(args) -> dict:
                   f" ms): {row['ratio']:.2f}x" + (f"; compiled {row['pyllm-compile_tokens_per_s']:8.1f} tok/s (decode "
                                                   f"step {row['pyllm-compile_decode_step_ms']:.1f} ms): "
                                                   f"{row['compile_ratio']:.2f}x" if args.compile else ""), flush=True)
+            print(f"      a decode step reads {row['weight_mb_per_step']:.0f} MB of weights + {row['kv_mb_per_step']:.0f} "
+                  f"MB of KV cache: pyllm {row['pyllm_decode_gbps']:.1f} GB/s, transformers "
+                  f"{row['transformers_decode_gbps']:.1f} GB/s (copy {copy_gbps:.1f} GB/s)", flush=True)
     return results
 
 
