@@ -82,3 +82,27 @@ def test_compiled_graph_calls_the_kernel():
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
         assert torch.equal(compiled(x), want)  # the same kernel inside the graph: the same numbers
         assert _calls_kernel(lambda: compiled(x))
+
+
+def test_generation_after_a_training_step_runs_the_kernel_on_the_new_weights(monkeypatch):
+    """A Llama decoder trained one step, then generating: the decode steps' projections and LM head run the
+    kernel (on the updated weights, nothing cached from before the step) and give F.linear's tokens."""
+    import pyllm.nn.linear as linear
+    from pyllm.models import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                         intermediate_size=48, max_position_embeddings=64))
+    ids = torch.randint(0, 97, (2, 9))
+    before = model.eval().generate(ids, max_new_tokens=8)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    model.eval()
+    assert _calls_kernel(lambda: model.generate(ids, max_new_tokens=8))
+    fast = model.generate(ids, max_new_tokens=8)
+    monkeypatch.setattr(linear, "_READY", False)  # every Linear is F.linear
+    assert not _calls_kernel(lambda: model.generate(ids, max_new_tokens=8))
+    assert torch.equal(fast, model.generate(ids, max_new_tokens=8))
+    assert not torch.equal(fast, before)  # the step changed the model, and generation saw it
