@@ -2,11 +2,13 @@
 few rows run pyllm's decode GEMV.
 
 A generation step multiplies the batch's B new tokens (B rows) by every weight of the model, so its time is the
-time to read the weights. Under ``torch.no_grad`` (or inference mode), for fp32 inputs on the CPU with at most
+time to read the weights. Under ``torch.no_grad`` (or inference mode), for fp32 inputs on the CPU with 2 to
 ``DECODE_ROWS`` rows, ``forward`` calls ``pyllm::linear_decode`` (csrc/cpu/linear_decode.cpp), which streams each
 weight once for all rows; MKL's sgemm, built for many rows, reads them at a fraction of the memory bandwidth
-there (``torch.compile`` traces the op too: its fake kernel is registered here). Everything else (training,
-autograd, more rows, other dtypes and devices, the "reference" backend) is ``F.linear``, unchanged. Results
+there; ``torch.compile`` traces the op too (its fake kernel is registered here). One row stays with MKL's gemv,
+which already streams at the copy bandwidth (the kernel measured 2-5% behind it). Everything else (training,
+autograd, one row or more than ``DECODE_ROWS``, other dtypes and devices, the "reference" backend) is
+``F.linear``, unchanged. Results
 are fp32 like F.linear's, summed in another order.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import Tensor
 
 from pyllm import _ext, backends
 
-DECODE_ROWS = 16  # at most this many rows (batch x new tokens) take the decode kernel
+DECODE_ROWS = 16  # 2 to this many rows (batch x new tokens) take the decode kernel
 
 
 _READY = _ext.has_kernel("linear_decode", "CPU")  # False with an extension built before the op existed
@@ -31,7 +33,7 @@ if _READY:
 
 
 class Linear(torch.nn.Linear):
-    """``torch.nn.Linear``; few-row fp32 inference on the CPU runs ``pyllm::linear_decode`` (module docstring)."""
+    """``torch.nn.Linear``; fp32 inference on 2-16 rows on the CPU runs ``pyllm::linear_decode`` (module docstring)."""
 
     def __init__(self, *args, backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -40,7 +42,7 @@ class Linear(torch.nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         # cheapest tests first: a decode step makes ~50 of these calls. The kernel serves fp32 and hands other
         # dtypes to at::linear itself; it has no autograd, so it runs only with grad mode off.
-        if (_READY and not torch.is_grad_enabled() and x.is_cpu and 0 < x.numel() <= DECODE_ROWS * self.in_features
+        if (_READY and not torch.is_grad_enabled() and x.is_cpu and self.in_features < x.numel() <= DECODE_ROWS * self.in_features
                 and backends.requested(self.backend) != "reference"):
             return _op(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
