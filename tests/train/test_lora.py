@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+from pyllm.nn import Linear
 from pyllm.train import finetune, lora
 
 from .conftest import QUIET
@@ -54,7 +55,7 @@ def test_adapter_loads_into_transformers_peft_with_the_same_logits(tmp_path):
     theirs = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     lora.merge(model)  # adapters folded in: same logits from plain Linear layers
-    assert type(model.bert.encoder.layers[0].attn.qkv) is torch.nn.Linear
+    assert type(model.bert.encoder.layers[0].attn.qkv) is Linear  # the model's own layer, no LoRA wrapper left
     torch.testing.assert_close(model(ids, attention_mask=mask).logits, ours, atol=1e-5, rtol=1e-4)
     model.save_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "model.safetensors").exists()
