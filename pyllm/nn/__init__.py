@@ -1,6 +1,7 @@
 """Drop-in modules: same constructors, parameters and state_dict keys as torch's."""
+from pyllm.nn.activation import GELU
 from pyllm.nn.attention import MultiheadAttention
 from pyllm.nn.norm import LayerNorm, RMSNorm
 from pyllm.nn.replace import replace_modules
 
-__all__ = ["LayerNorm", "RMSNorm", "MultiheadAttention", "replace_modules"]
+__all__ = ["LayerNorm", "RMSNorm", "GELU", "MultiheadAttention", "replace_modules"]
