@@ -1,14 +1,17 @@
 // Flash-decoding on the CPU (issue 15): attention forward for few query rows and many keys.
 //
 // With Nq small (a generation step: Nq = 1) the blocked kernel of attention.cpp does one query block per
-// (batch, head) and packs K/V into fp32 tiles on every call. Here, per task (batch b, kv head g, key split s):
+// (batch, head) and packs K/V into fp32 tiles on every call. Here, per task (batch b, group of kv heads,
+// key split s), sub-chunk by sub-chunk of the split's keys and, inside, kv head by kv head (the heads are the
+// inner loop, so a thread reads one key range of all its heads as one sweep, which the hardware prefetchers
+// follow: a decode step is bound by reading K and V, see benchmarks/bench_decode_roofline.py):
 //
-//   the R = (Hq / Hkv) Nq query rows that read kv head g share each K/V read (GQA); the keys of split s are
-//   visited in sub-chunks small enough to stay in L1/L2 while every row uses them; per row, 16 scores at a
-//   time (16 dot products, one transpose-add tree, no horizontal sum per key), an online softmax (running
+//   the R = (Hq / Hkv) Nq query rows that read kv head g share each K/V read (GQA); per row, 16 scores at
+//   a time (16 dot products, one transpose-add tree, no horizontal sum per key), an online softmax (running
 //   max m, sum l, unnormalized acc), and acc += p_j v_j with V widened to fp32 in registers.
-//   Splits (flash-decoding) only when B Hkv tasks cannot keep every thread busy; they are combined by one
-//   log-sum-exp: M = max m_s, L = sum l_s e^(m_s - M), out = sum acc_s e^(m_s - M) / L, lse = M + log L.
+//   Threads divide the tasks by batch first; when those do not divide evenly, by smaller head groups (fewer
+//   than 512 keys: no combine) or key splits (flash-decoding), combined by one log-sum-exp:
+//   M = max m_s, L = sum l_s e^(m_s - M), out = sum acc_s e^(m_s - M) / L, lse = M + log L.
 //
 // Precision: fp32 products and sums for fp32; fp16 and bf16 are widened in registers (never copied to fp32
 // buffers), and on a CPU with AVX512-BF16 the bf16 q.k products run as vdpbf16ps (bf16 x bf16 is exact in
