@@ -101,3 +101,19 @@ def test_decode_path_is_taken(monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(on, off))
     for a, b in zip(on, off):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_strided_views(dtype):
+    """K/V as views of (B, H, N, D) tensors (SDPA's layout, heads not interleaved with keys) and a padded q:
+    the same kernel walks the strides and gives exactly the result of contiguous copies."""
+    need("cpu")
+    torch.manual_seed(0)
+    for B, Nk, Hq, Hkv in ((1, 1031, 12, 12), (3, 300, 8, 2)):
+        q = torch.randn(B, 1, Hq, 80, dtype=dtype)[..., :64]
+        k, v = (torch.randn(B, Hkv, Nk, 64, dtype=dtype).transpose(1, 2) for _ in range(2))
+        mask = torch.rand(B, Nk) > 0.3
+        strided = torch.ops.pyllm.attention_fwd(q, k, v, mask, True, 0.125)
+        dense = torch.ops.pyllm.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask, True, 0.125)
+        for a, b in zip(strided, dense):
+            assert torch.equal(a, b)
