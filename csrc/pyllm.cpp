@@ -69,6 +69,10 @@
 //   mask, no attn_bias; alibi (Hq,) or (B, Hq)); causal and window align bottom-right per sequence; dropout's
 //   element index is that of the padded batch (B, Hq, max_seqlen_q, max_seqlen_k) (drop_lq/lk = max_seqlen).
 //   out (total_q, Hq, D) contiguous, lse (Hq, total_q) float32 (float64 for fp64); the backward returns dq, dk, dv.
+// gelu_tanh_fwd(x) -> y;  gelu_tanh_bwd(dy, x) -> dx
+//   x, dy contiguous, any shape, one dtype: fp32 / fp16 / bf16 (fp64 on the CPU); y, dx contiguous, x's shape and
+//   dtype. y = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (GELU's tanh approximation, GPT-2's gelu_new);
+//   dx = dy dy/dx. Math in fp32 (fp64 for fp64).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -101,6 +105,8 @@ TORCH_LIBRARY(pyllm, m) {
         " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal,"
         " float softmax_scale, int window_left, int window_right, float softcap, Tensor? alibi_slopes,"
         " float dropout_p, int seed, int offset, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  m.def("gelu_tanh_fwd(Tensor x) -> Tensor");
+  m.def("gelu_tanh_bwd(Tensor dy, Tensor x) -> Tensor");
 }
 
 // `import pyllm._C` loads this library, which runs the registrations above; the module itself is empty.

@@ -30,7 +30,7 @@ _CUDA = _has("attention_fwd", "CUDA") and _has("layer_norm_fwd", "CUDA")
 
 # op family -> the C++ op whose kernels serve it (an extension built before an op existed lacks it)
 _KERNEL_OPS = {"attention": "attention_fwd", "layer_norm": "layer_norm_fwd", "rms_norm": "layer_norm_fwd",
-               "rotary": "rotary", "linear_cross_entropy": "linear_cross_entropy_fwd",
+               "rotary": "rotary", "linear_cross_entropy": "linear_cross_entropy_fwd", "gelu_tanh": "gelu_tanh_fwd",
                "attention_ext": "attention_ext_fwd",  # attention with FlashAttention's features
                "attention_varlen": "attention_varlen_fwd",  # packed sequences in one call
                "linear_decode": "linear_decode"}  # pyllm.nn.Linear's few-row inference GEMV (CPU)

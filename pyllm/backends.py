@@ -347,8 +347,8 @@ class Explanation(dict):
 def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, list[str]]:
     """{backend: [reasons it cannot serve this call]} for ``op`` called with these arguments; [] = it can.
 
-    ``op`` is ``"attention"``, ``"layer_norm"``, ``"rms_norm"``, ``"linear_cross_entropy"`` or
-    ``"scaled_dot_product_attention"``;
+    ``op`` is ``"attention"``, ``"layer_norm"``, ``"rms_norm"``, ``"rotary"``, ``"linear_cross_entropy"``,
+    ``"gelu"`` or ``"scaled_dot_product_attention"``;
     the arguments are those of the public function of that name. The result (an :class:`Explanation`)
     also says which backend ``auto`` picks and, per backend, whether it has been verified on a GPU.
     """

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-OPS = ("attention", "layer_norm", "rms_norm", "rotary", "linear_cross_entropy")
+OPS = ("attention", "layer_norm", "rms_norm", "rotary", "linear_cross_entropy", "gelu_tanh")
 _HALF_AND_FP32 = ("float32", "float16", "bfloat16")
 ATTENTION_FEATURES = ("dropout", "window", "softcap", "alibi", "attn_bias", "varlen")
 

@@ -5,7 +5,7 @@ The rule, its reference precision and the inputs are defined once, in :mod:`pyll
     max|fast - ref_hi| <= 2 * max|torch_same_dtype - ref_hi| + 1e-5
 
 for the output and every gradient. The same functions (:func:`attention_case`, :func:`norm_case`,
-:func:`rotary_case`, :func:`linear_cross_entropy_case`) drive the test suite.
+:func:`rotary_case`, :func:`linear_cross_entropy_case`, :func:`gelu_case`) drive the test suite.
 """
 from __future__ import annotations
 
@@ -243,6 +243,28 @@ def _grid(device: str, full: bool):
     return dtypes, norm, attn
 
 
+def gelu_case(backend: str, dtype: torch.dtype, shape: tuple[int, ...], *, scale: float = 3.0, device="cpu",
+              seed: int = 0) -> list[Row]:
+    """Errors of ``pyllm.gelu(approximate="tanh", backend=...)`` for y and dx on one random case (inputs
+    ``scale`` times a standard normal, so both tails and the bend are exercised); the baseline is
+    ``F.gelu(approximate="tanh")`` in the input precision."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x, dy = ((torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype) for s in (scale, 1.0))
+    hi_dtype = accuracy.reference_dtype(dtype)
+
+    def run(fn, t, d):
+        leaf = t.detach().requires_grad_()
+        y = fn(leaf)
+        return [y, *_grads([y], [leaf], [d])]
+
+    fast = run(lambda t: ops.gelu(t, "tanh", backend=backend), x, dy)
+    ref = run(lambda t: reference.gelu_tanh(t, upcast=False), x.to(hi_dtype), dy.to(hi_dtype))
+    base = run(lambda t: reference.gelu_tanh(t, upcast=False), x, dy)
+    return _rows("gelu_tanh", backend, dtype, "x".join(map(str, shape)), ["y", "dx"], fast, ref, base)
+
+
+# gelu_tanh: shapes (odd sizes; one past a parallel grain and a widening chunk)
+GELU_GRID = [(1,), (37, 29), (3, 5, 1031), (16411,)]
 LCE_GRID = [  # (N, H, V, options): odd vocab sizes, ignored rows, smoothing, softcap, z-loss, several chunks
     (37, 24, 101, dict(bias=True, ignored=5, label_smoothing=0.1, chunk_size=16)),
     (19, 16, 32003, dict(ignored=3, chunk_size=8)),
@@ -332,6 +354,8 @@ def check(backends_: list[str] | None = None, *, device: str | None = None, full
             for (B, N, Hq, Hk, D, R, inter, per_batch) in (ROTARY_GRID[:2] if interp else ROTARY_GRID):
                 rows += rotary_case(name, dtype, B, N, Hq, Hk, D, R, interleaved=inter, batch_tables=per_batch,
                                     device=device)
+            for shape in (GELU_GRID[:3] if interp else GELU_GRID):
+                rows += gelu_case(name, dtype, shape, device=device)
             caps = capabilities.TABLES[name]
             if str(dtype).replace("torch.", "") in caps.op_dtypes.get("attention", caps.dtypes):
                 rows += feature_rows(name, dtype, device, notes, few=interp)

@@ -1,4 +1,4 @@
-"""The truth: attention, LayerNorm/RMSNorm and rotary embeddings in plain PyTorch.
+"""The truth: attention, LayerNorm/RMSNorm, rotary embeddings and GELU in plain PyTorch.
 
 Every backend is checked against these functions (tests, ``pyllm check``), and the ``reference``
 backend serves calls with them. ``upcast=True`` computes in float32 (float64 stays float64; pass
@@ -400,6 +400,12 @@ def _rotate(x, cos, sin, interleaved, conjugate, upcast):
     o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
     out = torch.stack([o1, o2], dim=-1).flatten(-2) if interleaved else torch.cat([o1, o2], dim=-1)
     return torch.cat([out.to(x.dtype), x[..., R:]], dim=-1)
+
+
+def gelu_tanh(x: Tensor, *, upcast: bool | torch.dtype = True) -> Tensor:
+    """GELU's tanh approximation ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`` (torch's own formula,
+    ``F.gelu(approximate="tanh")``), computed in fp32 (``upcast``: as :func:`layer_norm`); x's dtype out."""
+    return torch.nn.functional.gelu(x.to(_math_dtype(x.dtype, upcast)), approximate="tanh").to(x.dtype)
 
 
 def _shape(normalized_shape) -> tuple[int, ...]:

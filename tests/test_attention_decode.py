@@ -44,17 +44,30 @@ def test_decode_accuracy_rule(case, dtype):
     assert not bad, "\n".join(f"{r.dtype} {r.shape} {r.tensor}: {r.error:.3e} > {r.allowed:.3e}" for r in bad)
 
 
+# With 2 threads, (B, Nq, Nk, Hq, Hkv, D): how attention_decode.cpp divides the work among them.
+THREADED = [
+    (2, 1, 1031, 4, 1, 64),    # one task per thread (a batch row each)
+    (1, 1, 1031, 4, 1, 64),    # one task: the keys are split in two, combined by log-sum-exp
+    (1, 1, 1031, 6, 3, 64),    # 3 kv heads in one group: key splits again
+    (1, 1, 301, 12, 12, 64),   # few keys: two head groups of 6 instead (no combine)
+    (1, 1, 301, 6, 3, 40),     # few keys, 3 kv heads: groups of 2 and 1
+    (1, 1, 200, 1, 1, 64),     # few keys, one head: key splits of at least 32 keys
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_key_splits_two_threads(dtype):
-    """One kv head, 2 threads: the keys are split and the partial softmaxes combined by log-sum-exp."""
+def test_decode_work_split_two_threads(dtype):
+    """2 threads: key splits (partial softmaxes combined by log-sum-exp) and head groups, each against the
+    accuracy rule, causal with padding too."""
     need("cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for causal, padded in ((False, False), (True, True)):
-            rows = attention_case("cpu", dtype, 2, 1, 1031, 4, 1, 64, causal=causal, padded=padded)
-            bad = [r for r in rows if not r.ok]
-            assert not bad, "\n".join(f"{r.shape} {r.tensor}: {r.error:.3e} > {r.allowed:.3e}" for r in bad)
+        for B, Nq, Nk, Hq, Hkv, D in THREADED:
+            for causal, padded in ((False, False), (True, True)):
+                rows = attention_case("cpu", dtype, B, Nq, Nk, Hq, Hkv, D, causal=causal, padded=padded)
+                bad = [r for r in rows if not r.ok]
+                assert not bad, "\n".join(f"{r.shape} {r.tensor}: {r.error:.3e} > {r.allowed:.3e}" for r in bad)
     finally:
         torch.set_num_threads(threads)
 
@@ -88,3 +101,19 @@ def test_decode_path_is_taken(monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(on, off))
     for a, b in zip(on, off):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_strided_views(dtype):
+    """K/V as views of (B, H, N, D) tensors (SDPA's layout, heads not interleaved with keys) and a padded q:
+    the same kernel walks the strides and gives exactly the result of contiguous copies."""
+    need("cpu")
+    torch.manual_seed(0)
+    for B, Nk, Hq, Hkv in ((1, 1031, 12, 12), (3, 300, 8, 2)):
+        q = torch.randn(B, 1, Hq, 80, dtype=dtype)[..., :64]
+        k, v = (torch.randn(B, Hkv, Nk, 64, dtype=dtype).transpose(1, 2) for _ in range(2))
+        mask = torch.rand(B, Nk) > 0.3
+        strided = torch.ops.pyllm.attention_fwd(q, k, v, mask, True, 0.125)
+        dense = torch.ops.pyllm.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask, True, 0.125)
+        for a, b in zip(strided, dense):
+            assert torch.equal(a, b)

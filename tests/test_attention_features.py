@@ -175,6 +175,20 @@ def test_bias_gradient_reduced_over_broadcast_dims():
         assert bias.grad.shape == bias.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_gradient_summed_over_the_batch_in_the_kernel(dtype):
+    """cpu: a bias shared by the batch has its gradient accumulated by tasks that own every sequence (no
+    (B, H, Nq, Nk) buffer); with GQA and one kv head the query blocks are split across tasks too."""
+    need("cpu")
+    rows = []
+    for B, Nq, Nk, Hq, Hkv, D, bias_shape in [(3, 37, 45, 4, 1, 24, (1, 4, 37, 45)),
+                                              (2, 130, 200, 2, 2, 64, (1, 1, 130, 200)),
+                                              (3, 21, 29, 2, 2, 16, (3, 1, 21, 29))]:
+        rows += attention_case("cpu", dtype, B, Nq, Nk, Hq, Hkv, D, causal=True, padded=B == 3,
+                               bias_shape=bias_shape)
+    assert_rows(rows)
+
+
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "cuda"])
 def test_fp64_gradcheck_every_feature(backend):
     """The kernel's own backward (dropout mask regenerated, softcap's 1 - tanh^2, window, ALiBi, bias)."""

@@ -13,7 +13,7 @@ import torch
 
 from pyllm import bench
 from pyllm.bench import cli, providers
-from pyllm.bench.spec import BenchError, Case, build_cases, parse_shape
+from pyllm.bench.spec import BenchError, Case, build_cases, bytes_moved, parse_shape
 
 FAST = dict(threads=1, repeats=3, warmup=1, max_s=0.05)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -424,6 +424,30 @@ def test_rotary_case_checked_then_timed_against_rotate_half():
         for p in ("pyllm-cpu", "pyllm-reference"):
             assert rows[(p, mode)]["status"] == "ok" and rows[(p, mode)]["speedup"] > 0
     assert rep["baselines"]["rotary"] == "rotate-half" and "B2 N9 H4/2 D16" in bench.table(rep)
+
+
+class WrongGelu(providers.TorchGelu):
+    """Deliberately wrong: the exact erf form where the tanh approximation is asked for (off by up to ~5e-4)."""
+
+    name = "wrong-gelu"
+
+    def gelu_fn(self, case, x):
+        return lambda: torch.nn.functional.gelu(x)
+
+
+def test_gelu_case_checked_then_timed_against_torch():
+    assert parse_shape("gelu=37,29", ["gelu"]) == ("gelu", (37, 29))
+    assert parse_shape("37,29", ["gelu"]) == ("gelu", (37, 29))
+    assert bytes_moved(Case(op="gelu", mode="fwd+bwd", dtype="bf16", dims=(4, 8))) == 2 * 4 * 8 * 5
+    cases = [Case(op="gelu", mode=m, dtype="fp32", dims=(37, 1029), sweep="width") for m in ("fwd", "fwd+bwd")]
+    rep = bench.run(cases, providers=["torch-gelu", "pyllm-cpu", "pyllm-reference"], memory=False,
+                    extra_providers=[WrongGelu()], log=lambda s: None, **FAST)
+    rows = {(r["provider"], r["mode"]): r for r in rep["results"]}
+    for mode in ("fwd", "fwd+bwd"):
+        assert rows[("wrong-gelu", mode)]["status"] == "WRONG" and rows[("wrong-gelu", mode)]["time"] is None
+        for p in ("pyllm-cpu", "pyllm-reference"):
+            assert rows[(p, mode)]["status"] == "ok" and rows[(p, mode)]["speedup"] > 0
+    assert rep["baselines"]["gelu"] == "torch-gelu" and "37x1029 tanh" in bench.table(rep)
 
 
 def test_cpu_rounds_stop_when_the_median_is_stable():

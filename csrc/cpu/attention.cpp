@@ -29,7 +29,8 @@
 // them off): a sliding window (key blocks outside [key_start, key_end) of a query block are never visited,
 // so a window of w costs O(N w)), softcap (s = cap * tanh(s / cap), gradient through 1 - tanh^2), ALiBi
 // (-slope * |i + Nk - Nq - j|), an additive bias (read through broadcast strides; its gradient is dS,
-// written to a (B, Hq, Nq, Nk) buffer and summed to the bias's shape), and dropout with the Philox4x32-10
+// accumulated into a (B, Hq, Nq, Nk) buffer, or (1, Hq, Nq, Nk) for a bias shared by the batch, then summed to
+// the bias's shape), and dropout with the Philox4x32-10
 // mask every backend draws (csrc/pyllm.cpp): the forward scales P by keep / (1 - p) after the row sums,
 // the backward regenerates the mask and uses dV += (P Z)^T dO, dS = P * (Z dP - delta).
 //
@@ -228,7 +229,12 @@ struct Features {
   int64_t alibi_sb = 0;          // batch stride of alibi (0 for (Hq,))
   const void* bias = nullptr;    // compute-dtype bias read as bias[b*sb + h*sh + i*si + j*sj] (broadcast = 0)
   int64_t bias_sb = 0, bias_sh = 0, bias_si = 0, bias_sj = 0;
-  void* dbias = nullptr;         // (B, Hq, Nq, Nk) compute dtype, zero-filled, or nullptr
+  // The bias gradient dS, accumulated (+=) into a zero-filled compute-dtype buffer (Bd, Hq, Nq, Nk), or nullptr.
+  // Bd = B (dbias_sb = Hq * Nq * Nk), or 1 (dbias_sb = 0) for a bias broadcast over the batch: the backward's
+  // tasks then own a kv head for every sequence, so the accumulation over the batch is race-free and the
+  // buffer has the bias's own size instead of B times it.
+  void* dbias = nullptr;
+  int64_t dbias_sb = 0;
   uint32_t drop_threshold = 0;   // dropout: keep iff philox bits >= threshold; 0 = no dropout
   double drop_scale = 1;         // 1 / (1 - p)
   uint64_t seed = 0, offset = 0;
@@ -357,11 +363,12 @@ void modify_scores(const Problem& p, T* ST, T* TT, int64_t ld, int64_t b, int64_
     const int64_t key = k0 + j;
     if (f.alibi)
       for (int64_t i = 0; i < mq; ++i) row[i] -= slope * static_cast<T>(std::abs(q0 + i + p.Nk - p.Nq - key));
-    if (bias) {
-      const T* bb = bias + b * f.bias_sb + h * f.bias_sh + q0 * f.bias_si + key * f.bias_sj;
-      for (int64_t i = 0; i < mq; ++i) row[i] += bb[i * f.bias_si];
-    }
   }
+  if (bias)  // by bias rows (contiguous in the key), into the tile's columns: strided reads of the bias thrash
+    for (int64_t i = 0; i < mq; ++i) {
+      const T* bb = bias + b * f.bias_sb + h * f.bias_sh + (q0 + i) * f.bias_si + k0 * f.bias_sj;
+      for (int64_t j = 0; j < nk; ++j) ST[j * ld + i] += bb[j * f.bias_sj];
+    }
 }
 
 // Key-block status under the padding mask: 0 = all padding (skip), 1 = all real, 2 = mixed.
@@ -619,14 +626,16 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
   // task per kv head), else (B * Hkv * nsplit, 2, Nkp, Dp), summed over splits in order at the end
   // (packed sequences: (Hkv, nsplit, 2, kp0[B], Dp), sequence b from row kp0[b]).
   const bool direct = std::is_same_v<S, T> && D % W == 0 && nsplit == 1;
-  const int64_t ntask = p.B * p.Hkv * nsplit, tkp = p.cu_k ? kp0[p.B] : 0;
+  // A bias gradient summed over the batch (dbias_sb == 0): a task is (kv head, split) over every sequence.
+  const bool batch_inner = p.f.dbias != nullptr && p.f.dbias_sb == 0 && p.cu_q == nullptr;
+  const int64_t ntask = (batch_inner ? 1 : p.B) * p.Hkv * nsplit, tkp = p.cu_k ? kp0[p.B] : 0;
   const int64_t acc_rows = p.cu_k ? tkp : Nkp;  // rows between a task's dK and dV accumulators
   auto acc_at = [&](T* acc, int64_t b, int64_t g, int64_t c) {  // task (b, g, c)'s dK accumulator
     return p.cu_k ? acc + ((g * nsplit + c) * 2 * tkp + kp0[b]) * Dp : acc + ((b * p.Hkv + g) * nsplit + c) * 2 * Nkp * Dp;
   };
   at::Tensor acc_t;
   if (!direct)
-    acc_t = at::zeros({(p.cu_k ? p.Hkv * nsplit * 2 * tkp : ntask * 2 * Nkp) * Dp},
+    acc_t = at::zeros({(p.cu_k ? p.Hkv * nsplit * 2 * tkp : p.B * p.Hkv * nsplit * 2 * Nkp) * Dp},
                       at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* acc = direct ? nullptr : acc_t.data_ptr<T>();
   const T scale = static_cast<T>(p.scale);
@@ -640,8 +649,9 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
       *Z = z_buf.ptr, *PZ = pz_buf.ptr;
     const bool capped = p.f.softcap > 0, dropping = p.f.drop_threshold != 0;
     T* dbias = static_cast<T*>(p.f.dbias);
-    for (int64_t task; (task = next()) >= 0;) {
-      const int64_t c = task % nsplit, g = (task / nsplit) % p.Hkv, b = task / (nsplit * p.Hkv);
+    for (int64_t task; (task = next()) >= 0;)
+      for (int64_t bi = 0; bi < (batch_inner ? p.B : 1); ++bi) {
+      const int64_t c = task % nsplit, g = (task / nsplit) % p.Hkv, b = batch_inner ? bi : task / (nsplit * p.Hkv);
       const Problem ps = p.seq(b);  // the sequence's lengths and rows (packed); p itself when padded
       const int64_t nqb = (ps.Nq + BQ - 1) / BQ;
       T *dK, *dV;
@@ -703,10 +713,11 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
             for (int64_t j = 0; j < nk; ++j)  // dS^T = P^T * (dP^T - delta), into dPT
               at::vec::map3([](V pp, V dpp, V dl) { return pp * (dpp - dl); }, dPT + j * BQ, PT + j * BQ,
                             dPT + j * BQ, delta, mqp);
-            if (dbias)  // the bias enters the score unscaled: its gradient is dS
-              for (int64_t j = 0; j < nk; ++j)
-                for (int64_t i = 0; i < mq; ++i)
-                  dbias[((b * p.Hq + h) * p.Nq + q0 + i) * p.Nk + k0 + j] = dPT[j * BQ + i];
+            if (dbias)  // the bias enters the score unscaled: its gradient is dS (row by row of the buffer)
+              for (int64_t i = 0; i < mq; ++i) {
+                T* db = dbias + b * p.f.dbias_sb + ((h * p.Nq) + q0 + i) * p.Nk + k0;
+                for (int64_t j = 0; j < nk; ++j) db[j] += dPT[j * BQ + i];
+              }
             if (capped)  // through s = cap * tanh(s0 / cap): ds0 = ds * (1 - tanh^2)
               for (int64_t j = 0; j < nk; ++j)
                 at::vec::map2([](V d, V t) { return d * (V(T(1)) - t * t); }, dPT + j * BQ, dPT + j * BQ,
@@ -881,8 +892,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 }
 
 // Split each (batch, kv head) over query blocks only when there are too few of them to keep every thread busy.
+// A bias gradient summed over the batch makes the batch part of each task (see bwd_kernel).
 int64_t bwd_splits(const Problem& p, bool deterministic) {
-  const int64_t threads = deterministic ? 4 : at::get_num_threads(), units = p.B * p.Hkv;
+  const bool batch_inner = p.f.dbias != nullptr && p.f.dbias_sb == 0 && p.cu_q == nullptr;
+  const int64_t threads = deterministic ? 4 : at::get_num_threads(), units = (batch_inner ? 1 : p.B) * p.Hkv;
   const int64_t nqb = (p.Nq + kBwdBlockQ - 1) / kBwdBlockQ;
   int64_t nsplit = 1;
   if (units > 0 && !(units % threads == 0 || units >= 4 * threads))
@@ -919,10 +932,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(
   Problem p{B, Nq, k.size(1), Hq, k.size(2), q.size(3), causal, softmax_scale,
             mask.defined() ? mask.data_ptr<bool>() : nullptr, make_features(fa, q, B, Nq, Hq, k.size(1), keep),
             Hq * Nq, Nq};
-  at::Tensor dbias_full;  // (B, Hq, Nq, Nk): every element written by one task, then summed to the bias shape
+  at::Tensor dbias_full;  // (B or 1, Hq, Nq, Nk), accumulated by the kernel, then summed to the bias's shape
   if (bias_grad && fa.bias.has_value()) {
-    dbias_full = at::zeros({p.B, p.Hq, p.Nq, p.Nk}, q.options().dtype(acc));
+    const bool per_batch = fa.bias->size(0) != 1 || p.B == 1;
+    dbias_full = at::zeros({per_batch ? p.B : 1, p.Hq, p.Nq, p.Nk}, q.options().dtype(acc));
     p.f.dbias = dbias_full.data_ptr();
+    p.f.dbias_sb = per_batch ? p.Hq * p.Nq * p.Nk : 0;
   }
   // Rows of a query block that is skipped (it sees no key) keep these zeros.
   at::Tensor dq = at::zeros({p.B, p.Nq, p.Hq, p.D}, q.options());

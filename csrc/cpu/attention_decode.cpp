@@ -1,14 +1,17 @@
 // Flash-decoding on the CPU (issue 15): attention forward for few query rows and many keys.
 //
 // With Nq small (a generation step: Nq = 1) the blocked kernel of attention.cpp does one query block per
-// (batch, head) and packs K/V into fp32 tiles on every call. Here, per task (batch b, kv head g, key split s):
+// (batch, head) and packs K/V into fp32 tiles on every call. Here, per task (batch b, group of kv heads,
+// key split s), sub-chunk by sub-chunk of the split's keys and, inside, kv head by kv head (the heads are the
+// inner loop, so a thread reads one key range of all its heads as one sweep, which the hardware prefetchers
+// follow: a decode step is bound by reading K and V, see benchmarks/bench_decode_roofline.py):
 //
-//   the R = (Hq / Hkv) Nq query rows that read kv head g share each K/V read (GQA); the keys of split s are
-//   visited in sub-chunks small enough to stay in L1/L2 while every row uses them; per row, 16 scores at a
-//   time (16 dot products, one transpose-add tree, no horizontal sum per key), an online softmax (running
+//   the R = (Hq / Hkv) Nq query rows that read kv head g share each K/V read (GQA); per row, 16 scores at
+//   a time (16 dot products, one transpose-add tree, no horizontal sum per key), an online softmax (running
 //   max m, sum l, unnormalized acc), and acc += p_j v_j with V widened to fp32 in registers.
-//   Splits (flash-decoding) only when B Hkv tasks cannot keep every thread busy; they are combined by one
-//   log-sum-exp: M = max m_s, L = sum l_s e^(m_s - M), out = sum acc_s e^(m_s - M) / L, lse = M + log L.
+//   Threads divide the tasks by batch first; when those do not divide evenly, by smaller head groups (fewer
+//   than 512 keys: no combine) or key splits (flash-decoding), combined by one log-sum-exp:
+//   M = max m_s, L = sum l_s e^(m_s - M), out = sum acc_s e^(m_s - M) / L, lse = M + log L.
 //
 // Precision: fp32 products and sums for fp32; fp16 and bf16 are widened in registers (never copied to fp32
 // buffers), and on a CPU with AVX512-BF16 the bf16 q.k products run as vdpbf16ps (bf16 x bf16 is exact in
@@ -44,8 +47,9 @@ struct DecodeProblem {
   float scale;
   const bool* mask;             // (B, Nk) contiguous, or nullptr
   int64_t sq[3], sk[3], sv[3];  // strides of dims 0..2 in elements (dim 3 is contiguous)
-  int64_t nsplit;               // key ranges per (batch, kv head), combined by log-sum-exp when > 1
-  int64_t kc;                   // keys per sub-chunk (a multiple of 16): its K, V rows stay in L1/L2 across rows
+  int64_t nsplit;               // key ranges per (batch, head group), combined by log-sum-exp when > 1
+  int64_t hg;                   // kv heads per task (a group): their running softmax state stays in L1
+  int64_t kc;                   // keys per sub-chunk (a multiple of 16): one head's K, V rows stay in L1
   bool parallel;                // at::parallel_for over the tasks, or the calling thread alone
 };
 
@@ -111,18 +115,33 @@ bool attention_decode_fwd(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::Tensor mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
   DecodeProblem p{B, Nq, Nk, Hq, Hkv, D, causal, static_cast<float>(softmax_scale),
-                           mask.defined() ? mask.data_ptr<bool>() : nullptr,
-                           {q.stride(0), q.stride(1), q.stride(2)},
-                           {k.stride(0), k.stride(1), k.stride(2)},
-                           {v.stride(0), v.stride(1), v.stride(2)}, 1, 16, false};
-  // Threads only when the call is big enough to pay for waking them; key splits only when the B Hkv tasks
-  // cannot keep every thread busy (each split keeps >= 256 keys).
-  const int64_t threads = at::get_num_threads(), units = B * Hkv;
-  p.parallel = threads > 1 && B * Hq * Nq * Nk * D >= (int64_t{1} << 17);
-  if (p.parallel && !(units % threads == 0 || units >= 4 * threads))
-    p.nsplit = std::clamp<int64_t>((4 * threads + units - 1) / units, 1, std::max<int64_t>(1, Nk / 256));
-  const int64_t elem = dt == at::kFloat ? 4 : 2;
-  p.kc = std::clamp<int64_t>(32768 / (D * elem) / 16 * 16, 32, 256);
+                  mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                  {q.stride(0), q.stride(1), q.stride(2)},
+                  {k.stride(0), k.stride(1), k.stride(2)},
+                  {v.stride(0), v.stride(1), v.stride(2)}, 1, 1, 16, false};
+  const int64_t elem = dt == at::kFloat ? 4 : 2, R = (Hq / Hkv) * Nq, W = (D + 15) / 16 * 16;
+  // Sub-chunks of up to 256 keys (one head's K and V rows of a sub-chunk within 128 KB, in L2 while the R
+  // rows of that head use them).
+  p.kc = std::clamp<int64_t>(65536 / (D * elem) / 16 * 16, 32, 256);
+  // A task is (batch, group of kv heads, key split): a group's running state (R rows of W floats per head)
+  // stays within 32 KB.
+  p.hg = std::clamp<int64_t>(8192 / (R * W), 1, Hkv);
+  // Threads when K and V are more than a few L1s (waking a thread costs about what reading 64 KB does).
+  const int64_t threads = at::get_num_threads();
+  p.parallel = threads > 1 && 2 * B * Nk * Hkv * D * elem >= (int64_t{64} << 10);
+  auto even = [&](int64_t units) { return units % threads == 0 || units >= 4 * threads; };
+  int64_t groups = (Hkv + p.hg - 1) / p.hg;
+  if (p.parallel && !even(B * groups)) {
+    // The tasks do not divide among the threads. With many keys, split them (flash-decoding: each thread
+    // sweeps one contiguous range, the splits are combined by log-sum-exp); with few, use smaller head
+    // groups first (no combine), then key splits of at least 32 keys.
+    for (int64_t n = groups + 1; Nk < 512 && n <= Hkv && !even(B * groups); ++n) {
+      p.hg = (Hkv + n - 1) / n;
+      groups = (Hkv + p.hg - 1) / p.hg;
+    }
+    const int64_t most = std::max<int64_t>(1, Nk / 32);
+    while (p.nsplit < most && !even(B * groups * p.nsplit)) ++p.nsplit;
+  }
   at::Tensor out = at::empty({B, Nq, Hq, D}, q.options());
   at::Tensor lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));
   const void *qp = q.data_ptr(), *kp = k.data_ptr(), *vp = v.data_ptr();

@@ -483,6 +483,35 @@ std::tuple<at::Tensor, at::Tensor> rotary_cuda(const at::Tensor& q_in, const at:
   return {q_out, k_out};
 }
 
+at::Tensor gelu_tanh_cuda(const at::Tensor& x, const at::Tensor* dy, const char* op) {
+  const at::Device dev = x.device();
+  check_cuda_tensor(x, op, "x", dev);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": takes float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous, got strides ", x.strides());
+  if (dy != nullptr) {
+    check_cuda_tensor(*dy, op, "dy", dev);
+    TORCH_CHECK(dy->sizes() == x.sizes() && dy->scalar_type() == x.scalar_type() && dy->is_contiguous(), op,
+                ": dy must be contiguous with x's shape ", x.sizes(), " and dtype ", x.scalar_type(), ", got ",
+                dy->sizes(), " ", dy->scalar_type());
+  }
+  const c10::cuda::CUDAGuard guard(dev);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  pyllm::cuda::GeluTanhParams p{};
+  p.x = x.data_ptr();
+  p.dy = dy != nullptr ? dy->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.n = x.numel();
+  check_launch(pyllm::cuda::gelu_tanh(p, kernel_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream()), op);
+  return out;
+}
+
+at::Tensor gelu_tanh_fwd_cuda(const at::Tensor& x) { return gelu_tanh_cuda(x, nullptr, "gelu_tanh_fwd"); }
+
+at::Tensor gelu_tanh_bwd_cuda(const at::Tensor& dy, const at::Tensor& x) {
+  return gelu_tanh_cuda(x, &dy, "gelu_tanh_bwd");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyllm, CUDA, m) {
@@ -493,4 +522,6 @@ TORCH_LIBRARY_IMPL(pyllm, CUDA, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cuda);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cuda);
   m.impl("rotary", &rotary_cuda);
+  m.impl("gelu_tanh_fwd", &gelu_tanh_fwd_cuda);
+  m.impl("gelu_tanh_bwd", &gelu_tanh_bwd_cuda);
 }

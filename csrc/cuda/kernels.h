@@ -206,5 +206,18 @@ struct RotaryParams {
 
 cudaError_t rotary(const RotaryParams& p, DType dtype, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------------
+// GELU's tanh approximation, forward (dy = nullptr) and backward (op contract in csrc/pyllm.cpp).
+// ---------------------------------------------------------------------------------------------------
+
+struct GeluTanhParams {
+  const void* x;   // (n,) contiguous
+  const void* dy;  // (n,) contiguous for the backward, nullptr for the forward
+  void* out;       // (n,) contiguous: y, or dx
+  int64_t n;
+};
+
+cudaError_t gelu_tanh(const GeluTanhParams& p, DType dtype, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace pyllm

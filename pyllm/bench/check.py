@@ -32,6 +32,9 @@ def ref_bytes(case: Case) -> int:
     if case.op == "rotary":
         B, N, Hq, Hk, D = case.dims
         return 8 * 6 * B * N * (Hq + Hk) * D
+    if case.op == "gelu":
+        M, N = case.dims
+        return 8 * 4 * M * N
     M, N = case.dims
     return 8 * 10 * M * N
 
@@ -53,7 +56,7 @@ def check_case(case: Case, device: str) -> Case:
         while ref_bytes(c) > budget and N > 16:
             N //= 2
             c = c.with_(dims=(N, H, V))
-    elif c.op in ("layer_norm", "rms_norm"):
+    elif c.op in ("layer_norm", "rms_norm", "gelu"):
         M, N = c.dims
         while ref_bytes(c) > budget and M > 64:
             M //= 2
@@ -68,6 +71,8 @@ def _names(case: Case) -> tuple[list[str], list[str]]:
         return ["loss"], ["dhidden", "dweight"]
     if case.op == "rotary":
         return ["q", "k"], ["dq", "dk"]
+    if case.op == "gelu":
+        return ["y"], ["dx"]
     outs = ["y"] + (["h"] if case.residual else [])
     grads = ["dx", "dw"] + (["db"] if case.op == "layer_norm" else []) + (["dresidual"] if case.residual else [])
     return outs, grads
@@ -92,6 +97,9 @@ def _reference_run(case: Case, inputs: dict, to: torch.dtype | None):
         tables = [inputs[n].to(to or leaves[0].dtype) for n in ("cos", "sin")]
         outs = R.rotary(*leaves, *tables, upcast=False)
         gouts = [cast(inputs["dq"]), cast(inputs["dk"])]
+    elif case.op == "gelu":
+        leaves = [cast(inputs["x"]).requires_grad_(True)]
+        outs, gouts = (R.gelu_tanh(leaves[0], upcast=False),), [cast(inputs["dy"])]
     else:
         names = [n for n in ("x", "w", "b", "r") if inputs[n] is not None]
         t = {n: cast(inputs[n]).requires_grad_(True) for n in names}

@@ -18,8 +18,8 @@ examples:
   pyllm bench --preset sweep --plots docs/img   the ratio to torch from the smallest size to the largest (plot)
   pyllm bench --list                           who can be measured here, and why not
 
-Shapes: B,H,N,D (attention; B,H,N,D,Hkv for GQA), M,N (layer_norm / rms_norm), train_step=B,T.
-Providers: pyllm-<backend>, sdpa, sdpa-{flash,efficient,cudnn,math} (CUDA), eager, torch (norms),
+Shapes: B,H,N,D (attention; B,H,N,D,Hkv for GQA), M,N (layer_norm / rms_norm; gelu=M,N), train_step=B,T.
+Providers: pyllm-<backend>, sdpa, sdpa-{flash,efficient,cudnn,math} (CUDA), eager, torch (norms), torch-gelu,
 flash_attn, xformers, liger_kernel, apex; or the groups pyllm, torch, peers.
 Exit status: 0 all measured providers were right, 1 some were WRONG or failed, 2 bad arguments.
 """

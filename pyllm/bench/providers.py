@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .spec import BenchError
 
 BASELINES = {"attention": "sdpa", "layer_norm": "torch", "rms_norm": "torch", "rotary": "rotate-half",
-             "train_step": "pyllm-reference", "linear_cross_entropy": "torch-linear-ce"}
+             "train_step": "pyllm-reference", "linear_cross_entropy": "torch-linear-ce", "gelu": "torch-gelu"}
 NORM_EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 
 
@@ -58,6 +58,9 @@ class Provider:
     def lce_fn(self, case, hidden, weight, labels):
         raise NotImplementedError
 
+    def gelu_fn(self, case, x):
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------------------------------- pyllm
 
@@ -74,7 +77,7 @@ def _pyllm_state() -> tuple[object | None, str]:
 
 class PyllmProvider(Provider):
     kind = "pyllm"
-    ops = ("attention", "layer_norm", "rms_norm", "rotary", "train_step", "linear_cross_entropy")
+    ops = ("attention", "layer_norm", "rms_norm", "rotary", "train_step", "linear_cross_entropy", "gelu")
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -109,6 +112,8 @@ class PyllmProvider(Provider):
                                              key_padding_mask=inputs["mask"])
         elif case.op == "rotary":
             reasons = pyllm.backends.explain("rotary", inputs["q"], inputs["k"], inputs["cos"], inputs["sin"])
+        elif case.op == "gelu":
+            reasons = pyllm.backends.explain("gelu", inputs["x"], "tanh")
         else:
             x = inputs["x"]
             args = (x, (x.shape[-1],), inputs["w"]) + ((inputs["b"],) if case.op == "layer_norm" else ())
@@ -134,6 +139,11 @@ class PyllmProvider(Provider):
         import pyllm
 
         return lambda: pyllm.rotary(q, k, cos, sin, backend=self.backend)
+
+    def gelu_fn(self, case, x):
+        import pyllm
+
+        return lambda: pyllm.gelu(x, "tanh", backend=self.backend)
 
     def lce_fn(self, case, hidden, weight, labels):
         import pyllm
@@ -234,6 +244,14 @@ class TorchNorm(Provider):
             h = x + r
             return norm(h), h
         return fn
+
+
+class TorchGelu(Provider):
+    name, ops = "torch-gelu", ("gelu",)
+    describe = 'F.gelu(x, approximate="tanh")'
+
+    def gelu_fn(self, case, x):
+        return lambda: F.gelu(x, approximate="tanh")
 
 
 class TorchLinearCrossEntropy(Provider):
@@ -377,8 +395,8 @@ def all_providers() -> list[Provider]:
     sdpa_backends = (("flash", "FLASH_ATTENTION"), ("efficient", "EFFICIENT_ATTENTION"), ("cudnn", "CUDNN_ATTENTION"),
                      ("math", "MATH"))
     out += [SDPAProvider(f"sdpa-{s}", b) for s, b in sdpa_backends]
-    out += [EagerAttention(), TorchNorm(), RotateHalf(), TorchLinearCrossEntropy(), FlashAttnProvider(), XformersProvider(),
-            LigerProvider(), ApexProvider()]
+    out += [EagerAttention(), TorchNorm(), TorchGelu(), RotateHalf(), TorchLinearCrossEntropy(), FlashAttnProvider(),
+            XformersProvider(), LigerProvider(), ApexProvider()]
     return out
 
 

@@ -85,7 +85,7 @@ def table(report: dict, width: int = 160) -> str:
     lines.append("")
     lines.append("median ms with the interquartile range; TFLOP/s of the kept (query, key) pairs only; GB/s of the "
                  "minimal bytes; %lim = % of this device's measured peak matmul TFLOP/s (attention, train_step) or "
-                 "copy GB/s (norms); "
+                 "copy GB/s (norms, gelu); "
                  "peak mem = extra memory of one call; vs base = baseline time / provider time "
                  f"(baselines: {', '.join(f'{k}={v}' for k, v in report.get('baselines', {}).items())}).")
     return "\n".join(lines)

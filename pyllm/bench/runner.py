@@ -303,7 +303,7 @@ def _figures(row: dict, case: Case, t: dict, limits: Limits, key_lens=None) -> N
         row["frac_of_matmul"] = frac = row["tflops"] / peak if peak else None
     if b is not None:
         row["gbps"] = b / sec / 1e9
-        if case.op in ("layer_norm", "rms_norm"):
+        if case.op in ("layer_norm", "rms_norm", "gelu"):
             peak = limits.copy_peak(dt, case.dims[0] * case.dims[1])
             row["copy_gbps"] = peak
             row["frac_of_copy"] = frac = row["gbps"] / peak if peak else None

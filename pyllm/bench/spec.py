@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-OPS = ("attention", "layer_norm", "rms_norm", "rotary", "train_step", "linear_cross_entropy")
+OPS = ("attention", "layer_norm", "rms_norm", "rotary", "train_step", "linear_cross_entropy", "gelu")
 MODES = ("fwd", "bwd", "fwd+bwd")  # train_step has the single mode "step"
 DTYPES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}  # name -> bytes per element
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
@@ -28,7 +28,7 @@ SWEEP_ROWS = (16, 128, 1024, 4096, 16384)
 # Attention dims are (B, Hq, Hkv, Nq, Nk, D); norms (M, N); training step (B, T) of a preset model.
 _DIM_NAMES = {"attention": ("B", "Hq", "Hkv", "Nq", "Nk", "D"), "layer_norm": ("M", "N"),
               "rms_norm": ("M", "N"), "rotary": ("B", "N", "Hq", "Hk", "D"), "train_step": ("B", "T"),
-              "linear_cross_entropy": ("N", "H", "V")}
+              "linear_cross_entropy": ("N", "H", "V"), "gelu": ("M", "N")}
 
 
 class BenchError(ValueError):
@@ -88,6 +88,8 @@ class Case:
             return f"B{self.dims[0]} T{self.dims[1]} L{m.get('layers')} d{m.get('hidden')}"
         if self.op == "linear_cross_entropy":
             return "N{} H{} V{}".format(*self.dims)
+        if self.op == "gelu":
+            return "{}x{} tanh".format(*self.dims)
         return f"{self.dims[0]}x{self.dims[1]}" + (" +res" if self.residual else "")
 
     def key(self) -> tuple:
@@ -172,6 +174,9 @@ def bytes_moved(case: Case, key_lens=None) -> float | None:
         B, N, Hq, Hk, D = case.dims
         one = e * 2 * B * N * (Hq + Hk) * D + 4 * 2 * N * D // 2  # read q, k (+ fp32 cos, sin); write both
         return {"fwd": one, "bwd": one, "fwd+bwd": 2 * one}[case.mode]
+    if case.op == "gelu":  # fwd: read x, write y; bwd: read dy, x, write dx
+        M, N = case.dims
+        return e * M * N * {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[case.mode]
     return None
 
 
@@ -250,6 +255,8 @@ def parse_shape(text: str, ops: list[str]) -> tuple[str, tuple[int, ...]]:
         return op, tuple(nums)
     if len(nums) != 2:
         raise BenchError(f"--shape {text!r}: {op} takes 2 numbers, got {len(nums)}")
+    if op == "norm" and ops == ["gelu"]:
+        op = "gelu"
     return ("norm" if op in ("norm", "layer_norm", "rms_norm") else op), tuple(nums)
 
 
@@ -341,6 +348,10 @@ def preset_points(preset: str, op: str, device: str) -> list[dict]:
         bt = {"quick": (2, 64), "default": (8, 1024) if gpu else (4, 256),
               "long": (8, 2048) if gpu else (4, 512)}[preset]
         return [dict(dims=bt, model=tuple(sorted(model.items())), sweep="model")]
+    if op == "gelu":  # (rows, width): GPT-2-small / -medium MLPs (4 x 768, 4 x 1024) at 2048 tokens
+        dims = {"quick": [(256, 1024)], "default": [(2048, 3072), (2048, 4096)],
+                "long": [(8192, 3072), (8192, 4096)]}[preset]
+        return [dict(dims=d, sweep="width") for d in dims]
     if op == "linear_cross_entropy":  # (tokens, hidden, vocab); "long" is issue 17's memory comparison
         dims = {"quick": [(1024, 256, 8000)], "default": [(2048, 1024, 32000)],
                 "long": [(8192, 2048, 32000), (8192, 2048, 128256)]}[preset]

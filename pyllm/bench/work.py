@@ -44,6 +44,11 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
         theta = torch.arange(N, dtype=torch.float64)[None, :, None] * 10000.0 ** (-torch.arange(0, D, 2) / D)
         return {"q": randn(B, N, Hq, D), "k": randn(B, N, Hk, D), "dq": randn(B, N, Hq, D), "dk": randn(B, N, Hk, D),
                 "cos": theta.cos().float().to(device), "sin": theta.sin().float().to(device)}
+    if case.op == "gelu":  # x ~ 3 N(0, 1): both tails and the bend
+        M, N = case.dims
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        x, dy = ((torch.randn(M, N, generator=g) * s).to(device=device, dtype=case.torch_dtype) for s in (3.0, 1.0))
+        return {"x": x, "dy": dy}
     M, N = case.dims
     return accuracy.norm_inputs(case.op, M, N, dtype=case.torch_dtype, device=device, residual=case.residual,
                                 seed=seed)
@@ -79,6 +84,12 @@ def build_call(case: Case, provider: Provider, inputs: dict) -> Call:
         ident = lambda ts: tuple(ts)  # noqa: E731
         return Call(forward=lambda: tuple(fn()), leaves=[q, k], grad_outs=[inputs["dq"], inputs["dk"]],
                     outs_to_common=ident, grads_to_common=ident)
+    if case.op == "gelu":
+        x = _leaf(inputs["x"])
+        fn = provider.gelu_fn(case, x)
+        ident = lambda ts: tuple(ts)  # noqa: E731
+        return Call(forward=lambda: (fn(),), leaves=[x], grad_outs=[inputs["dy"]], outs_to_common=ident,
+                    grads_to_common=ident)
     return _norm_call(case, provider, inputs)
 
 

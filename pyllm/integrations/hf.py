@@ -226,7 +226,7 @@ class PatchReport:
     def __str__(self) -> str:
         swapped = ", ".join(f"{n} x{c}" for n, c in self.swapped.items()) or "nothing"
         left = "; ".join(f"{n}: {why}" for n, why in self.left.items()) or "nothing"
-        return f"attention: {self.attention}\nnorms swapped: {swapped}\nleft untouched: {left}"
+        return f"attention: {self.attention}\nnorms and activations swapped: {swapped}\nleft untouched: {left}"
 
 
 def _swap_norms(model: nn.Module, backend: Optional[str], report: PatchReport) -> None:
@@ -253,13 +253,32 @@ def _swap_norms(model: nn.Module, backend: Optional[str], report: PatchReport) -
             report.swapped[cls] = report.swapped.get(cls, 0) + 1
 
 
-def patch(model, attention: bool = True, layer_norm: bool = True, backend: Optional[str] = None):
+# transformers' tanh-approximated GELUs (one formula, written four ways): pyllm.nn.GELU("tanh") computes it fused
+_TANH_GELUS = ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation")
+
+
+def _swap_activations(model: nn.Module, backend: Optional[str], report: PatchReport) -> None:
+    import transformers.activations as acts
+
+    classes = tuple(c for c in (getattr(acts, n, None) for n in _TANH_GELUS) if isinstance(c, type))
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in classes:
+                setattr(parent, name, pyllm.nn.GELU("tanh", backend=backend))
+                cls = type(child).__name__
+                report.swapped[cls] = report.swapped.get(cls, 0) + 1
+
+
+def patch(model, attention: bool = True, layer_norm: bool = True, backend: Optional[str] = None,
+          activation: bool = True):
     """Switch a transformers model (any architecture, any head) to pyllm attention and norms, in place.
 
     attention: use attn_implementation "pyllm" (models that do not dispatch through transformers'
         AttentionInterface keep their attention; the report says so).
     layer_norm: swap nn.LayerNorm and recognised RMSNorm classes (weights are the same Parameters).
-    backend: a pyllm backend name for every attention and norm call (None = auto).
+    backend: a pyllm backend name for every attention, norm and activation call (None = auto).
+    activation: swap transformers' tanh-approximated GELU modules (GPT-2's gelu_new and its variants) for
+        ``pyllm.nn.GELU("tanh")``, the fused kernel (the same formula; results agree to float rounding).
     Returns the model; `model.pyllm_patch_report` (a PatchReport, print it) says what was swapped and
     what was left untouched.
     """
@@ -281,5 +300,7 @@ def patch(model, attention: bool = True, layer_norm: bool = True, backend: Optio
                                 f"{type(model).__name__} does not dispatch through transformers' AttentionInterface")
     if layer_norm:
         _swap_norms(model, backend, report)
+    if activation:
+        _swap_activations(model, backend, report)
     model.pyllm_patch_report = report
     return model

@@ -23,8 +23,8 @@ from .config import TransformerConfig
 def activation_fn(name: str):
     if name == "gelu":
         return F.gelu
-    if name in ("gelu_new", "gelu_tanh"):  # GPT-2's tanh approximation
-        return lambda x: F.gelu(x, approximate="tanh")
+    if name in ("gelu_new", "gelu_tanh"):  # GPT-2's tanh approximation, fused (pyllm.gelu)
+        return lambda x: pyllm.gelu(x, "tanh")
     if name == "relu":
         return F.relu
     if name == "silu":

@@ -198,6 +198,30 @@ def register_rotary(name: str, op: Callable) -> None:
 
     torch.library.register_fake(name)(rotary_fake)
     torch.library.register_autograd(name, backward, setup_context=setup_context)
+
+
+# ---------------------------------------------------------------- gelu (tanh approximation)
+def gelu_tanh_fake(x):
+    return x.new_empty(x.shape)
+
+
+def gelu_tanh_bwd_fake(dy, x):
+    return x.new_empty(x.shape)
+
+
+def register_gelu_tanh(fwd_name: str, bwd_name: str, bwd: Callable) -> None:
+    """Fakes and autograd for a gelu_tanh fwd op whose backward op is ``bwd`` (it saves the input)."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        return bwd(dy.contiguous(), x)
+
+    torch.library.register_fake(fwd_name)(gelu_tanh_fake)
+    torch.library.register_fake(bwd_name)(gelu_tanh_bwd_fake)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 # ---------------------------------------------------------------- attention with FlashAttention's features
 # attention_ext_fwd(q, k, v, key_padding_mask, causal, softmax_scale, window_left, window_right, softcap,
 #                   alibi_slopes, attn_bias, dropout_p, seed, offset, drop_lq, drop_lk) -> (out, lse)
@@ -489,6 +513,23 @@ torch.library.register_fake("pyllm::triton_attention_varlen_bwd")(attention_varl
 register_attention_varlen("pyllm::triton_attention_varlen_fwd", triton_attention_varlen_bwd)
 
 
+@torch.library.custom_op("pyllm::triton_gelu_tanh_fwd", mutates_args=())
+def triton_gelu_tanh_fwd(x: Tensor) -> Tensor:
+    from pyllm.kernels import activation as K
+
+    return K.gelu_tanh_fwd(x)
+
+
+@torch.library.custom_op("pyllm::triton_gelu_tanh_bwd", mutates_args=())
+def triton_gelu_tanh_bwd(dy: Tensor, x: Tensor) -> Tensor:
+    from pyllm.kernels import activation as K
+
+    return K.gelu_tanh_bwd(dy, x)
+
+
+register_gelu_tanh("pyllm::triton_gelu_tanh_fwd", "pyllm::triton_gelu_tanh_bwd", triton_gelu_tanh_bwd)
+
+
 def _register_extension_ops() -> None:
     """Fakes and autograd for the C++ ops, once pyllm._C has registered their schemas."""
     from pyllm import _ext
@@ -510,6 +551,8 @@ def _register_extension_ops() -> None:
     if hasattr(ops, "attention_varlen_fwd"):  # absent from an extension built before the op existed
         torch.library.register_fake("pyllm::attention_varlen_bwd")(attention_varlen_bwd_fake)
         register_attention_varlen("pyllm::attention_varlen_fwd", ops.attention_varlen_bwd)
+    if hasattr(ops, "gelu_tanh_fwd"):  # absent from an extension built before the op existed
+        register_gelu_tanh("pyllm::gelu_tanh_fwd", "pyllm::gelu_tanh_bwd", ops.gelu_tanh_bwd)
 
 
 _register_extension_ops()

@@ -26,9 +26,8 @@ What is counted, and how (one training step = forward, backward, gradient clippi
   and the gradients of the hidden states and of the weight, which the op computes in its forward pass.
 - **temporary**: what exists only for a moment: inside a layer's backward, its output's gradient (and the
   residual stream's) and, at its widest op, the gradients of that op's output and input (less what the ops
-  after it kept, released by then); a tied weight's second gradient before it is summed in; AdamW's
-  ``sqrt(exp_avg_sq) / c`` of the largest parameter on the CPU (on CUDA pyllm uses the fused AdamW, which
-  needs none).
+  after it kept, released by then); a tied weight's second gradient before it is summed in (pyllm's
+  fused AdamW updates in place, on the CPU and on CUDA: no temporaries).
 
 The peak is the largest of three moments: the end of the forward pass, each segment of the backward pass
 (the gradient of a segment's parameters exists from then on, the activations of later segments are gone),
@@ -1075,7 +1074,7 @@ def _estimate(model, family, micro, seq, target, precision, device, adapters, sp
     params, total, n_train = params + 4 * added, total + added, n_train + added
     segs = w.segments
     grads_all = sum(s.grads for s in segs)
-    opt_tmp = 0 if device.startswith("cuda") else 2 * largest  # CPU AdamW: sqrt(v) and sqrt(v) / c
+    opt_tmp = 0  # the fused AdamW (pyllm.train.optim) updates in place on both devices
     acc_grads = grads_all if accumulation > 1 else 0  # later micro-batches start with every gradient
     kept_all, loss = sum(s.kept for s in segs), w.loss_kept
     # (grads, activations, logits/loss, temporary, when)

@@ -25,9 +25,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """torch's fused AdamW (one kernel over all parameters; transformers' Trainer default too) when every
+    trainable parameter is a floating-point tensor on the CPU or on CUDA; the multi-tensor one otherwise."""
     kwargs = {}
-    if any(p.is_cuda for p in model.parameters()):
-        kwargs["fused"] = True  # one kernel for all parameters on CUDA
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) \
+            and len({p.device for p in params}) == 1:
+        kwargs["fused"] = True
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay),
         lr=cfg.learning_rate,

@@ -173,7 +173,9 @@ def test_every_architecture_patched_matches_unpatched(name, count_attention):
     got_model = copy.deepcopy(want_model)
     patch(got_model)
     report = got_model.pyllm_patch_report
-    assert report.swapped == dict([NORMS[name]]) and report.attention.startswith("pyllm"), str(report)
+    # GPT-2's gelu_new MLP activation is swapped for pyllm.nn.GELU("tanh") too (one per layer)
+    swapped = dict([NORMS[name]], **({"NewGELUActivation": 2} if name == "gpt2" else {}))
+    assert report.swapped == swapped and report.attention.startswith("pyllm"), str(report)
 
     want, got = _forward(want_model, name, ids, mask), _forward(got_model, name, ids, mask)
     assert len(count_attention) == FUSED[name]
@@ -231,7 +233,9 @@ def test_norm_classes_pyllm_does_not_know_are_left_and_reported():
         num_key_value_heads=2, head_dim=8))
     patch(model)
     report = model.pyllm_patch_report
-    assert report.swapped == {} and "GemmaRMSNorm" in report.left and "GemmaRMSNorm" in str(report)
+    # its norms are left (reported); its gelu_pytorch_tanh MLP activation is pyllm's fused GELU now
+    assert report.swapped == {"GELUTanh": 1} and "GemmaRMSNorm" in report.left and "GemmaRMSNorm" in str(report)
+    assert isinstance(model.model.layers[0].mlp.act_fn, pyllm.nn.GELU)
 
 
 def test_replace_modules_swaps_llama_rms_norm_keeping_the_parameter():
