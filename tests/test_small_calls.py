@@ -8,6 +8,7 @@ import torch
 
 import pyllm
 from pyllm import backends
+from tests.conftest import need
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
@@ -122,6 +123,7 @@ def _modules():
 
 
 def _need_fast():
+    need("cpu")
     L, A = _modules()
     if L._FAST is None or A._FAST is None:
         pytest.fail("pyllm._C has no fast path: rebuild the extension (python setup.py build_ext --inplace)")
