@@ -10,9 +10,10 @@
 // torch.compile traces through it (AOTAutograd runs this Function with fake tensors; the bwd ops have fake
 // kernels in pyllm/ops/_autograd.py).
 #include <ATen/Context.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "op_handles.h"
 
 namespace pyllm {
 namespace {
@@ -21,38 +22,6 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
-
-using LayerNormFwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                                                 const OptTensor&, double, bool);
-using LayerNormBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                                        const Tensor&, const Tensor&, const OptTensor&, bool, bool);
-using AttentionFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool,
-                                                double);
-using AttentionBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                        const Tensor&, const Tensor&, const OptTensor&, bool, double,
-                                                        bool);
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-const c10::TypedOperatorHandle<LayerNormFwd>& layer_norm_fwd_op() {
-  static const auto op = typed_op<LayerNormFwd>("pyllm::layer_norm_fwd");
-  return op;
-}
-const c10::TypedOperatorHandle<LayerNormBwd>& layer_norm_bwd_op() {
-  static const auto op = typed_op<LayerNormBwd>("pyllm::layer_norm_bwd");
-  return op;
-}
-const c10::TypedOperatorHandle<AttentionFwd>& attention_fwd_op() {
-  static const auto op = typed_op<AttentionFwd>("pyllm::attention_fwd");
-  return op;
-}
-const c10::TypedOperatorHandle<AttentionBwd>& attention_bwd_op() {
-  static const auto op = typed_op<AttentionBwd>("pyllm::attention_bwd");
-  return op;
-}
 
 bool needs_grad(std::initializer_list<const Tensor*> ts) {
   if (!at::GradMode::is_enabled()) return false;
@@ -69,7 +38,7 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& residual, double eps, bool rms) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, h, mean, rstd] = layer_norm_fwd_op().call(x, weight, bias, residual, eps, rms);
+    auto [y, h, mean, rstd] = ops::layer_norm_fwd().call(x, weight, bias, residual, eps, rms);
     ctx->save_for_backward({residual ? h : x, weight ? *weight : Tensor(), mean, rstd});
     // one saved_data entry (each costs a hash-map insertion on every call)
     ctx->saved_data["flags"] = int64_t(rms) | int64_t(bias.has_value()) << 1 | int64_t(residual.has_value()) << 2 |
@@ -95,7 +64,7 @@ struct LayerNormFunction : public torch::autograd::Function<LayerNormFunction> {
     const auto pdtype = weight.defined() ? weight.scalar_type() : hx.scalar_type();
     if (fp32_bias && (pdtype == at::kHalf || pdtype == at::kBFloat16))
       w = weight.defined() ? weight.to(at::kFloat) : at::ones({hx.size(1)}, hx.options().dtype(at::kFloat));
-    auto [dx, dw, db] = layer_norm_bwd_op().call(dy, hx, w, mean, rstd, dh, rms, has_bias);
+    auto [dx, dw, db] = ops::layer_norm_bwd().call(dy, hx, w, mean, rstd, dh, rms, has_bias);
     return {dx, weight.defined() ? dw.to(weight.scalar_type()) : Tensor(), has_bias ? db : Tensor(),
             has_residual ? dx : Tensor(), Tensor(), Tensor()};
   }
@@ -106,7 +75,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor&
                                                                    double eps, bool rms) {
   if (!needs_grad({&x, ptr(weight), ptr(bias), ptr(residual)})) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return layer_norm_fwd_op().call(x, weight, bias, residual, eps, rms);
+    return ops::layer_norm_fwd().call(x, weight, bias, residual, eps, rms);
   }
   auto out = LayerNormFunction::apply(x, weight, bias, residual, eps, rms);
   return {out[0], out[1], out[2], out[3]};
@@ -118,7 +87,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const OptTensor& key_padding_mask, bool causal, double softmax_scale) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = attention_fwd_op().call(q, k, v, key_padding_mask, causal, softmax_scale);
+    auto [out, lse] = ops::attention_fwd().call(q, k, v, key_padding_mask, causal, softmax_scale);
     ctx->save_for_backward({q, k, v, out, lse, key_padding_mask ? *key_padding_mask : Tensor()});
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["scale"] = softmax_scale;
@@ -134,7 +103,7 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     if (saved[5].defined()) mask = saved[5];
     const Tensor dout = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(out);
     const bool deterministic = at::globalContext().deterministicAlgorithms();
-    auto [dq, dk, dv] = attention_bwd_op().call(dout, q, k, v, out, lse, mask, ctx->saved_data["causal"].toBool(),
+    auto [dq, dk, dv] = ops::attention_bwd().call(dout, q, k, v, out, lse, mask, ctx->saved_data["causal"].toBool(),
                                                 ctx->saved_data["scale"].toDouble(), deterministic);
     return {dq, dk, dv, Tensor(), Tensor(), Tensor()};
   }
@@ -145,7 +114,7 @@ std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor&
                                                   double softmax_scale) {
   if (!needs_grad({&q, &k, &v})) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return attention_fwd_op().call(q, k, v, key_padding_mask, causal, softmax_scale);
+    return ops::attention_fwd().call(q, k, v, key_padding_mask, causal, softmax_scale);
   }
   auto out = AttentionFunction::apply(q, k, v, key_padding_mask, causal, softmax_scale);
   return {out[0], out[1]};

@@ -14,7 +14,6 @@
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
 #include <torch/csrc/Exceptions.h>
@@ -24,6 +23,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+
+#include "op_handles.h"
 
 namespace pyllm {
 namespace {
@@ -101,11 +102,6 @@ double finfo_eps(c10::ScalarType t) {
   }
 }
 
-using LayerNormFwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                                                 const OptTensor&, double, bool);
-using AttentionFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool,
-                                                double);
-
 // layer_norm_fast(x, normalized_shape, weight, bias, residual, eps, rms) -> y, (y, h) with a residual, or None
 PyObject* layer_norm_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -153,8 +149,7 @@ PyObject* layer_norm_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return none();
   }
 
-  static const auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("pyllm::layer_norm_fwd", "")
-                              .typed<LayerNormFwd>();
+  const auto& fwd = ops::layer_norm_fwd();
   const bool flat = x->dim() == 2 && nd == 1;  // already (M, N): no reshapes
   Tensor y, h;
   {
@@ -215,8 +210,7 @@ PyObject* attention_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (mask && (mask->scalar_type() != at::kBool || mask->dim() != 2 || mask->size(0) != B || mask->size(1) != Nk))
     return none();
 
-  static const auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("pyllm::attention_fwd", "")
-                              .typed<AttentionFwd>();
+  const auto& fwd = ops::attention_fwd();
   Tensor o;
   {
     ReleaseGil nogil;
