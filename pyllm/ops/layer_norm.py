@@ -1,4 +1,5 @@
-"""LayerNorm and RMSNorm ops: validation, dispatch to a backend, autograd through torch.library.
+"""LayerNorm and RMSNorm ops: validation, dispatch to a backend, autograd (the C++ op's in C++, csrc/autograd.cpp;
+the Triton op's through torch.library).
 
 Each backend gets a 2-D view ``x2`` (M, N) (M = product of the leading dims, N = product of
 ``normalized_shape``) whose last dim is contiguous; the result is reshaped back.
