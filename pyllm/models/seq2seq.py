@@ -405,7 +405,9 @@ class Seq2SeqStack(nn.Module):
         # input_ids (B, N); mask (B, past + N) bool or None; memory (B, M, C), memory_mask (B, M) for the decoder
         B, N = input_ids.shape
         past = cache.seq_len if cache is not None else 0
-        x = self.embed_tokens(input_ids) * self.embed_scale  # (B, N, C)
+        x = self.embed_tokens(input_ids)  # (B, N, C)
+        if self.embed_scale != 1.0:  # BART's default: no scaling, and no pass over x for it
+            x = x * self.embed_scale
         if self.embed_positions is not None:
             x = x + self.embed_positions.weight[LEARNED_POSITION_OFFSET + past:LEARNED_POSITION_OFFSET + past + N]
         elif self.relative_attention_bias is None:
