@@ -56,6 +56,9 @@ def register_layer_norm(fwd_name: str, bwd: Callable, autograd: bool = True) -> 
         ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.has_residual = rms, bias is not None, residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
+        # an unused output's gradient stays None, not a tensor of zeros: post-norm blocks never read the sum
+        # x + residual, and the kernel skips dh = None
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, dy, dh, _dmean, _drstd):
         hx, weight, mean, rstd = ctx.saved_tensors
