@@ -43,7 +43,7 @@ def _cuda_plan():
 
 arch = os.environ.get("PYLLM_CPU_ARCH", "native")
 cxx = ["-O3", "-fopenmp", "-std=c++17"] + ([f"-march={arch}"] if arch else [])
-sources = ["csrc/pyllm.cpp"]
+sources = ["csrc/pyllm.cpp", "csrc/autograd.cpp", "csrc/small_calls.cpp"]  # schemas, C++ autograd, fast paths
 if os.environ.get("PYLLM_CPU_KERNELS", "1") != "0":  # 0: schemas only, to work on the Python layer alone
     sources += _rel("csrc/cpu/*.cpp")
 use_cuda, why = _cuda_plan()

@@ -1,6 +1,7 @@
 // Op schemas of the pyllm namespace, defined once. Each device registers its kernels with
 // TORCH_LIBRARY_IMPL(pyllm, CPU|CUDA, m) in csrc/cpu and csrc/cuda; the Python side (pyllm/ops)
-// adds fake (meta) kernels and autograd with torch.library.
+// adds fake (meta) kernels and autograd with torch.library (layer_norm_fwd and attention_fwd: autograd in
+// C++, csrc/autograd.cpp).
 //
 // Conventions shared by every backend (CPU C++, CUDA C++, and the Triton launchers in kernels/):
 //
@@ -109,6 +110,10 @@ TORCH_LIBRARY(pyllm, m) {
   m.def("gelu_tanh_bwd(Tensor dy, Tensor x) -> Tensor");
 }
 
-// `import pyllm._C` loads this library, which runs the registrations above; the module itself is empty.
-static struct PyModuleDef pyllm_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// `import pyllm._C` loads this library, which runs the registrations above; the module itself holds only the
+// small-call fast paths of the op layer (csrc/small_calls.cpp; autograd of the C++ ops: csrc/autograd.cpp).
+namespace pyllm {
+extern PyMethodDef small_call_methods[];
+}
+static struct PyModuleDef pyllm_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, pyllm::small_call_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&pyllm_module); }

@@ -271,7 +271,9 @@ def select(op: str, call: dict, backend: str | None = None) -> str:
     Answers are cached per (op, requested backend, the call's description, ``TRITON_INTERPRET``): the call
     description holds everything the choice depends on (device, dtypes, sizes, the op layer's limits)."""
     name = requested(backend)
-    ck = _call_key(call)
+    # Eager calls only: under torch.compile the choice is traced once per graph, and a dict lookup traced there
+    # would guard on the cache's contents (a first eager call adding the key later forces a recompile).
+    ck = None if torch.compiler.is_compiling() else _call_key(call)
     if ck is None:
         return _select(op, call, name)
     key = (op, name, os.environ.get("TRITON_INTERPRET"), ck)

@@ -104,13 +104,21 @@ def test_defect13_swapped_transformer_encoder_runs_pyllm_in_eval_no_grad(monkeyp
         pyllm.nn.replace_modules(model)
     assert any("fast path" in str(w.message) for w in caught), [str(w.message) for w in caught]
     calls = []
-    # Every pyllm attention call runs _run; every norm call runs _kernel or _reference (repeated calls skip
-    # backends.select: their validated metadata is cached, issue 15).
+    # Every pyllm attention call runs _run or the C++ fast path; every norm call runs _kernel, _reference or the
+    # C++ fast path (issue 15: repeated calls skip backends.select, the common CPU call is served in C++).
     attention_ops = importlib.import_module("pyllm.ops.attention")
     norm_ops = importlib.import_module("pyllm.ops.layer_norm")
     _spy(monkeypatch, attention_ops, "_run", calls)
     _spy(monkeypatch, norm_ops, "_kernel", calls)
     _spy(monkeypatch, norm_ops, "_reference", calls)
+    for owner, label in ((attention_ops, "_run"), (norm_ops, "_kernel")):
+        if owner._FAST is not None:
+            def fast(*args, real=owner._FAST, label=label):
+                out = real(*args)
+                if out is not None:  # None: the call goes on to the full path (counted there)
+                    calls.append(label)
+                return out
+            monkeypatch.setattr(owner, "_FAST", fast)
     _spy(monkeypatch, pyllm.nn.MultiheadAttention, "forward", calls)
     with torch.no_grad():
         got = model(x)

@@ -98,6 +98,29 @@ def test_gradcheck_cpu_fp64(op, residual):
                                     (x, w, b) + ((r,) if residual else ()))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("used", ["normed", "sum"])
+def test_residual_with_one_output_unused(backend, used):
+    """norm(x, residual=r) -> (normed, x + r) with only one output used (post-norm blocks drop the sum; the
+    unused output's gradient reaches backward as None, not as zeros): the gradients are the reference's."""
+    need(backend)
+    g = torch.Generator().manual_seed(1)
+    x, r = (torch.randn(2, 7, 24, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    w, b = (torch.randn(24, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    out = pyllm.layer_norm(x, (24,), w, b, residual=r, backend=backend)
+    ref = F.layer_norm(x + r, (24,), w, b)
+    pick = (lambda o: o[0]) if used == "normed" else (lambda o: o[1])
+    want = ref if used == "normed" else x + r
+    dout = torch.randn(want.shape, generator=g).to(DEVICE)
+    got = torch.autograd.grad(pick(out), (x, r, w, b), dout, allow_unused=True)
+    exp = torch.autograd.grad(want, (x, r, w, b), dout, allow_unused=True)
+    for a, e in zip(got, exp):
+        if e is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
 def _opcheck_args(device, dtype=torch.float32):
     x = torch.randn(5, 33, device=device, dtype=dtype, requires_grad=True)
     w = torch.randn(33, device=device, dtype=dtype, requires_grad=True)

@@ -75,6 +75,34 @@ def test_gradcheck_cpu_fp64():
     assert torch.autograd.gradcheck(f, (h, w, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("bias_grad", [True, False])
+def test_cpu_bias_in_the_row_step(dtype, bias_grad):
+    """fp32/fp64 on the CPU add the bias while a row is in cache (at::mm, not at::addmm) and sum dbias per
+    chunk: the same loss and gradients as F.linear + F.cross_entropy, for a strided bias (a column of a
+    (V, 2) table) with or without a gradient, softcap and smoothing, chunks with a partial last one."""
+    need("cpu")
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 13, 24, dtype=dtype, generator=g, requires_grad=True)
+    w = torch.randn(67, 24, dtype=dtype, generator=g).div(3).requires_grad_()
+    table = torch.randn(67, 2, dtype=dtype, generator=g).requires_grad_(bias_grad)
+    b = table[:, 1]  # stride 2
+    y = torch.randint(0, 67, (2, 13), generator=g)
+    y[0, :4] = -100
+    kw = dict(label_smoothing=0.05)
+    loss = pyllm.linear_cross_entropy(h, w, y, bias=b, softcap=4.0, chunk_size=6, backend="cpu", **kw)
+    logits = F.linear(h, w, b)
+    ref = F.cross_entropy((4.0 * torch.tanh(logits / 4.0)).flatten(0, 1), y.flatten(), **kw)
+    wrt = (h, w, table) if bias_grad else (h, w)
+    got, want = torch.autograd.grad(loss, wrt), torch.autograd.grad(ref, wrt)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(loss, ref.to(loss.dtype), **tol)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r, **tol)
+    if bias_grad:
+        assert not got[2][:, 0].any()  # only the bias column received a gradient
+
+
 def _op(backend):
     ops = torch.ops.pyllm
     return ops.triton_linear_cross_entropy_fwd if backend == "triton" else ops.linear_cross_entropy_fwd

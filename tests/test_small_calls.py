@@ -8,6 +8,7 @@ import torch
 
 import pyllm
 from pyllm import backends
+from tests.conftest import need
 
 
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
@@ -60,12 +61,14 @@ def test_cache_keeps_no_tensor_alive():
     assert backends._selected == before
 
 
-def test_validated_metadata_skips_to_the_kernel():
+def test_validated_metadata_skips_to_the_kernel(monkeypatch):
     """A norm call whose metadata passed validation before goes straight to the kernel: same values, gradients
-    still flow, the backend in force still decides, and bad arguments (new metadata) are still refused."""
+    still flow, the backend in force still decides, and bad arguments (new metadata) are still refused.
+    (This cache serves the calls the C++ fast path does not take, e.g. CUDA tensors: switched off here.)"""
     import importlib
 
     L = importlib.import_module("pyllm.ops.layer_norm")
+    monkeypatch.setattr(L, "_FAST", None)
     x, w, b = torch.randn(4, 24), torch.randn(24), torch.randn(24)
     first = pyllm.layer_norm(x, 24, w, b)
     key = L._fast_key("layer_norm", x, 24, w, b, 1e-5, None, None)
@@ -86,12 +89,14 @@ def test_validated_metadata_skips_to_the_kernel():
         pyllm.layer_norm(torch.randn(4, 25), 24, w, b)
 
 
-def test_attention_validated_metadata_skips_the_checks():
+def test_attention_validated_metadata_skips_the_checks(monkeypatch):
     """attention without features: a call whose metadata was validated before skips the checks and the backend
-    choice; values unchanged, gradients flow, use() still decides, and new (bad) metadata is still refused."""
+    choice; values unchanged, gradients flow, use() still decides, and new (bad) metadata is still refused.
+    (This cache serves the calls the C++ fast path does not take, e.g. CUDA tensors: switched off here.)"""
     import importlib
 
     A = importlib.import_module("pyllm.ops.attention")
+    monkeypatch.setattr(A, "_FAST", None)
     q, k, v = torch.randn(1, 3, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
     first = pyllm.attention(q, k, v, causal=True)
     key = A._fast_key(q, k, v, None, None, None)
@@ -108,3 +113,203 @@ def test_attention_validated_metadata_skips_the_checks():
         pyllm.attention(q, k[..., :4], v)
     with pytest.raises(TypeError, match="key_padding_mask"):
         pyllm.attention(q, k, v, key_padding_mask=torch.ones(1, 5))
+
+
+# ---- the C++ fast path (csrc/small_calls.cpp) and the C++ autograd of the kernel ops (csrc/autograd.cpp)
+def _modules():
+    import importlib
+
+    return importlib.import_module("pyllm.ops.layer_norm"), importlib.import_module("pyllm.ops.attention")
+
+
+def _need_fast():
+    need("cpu")
+    L, A = _modules()
+    if L._FAST is None or A._FAST is None:
+        pytest.fail("pyllm._C has no fast path: rebuild the extension (python setup.py build_ext --inplace)")
+    return L, A
+
+
+def _norm_grads(fn, x, w, b, r):
+    leaves = [t for t in (x, w, b, r) if t is not None]
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    it = iter(leaves)
+    args = [next(it) if t is not None else None for t in (x, w, b, r)]
+    out = fn(*args)
+    y, h = out if isinstance(out, tuple) else (out, None)
+    loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum() + (0 if h is None else (h ** 2).sum())
+    return out, torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("case", ["2d", "3d", "two_dim_shape", "residual", "strided", "no_weight", "fp32_w_bf16_x",
+                                  "fp64", "size_shape"])
+def test_norm_fast_path_equals_the_full_path(op, case, monkeypatch):
+    """The fast path takes the common calls (it returns a tensor, not None) and gives the full path's values and
+    gradients bit for bit (the same C++ op behind both)."""
+    L, _ = _need_fast()
+    torch.manual_seed(0)
+    dt = {"fp32_w_bf16_x": torch.bfloat16, "fp64": torch.float64}.get(case, torch.float32)
+    shape, ns = {"3d": ((2, 3, 20), (20,)), "two_dim_shape": ((3, 4, 5), (4, 5)),
+                 "size_shape": ((3, 20), torch.Size([20]))}.get(case, ((5, 20), (20,)))
+    x = torch.randn(*shape, dtype=dt)
+    if case == "strided":
+        x = torch.randn(20, 5).t()  # stride(-1) != 1: the fast path copies it, as the full path does
+    pdt = torch.float32 if case == "fp32_w_bf16_x" else dt
+    w = None if case == "no_weight" else torch.randn(ns, dtype=pdt)
+    b = None if case == "no_weight" or op == "rms_norm" else torch.randn(ns, dtype=pdt)
+    r = torch.randn(*shape, dtype=dt) if case == "residual" else None
+    eps = 1e-5 if op == "layer_norm" else None
+    assert L._FAST(x, ns, w, b, r, eps, op == "rms_norm") is not None
+
+    def call(x, w, b, r):
+        if op == "layer_norm":
+            return pyllm.layer_norm(x, ns, w, b, residual=r)
+        return pyllm.rms_norm(x, ns, w, residual=r)
+
+    fast, fast_grads = _norm_grads(call, x, w, b, r)
+    monkeypatch.setattr(L, "_FAST", None)
+    full, full_grads = _norm_grads(call, x, w, b, r)
+    for a, e in zip(fast if isinstance(fast, tuple) else (fast,), full if isinstance(full, tuple) else (full,)):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    for a, e in zip(fast_grads, full_grads):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_norm_fast_path_declines_what_it_does_not_cover(monkeypatch):
+    """None (the full path) for anything but the common call; the public op then answers as before: errors that
+    name the argument, dtype harmonization, the reference."""
+    L, _ = _need_fast()
+    fast = L._FAST
+    x, w, b = torch.randn(4, 16), torch.randn(16), torch.randn(16)
+    assert fast(x, 16, w, b, None, 1e-5, False) is not None
+    declined = [
+        (x.int(), 16, w, b, None, 1e-5),  # not a float dtype
+        (x, 15, w, b, None, 1e-5),  # normalized_shape does not match
+        (x, 16, torch.randn(15), b, None, 1e-5),  # weight shape
+        (x, 16, w.half(), b, None, 1e-5),  # a 16-bit weight beside an fp32 input: harmonized by the full path
+        (x, 16, w.double(), b, None, 1e-5),  # float64 weight, float32 input: an error of the full path
+        (x, 16, w, b, torch.randn(4, 16, dtype=torch.float64), 1e-5),  # residual dtype: promoted by the full path
+        (x, 16, w, b, None, -1.0), (x, 16, w, b, None, float("nan")), (x, 16, w, b, None, True),  # eps
+        (torch.randn(0, 16), 16, w, b, None, 1e-5),  # empty: the reference
+        (x, 16, [1.0] * 16, b, None, 1e-5),  # not a tensor
+        (x.as_subclass(_Sub), 16, w, b, None, 1e-5),  # a tensor subclass: its own semantics, the full path
+    ]
+    for args in declined:
+        assert fast(*args, False) is None, args
+    with pytest.raises(ValueError, match="weight must have shape"):
+        pyllm.layer_norm(x, 16, torch.randn(15), b)
+    with pytest.raises(ValueError, match="eps"):
+        pyllm.layer_norm(x, 16, w, b, eps=-1.0)
+    with pytest.raises(TypeError, match="float64"):
+        pyllm.layer_norm(x, 16, w.double(), b)
+    from torch.overrides import TorchFunctionMode
+
+    class Mode(TorchFunctionMode):  # a torch-function mode sees the torch.ops call of the full path
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert fast(x, 16, w, b, None, 1e-5, False) is None
+    monkeypatch.setenv("PYLLM_BACKEND", "reference")  # the backend in force decides, env included
+    assert fast(x, 16, w, b, None, 1e-5, False) is None
+    torch.testing.assert_close(pyllm.layer_norm(x, 16, w, b), torch.nn.functional.layer_norm(x, (16,), w, b),
+                               rtol=0, atol=0)
+    monkeypatch.setenv("PYLLM_BACKEND", "cpu")
+    assert fast(x, 16, w, b, None, 1e-5, False) is not None
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_fast_paths_agree_with_the_backend_choice():
+    """The fast paths take a dtype exactly when auto picks the cpu backend for it (pyllm.capabilities)."""
+    L, A = _need_fast()
+    for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32):
+        x = torch.ones(2, 8, dtype=dt)
+        call = {"device": x.device, "dtype": dt, "hidden": 8, "weight_dtype": None}
+        cpu = backends.select("layer_norm", call) == "cpu"
+        assert (L._FAST(x, 8, None, None, None, 1e-5, False) is not None) == cpu, dt
+        q = torch.ones(1, 3, 2, 8, dtype=dt)
+        cpu = backends.select("attention", {"device": q.device, "dtype": dt, "head_dim": 8, "unsupported": [],
+                                            "features": ()}) == "cpu"
+        assert (A._FAST(q, q, q, False, None, None) is not None) == cpu, dt
+    big = torch.ones(1, 2, 1, 512)  # head_dim 512 > the cpu backend's limit: auto takes the reference
+    assert backends.select("attention", {"device": big.device, "dtype": big.dtype, "head_dim": 512,
+                                         "unsupported": [], "features": ()}) == "reference"
+    assert A._FAST(big, big, big, False, None, None) is None
+
+
+@pytest.mark.parametrize("case", ["plain", "causal_gqa", "mask", "strided", "scale_int", "fp64"])
+def test_attention_fast_path_equals_the_full_path(case, monkeypatch):
+    _, A = _need_fast()
+    torch.manual_seed(0)
+    dt = torch.float64 if case == "fp64" else torch.float32
+    q, k, v = torch.randn(2, 7, 4, 8, dtype=dt), torch.randn(2, 9, 4, 8, dtype=dt), torch.randn(2, 9, 4, 8, dtype=dt)
+    kw = {}
+    if case == "causal_gqa":
+        k, v, kw = k[:, :, :2], v[:, :, :2], {"causal": True}
+    if case == "mask":
+        kw = {"key_padding_mask": torch.arange(9).expand(2, 9) < torch.tensor([[9], [4]])}
+    if case == "strided":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        q = q[..., ::2]
+        k, v = k[..., ::2], v[..., ::2]  # stride(-1) == 2: the fast path copies, as the full path does
+    if case == "scale_int":
+        kw = {"softmax_scale": 1}
+    assert A._FAST(q, k, v, kw.get("causal", False), kw.get("softmax_scale"), kw.get("key_padding_mask")) is not None
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        o = pyllm.attention(*leaves, **kw)
+        return o, torch.autograd.grad((o * o).sum(), leaves)
+
+    fast, fast_grads = run()
+    monkeypatch.setattr(A, "_FAST", None)
+    full, full_grads = run()
+    torch.testing.assert_close(fast, full, rtol=0, atol=0)
+    for a, e in zip(fast_grads, full_grads):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_attention_fast_path_declines_what_it_does_not_cover():
+    _, A = _need_fast()
+    q = torch.randn(1, 3, 2, 8)
+    fast = A._FAST
+    assert fast(q, q, q, False, None, None) is not None
+    for args in [(q, q[..., :4], q, False, None, None), (q, q, q, 1, None, None), (q, q, q, False, float("inf"), None),
+                 (q, q, q, False, None, torch.ones(1, 3)), (q, q, q.double(), False, None, None),
+                 (q, torch.randn(1, 3, 3, 8), torch.randn(1, 3, 3, 8), False, None, None), (q[:, :0], q, q, False, None, None)]:
+        assert fast(*args) is None
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        pyllm.attention(q, q, q, key_padding_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="head_dim"):
+        pyllm.attention(q, q[..., :4], q)
+    with backends.use("reference"):  # the backend in force decides: the reference's own result
+        torch.testing.assert_close(pyllm.attention(q, q, q), pyllm.reference.attention(q, q, q), rtol=0, atol=0)
+    o, lse = pyllm.attention(q, q, q, return_lse=True)  # return_lse: the full path
+    torch.testing.assert_close(o, fast(q, q, q, False, None, None), rtol=0, atol=0)
+
+
+def test_cpp_autograd_serves_the_kernel_ops_and_costs_nothing_without_grad():
+    """layer_norm_fwd and attention_fwd have their autograd in C++ (no Python autograd wrapper registered for
+    them); without grad mode nothing is recorded, and an unused output's gradient is simply absent."""
+    _need_fast()
+    for op in ("layer_norm_fwd", "attention_fwd"):
+        assert "autograd.cpp" in torch._C._dispatch_dump(f"pyllm::{op}").split("Autograd[alias]: ")[1].splitlines()[0]
+    x = torch.randn(3, 8, requires_grad=True)
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    with torch.no_grad():
+        assert pyllm.layer_norm(x, 8, w, b).grad_fn is None
+    r = torch.randn(3, 8, requires_grad=True)
+    y, h = pyllm.layer_norm(x, 8, w, b, residual=r)
+    gx, gr, gw, gb = torch.autograd.grad(h.sum(), (x, r, w, b), allow_unused=True)  # y unused
+    torch.testing.assert_close(gx, torch.ones_like(x))
+    torch.testing.assert_close(gr, torch.ones_like(r))
+    assert torch.count_nonzero(gw) == 0 and torch.count_nonzero(gb) == 0
+    xs = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.layer_norm(xs, (8,), w, b)
+    y, h = pyllm.layer_norm(x, 8, w, b, residual=torch.zeros(3, 8))  # h unused
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(ref.sum(), xs)[0])

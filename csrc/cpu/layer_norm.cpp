@@ -754,7 +754,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     // Stage 1: each row block accumulates its own partial sums (zeroed by the thread that uses them).
     A* dw_parts = partials.mutable_data_ptr<A>();  // (nblocks, N)
     A* db_parts = dw_parts + nblocks * N;          // (nblocks, N)
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    // At least ~16K elements per task, as in the forward: a tiny call (16x768: two blocks of 8 rows) stays on
+    // one thread instead of waking another for a few microseconds of work. The blocks, and so the bits of the
+    // result, do not change.
+    const int64_t block_elems = std::max<int64_t>(1, M / nblocks * N);
+    const int64_t block_grain = std::max<int64_t>(1, (16384 + block_elems - 1) / block_elems);
+    at::parallel_for(0, nblocks, block_grain, [&](int64_t b0, int64_t b1) {
       std::vector<A> scratch(scratch_n);
       for (int64_t blk = b0; blk < b1; ++blk) {
         A* dwp = need_dw ? dw_parts + blk * N : nullptr;

@@ -24,9 +24,10 @@ namespace {
 
 using at::vec::Vectorized;
 
-// One row: returns its loss; with o.compute_grad, overwrites z with dloss/dlogits.
+// One row: returns its loss; with o.compute_grad, overwrites z with dloss/dlogits. bias (V,) or nullptr: added
+// to z first, while the row is in cache (z then holds hidden @ weight^T without it).
 template <typename T>
-T row_loss_grad(T* z, int64_t V, int64_t y, const lce::Options& o) {
+T row_loss_grad(T* z, const T* bias, int64_t V, int64_t y, const lce::Options& o) {
   using Vec = Vectorized<T>;
   const T cap = static_cast<T>(o.softcap), eps = static_cast<T>(o.label_smoothing);
   if (y == o.ignore_index) {
@@ -34,6 +35,7 @@ T row_loss_grad(T* z, int64_t V, int64_t y, const lce::Options& o) {
     return T(0);
   }
   TORCH_CHECK(y >= 0 && y < V, "linear_cross_entropy: label ", y, " is out of range [0, ", V, ")");
+  if (bias != nullptr) at::vec::map2([](Vec x, Vec b) { return x + b; }, z, z, bias, V);
   if (cap > 0) {
     at::vec::map([cap](Vec x) { return (x / Vec(cap)).tanh() * Vec(cap); }, z, z, V);
   }
@@ -65,21 +67,23 @@ T row_loss_grad(T* z, int64_t V, int64_t y, const lce::Options& o) {
 }
 
 template <typename T>
-void rows_cpu(at::Tensor z, const at::Tensor& labels, at::Tensor loss, const lce::Options& o) {
+void rows_cpu(at::Tensor z, const at::Tensor& labels, at::Tensor loss, const lce::Options& o, const T* bias) {
   const int64_t c = z.size(0), V = z.size(1);
   T* zp = z.data_ptr<T>();
   T* lp = loss.data_ptr<T>();
   const int64_t* yp = labels.data_ptr<int64_t>();
   at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) lp[r] = row_loss_grad<T>(zp + r * V, V, yp[r], o);
+    for (int64_t r = begin; r < end; ++r) lp[r] = row_loss_grad<T>(zp + r * V, bias, V, yp[r], o);
   });
 }
 
 // The CPU's default chunk: Liger's rule (lce::auto_chunk), raised to as many rows as fit kChunkBytes of
-// float32 logits. Each chunk streams weight twice and dweight once (read and write), so small chunks of a
-// small vocabulary spend their time there: at N 1024, H 256, V 8000 (fp32, 2 threads, measured under load)
-// one 1024-row chunk took 0.65x the time of four 256-row ones; at V 32000 the rule keeps 256 rows.
-constexpr int64_t kChunkBytes = int64_t(32) << 20;
+// float32 logits (small vocabularies: few, larger matmuls). 8 MiB, not more: a chunk's logits are a fresh
+// allocation per call, and glibc serves blocks of 32 MiB and over with mmap, whose pages fault in (zeroed by the
+// kernel) on every call: at N 1024, H 256, V 8192, 1024-row (32 MiB) chunks took 8193 page faults and ~17 ms
+// of system time per call, 256-row (8 MiB) ones ~1600 faults and ~2-5 ms, and less CPU time in all (1 thread,
+// measured under load).
+constexpr int64_t kChunkBytes = int64_t(8) << 20;
 
 int64_t cpu_chunk(int64_t N, int64_t H, int64_t V) {
   int64_t fit = 1;
@@ -94,16 +98,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   lce::check_inputs("linear_cross_entropy", hidden, weight, labels, bias);
   const bool fp64 = hidden.scalar_type() == at::kDouble;
   const auto acc = fp64 ? at::kDouble : at::kFloat;
-  auto step = [fp64](at::Tensor z, const at::Tensor& y, at::Tensor loss, const lce::Options& o) {
-    if (fp64) {
-      rows_cpu<double>(z, y, loss, o);
-    } else {
-      rows_cpu<float>(z, y, loss, o);
-    }
-  };
   if (chunk_size <= 0) chunk_size = cpu_chunk(hidden.size(0), hidden.size(1), weight.size(0));
-  return lce::chunked_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, z_loss, mean,
-                              chunk_size, compute_grad, acc, step);
+  // fp32 / fp64: the bias is added by the row step (logits = at::mm, not at::addmm, whose first pass copies the
+  // bias into all (chunk, V) logits) and dbias, the column sum of dlogits, is accumulated here. fp16 / bf16
+  // keep at::addmm: their logits are rounded to the input dtype with the bias in, as F.linear rounds them.
+  const bool fold = bias.has_value() && hidden.scalar_type() == acc;
+  const at::Tensor b = fold ? bias->contiguous() : at::Tensor();
+  at::Tensor dbias_acc, ones;
+  if (fold && compute_grad) {
+    dbias_acc = at::zeros({weight.size(0)}, hidden.options());
+    ones = at::ones({std::min(chunk_size, std::max<int64_t>(hidden.size(0), 1))}, hidden.options());
+  }
+  auto step = [&](at::Tensor z, const at::Tensor& y, at::Tensor loss, const lce::Options& o) {
+    if (fp64) {
+      rows_cpu<double>(z, y, loss, o, fold ? b.data_ptr<double>() : nullptr);
+    } else {
+      rows_cpu<float>(z, y, loss, o, fold ? b.data_ptr<float>() : nullptr);
+    }
+    if (dbias_acc.defined()) dbias_acc.addmv_(z.t(), ones.narrow(0, 0, z.size(0)));
+  };
+  if (!fold) {
+    return lce::chunked_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, z_loss, mean,
+                                chunk_size, compute_grad, acc, step);
+  }
+  auto out = lce::chunked_forward(hidden, weight, labels, std::nullopt, ignore_index, label_smoothing, softcap,
+                                  z_loss, mean, chunk_size, compute_grad, acc, step);
+  if (dbias_acc.defined()) std::get<3>(out) = dbias_acc;
+  return out;
 }
 
 }  // namespace

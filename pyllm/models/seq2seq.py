@@ -401,11 +401,15 @@ class Seq2SeqStack(nn.Module):
                                            cfg.relative_attention_max_distance)  # (Nq, Nk)
         return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]
 
-    def forward(self, input_ids, mask=None, cache: Optional[Seq2SeqCache] = None, memory=None, memory_mask=None):
-        # input_ids (B, N); mask (B, past + N) bool or None; memory (B, M, C), memory_mask (B, M) for the decoder
+    def forward(self, input_ids, mask=None, cache: Optional[Seq2SeqCache] = None, memory=None, memory_mask=None,
+                embeds=None):
+        # input_ids (B, N); mask (B, past + N) bool or None; memory (B, M, C), memory_mask (B, M) for the decoder;
+        # embeds (B, N, C): embed_tokens(input_ids) when the caller looked them up already
         B, N = input_ids.shape
         past = cache.seq_len if cache is not None else 0
-        x = self.embed_tokens(input_ids) * self.embed_scale  # (B, N, C)
+        x = self.embed_tokens(input_ids) if embeds is None else embeds  # (B, N, C)
+        if self.embed_scale != 1.0:  # BART's default: no scaling, and no pass over x for it
+            x = x * self.embed_scale
         if self.embed_positions is not None:
             x = x + self.embed_positions.weight[LEARNED_POSITION_OFFSET + past:LEARNED_POSITION_OFFSET + past + N]
         elif self.relative_attention_bias is None:
@@ -527,13 +531,13 @@ class EncoderDecoderModel(Seq2SeqPreTrainedModel):
         self.decoder = Seq2SeqStack(config, self.shared, decoder=True)
         self.init_weights()
 
-    def encode(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """(B, M) ids and mask -> encoder output (B, M, C)."""
+    def encode(self, input_ids, attention_mask=None, *, embeds=None) -> torch.Tensor:
+        """(B, M) ids and mask -> encoder output (B, M, C). embeds: shared(input_ids) if already looked up."""
         _check_ids(self.config, input_ids, attention_mask, type(self).__name__, "input_ids")
-        return self.encoder(input_ids, padding_mask(attention_mask))
+        return self.encoder(input_ids, padding_mask(attention_mask), embeds=embeds)
 
     def decode(self, decoder_input_ids, memory, attention_mask=None, decoder_attention_mask=None,
-               cache: Optional[Seq2SeqCache] = None) -> torch.Tensor:
+               cache: Optional[Seq2SeqCache] = None, *, embeds=None) -> torch.Tensor:
         """Decoder output (B, N, C) for decoder_input_ids (B, N) after `cache.seq_len` cached positions,
         attending to memory (S, M, C) where attention_mask (S, M) is 1. S is B, or a divisor of it: then decoder
         rows s*B/S ... (s+1)*B/S - 1 read source s (the beams of one source share its encoder output)."""
@@ -548,25 +552,37 @@ class EncoderDecoderModel(Seq2SeqPreTrainedModel):
             raise ValueError(f"{type(self).__name__}: attention_mask must have shape {tuple(memory.shape[:2])} "
                              f"(batch, source length), got {tuple(attention_mask.shape)}")
         return self.decoder(decoder_input_ids, padding_mask(decoder_attention_mask), cache, memory,
-                            padding_mask(attention_mask))
+                            padding_mask(attention_mask), embeds=embeds)
 
     def default_decoder_input_ids(self, input_ids, who: str):
         raise ValueError(f"{who}: pass decoder_input_ids or labels (the decoder needs its own inputs)")
 
+    def _embed_both(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask):
+        """shared(input_ids) (B, M, C) and shared(decoder_input_ids) (B, N, C) from one lookup: in training the
+        shared table then gets one (vocab, C) gradient from the embeddings instead of two (each a zero-filled
+        (vocab, C) tensor, then summed). The ids are checked first, as encode() and decode() check them."""
+        who = type(self).__name__
+        _check_ids(self.config, input_ids, attention_mask, who, "input_ids")
+        _check_ids(self.config, decoder_input_ids, decoder_attention_mask, who, "decoder_input_ids")
+        e = self.shared(torch.cat([input_ids.flatten(), decoder_input_ids.flatten()]))  # (B * M + B * N, C)
+        src, tgt = e.split([input_ids.numel(), decoder_input_ids.numel()])
+        return src.view(*input_ids.shape, -1), tgt.view(*decoder_input_ids.shape, -1)
+
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, cache: Optional[Seq2SeqCache] = None, use_cache: bool = False):
         who = type(self).__name__
-        if encoder_outputs is None:
-            if input_ids is None:
-                raise ValueError(f"{who}: pass input_ids (or encoder_outputs)")
-            memory = self.encode(input_ids, attention_mask)
-        else:
-            memory = _encoder_states(encoder_outputs)
+        if encoder_outputs is None and input_ids is None:
+            raise ValueError(f"{who}: pass input_ids (or encoder_outputs)")
         if decoder_input_ids is None:
             decoder_input_ids = self.default_decoder_input_ids(input_ids, who)
+        src = tgt = None
+        if encoder_outputs is None and cache is None and not use_cache:
+            src, tgt = self._embed_both(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+        memory = self.encode(input_ids, attention_mask, embeds=src) if encoder_outputs is None else \
+            _encoder_states(encoder_outputs)
         if use_cache and cache is None:
             cache = Seq2SeqCache(self.config.decoder_layers)
-        h = self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask, cache)
+        h = self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask, cache, embeds=tgt)
         return Seq2SeqModelOutput(last_hidden_state=h, encoder_last_hidden_state=memory, cache=cache)
 
 

@@ -46,8 +46,9 @@ def layer_norm_bwd_fake(dy, h, weight, mean, rstd, dh, rms, has_bias):
     return h.new_empty(h.shape), dw, db
 
 
-def register_layer_norm(fwd_name: str, bwd: Callable) -> None:
-    """Fake kernels and autograd for a layer_norm fwd op whose backward op is ``bwd``."""
+def register_layer_norm(fwd_name: str, bwd: Callable, autograd: bool = True) -> None:
+    """Fake kernels and autograd (unless ``autograd`` is False) for a layer_norm fwd op whose backward op is
+    ``bwd``."""
 
     def setup_context(ctx, inputs, output):
         x, weight, bias, residual, eps, rms = inputs
@@ -55,6 +56,9 @@ def register_layer_norm(fwd_name: str, bwd: Callable) -> None:
         ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.has_residual = rms, bias is not None, residual is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
+        # an unused output's gradient stays None, not a tensor of zeros: post-norm blocks never read the sum
+        # x + residual, and the kernel skips dh = None
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, dy, dh, _dmean, _drstd):
         hx, weight, mean, rstd = ctx.saved_tensors
@@ -72,7 +76,8 @@ def register_layer_norm(fwd_name: str, bwd: Callable) -> None:
                 dx if ctx.has_residual else None, None, None)
 
     torch.library.register_fake(fwd_name)(layer_norm_fwd_fake)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    if autograd:
+        torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
 # ---------------------------------------------------------------- attention
@@ -85,8 +90,8 @@ def attention_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, causal, softma
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def register_attention(fwd_name: str, bwd: Callable) -> None:
-    """Fake kernels and autograd for an attention fwd op whose backward op is ``bwd``.
+def register_attention(fwd_name: str, bwd: Callable, autograd: bool = True) -> None:
+    """Fake kernels and autograd (unless ``autograd`` is False) for an attention fwd op whose backward op is ``bwd``.
 
     The log-sum-exp output carries no gradient (as in FlashAttention); the public op returns it detached.
     """
@@ -105,7 +110,8 @@ def register_attention(fwd_name: str, bwd: Callable) -> None:
         return dq, dk, dv, None, None, None
 
     torch.library.register_fake(fwd_name)(attention_fwd_fake)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    if autograd:
+        torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
 # ---------------------------------------------------------------- linear cross-entropy
@@ -539,8 +545,13 @@ def _register_extension_ops() -> None:
     ops = torch.ops.pyllm
     torch.library.register_fake("pyllm::layer_norm_bwd")(layer_norm_bwd_fake)
     torch.library.register_fake("pyllm::attention_bwd")(attention_bwd_fake)
-    register_layer_norm("pyllm::layer_norm_fwd", ops.layer_norm_bwd)
-    register_attention("pyllm::attention_fwd", ops.attention_bwd)
+    # layer_norm_fwd and attention_fwd have their autograd in C++ (csrc/autograd.cpp; the Python wrapper cost small
+    # calls ~20 us); these formulas serve them only in an extension built before that existed. Asked before any
+    # Python registration for them, so a kernel at the Autograd key can only be the C++ one.
+    cpp = [torch._C._dispatch_has_kernel_for_dispatch_key(f"pyllm::{op}", "Autograd")
+           for op in ("layer_norm_fwd", "attention_fwd")]
+    register_layer_norm("pyllm::layer_norm_fwd", ops.layer_norm_bwd, autograd=not cpp[0])
+    register_attention("pyllm::attention_fwd", ops.attention_bwd, autograd=not cpp[1])
     if hasattr(ops, "linear_cross_entropy_fwd"):  # an extension built before the op existed lacks it
         register_linear_cross_entropy("pyllm::linear_cross_entropy_fwd")
     if hasattr(ops, "rotary"):  # absent from an extension built before the op existed (backends say so)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from pyllm import backends, reference
-from pyllm.ops import _autograd, _checks
+from pyllm.ops import _autograd, _checks, _fast
 
 
 def _check(q, k, v, key_padding_mask, softmax_scale) -> None:
@@ -133,6 +133,11 @@ def attention(
     plain = (type(dropout_p) is float and dropout_p == 0.0 and type(window_size) is tuple
              and window_size == (-1, -1) and type(softcap) is float and softcap == 0.0 and alibi_slopes is None
              and attn_bias is None)  # the feature defaults: nothing to validate for them
+    if (plain and _FAST is not None and not return_lse and backend in _CPU
+            and backends._current in _CPU and not torch.compiler.is_compiling()):
+        o = _FAST(q, k, v, causal, softmax_scale, key_padding_mask)  # the common call on CPU tensors, in C++
+        if o is not None:
+            return o
     key = _fast_key(q, k, v, key_padding_mask, softmax_scale, backend) if plain else None
     name = _validated.get(key) if key is not None else None
     ext = None
@@ -152,7 +157,10 @@ def attention(
 
 # Small calls (issue 15): the checks and the backend choice of a call without features depend only on its
 # arguments' metadata, so a call whose metadata was validated before skips them. The key holds no tensor.
+# (The common call on CPU tensors is recognized in C++ before that: pyllm.ops._fast.)
 _validated: dict = {}
+_FAST = _fast.load("attention_fast", ("attention",))
+_CPU = _fast.CPU_CHOICES
 
 
 def _fast_key(q, k, v, key_padding_mask, softmax_scale, backend):

@@ -1,4 +1,5 @@
-"""LayerNorm and RMSNorm ops: validation, dispatch to a backend, autograd through torch.library.
+"""LayerNorm and RMSNorm ops: validation, dispatch to a backend, autograd (the C++ op's in C++, csrc/autograd.cpp;
+the Triton op's through torch.library).
 
 Each backend gets a 2-D view ``x2`` (M, N) (M = product of the leading dims, N = product of
 ``normalized_shape``) whose last dim is contiguous; the result is reshaped back.
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pyllm import backends, reference
-from pyllm.ops import _autograd, _checks
+from pyllm.ops import _autograd, _checks, _fast
 
 _Shape = int | Sequence[int] | torch.Size
 
@@ -112,10 +113,14 @@ def _norm(op, x, shape, weight, bias, eps, residual, backend, key=None):
     return _kernel(op, name, x, shape, weight, bias, eps, residual)
 
 
-# Small calls (issue 15): a call's checks, dtype harmonization and backend choice depend only on its arguments'
-# metadata, so a call whose metadata was validated before (and needed no conversion) goes straight to the
-# kernel. The key holds no tensor (nothing kept alive) and the backend in force (per call, use(), the env).
+# Small calls (issue 15): the common call on CPU tensors is recognized in C++ (pyllm.ops._fast); others
+# (CUDA tensors, the triton backend, ...) have this: a call's checks, dtype harmonization and backend choice
+# depend only on its arguments' metadata, so a call whose metadata was validated before (and needed no
+# conversion) goes straight to the kernel. The key holds no tensor (nothing kept alive) and the backend in
+# force (per call, use(), the env).
 _validated: dict = {}
+_FAST = _fast.load("layer_norm_fast", ("layer_norm", "rms_norm"))
+_CPU = _fast.CPU_CHOICES
 
 
 def _fast_key(op, x, normalized_shape, weight, bias, eps, residual, backend):
@@ -169,6 +174,10 @@ def layer_norm(
     ``(layer_norm(h), h)`` -- the pre-norm Transformer block's add & norm. ``backend`` picks a backend
     by name (see :mod:`pyllm.backends`); the default follows ``backends.use`` / ``PYLLM_BACKEND`` / auto.
     """
+    if _FAST is not None and backend in _CPU and backends._current in _CPU and not torch.compiler.is_compiling():
+        out = _FAST(x, normalized_shape, weight, bias, residual, eps, False)  # the common call, in C++
+        if out is not None:
+            return out
     key = _fast_key("layer_norm", x, normalized_shape, weight, bias, eps, residual, backend)
     hit = _validated.get(key) if key is not None else None
     if hit is not None:
@@ -191,6 +200,10 @@ def rms_norm(
 
     ``eps=None`` means ``torch.finfo(x.dtype).eps`` (torch's default). ``residual`` as in :func:`layer_norm`.
     """
+    if _FAST is not None and backend in _CPU and backends._current in _CPU and not torch.compiler.is_compiling():
+        out = _FAST(x, normalized_shape, weight, None, residual, eps, True)
+        if out is not None:
+            return out
     key = _fast_key("rms_norm", x, normalized_shape, weight, None, eps, residual, backend)
     hit = _validated.get(key) if key is not None else None
     if hit is not None:

@@ -107,8 +107,8 @@ def linear_cross_entropy(
     ``softcap * tanh(logits / softcap)`` (Gemma 2). ``z_loss``: adds ``z_loss * logsumexp(logits)^2`` per
     token (PaLM's auxiliary loss). ``reduction``: "mean" over the non-ignored tokens (0 when there are none;
     torch gives NaN) or "sum". ``chunk_size``: tokens per chunk (default: about N / ceil(V / H), so a chunk's
-    logits are about the size of hidden, and at least 256; on the cpu backend at least as many as fit 32 MiB of
-    float32 logits, e.g. 1024 for V 8000).
+    logits are about the size of hidden, and at least 256; on the cpu backend at least as many as fit 8 MiB of
+    float32 logits, e.g. 2048 for V 1000).
 
     Returns a 0-d loss, float32 for fp16/bf16/fp32 inputs (float64 for float64). hidden, weight and bias
     are cast to one dtype: autocast's when it is enabled (as for ``F.linear``), else their promoted type.

@@ -636,7 +636,7 @@ def _causal_lm_loss(w: _Walk, h: _T, lm_head, rows: int, B: int, bias_numel: int
 def _lce_chunk(N: int, H: int, V: int, cpu: bool = False) -> int:
     """csrc/linear_cross_entropy.h auto_chunk: about N / ceil(V / H) tokens, a power of two, at least 256; on
     the CPU (csrc/cpu/linear_cross_entropy.cpp cpu_chunk) raised to the power of two of rows whose float32
-    logits, twice over, fit 32 MiB."""
+    logits, twice over, fit 8 MiB."""
     ratio = max(1, -(-V // max(H, 1)))
     c = max(1, -(-N // ratio))
     p = 1
@@ -645,7 +645,7 @@ def _lce_chunk(N: int, H: int, V: int, cpu: bool = False) -> int:
     chunk = max(min(max(p, 256), N), 1)
     if cpu:
         fit = 1
-        while 2 * fit * V * 4 <= 32 << 20:
+        while 2 * fit * V * 4 <= 8 << 20:
             fit <<= 1
         chunk = max(min(max(fit, max(p, 256)), N), 1)
     return chunk

@@ -312,6 +312,39 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(p.grad, w, atol=1e-6, rtol=1e-5)
 
 
+def test_one_embedding_lookup_for_both_sides_matches_two(pair):
+    """forward() looks up the source and target tokens in one call (one gradient for the shared table): the same
+    loss and gradients as encode() and decode() looking them up apiece, and the same weights after an AdamW step."""
+    name, hc, hm, pm = pair
+    ids, mask, labels = _source(hc, seed=7)
+    dec = pm(ids, mask, labels=labels).logits.argmax(-1)  # any valid decoder_input_ids
+    before = {n: t.clone() for n, t in pm.state_dict().items()}
+    models = {"joint": pm, "apart": type(pm)(pm.config)}
+    models["apart"].load_state_dict(before)
+    out = {}
+    for k, m in models.items():
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        if k == "joint":
+            loss = m(ids, mask, decoder_input_ids=dec, labels=labels, return_logits=True).loss
+        else:
+            memory = m.model.encode(ids, mask)
+            h = m.model.decode(dec, memory, mask)
+            loss = torch.nn.functional.cross_entropy(m.logits(h).flatten(0, 1), labels.flatten())
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        opt.step()
+        out[k] = loss.detach(), grads, {n: p.detach().clone() for n, p in m.named_parameters()}
+        m.zero_grad(set_to_none=True)
+        m.eval()
+    pm.load_state_dict(before)  # the fixture is shared: undo the step
+    torch.testing.assert_close(out["joint"][0], out["apart"][0], atol=1e-5, rtol=0)
+    for i in (1, 2):
+        assert out["joint"][i].keys() == out["apart"][i].keys()
+        for n in out["joint"][i]:
+            torch.testing.assert_close(out["joint"][i][n], out["apart"][i][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_untied_lm_head_is_read_not_dropped(tmp_path):
     cfg = Seq2SeqConfig(model_type="bart", vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, num_heads=4,
                         ffn_dim=48, max_position_embeddings=16, tie_word_embeddings=False)

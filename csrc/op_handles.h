@@ -1,0 +1,44 @@
+// Typed dispatcher handles of the pyllm ops called from C++ (autograd.cpp, small_calls.cpp): a call through
+// the handle goes through the dispatcher as a Python torch.ops call does (autograd, profiling, dispatch
+// modes), without boxing the arguments. Signatures as in the schemas of csrc/pyllm.cpp.
+#pragma once
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <tuple>
+
+namespace pyllm {
+namespace ops {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+using LayerNormFwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
+                                                                 const OptTensor&, double, bool);
+using LayerNormBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                        const Tensor&, const Tensor&, const OptTensor&, bool, bool);
+using AttentionFwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool,
+                                                double);
+using AttentionBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                        const Tensor&, const Tensor&, const OptTensor&, bool, double,
+                                                        bool);
+
+inline constexpr char kLayerNormFwd[] = "pyllm::layer_norm_fwd";
+inline constexpr char kLayerNormBwd[] = "pyllm::layer_norm_bwd";
+inline constexpr char kAttentionFwd[] = "pyllm::attention_fwd";
+inline constexpr char kAttentionBwd[] = "pyllm::attention_bwd";
+
+// The handle of op `Name` (looked up once, on first use).
+template <typename Sig, const char* Name>
+const c10::TypedOperatorHandle<Sig>& handle() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(Name, "").typed<Sig>();
+  return op;
+}
+
+inline const auto& layer_norm_fwd() { return handle<LayerNormFwd, kLayerNormFwd>(); }
+inline const auto& layer_norm_bwd() { return handle<LayerNormBwd, kLayerNormBwd>(); }
+inline const auto& attention_fwd() { return handle<AttentionFwd, kAttentionFwd>(); }
+inline const auto& attention_bwd() { return handle<AttentionBwd, kAttentionBwd>(); }
+
+}  // namespace ops
+}  // namespace pyllm
