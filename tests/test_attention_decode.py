@@ -1,6 +1,7 @@
 """The CPU flash-decoding path (csrc/cpu/attention_decode.cpp, issue 15): few query rows, many keys.
 
-attention_fwd on the cpu backend takes it for Nq <= 16 with (Hq / Hkv) Nq <= 32 on an AVX-512 CPU; the
+attention_fwd on the cpu backend takes it for Nq <= 16 (fp16/bf16: Nq <= 4, or <= 8 from Nk 128) with
+(Hq / Hkv) Nq <= 32 on an AVX-512 CPU; the
 accuracy rule (pyllm.accuracy, through pyllm.check) holds for out and for the gradients, which the backward
 computes from the decode path's lse: odd Nk, GQA/MQA, fp32/bf16/fp16, padding (rows with no key), causal
 with Nq > 1, head dims with a masked tail, and key splits combined by log-sum-exp (2 threads, one kv head).

@@ -112,6 +112,11 @@ bool attention_decode_fwd(const at::Tensor& q, const at::Tensor& k, const at::Te
       (Hq / Hkv) * Nq > 32 || D > 256 || B == 0 || Nq == 0 || Hq == 0 || Nk == 0)
     return false;
   if ((q.stride(3) != 1 && D > 1) || (k.stride(3) != 1 && D > 1) || (v.stride(3) != 1 && D > 1)) return false;
+  // fp16/bf16: the per-row cost grows with Nq (no K reuse across query rows; the dot products are compute-bound),
+  // while the blocked kernel's matrix products share each K/V tile. Measured (B1 H12 D64, 2 threads, 2026-11-30):
+  // decode wins to Nq 4 at Nk 16 (29 vs 37 us), to Nq 8 from Nk 128 (85 vs 88 us); at Nq 16 the blocked kernel
+  // does (43 vs 86 us at Nk 16, 97 vs 178 at Nk 128, even at Nk 1024).
+  if (dt != at::kFloat && (Nq > 8 || (Nq > 4 && Nk < 128))) return false;
   at::Tensor mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
   DecodeProblem p{B, Nq, Nk, Hq, Hkv, D, causal, static_cast<float>(softmax_scale),
