@@ -38,7 +38,8 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what")
     g.add_argument("--op", nargs="+", metavar="OP",
-                   help="attention, layer_norm, rms_norm, rotary, linear_cross_entropy, gelu, train_step (default: all)")
+                   help="attention, layer_norm, rms_norm, rotary, linear_cross_entropy, gelu, train_step "
+                        "(default: all)")
     g.add_argument("--provider", nargs="+", metavar="P", help="providers or groups to run (default: all available; "
                                                               "each op's baseline is always added)")
     g.add_argument("--preset", default=None, help="quick, default, long, decode (Nq=1 steps), small (small calls: "

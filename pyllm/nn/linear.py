@@ -8,8 +8,7 @@ weight once for all rows; MKL's sgemm, built for many rows, reads them at a frac
 there; ``torch.compile`` traces the op too (its fake kernel is registered here). One row stays with MKL's gemv,
 which already streams at the copy bandwidth (the kernel measured 2-5% behind it). Everything else (training,
 autograd, one row or more than ``DECODE_ROWS``, other dtypes and devices, the "reference" backend) is
-``F.linear``, unchanged. Results
-are fp32 like F.linear's, summed in another order.
+``F.linear``, unchanged. Results are fp32 like F.linear's, summed in another order.
 """
 from __future__ import annotations
 
@@ -42,7 +41,8 @@ class Linear(torch.nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         # cheapest tests first: a decode step makes ~50 of these calls. The kernel serves fp32 and hands other
         # dtypes to at::linear itself; it has no autograd, so it runs only with grad mode off.
-        if (_READY and not torch.is_grad_enabled() and x.is_cpu and self.in_features < x.numel() <= DECODE_ROWS * self.in_features
+        n = self.in_features
+        if (_READY and not torch.is_grad_enabled() and x.is_cpu and n < x.numel() <= DECODE_ROWS * n
                 and backends.requested(self.backend) != "reference"):
             return _op(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
