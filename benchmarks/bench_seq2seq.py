@@ -9,8 +9,9 @@
     folder format), timed alternately; also the loss of both over the same 20 steps on the same batches (the
     curves must agree). Both take the same torch.optim.AdamW (lr 3e-4, weight decay 0.01), by default
     fused=True (torch's single-kernel AdamW, on the CPU too; what a user timing a training step would pick);
-    --optimizer foreach takes torch's default multi-tensor AdamW instead (slower for both: the ratio is lower,
-    since the optimizer step costs the two models the same).
+    --optimizer foreach takes torch's default multi-tensor AdamW instead (slower for both; measured quiet on
+    2 cores, one step of it costs pyllm's 103 parameter tensors 18 ms and transformers' 133 tensors 31 ms,
+    fused 4.4 and 5.9 ms; the training ratio came out 1.21x-1.39x run to run either way).
 (b) Beam search: generated tokens/s of generate(num_beams=4, max_new_tokens=32) on a padded batch of 8
     sources, both models, same weights (EOS kept unlikely, so every source decodes all 32 tokens); the
     outputs are compared token for token before timing.

@@ -7,8 +7,7 @@
     configuration (4 layers, hidden 256, 4 heads, vocabulary 8192, batch 8 x 256 tokens,
     dropout 0), the same weights and the same optimizer: torch's fused AdamW (one kernel over all
     parameters, on the CPU too), which pyllm's Trainer and transformers' Trainer both use by default
-    (``--optimizer foreach`` takes torch's multi-tensor AdamW instead; it costs both models the same,
-    so the ratio is then lower). The two are timed
+    (``--optimizer foreach`` takes torch's multi-tensor AdamW instead, slower for both). The two are timed
     alternately, round by round, with pyllm.bench.measure's timer (the one ``pyllm bench``
     uses), and the median is reported with the ratio pyllm / transformers (> 1 = pyllm faster).
 (b) Memory: the longest sequence (batch 1, doubling 512, 1024, ...) whose forward and
