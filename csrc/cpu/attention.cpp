@@ -164,12 +164,26 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Packing (with dtype conversion: fp16/bf16 become fp32 here, once per tile).
 // dst (rows_pad, Dp) = src (rows, D) with row stride ld; zeros elsewhere.
+// d[0, n) = s[0, n) converted (bf16/fp16 to fp32 by vector).
+template <typename S, typename T>
+inline void convert_row(const S* s, T* d, int64_t n) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<T, float> && at::vec::is_reduced_floating_point_v<S>) {
+    constexpr int64_t W = Vectorized<float>::size();
+    for (; c + W <= n; c += W) {
+      Vectorized<float> x;
+      at::vec::load_to_float(s + c, x);
+      x.store(d + c);
+    }
+  }
+  for (; c < n; ++c) d[c] = static_cast<T>(s[c]);
+}
+
 template <typename S, typename T>
 void pack_rows(const S* src, int64_t ld, int64_t rows, int64_t D, T* dst, int64_t Dp, int64_t rows_pad) {
   for (int64_t r = 0; r < rows; ++r) {
-    const S* s = src + r * ld;
     T* d = dst + r * Dp;
-    for (int64_t c = 0; c < D; ++c) d[c] = static_cast<T>(s[c]);
+    convert_row(src + r * ld, d, D);
     for (int64_t c = D; c < Dp; ++c) d[c] = T(0);
   }
   std::fill(dst + rows * Dp, dst + rows_pad * Dp, T(0));
@@ -423,6 +437,16 @@ struct Blocks {
   int64_t BQ, BK, Dp, nqb, nkb;
 };
 
+// The tiles of a call: at most BQmax queries x BKmax keys, and no larger than the problem rounded up to the
+// vector width. (A 16-token call in 128 x 64 tiles would zero-fill and convert 4-8x the data it holds: the
+// packed K/V rows, Q^T and its padding columns.) BQ stays a multiple of W: it is the row stride of the
+// vector-read tiles.
+inline Blocks make_blocks(const Problem& p, int64_t BQmax, int64_t BKmax, int64_t W) {
+  const int64_t BQ = std::min(BQmax, std::max(W, round_up(p.Nq, W)));
+  const int64_t BK = std::min(BKmax, std::max(W, round_up(p.Nk, W)));
+  return {BQ, BK, round_up(p.D, W), (p.Nq + BQ - 1) / BQ, (p.Nk + BK - 1) / BK};
+}
+
 // Hides in S^T (nk keys, mq queries; row stride ld) what query q0 + i may not see of key k0 + j.
 template <typename T>
 void mask_block(const Problem& p, T* ST, int64_t ld, int64_t q0, int64_t mq, int64_t k0, int64_t nk,
@@ -488,7 +512,9 @@ Rows<T> kv_rows(const Problem& p, const Blocks& bl, const S* x, Strides sx, at::
   const int64_t Nkp = bl.nkb * bl.BK, Dp = bl.Dp;
   storage = at::empty({p.B * p.Hkv * Nkp * Dp}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* dst = storage.data_ptr<T>();
-  at::parallel_for(0, p.B * p.Hkv * bl.nkb, 1, [&](int64_t begin, int64_t end) {
+  // Under ~64 KiB of packed rows the copy is not worth waking the other threads for.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (bl.BK * Dp * int64_t(sizeof(T))));
+  at::parallel_for(0, p.B * p.Hkv * bl.nkb, grain, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t kb = blk % bl.nkb, g = (blk / bl.nkb) % p.Hkv, b = blk / (bl.nkb * p.Hkv);
       const int64_t k0 = kb * bl.BK, nk = std::max<int64_t>(0, std::min(bl.BK, p.Nk - k0));
@@ -509,8 +535,7 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
   constexpr int64_t W = Vectorized<T>::size();
   using V = Vectorized<T>;
   const int64_t D = p.D;
-  const Blocks bl{kFwdBlockQ, kFwdBlockK, round_up(D, W), (p.Nq + kFwdBlockQ - 1) / kFwdBlockQ,
-                  (p.Nk + kFwdBlockK - 1) / kFwdBlockK};
+  const Blocks bl = make_blocks(p, kFwdBlockQ, kFwdBlockK, W);
   const int64_t BQ = bl.BQ, BK = bl.BK, Dp = bl.Dp, nqb = bl.nqb;
   const std::vector<int64_t> kp0 = p.cu_k ? padded_starts(p, BK) : std::vector<int64_t>();
   at::Tensor k_store, v_store;
@@ -572,7 +597,12 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
       for (int64_t i = 0; i < mq; ++i) {
         S* o = out + ((ps.qg0 + q0 + i) * p.Hq + h) * D;
         const T inv = l[i] > T(0) ? T(1) / l[i] : T(0);
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(O[i * Dp + d] * inv);
+        if constexpr (std::is_same_v<S, T>) {
+          for (int64_t d = 0; d < D; ++d) o[d] = O[i * Dp + d] * inv;
+        } else {  // scale in place, then convert by vector
+          scale_row(O + i * Dp, Dp, inv);
+          at::vec::convert(O + i * Dp, o, D);
+        }
         lse[b * p.lse_sb + h * p.lse_sh + ps.qr0 + q0 + i] = l[i] > T(0) ? m[i] + std::log(l[i]) : ninf;
       }
     }
@@ -616,8 +646,7 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
   constexpr int64_t W = Vectorized<T>::size();
   using V = Vectorized<T>;
   const int64_t D = p.D;
-  const Blocks bl{kBwdBlockQ, kBwdBlockK, round_up(D, W), (p.Nq + kBwdBlockQ - 1) / kBwdBlockQ,
-                  (p.Nk + kBwdBlockK - 1) / kBwdBlockK};
+  const Blocks bl = make_blocks(p, kBwdBlockQ, kBwdBlockK, W);
   const int64_t BQ = bl.BQ, BK = bl.BK, Dp = bl.Dp, Nkp = bl.nkb * BK;
   const std::vector<int64_t> kp0 = p.cu_k ? padded_starts(p, BK) : std::vector<int64_t>();
   at::Tensor k_store, v_store;
@@ -728,7 +757,11 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
           }
           for (int64_t i = 0; i < mq; ++i) {  // dq (B, Nq, Hq, D): this task owns these rows
             S* o = dq + ((ps.qg0 + q0 + i) * p.Hq + h) * D;
-            for (int64_t d = 0; d < D; ++d) o[d] = static_cast<S>(dQ[i * Dp + d]);
+            if constexpr (std::is_same_v<S, T>) {
+              std::copy(dQ + i * Dp, dQ + i * Dp + D, o);
+            } else {
+              at::vec::convert(dQ + i * Dp, o, D);
+            }
           }
         }
       }
