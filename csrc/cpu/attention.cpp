@@ -190,12 +190,90 @@ void pack_rows(const S* src, int64_t ld, int64_t rows, int64_t D, T* dst, int64_
 }
 
 // dst (D, BK) = src (rows, D)^T, columns >= rows zeroed.
+// fp32 results go through at::vec::transpose_mxn (16 x 16 register transposes; element by element, the strided
+// stores of this copy cost a third of a 128-query block's softmax time); fp16 / bf16 are widened 16 rows at a time.
 template <typename S, typename T>
 void pack_transposed(const S* src, int64_t ld, int64_t rows, int64_t D, T* dst, int64_t BK) {
   for (int64_t d = 0; d < D; ++d) std::fill(dst + d * BK + rows, dst + (d + 1) * BK, T(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const S* s = src + r * ld;
-    for (int64_t d = 0; d < D; ++d) dst[d * BK + r] = static_cast<T>(s[d]);
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<S, float>) {
+    at::vec::transpose_mxn<float>(src, ld, dst, BK, static_cast<int>(rows), static_cast<int>(D));
+  } else if constexpr (std::is_same_v<T, float>) {
+    float tmp[16 * kMaxHeadDim];
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      const int64_t m = std::min<int64_t>(16, rows - r0);
+      for (int64_t r = 0; r < m; ++r) convert_row(src + (r0 + r) * ld, tmp + r * D, D);
+      at::vec::transpose_mxn<float>(tmp, D, dst + r0, BK, static_cast<int>(m), static_cast<int>(D));
+    }
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const S* s = src + r * ld;
+      for (int64_t d = 0; d < D; ++d) dst[d * BK + r] = static_cast<T>(s[d]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Column helpers of the forward's online softmax over S^T (nk rows of keys, query columns [0, mqp), row stride
+// ld). Four vector columns at a time: one column's chain of max or add is bound by the instruction's latency.
+
+// out[i] = max(m[i], max_j ST[j][i])  (no NaN logic)
+template <typename T>
+void column_max(const T* ST, int64_t ld, int64_t nk, int64_t mqp, const T* m, T* out) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  int64_t i = 0;
+  for (; i + 4 * W <= mqp; i += 4 * W) {
+    V a0 = V::loadu(m + i), a1 = V::loadu(m + i + W), a2 = V::loadu(m + i + 2 * W), a3 = V::loadu(m + i + 3 * W);
+    for (int64_t j = 0; j < nk; ++j) {
+      const T* r = ST + j * ld + i;
+      a0 = at::vec::clamp_min(V::loadu(r), a0);
+      a1 = at::vec::clamp_min(V::loadu(r + W), a1);
+      a2 = at::vec::clamp_min(V::loadu(r + 2 * W), a2);
+      a3 = at::vec::clamp_min(V::loadu(r + 3 * W), a3);
+    }
+    a0.store(out + i), a1.store(out + i + W), a2.store(out + i + 2 * W), a3.store(out + i + 3 * W);
+  }
+  for (; i < mqp; i += W) {
+    V a = V::loadu(m + i);
+    for (int64_t j = 0; j < nk; ++j) a = at::vec::clamp_min(V::loadu(ST + j * ld + i), a);
+    a.store(out + i);
+  }
+}
+
+inline Vectorized<float> vexp(const Vectorized<float>& x);
+inline Vectorized<double> vexp(const Vectorized<double>& x);
+
+// ST[j][i] = exp(ST[j][i] - mu[i]);  l[i] = l[i] alpha[i] + sum_j ST[j][i]
+template <typename T>
+void column_exp_sum(T* ST, int64_t ld, int64_t nk, int64_t mqp, const T* mu, const T* alpha, T* l) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  int64_t i = 0;
+  for (; i + 4 * W <= mqp; i += 4 * W) {
+    const V m0 = V::loadu(mu + i), m1 = V::loadu(mu + i + W), m2 = V::loadu(mu + i + 2 * W),
+            m3 = V::loadu(mu + i + 3 * W);
+    V s0(T(0)), s1(T(0)), s2(T(0)), s3(T(0));
+    for (int64_t j = 0; j < nk; ++j) {
+      T* r = ST + j * ld + i;
+      const V e0 = vexp(V::loadu(r) - m0), e1 = vexp(V::loadu(r + W) - m1), e2 = vexp(V::loadu(r + 2 * W) - m2),
+              e3 = vexp(V::loadu(r + 3 * W) - m3);
+      e0.store(r), e1.store(r + W), e2.store(r + 2 * W), e3.store(r + 3 * W);
+      s0 = s0 + e0, s1 = s1 + e1, s2 = s2 + e2, s3 = s3 + e3;
+    }
+    (V::loadu(l + i) * V::loadu(alpha + i) + s0).store(l + i);
+    (V::loadu(l + i + W) * V::loadu(alpha + i + W) + s1).store(l + i + W);
+    (V::loadu(l + i + 2 * W) * V::loadu(alpha + i + 2 * W) + s2).store(l + i + 2 * W);
+    (V::loadu(l + i + 3 * W) * V::loadu(alpha + i + 3 * W) + s3).store(l + i + 3 * W);
+  }
+  for (; i < mqp; i += W) {
+    const V vm = V::loadu(mu + i);
+    V sum(T(0));
+    for (int64_t j = 0; j < nk; ++j) {
+      const V e = vexp(V::loadu(ST + j * ld + i) - vm);
+      e.store(ST + j * ld + i);
+      sum = sum + e;
+    }
+    (V::loadu(l + i) * V::loadu(alpha + i) + sum).store(l + i);
   }
 }
 
@@ -566,27 +644,14 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
         if (p.f.modifies_scores()) modify_scores<T>(ps, ST, nullptr, BQ, b, h, q0, mq, k0, nk);
         mask_block(ps, ST, BQ, q0, mq, k0, nk, mk, mstat);
         // Online softmax down the columns: new max, rescale factor, P = exp(S - max), row sums.
-        for (int64_t i = 0; i < mqp; i += W) {
-          V mx = V::loadu(m + i);
-          for (int64_t j = 0; j < nk; ++j) mx = at::vec::clamp_min(V::loadu(ST + j * BQ + i), mx);  // max, no NaN logic
-          mx.store(mu + i);
+        column_max(ST, BQ, nk, mqp, m, mu);
+        for (int64_t i = 0; i < mqp; i += W) {  // a column that has seen nothing keeps m = -inf, P = 0
+          const V m_new = V::loadu(mu + i), m_use = V::blendv(m_new, V(T(0)), m_new == V(ninf));
+          m_use.store(mu + i);
+          (V::loadu(m + i) - m_use).exp().store(alpha + i);  // exp(-inf) = 0 exactly
+          m_new.store(m + i);
         }
-        for (int64_t i = 0; i < mqp; ++i) {  // a column that has seen nothing keeps m = -inf, P = 0
-          const T m_new = mu[i];
-          mu[i] = m_new == ninf ? T(0) : m_new;
-          alpha[i] = std::exp(m[i] - mu[i]);
-          m[i] = m_new;
-        }
-        for (int64_t i = 0; i < mqp; i += W) {
-          const V vm = V::loadu(mu + i);
-          V sum(T(0));
-          for (int64_t j = 0; j < nk; ++j) {
-            const V e = vexp(V::loadu(ST + j * BQ + i) - vm);
-            e.store(ST + j * BQ + i);
-            sum = sum + e;
-          }
-          (V::loadu(l + i) * V::loadu(alpha + i) + sum).store(l + i);
-        }
+        column_exp_sum(ST, BQ, nk, mqp, mu, alpha, l);
         for (int64_t i = 0; i < mq; ++i)
           if (alpha[i] != T(1)) scale_row(O + i * Dp, Dp, alpha[i]);
         if (p.f.drop_threshold) dropout_tile<T>(ps, ST, nullptr, BQ, b, h, q0, mq, k0, nk);  // after the sums
@@ -676,6 +741,9 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
     T *Qp = q_buf.ptr, *dOp = do_buf.ptr, *QT = qt_buf.ptr, *dOT = dot_buf.ptr, *PT = p_buf.ptr,
       *dPT = dp_buf.ptr, *dQ = dq_buf.ptr, *delta = delta_buf.ptr, *L = lse_buf.ptr, *TT = t_buf.ptr,
       *Z = z_buf.ptr, *PZ = pz_buf.ptr;
+    Scratch<T> or_buf(Dp);  // one row of O, widened
+    T* Or = or_buf.ptr;
+    std::fill(Or, Or + Dp, T(0));
     const bool capped = p.f.softcap > 0, dropping = p.f.drop_threshold != 0;
     T* dbias = static_cast<T*>(p.f.dbias);
     for (int64_t task; (task = next()) >= 0;)
@@ -710,8 +778,12 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
           pack_transposed(dOs, st.sdo.n, mq, D, dOT, BQ);
           for (int64_t i = 0; i < BQ; ++i) {  // delta = rowsum(dO * O); L = +inf makes P = 0
             T sum = 0;
-            if (i < mq)
-              for (int64_t d = 0; d < D; ++d) sum += dOp[i * Dp + d] * static_cast<T>(Os[i * st.so.n + d]);
+            if (i < mq) {  // by vector: O's row widened into Or (zeros past D, as dOp's)
+              convert_row(Os + i * st.so.n, Or, D);
+              V acc(T(0));
+              for (int64_t d = 0; d < Dp; d += W) acc = at::vec::fmadd(V::loadu(dOp + i * Dp + d), V::loadu(Or + d), acc);
+              sum = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc);
+            }
             delta[i] = sum;
             const T li = i < mq ? lse[b * p.lse_sb + h * p.lse_sh + r0 + i] : ninf;
             L[i] = li == ninf ? pinf : li;
