@@ -70,13 +70,15 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kMaxHeadDim = 256;
-// Tile sizes: queries per task (a multiple of the vector width) and keys per step. A (64 keys, 128
-// queries) fp32 score tile is 32 KiB and stays in L1 between its product, softmax and use; 64 keys per
-// step keep the causal diagonal's wasted work small. (Measured on Sapphire Rapids, 1 and 2 threads,
-// against 32/64/128/256 variants; within noise of the best for every benchmark shape.)
-constexpr int64_t kFwdBlockQ = 128;
+// Tile sizes: queries per task (a multiple of the vector width) and keys per step. A (64 keys, 64 queries)
+// fp32 score tile is 16 KiB; with Q^T and the output rows (16 KiB each at head_dim 64) a task's working set
+// stays near L1 between a tile's product, softmax and use, and 64 keys per step keep the causal diagonal's
+// wasted work small. (64 x 64 against 128 x 64, after the softmax passes were vectorized, 2 threads, Emerald
+// Rapids 2026-11-30: forward 1.5 -> 1.7-2.0x SDPA and fwd+bwd 1.45 -> 1.7x at B8 H4 N128-256 D64 causal;
+// equal within this VM's noise at B2 H8 N1024 and B4 H12 N512.)
+constexpr int64_t kFwdBlockQ = 64;
 constexpr int64_t kFwdBlockK = 64;
-constexpr int64_t kBwdBlockQ = 128;
+constexpr int64_t kBwdBlockQ = 64;
 constexpr int64_t kBwdBlockK = 64;
 
 // ---------------------------------------------------------------------------------------------
