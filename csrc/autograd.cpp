@@ -1,4 +1,4 @@
-// Autograd for the C++ ops layer_norm_fwd and attention_fwd, registered in C++ under the Autograd key
+// Autograd for the C++ ops layer_norm_fwd, attention_fwd and rotary, registered in C++ under the Autograd key
 // (issue 15, small calls). torch.library's Python autograd wrapper cost about 20 us per call on the CPU
 // (a Python kernel at the Autograd key that every call passed through, no_grad included); this one costs
 // nothing when grad mode is off or no input requires grad (it redispatches straight to the device kernel),
@@ -120,11 +120,51 @@ std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor&
   return {out[0], out[1]};
 }
 
+// ---- rotary -----------------------------------------------------------------------------------------
+// The gradient of a rotation is the inverse rotation: the same op with `conjugate` flipped. cos/sin get no
+// gradient (the op layer sends tables that require grad to the reference).
+
+struct RotaryFunction : public torch::autograd::Function<RotaryFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& cos,
+                               const Tensor& sin, bool interleaved, bool conjugate) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [qo, ko] = ops::rotary().call(q, k, cos, sin, interleaved, conjugate);
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["flags"] = int64_t(interleaved) | int64_t(conjugate) << 1;
+    ctx->set_materialize_grads(false);
+    return {qo, ko};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const bool interleaved = flags & 1, conjugate = flags & 2;
+    const bool has_q = grads[0].defined(), has_k = grads[1].defined();
+    if (!has_q && !has_k) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    // One undefined output gradient (that output unused): rotate the other one in both slots (k may have any
+    // number of heads), rather than a zero tensor.
+    const Tensor dq = (has_q ? grads[0] : grads[1]).contiguous(), dk = (has_k ? grads[1] : grads[0]).contiguous();
+    auto [gq, gk] = ops::rotary().call(dq, dk, saved[0], saved[1], interleaved, !conjugate);
+    return {has_q ? gq : Tensor(), has_k ? gk : Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> rotary_autograd(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
+                                           bool interleaved, bool conjugate) {
+  if (!needs_grad({&q, &k})) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::rotary().call(q, k, cos, sin, interleaved, conjugate);
+  }
+  auto out = RotaryFunction::apply(q, k, cos, sin, interleaved, conjugate);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyllm, Autograd, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_autograd);
   m.impl("attention_fwd", &attention_fwd_autograd);
+  m.impl("rotary", &rotary_autograd);
 }
 
 }  // namespace pyllm

@@ -23,10 +23,13 @@ using AttentionBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Ten
                                                         const Tensor&, const Tensor&, const OptTensor&, bool, double,
                                                         bool);
 
+using Rotary = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, bool);
+
 inline constexpr char kLayerNormFwd[] = "pyllm::layer_norm_fwd";
 inline constexpr char kLayerNormBwd[] = "pyllm::layer_norm_bwd";
 inline constexpr char kAttentionFwd[] = "pyllm::attention_fwd";
 inline constexpr char kAttentionBwd[] = "pyllm::attention_bwd";
+inline constexpr char kRotary[] = "pyllm::rotary";
 
 // The handle of op `Name` (looked up once, on first use).
 template <typename Sig, const char* Name>
@@ -39,6 +42,7 @@ inline const auto& layer_norm_fwd() { return handle<LayerNormFwd, kLayerNormFwd>
 inline const auto& layer_norm_bwd() { return handle<LayerNormBwd, kLayerNormBwd>(); }
 inline const auto& attention_fwd() { return handle<AttentionFwd, kAttentionFwd>(); }
 inline const auto& attention_bwd() { return handle<AttentionBwd, kAttentionBwd>(); }
+inline const auto& rotary() { return handle<Rotary, kRotary>(); }
 
 }  // namespace ops
 }  // namespace pyllm

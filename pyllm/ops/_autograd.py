@@ -186,7 +186,7 @@ def rotary_fake(q, k, cos, sin, interleaved, conjugate):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
-def register_rotary(name: str, op: Callable) -> None:
+def register_rotary(name: str, op: Callable, autograd: bool = True) -> None:
     """Fake kernel and autograd for a rotary op: the gradient of a rotation is the inverse rotation,
     the same op with ``conjugate`` flipped. cos/sin get no gradient (the op layer sends tables that
     require grad to the reference)."""
@@ -203,7 +203,8 @@ def register_rotary(name: str, op: Callable) -> None:
         return gq, gk, None, None, None, None
 
     torch.library.register_fake(name)(rotary_fake)
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
+    if autograd:  # pyllm::rotary's is registered in C++ (csrc/autograd.cpp) by extensions that have it
+        torch.library.register_autograd(name, backward, setup_context=setup_context)
 
 
 # ---------------------------------------------------------------- gelu (tanh approximation)
@@ -549,13 +550,13 @@ def _register_extension_ops() -> None:
     # calls ~20 us); these formulas serve them only in an extension built before that existed. Asked before any
     # Python registration for them, so a kernel at the Autograd key can only be the C++ one.
     cpp = [torch._C._dispatch_has_kernel_for_dispatch_key(f"pyllm::{op}", "Autograd")
-           for op in ("layer_norm_fwd", "attention_fwd")]
+           for op in ("layer_norm_fwd", "attention_fwd", "rotary") if hasattr(ops, op)]
     register_layer_norm("pyllm::layer_norm_fwd", ops.layer_norm_bwd, autograd=not cpp[0])
     register_attention("pyllm::attention_fwd", ops.attention_bwd, autograd=not cpp[1])
     if hasattr(ops, "linear_cross_entropy_fwd"):  # an extension built before the op existed lacks it
         register_linear_cross_entropy("pyllm::linear_cross_entropy_fwd")
     if hasattr(ops, "rotary"):  # absent from an extension built before the op existed (backends say so)
-        register_rotary("pyllm::rotary", ops.rotary)
+        register_rotary("pyllm::rotary", ops.rotary, autograd=not cpp[2])
     if hasattr(ops, "attention_ext_fwd"):
         torch.library.register_fake("pyllm::attention_ext_bwd")(attention_ext_bwd_fake)
         register_attention_ext("pyllm::attention_ext_fwd", ops.attention_ext_bwd)

@@ -7,6 +7,8 @@ pass is the same op rotating by -theta (registered in :mod:`pyllm.ops._autograd`
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -74,14 +76,41 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool 
         (q_out, k_out), shaped and typed like q and k: each pair becomes (x1 cos - x2 sin,
         x2 cos + x1 sin); dims 2r..head_dim are copied unchanged (partial rotary). Math in fp32.
     """
-    _check(q, k, cos, sin)
-    name = backends.select("rotary", _call(q, k, cos, sin), backend)
+    key = _key(q, k, cos, sin, backend)
+    name = _validated.get(key) if key is not None else None
+    if name is None:
+        _check(q, k, cos, sin)
+        name = backends.select("rotary", _call(q, k, cos, sin), backend)
+        if key is not None:
+            if len(_validated) > 1024:
+                _validated.clear()
+            _validated[key] = name
     if name == "reference":
         return reference.rotary(q, k, cos, sin, interleaved=bool(interleaved))
     table = torch.float64 if q.dtype == torch.float64 else torch.float32
-    cos, sin = (t.reshape((1, *t.shape) if t.dim() == 2 else t.shape).to(table).contiguous() for t in (cos, sin))
-    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    if not (cos.dim() == 3 and cos.dtype == table and cos.is_contiguous()):
+        cos = cos.reshape((1, *cos.shape) if cos.dim() == 2 else cos.shape).to(table).contiguous()
+    if not (sin.dim() == 3 and sin.dtype == table and sin.is_contiguous()):
+        sin = sin.reshape((1, *sin.shape) if sin.dim() == 2 else sin.shape).to(table).contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
     return _kernel(name)(q, k, cos, sin, bool(interleaved), False)
+
+
+# Small calls (a decode step makes one per layer): the checks and the backend choice depend only on the arguments'
+# metadata, so a call whose metadata was validated before skips them (the key holds no tensor).
+_validated: dict = {}
+
+
+def _key(q, k, cos, sin, backend):
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(cos, Tensor) and isinstance(sin, Tensor)) \
+            or torch.compiler.is_compiling():
+        return None
+    return (q.shape, k.shape, cos.shape, sin.shape, q.dtype, k.dtype, cos.dtype, sin.dtype, q.device, k.device,
+            cos.device, sin.device, cos.requires_grad, sin.requires_grad, backends.requested(backend),
+            os.environ.get("TRITON_INTERPRET"))
 
 
 def _describe(q, k, cos, sin, **_):
