@@ -40,29 +40,48 @@ T row_loss_grad(T* z, const T* bias, int64_t V, int64_t y, const lce::Options& o
     at::vec::map([cap](Vec x) { return (x / Vec(cap)).tanh() * Vec(cap); }, z, z, V);
   }
   const T m = at::vec::reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, z, V);
-  const T s = at::vec::map_reduce_all<T>([m](Vec x) { return (x - Vec(m)).exp(); },
-                                         [](Vec& a, Vec& b) { return a + b; }, z, V);
-  const T lse = m + std::log(s);
-  T loss = lse - (T(1) - eps) * z[y] + static_cast<T>(o.z_loss) * lse * lse;
-  if (eps > 0) {
-    const T sum_z = at::vec::reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, z, V);
-    loss -= eps * sum_z / static_cast<T>(V);
+  const T zy = z[y];
+  const T sum_z = eps > 0 ? at::vec::reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, z, V) : T(0);
+  // Without a softcap and with the gradient wanted, the exponentials are kept in z (one exp per logit, not two):
+  // the gradient pass is then a multiply-add over the row, which is in L1.
+  const bool keep_exp = o.compute_grad && !(cap > 0);
+  T s;
+  if (keep_exp) {
+    Vec acc(T(0));
+    int64_t j = 0;
+    for (; j + Vec::size() <= V; j += Vec::size()) {
+      const Vec e = (Vec::loadu(z + j) - Vec(m)).exp();
+      e.store(z + j);
+      acc = acc + e;
+    }
+    s = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, acc);
+    for (; j < V; ++j) {
+      z[j] = std::exp(z[j] - m);
+      s += z[j];
+    }
+  } else {
+    s = at::vec::map_reduce_all<T>([m](Vec x) { return (x - Vec(m)).exp(); }, [](Vec& a, Vec& b) { return a + b; },
+                                   z, V);
   }
+  const T lse = m + std::log(s);
+  T loss = lse - (T(1) - eps) * zy + static_cast<T>(o.z_loss) * lse * lse;
+  if (eps > 0) loss -= eps * sum_z / static_cast<T>(V);
   if (!o.compute_grad) return loss;
   const T scale = static_cast<T>(o.grad_scale);
   const T pmul = scale * (T(1) + T(2) * static_cast<T>(o.z_loss) * lse), shift = scale * eps / static_cast<T>(V);
-  const T zy = z[y];
-  if (cap > 0) {  // d(cap tanh(x / cap))/dx = 1 - (z / cap)^2
-    at::vec::map([=](Vec x) {
-      Vec t = x / Vec(cap);
-      return ((x - Vec(lse)).exp() * Vec(pmul) - Vec(shift)) * (Vec(T(1)) - t * t);
-    }, z, z, V);
-    const T t = zy / cap;
-    z[y] -= scale * (T(1) - eps) * (T(1) - t * t);
-  } else {
-    at::vec::map([=](Vec x) { return (x - Vec(lse)).exp() * Vec(pmul) - Vec(shift); }, z, z, V);
+  if (keep_exp) {  // z holds exp(z - m): softmax = z / s
+    const T f = pmul / s;
+    at::vec::map([=](Vec e) { return e * Vec(f) - Vec(shift); }, z, z, V);
     z[y] -= scale * (T(1) - eps);
+    return loss;
   }
+  // softcapped (z holds the capped logits): d(cap tanh(x / cap))/dx = 1 - (z / cap)^2
+  at::vec::map([=](Vec x) {
+    Vec t = x / Vec(cap);
+    return ((x - Vec(lse)).exp() * Vec(pmul) - Vec(shift)) * (Vec(T(1)) - t * t);
+  }, z, z, V);
+  const T t = zy / cap;
+  z[y] -= scale * (T(1) - eps) * (T(1) - t * t);
   return loss;
 }
 
