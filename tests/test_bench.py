@@ -294,6 +294,27 @@ def test_sweep_preset_and_its_ratio_plot(tmp_path):
     assert sorted(os.path.basename(p) for p in paths if "sweep" in p) == ["sweep_ratio_bf16.png", "sweep_ratio_fp32.png"]
 
 
+@pytest.mark.parametrize("ys", [(1.0, 1.9), (0.5, 1.05), (1.0, 24.0), (0.98, 1.03)])
+def test_ratio_panels_label_at_least_three_ticks_inside_the_range(ys):
+    """A sweep panel spanning 1x-1.9x had one labelled tick (powers of 2 on a log axis); now every range gets
+    at least three, inside it, and wide ranges stay readable (no more than a dozen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyllm.bench import report as R
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], list(ys))
+    ax.set_yscale("log", base=2)
+    R._ratio_ticks(ax)
+    lo, hi = ax.get_ylim()
+    ticks = list(ax.yaxis.get_major_locator()())
+    assert 3 <= len(ticks) <= 12 and all(lo <= t <= hi for t in ticks), (ys, ticks)
+    plt.close(fig)
+
+
 def test_single_shape_plot_shows_every_provider_unclipped():
     import matplotlib
 

@@ -193,6 +193,26 @@ _SWEEP_PANELS = (
 )
 
 
+# Ratio ticks for a log-scale y axis: powers of 2 alone leave a panel spanning 1x-1.9x with one labelled tick;
+# the finer sets serve narrower ranges (ticks stay far enough apart to be read).
+_RATIO_TICKS = ((3.5, (0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3)),
+                (16, (0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12)),
+                (float("inf"), (0.0625, 0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)))
+
+
+def _ratio_ticks(ax) -> None:
+    """Label the y axis of a ratio panel at round ratios inside its range (a set as fine as the range allows;
+    three more points across it when fewer than three fall inside), no minor labels."""
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    lo, hi = ax.get_ylim()
+    ticks = [t for t in next(ts for span, ts in _RATIO_TICKS if hi / lo <= span) if lo <= t <= hi]
+    if len(ticks) < 3:  # a narrow range: three points spread across it (log-evenly), to three digits
+        ticks = sorted(set(ticks) | {float(f"{lo * (hi / lo) ** (k / 4):.3g}") for k in (1, 2, 3)})
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _plot_sweep(rows, outdir, dev, plt, color) -> list[str]:
     """``sweep_ratio_<dtype>.png``: each pyllm kernel provider's speed ratio to the baseline (torch) from the
     smallest size to the largest, one panel per kind of call, log scale, the line y = 1 where torch is equal.
@@ -222,6 +242,7 @@ def _plot_sweep(rows, outdir, dev, plt, color) -> list[str]:
             ax.axhline(1.0, color="grey", linewidth=1, label="torch (= 1)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
+            _ratio_ticks(ax)
             ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
             ax.set_title(f"{title} {dtype}", fontsize=9)
             ax.set_xlabel(xlabel)
