@@ -3,7 +3,9 @@
 Validation happens here, once; then :mod:`pyllm.backends` picks who serves the call. The kernel ops
 (``pyllm::rotary`` in C++ for CPU and CUDA, ``pyllm::triton_rotary``) take cos/sin as contiguous
 float32 (float64 for fp64 inputs) tables of shape (1 or batch, seqlen, rotary_dim / 2); the backward
-pass is the same op rotating by -theta (registered in :mod:`pyllm.ops._autograd`).
+pass is the same op rotating by -theta (``pyllm::rotary``'s autograd is registered in C++, csrc/autograd.cpp,
+so a no-grad call pays nothing for it; the Triton op's in :mod:`pyllm.ops._autograd`). A call whose arguments'
+metadata was validated before skips the checks (a Llama decode step makes one call per layer).
 """
 from __future__ import annotations
 
