@@ -240,8 +240,16 @@ A row_sq_dev(const E* __restrict h, int64_t n, A c) {
 template <typename A, typename E>
 std::pair<A, A> row_mean_var(const E* __restrict h, int64_t n, A inv_n) {
   const int64_t n0 = std::min<int64_t>(n, 64);
+  // The shift in 8 lanes: one serial chain of 64 adds took as long as the whole statistics pass of a 768-wide
+  // row (an add's latency per element). Any c serves as the shift; its summation order does not matter.
+  constexpr int64_t kShiftLanes = 8;
+  A part[kShiftLanes] = {};
+  int64_t k0 = 0;
+  for (; k0 + kShiftLanes <= n0; k0 += kShiftLanes)
+    for (int64_t l = 0; l < kShiftLanes; ++l) part[l] += elem(h, k0 + l);
+  for (; k0 < n0; ++k0) part[0] += elem(h, k0);
   A c = 0;
-  for (int64_t k = 0; k < n0; ++k) c += elem(h, k);
+  for (int64_t l = 0; l < kShiftLanes; ++l) c += part[l];
   c /= A(n0);
   A s[2];
   cascade_sum<A, 2>(n, [&](int64_t k, int64_t l, A (*acc)[kLanes]) {
@@ -609,15 +617,29 @@ void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, cons
               " but ", ref_name, " has dtype ", ref.scalar_type());
 }
 
-// Weight/bias: (N,), dtype == x.dtype or float32. Returned as a contiguous (N,) tensor in acc dtype.
-at::Tensor checked_param(const at::Tensor& p, const at::Tensor& x, c10::ScalarType acc,
-                         const char* op, const char* name) {
+// Weight/bias: (N,), dtype == x.dtype or float32.
+void check_param(const at::Tensor& p, const at::Tensor& x, const char* op, const char* name) {
   check_cpu(p, op, name);
   TORCH_CHECK(p.dim() == 1 && p.size(0) == x.size(1), op, ": ", name, " must have shape (N,) = (",
               x.size(1), ",), got ", p.sizes());
   TORCH_CHECK(p.scalar_type() == x.scalar_type() || p.scalar_type() == at::kFloat, op, ": ", name,
               " must have x's dtype (", x.scalar_type(), ") or Float, got ", p.scalar_type());
-  return p.to(acc).contiguous();
+}
+
+// A checked weight/bias as a contiguous (N,) array in the accumulation type A: the tensor's own data when it
+// already is one, else a widened copy in `store` (a plain loop: a tensor conversion through the dispatcher cost
+// a few microseconds per parameter, a third of a 16-row bf16 call).
+template <typename A>
+const A* param_data(const std::optional<at::Tensor>& p, std::vector<A>& store) {
+  if (!p) return nullptr;
+  if (p->scalar_type() == c10::CppTypeToScalarType<A>::value && p->is_contiguous()) return p->const_data_ptr<A>();
+  const int64_t n = p->size(0), st = p->stride(0);
+  store.resize(n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p->scalar_type(), "layer_norm_param", [&] {
+    const scalar_t* src = p->const_data_ptr<scalar_t>();
+    for (int64_t j = 0; j < n; ++j) store[j] = static_cast<A>(src[j * st]);
+  });
+  return store.data();
 }
 
 // Inputs read row by row: any row stride is fine; a strided last dim gets one contiguous copy.
@@ -641,9 +663,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const int64_t M = x.size(0), N = x.size(1);
   const auto acc = acc_dtype(x.scalar_type());
-  at::Tensor w, b, res;
-  if (weight) w = checked_param(*weight, x, acc, op, "weight");
-  if (bias) b = checked_param(*bias, x, acc, op, "bias");
+  at::Tensor res;
+  if (weight) check_param(*weight, x, op, "weight");
+  if (bias) check_param(*bias, x, op, "bias");
   if (residual) {
     check_like(*residual, x, op, "residual", "x");
     res = rows_view(*residual);
@@ -666,8 +688,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(
     a.h = residual ? h.mutable_data_ptr<scalar_t>() : nullptr;
     a.mean = rms ? nullptr : mean.mutable_data_ptr<A>();
     a.rstd = rstd.mutable_data_ptr<A>();
-    a.w = w.defined() ? w.const_data_ptr<A>() : nullptr;
-    a.b = b.defined() ? b.const_data_ptr<A>() : nullptr;
+    std::vector<A> w_store, b_store;
+    a.w = param_data<A>(weight, w_store);
+    a.b = param_data<A>(bias, b_store);
     a.N = N;
     a.eps = static_cast<A>(eps);
     a.rms = rms;
@@ -699,8 +722,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     check_like(*dh_in, h, op, "dh", "h");
     dh = rows_view(*dh_in);
   }
-  at::Tensor w;
-  if (weight) w = checked_param(*weight, h, acc, op, "weight");
+  if (weight) check_param(*weight, h, op, "weight");
   check_cpu(rstd_in, op, "rstd");
   TORCH_CHECK(rstd_in.dim() == 1 && rstd_in.size(0) == M, op, ": rstd must have shape (M,) = (", M,
               ",), got ", rstd_in.sizes());
@@ -736,7 +758,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
     a.dx = dx.mutable_data_ptr<scalar_t>();
     a.mean = rms ? nullptr : mean.const_data_ptr<A>();
     a.rstd = rstd.const_data_ptr<A>();
-    a.w = w.defined() ? w.const_data_ptr<A>() : nullptr;
+    std::vector<A> w_store;
+    a.w = param_data<A>(weight, w_store);
     a.N = N;
     a.stream = dx.nbytes() >= kStreamBytes;
     const int64_t scratch_n = 4 * N;
