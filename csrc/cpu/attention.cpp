@@ -165,7 +165,7 @@ void matmul(int64_t M, int64_t N, int64_t K, const T* A, int64_t ai, int64_t ap,
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Packing (with dtype conversion: fp16/bf16 become fp32 here, once per tile).
-// dst (rows_pad, Dp) = src (rows, D) with row stride ld; zeros elsewhere.
+
 // d[0, n) = s[0, n) converted (bf16/fp16 to fp32 by vector).
 template <typename S, typename T>
 inline void convert_row(const S* s, T* d, int64_t n) {
@@ -181,6 +181,7 @@ inline void convert_row(const S* s, T* d, int64_t n) {
   for (; c < n; ++c) d[c] = static_cast<T>(s[c]);
 }
 
+// dst (rows_pad, Dp) = src (rows, D) with row stride ld; zeros elsewhere.
 template <typename S, typename T>
 void pack_rows(const S* src, int64_t ld, int64_t rows, int64_t D, T* dst, int64_t Dp, int64_t rows_pad) {
   for (int64_t r = 0; r < rows; ++r) {
