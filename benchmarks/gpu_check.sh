@@ -16,14 +16,17 @@
 #   harness_*        attention_fwd, attention_bwd, layer_norm: validate against the CPU reference, then time
 #   ncu_*            attention fwd and dK/dV once under ncu --clock-control none (SOL, occupancy, shared
 #                    memory, warp state)
-#   memcheck_*, racecheck_*, synccheck_*   compute-sanitizer on the harnesses' validation cases (attention: --quick)
-#   pytest_cuda_*    each op test file on CUDA tensors, cuda backend, PYLLM_REQUIRE_BACKENDS=cuda, no -x,
-#                    a per-test alarm and a per-file timeout, JUnit XML
-#   pytest_triton_*  the same for the triton backend (after cuda: its cold compile cache is slow)
+#   memcheck_*, racecheck_*, synccheck_*   compute-sanitizer on the harnesses' validation cases (attention: --quick),
+#                    in the background while the op tests run
+#   pytest_cuda_*    each op test file (attention, its features, drop-ins, norms, rotary, fused loss, GELU) on
+#                    CUDA tensors, cuda backend, PYLLM_REQUIRE_BACKENDS=cuda, no -x, a per-test alarm and a
+#                    per-file timeout, JUnit XML; one process per file, the files side by side
+#   pytest_triton_*  the same for the triton backend (after cuda; side by side, its cold compiles use every core)
 #   bench_*          pyllm bench: attention (D 64/128, N to 16k, causal and not, GQA) vs SDPA flash and
 #                    cuDNN; layer_norm/rms_norm vs torch; with the same-run bf16 matmul and copy rates
-#   record           benchmarks/gpu_record.py appends a record per backend whose tests all passed to
-#                    pyllm/verified.json, copied to OUT_DIR/verified.json to be committed
+#   record           benchmarks/gpu_record.py appends a record per backend, naming the ops whose test files
+#                    all passed (cuda attention and norms: their harnesses too), to pyllm/verified.json,
+#                    copied to OUT_DIR/verified.json to be committed
 # OUT_DIR receives at most 8 files, none in subfolders: report.md and report.json (rewritten after every
 # step, so a run cut short still reports), logs.tar.gz (every step's log, JUnit XML, bench JSON, ptxas
 # logs), ptxas.md, ncu.txt, verified.json. Scratch (builds, logs) lives in a temporary folder.
@@ -145,7 +148,7 @@ skip() {  # name reason
   echo "skipped: $2" >"$LOGS/$1.log"
   record "$1" skipped - 0 - "$2"
   echo "== $1: skipped ($2)"
-  report
+  [[ ${PARALLEL:-0} == 1 ]] || report
 }
 
 # run_step NAME LIMIT_S PHASE_END_S CMD...: CMD under timeout, capped by what is left of its phase and of
@@ -163,14 +166,15 @@ run_step() {
     return 125
   fi
   echo "== $name (timeout ${limit}s): $*"
-  local t0 rc status=ok
+  local t0 rc status=ok prefix="   | "
+  [[ ${PARALLEL:-0} == 1 ]] && prefix="   [$name] | "
   t0=$(date +%s)
-  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log" | sed -u 's/^/   | /'
+  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log" | sed -u "s/^/$prefix/"
   rc=${PIPESTATUS[0]}
   if ((rc == 124 || rc == 137)); then status=timeout; elif ((rc != 0)); then status=fail; fi
   record "$name" "$status" "$rc" "$(($(date +%s) - t0))" "$limit" "$*"
-  echo "   -> $status (rc=$rc, $(($(date +%s) - t0))s)"
-  report
+  echo "   -> $name: $status (rc=$rc, $(($(date +%s) - t0))s)"
+  [[ ${PARALLEL:-0} == 1 ]] || report  # steps run side by side leave the report to the one who waits
   return "$rc"
 }
 
@@ -281,24 +285,6 @@ else
   skip ncu_attn "ncu or the attention harnesses missing"
 fi
 
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  for h in "${HARNESSES[@]}"; do
-    [[ -x "$DEV/$h" ]] || continue
-    quick=--no-bench; [[ $h == attention_* ]] && quick=--quick  # fp16 cases only, launcher's GQA split only
-    run_step "memcheck_$h" 60 "$(phase 45)" compute-sanitizer --tool memcheck --error-exitcode 1 "$DEV/$h" $quick
-    failed_if $?
-  done
-  for tool in racecheck synccheck; do
-    for h in attention_fwd attention_bwd; do
-      [[ -x "$DEV/$h" ]] || continue
-      run_step "${tool}_$h" 60 "$(phase 45)" compute-sanitizer --tool "$tool" --error-exitcode 1 "$DEV/$h" --quick
-      failed_if $?
-    done
-  done
-else
-  skip sanitizer "compute-sanitizer not found"
-fi
-
 wait "$EXT_PID"
 cat "$WORK/build_ext.console"
 EXT_STATUS=$(status_of build_ext)
@@ -308,26 +294,65 @@ EXT_OK=0
 EXT_WHY="build_ext: ${EXT_STATUS:-not run}"
 [[ $EXT_STATUS == skipped ]] && EXT_WHY="out of time (build_ext was skipped)"
 
-# ---- op tests on CUDA tensors: cuda first, then triton; one process per file ------------------------------
+# ---- the sanitizers, in the background while the op tests run (correctness only: nothing here is timed) ---
+sanitize() {
+  if ! command -v compute-sanitizer >/dev/null 2>&1; then
+    skip sanitizer "compute-sanitizer not found"
+    return
+  fi
+  for h in "${HARNESSES[@]}"; do
+    [[ -x "$DEV/$h" ]] || continue
+    quick=--no-bench; [[ $h == attention_* ]] && quick=--quick  # fp16 cases only, launcher's GQA split only
+    run_step "memcheck_$h" 60 "$(phase 80)" compute-sanitizer --tool memcheck --error-exitcode 1 "$DEV/$h" $quick
+  done
+  for tool in racecheck synccheck; do
+    for h in attention_fwd attention_bwd; do
+      [[ -x "$DEV/$h" ]] || continue
+      run_step "${tool}_$h" 60 "$(phase 80)" compute-sanitizer --tool "$tool" --error-exitcode 1 "$DEV/$h" --quick
+    done
+  done
+}
+PARALLEL=1 sanitize &
+SAN_PID=$!
+
+# ---- op tests on CUDA tensors: cuda first, then triton; one process per file, the files side by side ------
+# (a kernel fault poisons only its own process; side by side, Triton's cold compiles use every core)
+declare -A OP_FILES=(
+  [attention]="tests/test_attention.py tests/test_attention_features.py tests/test_dropins.py"
+  [layer_norm]="tests/test_layer_norm.py" [rms_norm]="tests/test_layer_norm.py"
+  [rotary]="tests/test_rotary.py" [linear_cross_entropy]="tests/test_linear_cross_entropy.py"
+  [gelu]="tests/test_gelu.py")
 TEST_FILES=()
-for f in tests/test_attention.py tests/test_layer_norm.py tests/test_dropins.py; do [[ -f $f ]] && TEST_FILES+=("$f"); done
-declare -A BACKEND_OK=([cuda]=1 [triton]=1)
+for f in tests/test_attention.py tests/test_attention_features.py tests/test_dropins.py tests/test_layer_norm.py \
+         tests/test_rotary.py tests/test_linear_cross_entropy.py tests/test_gelu.py; do
+  [[ -f $f ]] && TEST_FILES+=("$f")
+done
 for backend in cuda triton; do
-  end=$(phase 66)
-  [[ $backend == triton ]] && end=$(phase 82)
+  end=$(phase 62)
+  [[ $backend == triton ]] && end=$(phase 80)
+  pids=()
   for f in "${TEST_FILES[@]}"; do
     name="pytest_${backend}_$(basename "$f" .py)"
-    if ((!EXT_OK)); then skip "$name" "$EXT_WHY"; BACKEND_OK[$backend]=0; continue; fi
-    PYLLM_TEST_DEVICE=cuda PYLLM_TEST_BACKENDS=$backend PYLLM_REQUIRE_BACKENDS=$backend PYLLM_TEST_TIMEOUT=60 \
-      run_step "$name" 300 "$end" "$PYGPU" -m pytest -v -rfE -p no:cacheprovider "$f" \
-      --junitxml="$LOGS/junit_${backend}_$(basename "$f" .py).xml"
-    rc=$?
-    ((rc == 0)) || BACKEND_OK[$backend]=0
-    failed_if $rc
+    if ((!EXT_OK)); then PARALLEL=1 skip "$name" "$EXT_WHY"; continue; fi
+    PARALLEL=1 PYLLM_TEST_DEVICE=cuda PYLLM_TEST_BACKENDS=$backend PYLLM_REQUIRE_BACKENDS=$backend \
+      PYLLM_TEST_TIMEOUT=60 run_step "$name" 300 "$end" "$PYGPU" -m pytest -v -rfE -p no:cacheprovider "$f" \
+      --junitxml="$LOGS/junit_${backend}_$(basename "$f" .py).xml" &
+    pids+=($!)
   done
+  for p in "${pids[@]}"; do wait "$p"; done
+  for f in "${TEST_FILES[@]}"; do
+    st=$(status_of "pytest_${backend}_$(basename "$f" .py)")
+    [[ $st == fail || $st == timeout ]] && FAILED=1
+  done
+  report
 done
+wait "$SAN_PID"
+for n in $(awk -F'\t' '$1 ~ /^(memcheck|racecheck|synccheck)_/ && ($2 == "fail" || $2 == "timeout") {print $1}' "$STEPS"); do
+  FAILED=1
+done
+report
 
-# ---- benchmarks: each result printed as it is measured ---------------------------------------------------
+# ---- benchmarks: each result printed as it is measured, nothing else running ------------------------------
 if ((EXT_OK)); then
   run_step bench_attention 150 "$(phase 94)" "$PYGPU" -m pyllm bench --device cuda --op attention --quick \
     --provider pyllm-cuda pyllm-triton sdpa-flash sdpa-cudnn --dtype bf16 --mode fwd fwd+bwd --causal both \
@@ -343,19 +368,28 @@ else
   skip bench "$EXT_WHY"
 fi
 
-# ---- record what passed on this GPU ------------------------------------------------------------------------
+# ---- record what passed on this GPU: per backend, the ops whose test files all passed --------------------
 HARNESS_OK=1
 for h in "${HARNESSES[@]}"; do [[ $(status_of "harness_$h") == ok ]] || HARNESS_OK=0; done
 recorded=()
 for backend in cuda triton; do
-  ok=${BACKEND_OK[$backend]}
-  ((${#TEST_FILES[@]} > 0)) || ok=0
-  [[ $backend == cuda ]] && ((!HARNESS_OK)) && ok=0
-  if ((ok)); then
+  ops=()
+  for op in attention layer_norm rms_norm rotary linear_cross_entropy gelu; do
+    ok=1 any=0
+    for f in ${OP_FILES[$op]}; do
+      [[ -f $f ]] || continue
+      any=1
+      [[ $(status_of "pytest_${backend}_$(basename "$f" .py)") == ok ]] || ok=0
+    done
+    [[ $backend == cuda && $op == attention ]] && ((!HARNESS_OK)) && ok=0
+    [[ $backend == cuda && ($op == layer_norm || $op == rms_norm) ]] && [[ $(status_of harness_layer_norm) != ok ]] && ok=0
+    ((ok && any)) && ops+=("$op")
+  done
+  if ((${#ops[@]})); then
     "$PY" "$REPO/benchmarks/gpu_record.py" --file "$VERIFIED" --backend "$backend" \
-      --ops attention layer_norm rms_norm "${RECORD_ARGS[@]}" >>"$LOGS/record.log" 2>&1 && recorded+=("$backend")
+      --ops "${ops[@]}" "${RECORD_ARGS[@]}" >>"$LOGS/record.log" 2>&1 && recorded+=("$backend: ${ops[*]}")
   else
-    echo "not recorded: $backend (a test file or harness did not pass)" >>"$LOGS/record.log"
+    echo "not recorded: $backend (no op had every test file pass)" >>"$LOGS/record.log"
   fi
 done
 if ((${#recorded[@]})); then
