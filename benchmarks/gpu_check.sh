@@ -20,10 +20,12 @@
 #                    in the background while the op tests run
 #   pytest_cuda_*    each op test file (attention, its features, drop-ins, norms, rotary, fused loss, GELU) on
 #                    CUDA tensors, cuda backend, PYLLM_REQUIRE_BACKENDS=cuda, no -x, a per-test alarm and a
-#                    per-file timeout, JUnit XML; one process per file, the files side by side
-#   pytest_triton_*  the same for the triton backend (after cuda; side by side, its cold compiles use every core)
+#                    per-file timeout, JUnit XML; one process per file
+#   pytest_triton_*  the same for the triton backend, side by side with the cuda ones (Triton's cold compiles
+#                    are CPU work: side by side they use every core)
 #   bench_*          pyllm bench: attention (D 64/128, N to 16k, causal and not, GQA) vs SDPA flash and
-#                    cuDNN; layer_norm/rms_norm vs torch; with the same-run bf16 matmul and copy rates
+#                    cuDNN; layer_norm/rms_norm vs torch; rotary, fused linear cross-entropy and GELU vs their
+#                    PyTorch formulas; with the same-run bf16 matmul and copy rates
 #   record           benchmarks/gpu_record.py appends a record per backend, naming the ops whose test files
 #                    all passed (cuda attention and norms: their harnesses too), to pyllm/verified.json,
 #                    copied to OUT_DIR/verified.json to be committed
@@ -315,7 +317,7 @@ sanitize() {
 PARALLEL=1 sanitize &
 SAN_PID=$!
 
-# ---- op tests on CUDA tensors: cuda first, then triton; one process per file, the files side by side ------
+# ---- op tests on CUDA tensors: one process per file and backend, all side by side ---------------------------
 # (a kernel fault poisons only its own process; side by side, Triton's cold compiles use every core)
 declare -A OP_FILES=(
   [attention]="tests/test_attention.py tests/test_attention_features.py tests/test_dropins.py"
@@ -327,25 +329,22 @@ for f in tests/test_attention.py tests/test_attention_features.py tests/test_dro
          tests/test_rotary.py tests/test_linear_cross_entropy.py tests/test_gelu.py; do
   [[ -f $f ]] && TEST_FILES+=("$f")
 done
+pids=()
 for backend in cuda triton; do
-  end=$(phase 62)
-  [[ $backend == triton ]] && end=$(phase 80)
-  pids=()
   for f in "${TEST_FILES[@]}"; do
     name="pytest_${backend}_$(basename "$f" .py)"
     if ((!EXT_OK)); then PARALLEL=1 skip "$name" "$EXT_WHY"; continue; fi
     PARALLEL=1 PYLLM_TEST_DEVICE=cuda PYLLM_TEST_BACKENDS=$backend PYLLM_REQUIRE_BACKENDS=$backend \
-      PYLLM_TEST_TIMEOUT=60 run_step "$name" 300 "$end" "$PYGPU" -m pytest -v -rfE -p no:cacheprovider "$f" \
+      PYLLM_TEST_TIMEOUT=90 run_step "$name" 300 "$(phase 80)" "$PYGPU" -m pytest -v -rfE -p no:cacheprovider "$f" \
       --junitxml="$LOGS/junit_${backend}_$(basename "$f" .py).xml" &
     pids+=($!)
   done
-  for p in "${pids[@]}"; do wait "$p"; done
-  for f in "${TEST_FILES[@]}"; do
-    st=$(status_of "pytest_${backend}_$(basename "$f" .py)")
-    [[ $st == fail || $st == timeout ]] && FAILED=1
-  done
-  report
 done
+for p in "${pids[@]}"; do wait "$p"; done
+for n in $(awk -F'\t' '$1 ~ /^pytest_/ && ($2 == "fail" || $2 == "timeout") {print $1}' "$STEPS"); do
+  FAILED=1
+done
+report
 wait "$SAN_PID"
 for n in $(awk -F'\t' '$1 ~ /^(memcheck|racecheck|synccheck)_/ && ($2 == "fail" || $2 == "timeout") {print $1}' "$STEPS"); do
   FAILED=1
@@ -354,15 +353,18 @@ report
 
 # ---- benchmarks: each result printed as it is measured, nothing else running ------------------------------
 if ((EXT_OK)); then
-  run_step bench_attention 150 "$(phase 94)" "$PYGPU" -m pyllm bench --device cuda --op attention --quick \
+  run_step bench_attention 150 "$(phase 88)" "$PYGPU" -m pyllm bench --device cuda --op attention --quick \
     --provider pyllm-cuda pyllm-triton sdpa-flash sdpa-cudnn --dtype bf16 --mode fwd fwd+bwd --causal both \
     --shape 4,16,2048,64 --shape 4,16,2048,128 --shape 1,16,16384,64 --shape 1,16,16384,128 --shape 1,32,8192,128,4 \
     --no-memory --no-plots --json "$LOGS/bench_attention.json" --out "$WORK/bench"
   failed_if $?
-  run_step bench_norms 60 "$(phase 100)" "$PYGPU" -m pyllm bench --device cuda --op layer_norm rms_norm --quick \
+  run_step bench_norms 60 "$(phase 94)" "$PYGPU" -m pyllm bench --device cuda --op layer_norm rms_norm --quick \
     --provider pyllm-cuda pyllm-triton torch --dtype bf16 fp32 --mode fwd fwd+bwd \
     --shape 4096,768 --shape 16384,1024 --shape 4096,4096 --shape 1024,8192 \
     --no-memory --no-plots --json "$LOGS/bench_norms.json" --out "$WORK/bench"
+  failed_if $?
+  run_step bench_ops 60 "$(phase 100)" "$PYGPU" -m pyllm bench --device cuda --op rotary linear_cross_entropy gelu \
+    --dtype bf16 --mode fwd+bwd --no-memory --no-plots --json "$LOGS/bench_ops.json" --out "$WORK/bench"
   failed_if $?
 else
   skip bench "$EXT_WHY"

@@ -28,10 +28,11 @@ def test_dry_run_walks_every_step_and_leaves_at_most_8_files(tmp_path):
     for step in ("env", "build_ext", "build_dev", "harness_attention_fwd", "harness_attention_bwd",
                  "harness_layer_norm", "ncu_attn_fwd", "ncu_attn_dkdv", "memcheck_layer_norm",
                  "racecheck_attention_bwd", "synccheck_attention_fwd", "pytest_cuda_test_attention",
-                 "pytest_triton_test_layer_norm", "bench_attention", "bench_norms", "record"):
+                 "pytest_triton_test_layer_norm", "bench_attention", "bench_norms", "bench_ops", "record"):
         assert names.get(step) == "ok", (step, names)
-    order = [s["name"] for s in report["steps"]]
-    assert order.index("pytest_cuda_test_attention") < order.index("pytest_triton_test_attention")
+    for backend in ("cuda", "triton"):  # every op test file, on both GPU backends
+        for f in ("attention", "attention_features", "dropins", "layer_norm", "rotary", "linear_cross_entropy", "gelu"):
+            assert names.get(f"pytest_{backend}_test_{f}") == "ok", (backend, f, names)
     assert "dry run" in report["verdict"]
     assert "`attn_fwd_kernel<half, 128, 64, 4>` | sm_90 | 168 | 0 | 0" in (out / "ptxas.md").read_text()
     records = json.loads((out / "verified.json").read_text())["records"]
@@ -39,6 +40,18 @@ def test_dry_run_walks_every_step_and_leaves_at_most_8_files(tmp_path):
     after = open(os.path.join(ROOT, "pyllm", "verified.json")).read() if os.path.exists(
         os.path.join(ROOT, "pyllm", "verified.json")) else None
     assert after == before  # a dry run never touches the package's record
+
+
+def test_extension_sources_make_distinct_objects():
+    # torch's ninja build names each object after its source's path without the suffix: linear_cross_entropy.cu
+    # and linear_cross_entropy.cpp in one folder made "multiple rules generate ... linear_cross_entropy.o" and
+    # failed the first GPU build (2026-11-30), which no CPU build can see
+    import glob
+    stems = {}
+    for src in glob.glob(os.path.join(ROOT, "csrc", "**", "*.c*"), recursive=True):
+        if src.endswith((".cpp", ".cu", ".cc")):
+            stems.setdefault(os.path.splitext(src)[0], []).append(os.path.basename(src))
+    assert not {k: v for k, v in stems.items() if len(v) > 1}
 
 
 def test_dry_run_out_of_budget_skips_and_says_so(tmp_path):

@@ -1,5 +1,5 @@
 // Linear cross-entropy, the per-row step on the GPU (linear_cross_entropy_rows of kernels.h). CUDA headers
-// only; the chunk loop and its cuBLAS matmuls are in linear_cross_entropy.cpp / csrc/linear_cross_entropy.h.
+// only; the chunk loop and its cuBLAS matmuls are in linear_cross_entropy_host.cpp / csrc/linear_cross_entropy.h.
 //
 // One block of 256 threads per row of V float32 logits z (softcapped first: z = cap * tanh(z / cap)):
 //   pass 1: each thread keeps an online (max, sum of exp) and the sum of z over its strided columns;
