@@ -44,11 +44,17 @@ def _machine() -> dict:
 
 
 def _commit() -> str:
+    """HEAD, with "+changes" when the working tree differs from it (the device tool's copy of the repository
+    carried the session's first HEAD under a later tree, 2026-11-30: the hash alone named the wrong code)."""
     try:
-        return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!pyllm/verified.json"],  # the record this run appends
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
+    return head + ("+changes" if dirty else "")
 
 
 def load(path: str) -> dict:

@@ -59,6 +59,12 @@ def _dtype_names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+# The extension's state is read through these helpers, never by an import statement in dispatch code: under
+# torch.compile, dynamo calls them once at trace time and treats the answer as a constant
+# (assume_constant_result), so tracing never executes ``from pyllm import _ext``. Torch 2.11's dynamo refuses
+# that import inside a traced function ("Bad import result": the package ``pyllm`` is a ModuleType subclass,
+# see pyllm._lazy; seen on an H200, 2026-11-30), where torch 2.13's accepts it.
+@torch.compiler.assume_constant_result
 def _extension_error() -> str | None:
     """Why ``pyllm._C`` (the C++/CUDA kernels) cannot be used, or None when it loaded."""
     from pyllm import _ext
@@ -66,10 +72,19 @@ def _extension_error() -> str | None:
     return _ext.load_error()
 
 
+@torch.compiler.assume_constant_result
 def _ext_has_kernel(op: str, dispatch_key: str) -> bool:
     from pyllm import _ext
 
     return _ext.has_kernel(op, dispatch_key)
+
+
+@torch.compiler.assume_constant_result
+def _ext_has_kernels(dispatch_key: str) -> bool:
+    """Whether ``pyllm._C`` was built with its ``dispatch_key`` ("CPU" / "CUDA") kernels."""
+    from pyllm import _ext
+
+    return _ext.has_cpu_kernels() if dispatch_key == "CPU" else _ext.has_cuda_kernels()
 
 
 class Backend:
@@ -138,9 +153,7 @@ class CPUBackend(Backend):
         err = _extension_error()
         if err:
             return f"pyllm._C did not load ({err})"
-        from pyllm import _ext
-
-        if not _ext.has_cpu_kernels():
+        if not _ext_has_kernels("CPU"):
             return "pyllm._C was built without the CPU kernels (PYLLM_CPU_KERNELS=0)"
         return None
 
@@ -154,9 +167,7 @@ class CUDABackend(Backend):
         err = _extension_error()
         if err:
             return f"pyllm._C did not load ({err})"
-        from pyllm import _ext
-
-        if not _ext.has_cuda_kernels():
+        if not _ext_has_kernels("CUDA"):
             return "pyllm._C was built without CUDA kernels (CPU-only torch, no nvcc, or PYLLM_SKIP_CUDA_BUILD=1)"
         if not torch.cuda.is_available():
             return "torch.cuda.is_available() is False"
@@ -326,8 +337,8 @@ def verification(name: str, records: list[dict] | None = None) -> str:
         return "cpu: CPU kernels, checked by the test suite and `pyllm check` (no GPU involved)"
     recs = verified_records(name, records=records)
     if not recs:
-        how = "compile-checked only" if name == "cuda" else "checked under the CPU interpreter only"
-        return f"{name}: not yet verified on a GPU ({how})"
+        return (f"{name}: not yet verified on a GPU (no benchmarks/gpu_check.sh run has passed every test file "
+                "of one of its ops; README's GPU section says what has run)")
     where = "; ".join(f"{', '.join(r['ops'])} on {r.get('gpu', '?')} (sm {r.get('capability', '?')}), "
                       f"{r.get('date', '?')}, commit {str(r.get('commit', '?'))[:12]}" for r in recs)
     return f"{name}: verified on a GPU: {where}"

@@ -52,6 +52,9 @@ def test_sdpa_matches_torch(backend, name):
     kernel_can = name in ("plain", "causal_square", "bool_key_padding", "scale", "gqa")
     if name in ("bool_full_mask", "float_mask") and backend in KERNEL_BACKENDS:  # masks map to attn_bias
         kernel_can = "attn_bias" in pyllm.capabilities.TABLES[backend].attention_features
+    if backend in KERNEL_BACKENDS:  # these float32 inputs: the cuda kernel takes fp16/bf16 only, and says so
+        caps = pyllm.capabilities.TABLES[backend]
+        kernel_can = kernel_can and "float32" in caps.op_dtypes.get("attention", caps.dtypes)
     if backend in KERNEL_BACKENDS and not kernel_can:
         with pytest.raises(ValueError, match="cannot serve"):
             pyllm.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend, **c)
@@ -82,7 +85,7 @@ def test_sdpa_3d_different_value_dim_and_dropout():
 def test_sdpa_explain_and_errors():
     need(KERNEL_BACKENDS[0])
     q, k, v = _qkv()
-    r = pyllm.backends.explain("scaled_dot_product_attention", q, k, v, attn_mask=torch.randn(L, S))
+    r = pyllm.backends.explain("scaled_dot_product_attention", q, k, v, attn_mask=torch.randn(L, S, device=DEVICE))
     if "attn_bias" not in pyllm.capabilities.TABLES[KERNEL_BACKENDS[0]].attention_features:  # masks map to attn_bias
         assert r["reference"] == [] and any("attn_bias" in x for x in r[KERNEL_BACKENDS[0]])
     with pytest.raises(ValueError, match="enable_gqa"):

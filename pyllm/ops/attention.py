@@ -391,9 +391,7 @@ def attention_varlen(
 def _one_call_varlen(name: str, device: torch.device) -> bool:
     """Whether ``name`` runs a packed batch in one call: triton, and the C++ ops where pyllm._C registered an
     attention_varlen_fwd kernel for the device (the cpu kernels; not the cuda ones, nor an older build)."""
-    from pyllm import _ext
-
-    return name == "triton" or _ext.has_kernel("attention_varlen", "CUDA" if device.type == "cuda" else "CPU")
+    return name == "triton" or backends._ext_has_kernel("attention_varlen", "CUDA" if device.type == "cuda" else "CPU")
 
 
 def _varlen_per_sequence(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, name, ext: Extras, rng):
