@@ -1,6 +1,6 @@
 """The CPU flash-decoding path (csrc/cpu/attention_decode.cpp, issue 15): few query rows, many keys.
 
-attention_fwd on the cpu backend takes it for Nq <= 16 (fp16/bf16: Nq <= 4, or <= 8 from Nk 128) with
+attention_fwd on the cpu backend takes it for Nq <= 8 (fp16/bf16: Nq <= 4, or <= 8 from Nk 128) with
 (Hq / Hkv) Nq <= 32 on an AVX-512 CPU; the
 accuracy rule (pyllm.accuracy, through pyllm.check) holds for out and for the gradients, which the backward
 computes from the decode path's lse: odd Nk, GQA/MQA, fp32/bf16/fp16, padding (rows with no key), causal
@@ -26,7 +26,8 @@ CASES = [
     (1, 1, 301, 2, 1, 128, False, False),   # several sub-chunks (online softmax across them)
     (1, 5, 77, 8, 2, 96, True, False),
     (1, 1, 33, 2, 2, 256, False, True),
-    (1, 16, 16, 2, 2, 64, True, False),     # the small prefill call Nq = Nk = 16
+    (1, 8, 16, 2, 2, 64, True, False),      # the largest Nq it takes
+    (1, 16, 16, 2, 2, 64, True, False),     # the small prefill call Nq = Nk = 16 (the blocked kernel's since)
 ]
 
 
@@ -118,3 +119,27 @@ def test_decode_strided_views(dtype):
         dense = torch.ops.pyllm.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask, True, 0.125)
         for a, b in zip(strided, dense):
             assert torch.equal(a, b)
+
+
+def test_packed_kv_buffers_kept_between_calls():
+    """The blocked kernel packs fp16/bf16 K/V into fp32 buffers that each thread keeps for its next call
+    (csrc/cpu/attention.cpp pack_buffer): a smaller call after a larger one, another input dtype, a padded one
+    and a larger one again each match the reference (stale rows or padding from the previous call would not)."""
+    need("cpu")
+    import pyllm
+
+    torch.manual_seed(0)
+    seq = [(torch.bfloat16, 1, 300, 300, 40, False), (torch.float16, 2, 37, 53, 64, True),
+           (torch.bfloat16, 1, 19, 100, 24, False), (torch.float64, 1, 33, 70, 16, True),
+           (torch.bfloat16, 2, 301, 410, 40, True)]
+    for dtype, B, Nq, Nk, D, padded in seq:
+        q = torch.randn(B, Nq, 4, D, dtype=dtype)
+        k, v = (torch.randn(B, Nk, 2, D, dtype=dtype) for _ in range(2))
+        mask = None
+        if padded:
+            mask = torch.ones(B, Nk, dtype=torch.bool)
+            mask[-1, Nk // 2:] = False
+        out = pyllm.attention(q, k, v, key_padding_mask=mask, backend="cpu").double()
+        ref = pyllm.attention(q.double(), k.double(), v.double(), key_padding_mask=mask, backend="reference")
+        tol = 1e-9 if dtype == torch.float64 else 2e-2
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)

@@ -570,17 +570,34 @@ inline std::vector<int64_t> padded_starts(const Problem& p, int64_t BK) {
   return s;
 }
 
+// The packed K/V copies of one call, from buffers each calling thread keeps for its next call (slot 0: K,
+// 1: V). A fresh multi-megabyte allocation comes back from the OS as new pages, each a page fault and a zeroed
+// page: perf put 2.8 of the 3.5 ms of a bf16 call (B1 H12 Nq16 Nk1024 D64) there, 2026-11-30. Buffers up to
+// kKeptPackBytes are kept (at most two per thread that runs attention); larger ones are allocated per call,
+// where the work dwarfs the faults. `storage` holds a buffer that is not kept.
+constexpr int64_t kKeptPackBytes = int64_t(16) << 20;
+
+template <typename T>
+T* pack_buffer(int slot, int64_t n, at::Tensor& storage) {
+  static thread_local at::Tensor kept[2];
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  at::Tensor& buf = kept[slot];
+  if (buf.defined() && buf.scalar_type() == dtype && buf.numel() >= n) return buf.data_ptr<T>();
+  storage = at::empty({n}, at::TensorOptions().dtype(dtype));
+  if (n * int64_t(sizeof(T)) <= kKeptPackBytes) buf = storage;
+  return storage.data_ptr<T>();
+}
+
 template <typename S, typename T>
 Rows<T> kv_rows(const Problem& p, const Blocks& bl, const S* x, Strides sx, at::Tensor& storage,
-                const std::vector<int64_t>& kp0) {
+                const std::vector<int64_t>& kp0, int slot) {
   constexpr int64_t W = Vectorized<T>::size();
   if constexpr (std::is_same_v<S, T>) {
     if (p.D % W == 0) return {x, sx.b, sx.h, sx.n, p.cu_k};
   }
   if (p.cu_k != nullptr) {  // packed sequences: (Hkv, kp0[B], Dp), sequence b from row kp0[b]
     const int64_t tkp = kp0[p.B], Dp = bl.Dp;
-    storage = at::empty({p.Hkv * tkp * Dp}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-    T* dst = storage.data_ptr<T>();
+    T* dst = pack_buffer<T>(slot, p.Hkv * tkp * Dp, storage);
     at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t g = t % p.Hkv, b = t / p.Hkv, nk = p.cu_k[b + 1] - p.cu_k[b];
@@ -591,8 +608,7 @@ Rows<T> kv_rows(const Problem& p, const Blocks& bl, const S* x, Strides sx, at::
     return {dst, 0, tkp * Dp, Dp, kp0.data()};
   }
   const int64_t Nkp = bl.nkb * bl.BK, Dp = bl.Dp;
-  storage = at::empty({p.B * p.Hkv * Nkp * Dp}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* dst = storage.data_ptr<T>();
+  T* dst = pack_buffer<T>(slot, p.B * p.Hkv * Nkp * Dp, storage);
   // Under ~64 KiB of packed rows the copy is not worth waking the other threads for.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / (bl.BK * Dp * int64_t(sizeof(T))));
   at::parallel_for(0, p.B * p.Hkv * bl.nkb, grain, [&](int64_t begin, int64_t end) {
@@ -620,7 +636,7 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
   const int64_t BQ = bl.BQ, BK = bl.BK, Dp = bl.Dp, nqb = bl.nqb;
   const std::vector<int64_t> kp0 = p.cu_k ? padded_starts(p, BK) : std::vector<int64_t>();
   at::Tensor k_store, v_store;
-  const Rows<T> Kr = kv_rows<S, T>(p, bl, k, sk, k_store, kp0), Vr = kv_rows<S, T>(p, bl, v, sv, v_store, kp0);
+  const Rows<T> Kr = kv_rows<S, T>(p, bl, k, sk, k_store, kp0, 0), Vr = kv_rows<S, T>(p, bl, v, sv, v_store, kp0, 1);
   const T scale = static_cast<T>(p.scale);
   // A thread's work: tasks (b, h, qb) from next(b, h, qb) until it returns false.
   auto work = [&](auto&& next) {
@@ -718,7 +734,8 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
   const int64_t BQ = bl.BQ, BK = bl.BK, Dp = bl.Dp, Nkp = bl.nkb * BK;
   const std::vector<int64_t> kp0 = p.cu_k ? padded_starts(p, BK) : std::vector<int64_t>();
   at::Tensor k_store, v_store;
-  const Rows<T> Kr = kv_rows<S, T>(p, bl, k, st.sk, k_store, kp0), Vr = kv_rows<S, T>(p, bl, v, st.sv, v_store, kp0);
+  const Rows<T> Kr = kv_rows<S, T>(p, bl, k, st.sk, k_store, kp0, 0),
+                Vr = kv_rows<S, T>(p, bl, v, st.sv, v_store, kp0, 1);
   // dK, dV accumulators: the outputs themselves when they can be (fp32/fp64, aligned head_dim, one
   // task per kv head), else (B * Hkv * nsplit, 2, Nkp, Dp), summed over splits in order at the end
   // (packed sequences: (Hkv, nsplit, 2, kp0[B], Dp), sequence b from row kp0[b]).

@@ -117,6 +117,10 @@ bool attention_decode_fwd(const at::Tensor& q, const at::Tensor& k, const at::Te
   // decode wins to Nq 4 at Nk 16 (29 vs 37 us), to Nq 8 from Nk 128 (85 vs 88 us); at Nq 16 the blocked kernel
   // does (43 vs 86 us at Nk 16, 97 vs 178 at Nk 128, even at Nk 1024).
   if (dt != at::kFloat && (Nq > 8 || (Nq > 4 && Nk < 128))) return false;
+  // fp32 likewise beyond 8 rows (B1 H12 D64, 2 threads, Emerald Rapids, 2026-11-30): at Nq 12 and 16 the blocked
+  // kernel took 26-29 vs 29-37 us at Nk 16, 78-88 vs 165-180 us at Nk 128, 0.65-0.77 vs 1.3-1.4 ms at Nk 1024;
+  // at Nq 8 the two are within noise up to Nk 128 and decode wins at Nk 1024 (0.63 vs 0.69-0.79 ms).
+  if (dt == at::kFloat && Nq > 8) return false;
   at::Tensor mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
   DecodeProblem p{B, Nq, Nk, Hq, Hkv, D, causal, static_cast<float>(softmax_scale),
