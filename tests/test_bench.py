@@ -240,6 +240,8 @@ def test_roofline_torch_matmul_within_peak():
     assert 0.1 < ratio <= 1.3, ratio
     assert lim.copy_peak(torch.float32, 1 << 12) >= lim.copy_gbps(torch.float32, 1 << 18) > 0
     assert "torch.mm" in lim.describe() and "STREAM" in lim.describe()
+    # on a GPU the header names the device, not the CPU threads (the H200 run said "16 threads", 2026-11-30)
+    assert "this cuda device" in Limits("cuda", 16).describe()
 
 
 def test_ratio_above_peak_is_flagged():

@@ -246,7 +246,9 @@ class Limits:
         return max(self.copy_gbps(dtype, numel), self.copy_gbps(dtype, self.stream_numel))
 
     def describe(self) -> str:
-        return (f"measured peaks with {self.threads} threads: matmul = best torch.mm TFLOP/s over square sizes "
+        kind = torch.device(self.device).type
+        who = f"{self.threads} threads" if kind == "cpu" else f"this {kind} device"
+        return (f"measured peaks with {who}: matmul = best torch.mm TFLOP/s over square sizes "
                 f"{', '.join(map(str, self.sizes))}; copy = best dst.copy_(src) GB/s (read + write) at the case's "
                 f"size and STREAM-style at {self.stream_numel} elements")
 
