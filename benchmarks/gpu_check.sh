@@ -401,7 +401,7 @@ if ((${#recorded[@]})); then
   cp "$VERIFIED" "$OUT/verified.json"
   record record ok 0 0 - "gpu_record.py: ${recorded[*]} -> pyllm/verified.json (copy: verified.json)"
 else
-  record record skipped - 0 - "no backend passed every test file (nothing recorded)"
+  record record skipped - 0 - "no op passed every test file on either backend (nothing recorded)"
 fi
 
 if ((FAILED)); then VERDICT="FAILED"; else VERDICT="ok"; fi
