@@ -344,14 +344,12 @@ for backend in cuda triton; do
   done
 done
 for p in "${pids[@]}"; do wait "$p"; done
-for n in $(awk -F'\t' '$1 ~ /^pytest_/ && ($2 == "fail" || $2 == "timeout") {print $1}' "$STEPS"); do
-  FAILED=1
-done
+tests_failed=$(awk -F'\t' '$1 ~ /^pytest_/ && ($2 == "fail" || $2 == "timeout")' "$STEPS")
+[[ -n $tests_failed ]] && FAILED=1
 report
 wait "$SAN_PID"
-for n in $(awk -F'\t' '$1 ~ /^(memcheck|racecheck|synccheck)_/ && ($2 == "fail" || $2 == "timeout") {print $1}' "$STEPS"); do
-  FAILED=1
-done
+san_failed=$(awk -F'\t' '$1 ~ /^(memcheck|racecheck|synccheck)_/ && ($2 == "fail" || $2 == "timeout")' "$STEPS")
+[[ -n $san_failed ]] && FAILED=1
 report
 
 # ---- benchmarks: each result printed as it is measured, nothing else running ------------------------------
@@ -387,7 +385,8 @@ for backend in cuda triton; do
       [[ $(status_of "pytest_${backend}_$(basename "$f" .py)") == ok ]] || ok=0
     done
     [[ $backend == cuda && $op == attention ]] && ((!HARNESS_OK)) && ok=0
-    [[ $backend == cuda && ($op == layer_norm || $op == rms_norm) ]] && [[ $(status_of harness_layer_norm) != ok ]] && ok=0
+    [[ $backend == cuda && ($op == layer_norm || $op == rms_norm) && $(status_of harness_layer_norm) != ok ]] &&
+      ok=0
     ((ok && any)) && ops+=("$op")
   done
   if ((${#ops[@]})); then
