@@ -28,7 +28,8 @@ def test_dry_run_walks_every_step_and_leaves_at_most_8_files(tmp_path):
     for step in ("env", "build_ext", "build_dev", "harness_attention_fwd", "harness_attention_bwd",
                  "harness_layer_norm", "ncu_attn_fwd", "ncu_attn_dkdv", "memcheck_layer_norm",
                  "racecheck_attention_bwd", "synccheck_attention_fwd", "pytest_cuda_test_attention",
-                 "pytest_triton_test_layer_norm", "bench_attention", "bench_norms", "bench_ops", "record"):
+                 "pytest_triton_test_layer_norm", "bench_attention", "bench_attention_triton", "bench_norms",
+                 "bench_ops", "record"):
         assert names.get(step) == "ok", (step, names)
     for backend in ("cuda", "triton"):  # every op test file, on both GPU backends
         for f in ("attention", "attention_features", "dropins", "layer_norm", "rotary", "linear_cross_entropy", "gelu"):
