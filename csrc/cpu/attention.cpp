@@ -41,7 +41,9 @@
 //
 // Tile products run in a register-blocked at::vec micro-kernel (6 x 64 fp32 outputs per step, FMA);
 // fp16/bf16 tiles are converted to fp32 once, when packed, and all math runs in fp32 (fp64 for
-// double inputs, which gradcheck uses).
+// double inputs, which gradcheck uses). Except the bf16 forward on a CPU with AMX (Sapphire Rapids on): its
+// two products run on the tile unit in bf16 with fp32 accumulation, the softmax in fp32 (see "bf16 forward on
+// AMX tiles" below; PYLLM_CPU_AMX=0 turns it off).
 
 // Use the widest at::vec implementation this compilation targets (before any ATen include).
 #include "vec_capability.h"
@@ -56,11 +58,18 @@
 #include "attention_args.h"
 #include "attention_decode.h"
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -622,6 +631,34 @@ Rows<T> kv_rows(const Problem& p, const Blocks& bl, const S* x, Strides sx, at::
   return {dst, p.Hkv * Nkp * Dp, Nkp * Dp, Dp};
 }
 
+// The forward's tasks (b, h, qb) over the threads: work(next) runs on each thread and takes tasks from
+// next(b, h, qb) until it returns false.
+template <typename Work>
+void run_fwd_tasks(const Problem& p, int64_t BQ, int64_t nqb, const Work& work) {
+  if (p.cu_q == nullptr) {  // padded: contiguous ranges of (b, h, zigzagged query block)
+    at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+      int64_t task = begin;
+      work([&](int64_t& b, int64_t& h, int64_t& qb) {
+        if (task >= end) return false;
+        qb = zigzag(task % nqb, nqb), h = (task / nqb) % p.Hq, b = task / (nqb * p.Hq);
+        ++task;
+        return true;
+      });
+    });
+    return;
+  }
+  // Packed: the (sequence, head, query block) tasks that exist, longest first, handed out one at a time.
+  const auto tasks = varlen_tasks(p, BQ);
+  run_dynamic(static_cast<int64_t>(tasks.size()), [&](auto&& take) {
+    work([&](int64_t& b, int64_t& h, int64_t& qb) {
+      const int64_t t = take();
+      if (t < 0) return false;
+      b = tasks[t][0], h = tasks[t][1], qb = tasks[t][2];
+      return true;
+    });
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward. S: input dtype, T: compute dtype (float, or double).
 
@@ -691,28 +728,353 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
       }
     }
   };
-  if (p.cu_q == nullptr) {  // padded: contiguous ranges of (b, h, zigzagged query block)
-    at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-      int64_t task = begin;
-      work([&](int64_t& b, int64_t& h, int64_t& qb) {
-        if (task >= end) return false;
-        qb = zigzag(task % nqb, nqb), h = (task / nqb) % p.Hq, b = task / (nqb * p.Hq);
-        ++task;
-        return true;
-      });
-    });
-    return;
+  run_fwd_tasks(p, BQ, nqb, work);
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 forward on AMX tiles (Intel Sapphire Rapids and later). The fp32 path above widens bf16 K/V to fp32 and
+// multiplies with FMA; here both products run on the tile unit, bf16 x bf16 products accumulated in fp32
+// (TDPBF16PS), which is what torch's own bf16 SDPA does on these CPUs. Per task (b, h, query block):
+//
+//   S^T (keys, queries) = K Q^T     A: K rows (bf16, packed once per call), B: Q^T as bf16 pairs (VNNI)
+//   online softmax down the columns of S^T in fp32 (the same helpers, masks, score modifications and dropout)
+//   O^T (d, queries) += V^T P^T      A: V^T rows (bf16, packed once per call), B: P^T as bf16 pairs
+//
+// P is rounded to bf16 for its product with V (so does SDPA's bf16 kernel); the row sums l and lse come from
+// the fp32 probabilities. Keeping the output transposed, O^T, makes the online-softmax rescale a vector
+// product over queries. Tiles are 16 rows x 64 bytes (16 fp32, 32 bf16 or 16 bf16 pairs); a step does 2 x 2
+// output tiles (tmm0-3) from two A tiles (tmm4-5) and two B tiles (tmm6-7).
+//
+// It runs when the CPU has AMX-BF16 and AVX512-BF16 and the OS grants the tile state (arch_prctl), unless
+// PYLLM_CPU_AMX=0 (read per call: A/B timing and the tests of the fp32 path use it).
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define PYLLM_ATTENTION_AMX 1
+#else
+#define PYLLM_ATTENTION_AMX 0
+#endif
+
+#if PYLLM_ATTENTION_AMX
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")
+namespace amx {
+
+using at::BFloat16;
+
+// Keys per step: 128 (a 32 KiB score tile) against 64, side by side with SDPA, 2 threads, Emerald Rapids,
+// 2026-11-30: B1 H12 N1024 D64 1.15x / 1.03x SDPA, causal 1.50x / 1.50x, B2 H12 N256 1.15x / 1.02x, B1 H16 N2048
+// D128 causal 1.44x / 1.10x. (Fewer online-softmax rescales of O^T, and four tile steps per O^T load and store.)
+constexpr int64_t kAmxBlockK = 128;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows x 64 bytes. The configuration is per thread: each worker loads it before its tasks.
+inline void configure() {
+  TileConfig c;
+  for (int i = 0; i < 8; ++i) c.colsb[i] = 64, c.rows[i] = 16;
+  _tile_loadconfig(&c);
+}
+
+// NA x NB output tiles C(i, j) = C + (16 i) ldc + 16 j (fp32, row stride ldc bytes), loaded (or zeroed), then
+// C(i, j) += sum over `steps` of A_i B_j, A_i = 16 rows from A + 16 i lda (the step's 64 bytes at s * 64),
+// B_j = 16 rows from B + s 16 ldb, 64 bytes at j * 64 (bf16 pairs); stored back.
+template <int NA, int NB>
+void tile_block(int64_t steps, const char* A, int64_t lda, const char* B, int64_t ldb, char* C, int64_t ldc,
+                bool load) {
+  if (load) {
+    _tile_loadd(0, C, ldc);
+    if constexpr (NB == 2) _tile_loadd(1, C + 64, ldc);
+    if constexpr (NA == 2) _tile_loadd(2, C + 16 * ldc, ldc);
+    if constexpr (NA == 2 && NB == 2) _tile_loadd(3, C + 16 * ldc + 64, ldc);
+  } else {
+    _tile_zero(0);
+    if constexpr (NB == 2) _tile_zero(1);
+    if constexpr (NA == 2) _tile_zero(2);
+    if constexpr (NA == 2 && NB == 2) _tile_zero(3);
   }
-  // Packed: the (sequence, head, query block) tasks that exist, longest first, handed out one at a time.
-  const auto tasks = varlen_tasks(p, BQ);
-  run_dynamic(static_cast<int64_t>(tasks.size()), [&](auto&& take) {
-    work([&](int64_t& b, int64_t& h, int64_t& qb) {
-      const int64_t t = take();
-      if (t < 0) return false;
-      b = tasks[t][0], h = tasks[t][1], qb = tasks[t][2];
-      return true;
-    });
+  for (int64_t s = 0; s < steps; ++s) {
+    const char* a = A + s * 64;
+    const char* b = B + s * 16 * ldb;
+    _tile_loadd(4, a, lda);
+    if constexpr (NA == 2) _tile_loadd(5, a + 16 * lda, lda);
+    _tile_loadd(6, b, ldb);
+    if constexpr (NB == 2) _tile_loadd(7, b + 64, ldb);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (NA == 2) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (NA == 2 && NB == 2) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, C, ldc);
+  if constexpr (NB == 2) _tile_stored(1, C + 64, ldc);
+  if constexpr (NA == 2) _tile_stored(2, C + 16 * ldc, ldc);
+  if constexpr (NA == 2 && NB == 2) _tile_stored(3, C + 16 * ldc + 64, ldc);
+}
+
+// C (16 ma, 16 nb) fp32 (+)= A (16 ma rows) B: ma, nb tiles, in 2 x 2 steps.
+void tile_product(int64_t ma, int64_t nb, int64_t steps, const char* A, int64_t lda, const char* B, int64_t ldb,
+                  char* C, int64_t ldc, bool load) {
+  for (int64_t i = 0; i < ma; i += 2) {
+    const char* Ai = A + i * 16 * lda;
+    for (int64_t j = 0; j < nb; j += 2) {
+      const char* Bj = B + j * 64;
+      char* Cij = C + i * 16 * ldc + j * 64;
+      const bool a2 = i + 1 < ma, b2 = j + 1 < nb;
+      if (a2 && b2) tile_block<2, 2>(steps, Ai, lda, Bj, ldb, Cij, ldc, load);
+      else if (a2) tile_block<2, 1>(steps, Ai, lda, Bj, ldb, Cij, ldc, load);
+      else if (b2) tile_block<1, 2>(steps, Ai, lda, Bj, ldb, Cij, ldc, load);
+      else tile_block<1, 1>(steps, Ai, lda, Bj, ldb, Cij, ldc, load);
+    }
+  }
+}
+
+// Rows r0, r1 of an fp32 tile (16 columns from c) as 16 bf16 pairs (r0 low, r1 high), rounded to nearest even.
+inline __m512i pair_rows(__m512 r0, __m512 r1) {
+  alignas(64) static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(order), (__m512i)_mm512_cvtne2ps_pbh(r1, r0));
+}
+
+// exp(x) for the probabilities that are rounded to bf16 (8 bits) right after, from t = x log2(e) (the caller folds
+// log2(e) into its FMA): 2^t = 2^f 2^floor(t) with f = t - floor(t) in [0, 1) (vreduceps), 2^f by a degree-5
+// polynomial fitted for relative error on [0, 1) (7.5e-8 before fp32 rounding), times 2^floor(t) by vscalefps,
+// which takes the floor itself. t <= -126 gives 0 exactly (exp(-inf) = 0: a key hidden by a mask) through the
+// write mask, which also keeps those lanes from producing denormals (a microcode assist each, measured: a causal
+// call took as long as a full one); NaN stays NaN. Half the instructions of at::vec's exp_u20, which this loop is
+// bound by.
+inline __m512 exp2_for_bf16(__m512 t) {
+  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLE_UQ);  // t > -126 or NaN
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // t - floor(t)
+  __m512 y = _mm512_set1_ps(1.8775744416717742e-3f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(8.9893454979146010e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5826313513322500e-2f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4015361857902087e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9315307302243600e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.9999992506670590e-1f));
+  return _mm512_maskz_scalef_ps(normal, y, t);
+}
+
+// The softmax's exponentials for rows [0, nk) of S^T (columns [0, mqp), row stride ld), written straight to P^T
+// as bf16 pairs (rows nk to nk32 zero; PT row stride ldp words): e = exp(scale s - mu), l = l alpha + column sums.
+// Two rows and one vector of columns at a time: the pair is one store, and the fp32 probabilities never go back
+// to memory.
+void exp_sum_pairs(const float* ST, int64_t ld, int64_t nk, int64_t nk32, int64_t mqp, float scale, const float* mu,
+                   const float* alpha, float* l, uint32_t* PT, int64_t ldp) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const __m512 vs = _mm512_set1_ps(scale * kLog2e);
+  for (int64_t i = 0; i < mqp; i += 16) {
+    const __m512 m = _mm512_mul_ps(_mm512_loadu_ps(mu + i), _mm512_set1_ps(kLog2e));
+    auto e = [&](int64_t j) { return exp2_for_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(ST + j * ld + i), vs, m)); };
+    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 1 < nk; j += 2) {
+      const __m512 e0 = e(j), e1 = e(j + 1);
+      sum0 = _mm512_add_ps(sum0, e0), sum1 = _mm512_add_ps(sum1, e1);
+      _mm512_storeu_si512(PT + (j / 2) * ldp + i, pair_rows(e0, e1));
+    }
+    if (j < nk) {  // an odd last row, paired with zeros
+      const __m512 e0 = e(j);
+      sum0 = _mm512_add_ps(sum0, e0);
+      _mm512_storeu_si512(PT + (j / 2) * ldp + i, pair_rows(e0, _mm512_setzero_ps()));
+      j += 2;
+    }
+    for (; j < nk32; j += 2) _mm512_storeu_si512(PT + (j / 2) * ldp + i, _mm512_setzero_si512());
+    _mm512_storeu_ps(l + i, _mm512_fmadd_ps(_mm512_loadu_ps(l + i), _mm512_loadu_ps(alpha + i),
+                                            _mm512_add_ps(sum0, sum1)));
+  }
+}
+
+// Key rows per call: K (rows, Dp) and V^T (Dp, rows) in bf16, zero-padded, for every (batch or sequence, kv head).
+// A sequence's block of rows is its length rounded up to 32, plus 32 rows of zeros: a tile read that starts at any
+// key of the sequence and spans a rounded-up block stays inside (zeros past the end).
+struct Packed {
+  const BFloat16 *k, *vt;
+  int64_t Dp, rows;             // head_dim rounded up to 32; key rows per kv head (all sequences)
+  std::vector<int64_t> start;   // first row of batch / sequence b (B + 1)
+  const BFloat16* K(int64_t b, int64_t g) const { return k + (g * rows + start[b]) * Dp; }
+  const BFloat16* VT(int64_t b, int64_t g) const { return vt + g * Dp * rows + start[b]; }
+};
+
+Packed pack_kv(const Problem& p, const BFloat16* k, Strides sk, const BFloat16* v, Strides sv, at::Tensor& ks,
+               at::Tensor& vs) {
+  Packed pk;
+  pk.Dp = round_up(p.D, 32);
+  pk.start.assign(p.B + 1, 0);
+  for (int64_t b = 0; b < p.B; ++b) {
+    const int64_t n = p.cu_k ? p.cu_k[b + 1] - p.cu_k[b] : p.Nk;
+    pk.start[b + 1] = pk.start[b] + round_up(n, 32) + 32;
+  }
+  // Layout (Hkv, rows, Dp) for K and (Hkv, Dp, rows) for V^T, batch / sequence b from row (column) start[b].
+  pk.rows = pk.start[p.B];
+  const int64_t Dp = pk.Dp, rows = pk.rows, n_all = p.Hkv * rows * Dp;
+  BFloat16* kd = pack_buffer<BFloat16>(0, n_all, ks);
+  BFloat16* vd = pack_buffer<BFloat16>(1, n_all, vs);
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t % p.Hkv, b = t / p.Hkv;
+      const int64_t span = pk.start[b + 1] - pk.start[b], len = p.cu_k ? p.cu_k[b + 1] - p.cu_k[b] : p.Nk;
+      const BFloat16* ksrc = p.cu_k ? k + g * sk.h + p.cu_k[b] * sk.n : k + b * sk.b + g * sk.h;
+      const BFloat16* vsrc = p.cu_k ? v + g * sv.h + p.cu_k[b] * sv.n : v + b * sv.b + g * sv.h;
+      BFloat16* kdst = kd + (g * rows + pk.start[b]) * Dp;
+      for (int64_t r = 0; r < len; ++r) {
+        std::memcpy(kdst + r * Dp, ksrc + r * sk.n, p.D * sizeof(BFloat16));
+        std::fill(kdst + r * Dp + p.D, kdst + (r + 1) * Dp, BFloat16(0.0f));
+      }
+      std::fill(kdst + len * Dp, kdst + span * Dp, BFloat16(0.0f));
+      BFloat16* vdst = vd + g * Dp * rows + pk.start[b];
+      for (int64_t r0 = 0; r0 < len; r0 += 32)
+        for (int64_t d0 = 0; d0 < p.D; d0 += 32)
+          at::vec::transpose_mxn<BFloat16>(vsrc + r0 * sv.n + d0, sv.n, vdst + d0 * rows + r0, rows,
+                                            static_cast<int>(std::min<int64_t>(32, len - r0)),
+                                            static_cast<int>(std::min<int64_t>(32, p.D - d0)));
+      for (int64_t d = 0; d < Dp; ++d)
+        std::fill(vdst + d * rows + (d < p.D ? len : 0), vdst + d * rows + span, BFloat16(0.0f));
+    }
   });
+  pk.k = kd, pk.vt = vd;
+  return pk;
+}
+
+void fwd_bf16(const Problem& p, const BFloat16* q, Strides sq, const BFloat16* k, Strides sk, const BFloat16* v,
+              Strides sv, BFloat16* out, float* lse) {
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  using V = Vectorized<float>;
+  constexpr int64_t W = V::size();
+  const int64_t D = p.D;
+  const int64_t BQ = std::min<int64_t>(kFwdBlockQ, std::max<int64_t>(16, round_up(p.Nq, 16)));
+  const int64_t BK = std::min<int64_t>(kAmxBlockK, std::max<int64_t>(32, round_up(p.Nk, 32)));
+  const int64_t nqb = (p.Nq + BQ - 1) / BQ;
+  at::Tensor ks, vs;
+  const Packed pk = pack_kv(p, k, sk, v, sv, ks, vs);
+  const int64_t Dp = pk.Dp, rows = pk.rows;
+  const float scale = static_cast<float>(p.scale);
+  // Without score modifications and with a positive scale, max(scale s) = scale max(s): the scale is folded into
+  // the exponent (exp(scale s - m), one FMA) instead of a pass over the tile. s_exp: the exponent's factor.
+  const bool fold_scale = !p.f.modifies_scores() && scale > 0.0f && !p.f.drop_threshold;
+  const float s_exp = fold_scale ? scale : 1.0f;
+  auto work = [&](auto&& next) {
+    configure();
+    // Qr (BQ, Dp) bf16 rows; QT (Dp / 2, BQ) and PT (BK / 2, BQ) bf16 pairs; ST (BK, BQ); OT (Dp, BQ); O (BQ, Dp)
+    Scratch<BFloat16> qr_buf(BQ * Dp);
+    Scratch<uint32_t> qt_buf(Dp / 2 * BQ), pt_buf(BK / 2 * BQ);
+    Scratch<float> st_buf(BK * BQ), ot_buf(Dp * BQ), o_buf(BQ * Dp), m_buf(BQ), l_buf(BQ), a_buf(BQ), mu_buf(BQ),
+        none_buf(BQ);
+    BFloat16* Qr = qr_buf.ptr;
+    uint32_t *QT = qt_buf.ptr, *PT = pt_buf.ptr;
+    float *ST = st_buf.ptr, *OT = ot_buf.ptr, *O = o_buf.ptr, *m = m_buf.ptr, *l = l_buf.ptr, *alpha = a_buf.ptr,
+          *mu = mu_buf.ptr, *none = none_buf.ptr;
+    std::fill(none, none + BQ, ninf);
+    int64_t b, h, qb;
+    while (next(b, h, qb)) {
+      const Problem ps = p.seq(b);
+      const int64_t g = h / p.group();
+      const int64_t q0 = qb * BQ, mq = std::min(BQ, ps.Nq - q0), mqp = round_up(mq, 16);
+      const bool* mk = p.mask ? p.mask + b * p.Nk : nullptr;
+      const int64_t kend = ps.key_end(q0 + mq - 1), kstart = ps.key_start(q0);
+      // Q^T as pairs: the query rows, zero-padded to (mqp, Dp), transposed as 32-bit words.
+      const BFloat16* qsrc = q + b * sq.b + h * sq.h + (ps.qr0 + q0) * sq.n;
+      for (int64_t i = 0; i < mq; ++i) {
+        std::memcpy(Qr + i * Dp, qsrc + i * sq.n, D * sizeof(BFloat16));
+        std::fill(Qr + i * Dp + D, Qr + (i + 1) * Dp, BFloat16(0.0f));
+      }
+      std::fill(Qr + mq * Dp, Qr + mqp * Dp, BFloat16(0.0f));
+      at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(Qr), Dp / 2, reinterpret_cast<float*>(QT), BQ,
+                                    static_cast<int>(mqp), static_cast<int>(Dp / 2));
+      std::fill(m, m + BQ, ninf);
+      std::fill(l, l + BQ, 0.0f);
+      std::fill(OT, OT + Dp * BQ, 0.0f);
+      const BFloat16* Kg = pk.K(b, g);
+      const BFloat16* VTg = pk.VT(b, g);
+      for (int64_t k0 = kstart; k0 < kend; k0 += BK) {
+        const int64_t nk = std::min(BK, kend - k0);
+        const int mstat = mask_status(mk ? mk + k0 : nullptr, nk);
+        if (mstat == 0) continue;
+        // S^T (nk rounded up to 16, mqp) = K Q^T, unscaled: the scale goes into the exponent (or, for the score
+        // modifications, which take scaled scores, into a pass of its own)
+        tile_product((nk + 15) / 16, mqp / 16, Dp / 32, reinterpret_cast<const char*>(Kg + k0 * Dp), Dp * 2,
+                     reinterpret_cast<const char*>(QT), BQ * 4, reinterpret_cast<char*>(ST), BQ * 4, false);
+        if (!fold_scale) {
+          for (int64_t j = 0; j < nk; ++j) scale_row(ST + j * BQ, mqp, scale);
+          if (p.f.modifies_scores()) modify_scores<float>(ps, ST, nullptr, BQ, b, h, q0, mq, k0, nk);
+        }
+        if (mstat == 2 || p.windowed()) mask_block(ps, ST, BQ, q0, mq, k0, nk, mk, mstat);
+        column_max(ST, BQ, nk, mqp, none, mu);  // this block's column max, in the units of ST
+        const V vscale(s_exp);
+        for (int64_t i = 0; i < mqp; i += W) {
+          const V m_new = at::vec::maximum(V::loadu(m + i), V::loadu(mu + i) * vscale);
+          const V m_use = V::blendv(m_new, V(0.0f), m_new == V(ninf));
+          m_use.store(mu + i);
+          (V::loadu(m + i) - m_use).exp().store(alpha + i);
+          m_new.store(m + i);
+        }
+        const bool rescale = std::any_of(alpha, alpha + mq, [](float a) { return a != 1.0f; });
+        if (rescale)  // O^T columns times alpha
+          for (int64_t d = 0; d < D; ++d)
+            at::vec::map2([](V o, V a) { return o * a; }, OT + d * BQ, OT + d * BQ, alpha, mqp);
+        // P^T as bf16 pairs of key rows (rows from nk on are zero), then O^T += V^T P^T
+        const int64_t nk32 = round_up(nk, 32);
+        if (!p.f.drop_threshold) {
+          exp_sum_pairs(ST, BQ, nk, nk32, mqp, s_exp, mu, alpha, l, PT, BQ);
+        } else {  // dropout scales the probabilities after the sums: in fp32, then paired
+          column_exp_sum(ST, BQ, nk, mqp, mu, alpha, l);
+          dropout_tile<float>(ps, ST, nullptr, BQ, b, h, q0, mq, k0, nk);
+          for (int64_t j = 0; j < nk32; j += 2) {
+            uint32_t* dst = PT + (j / 2) * BQ;
+            const float* r0 = ST + j * BQ;
+            const float* r1 = r0 + BQ;
+            for (int64_t i = 0; i < mqp; i += 16) {
+              const __m512 a = j < nk ? _mm512_loadu_ps(r0 + i) : _mm512_setzero_ps();
+              const __m512 c = j + 1 < nk ? _mm512_loadu_ps(r1 + i) : _mm512_setzero_ps();
+              _mm512_storeu_si512(dst + i, pair_rows(a, c));
+            }
+          }
+        }
+        tile_product(Dp / 16, mqp / 16, nk32 / 32, reinterpret_cast<const char*>(VTg + k0), rows * 2,
+                     reinterpret_cast<const char*>(PT), BQ * 4, reinterpret_cast<char*>(OT), BQ * 4, true);
+      }
+      // O^T columns / l, transposed to rows, converted. lse as in the fp32 path.
+      for (int64_t i = 0; i < mqp; i += W) {
+        const V vl = V::loadu(l + i);
+        V::blendv(V(1.0f) / vl, V(0.0f), vl == V(0.0f)).store(alpha + i);
+      }
+      for (int64_t d = 0; d < D; ++d)
+        at::vec::map2([](V o, V a) { return o * a; }, OT + d * BQ, OT + d * BQ, alpha, mqp);
+      at::vec::transpose_mxn<float>(OT, BQ, O, Dp, static_cast<int>(D), static_cast<int>(mq));
+      for (int64_t i = 0; i < mq; ++i) {
+        at::vec::convert(O + i * Dp, out + ((ps.qg0 + q0 + i) * p.Hq + h) * D, D);
+        lse[b * p.lse_sb + h * p.lse_sh + ps.qr0 + q0 + i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : ninf;
+      }
+    }
+    _tile_release();
+  };
+  run_fwd_tasks(p, BQ, nqb, work);
+}
+
+}  // namespace amx
+#pragma GCC pop_options
+#endif
+
+// Whether the bf16 forward runs on AMX: the CPU has the instructions, Linux grants this process the tile state
+// (once), and PYLLM_CPU_AMX is not 0. fp16 and fp32 always take the fp32 path (AMX-FP16 is a later generation).
+bool use_amx(const Problem& p) {
+#if PYLLM_ATTENTION_AMX
+  static const bool usable = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16") ||
+        !__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512bw"))
+      return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) == 0;
+  }();
+  const char* env = std::getenv("PYLLM_CPU_AMX");
+  return usable && p.D <= kMaxHeadDim && !(env != nullptr && env[0] == '0');
+#else
+  (void)p;
+  return false;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -997,6 +1359,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(const at::Tensor& q, const
             make_features(fa, q, q.size(0), q.size(1), q.size(2), k.size(1), keep), q.size(2) * q.size(1), q.size(1)};
   at::Tensor out = at::empty({p.B, p.Nq, p.Hq, p.D}, q.options());                      // (B, Nq, Hq, D)
   at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, q.options().dtype(acc_type(q.scalar_type())));  // (B, Hq, Nq)
+  if (q.scalar_type() == at::kBFloat16 && use_amx(p)) {
+#if PYLLM_ATTENTION_AMX
+    amx::fwd_bf16(p, q.data_ptr<at::BFloat16>(), strides_of(q), k.data_ptr<at::BFloat16>(), strides_of(k),
+                  v.data_ptr<at::BFloat16>(), strides_of(v), out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
+#endif
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     fwd_kernel<scalar_t, acc_t>(p, q.data_ptr<scalar_t>(), strides_of(q), k.data_ptr<scalar_t>(), strides_of(k),
@@ -1186,6 +1555,13 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(
   at::Tensor out = at::zeros(q.sizes(), q.options());  // (total_q, Hq, D); rows that see no key stay 0
   at::Tensor lse = at::full({q.size(1), q.size(0)}, -std::numeric_limits<double>::infinity(),
                             q.options().dtype(acc_type(q.scalar_type())));  // (Hq, total_q)
+  if (q.scalar_type() == at::kBFloat16 && use_amx(r.p)) {
+#if PYLLM_ATTENTION_AMX
+    amx::fwd_bf16(r.p, q.data_ptr<at::BFloat16>(), packed_strides(q), k.data_ptr<at::BFloat16>(), packed_strides(k),
+                  v.data_ptr<at::BFloat16>(), packed_strides(v), out.data_ptr<at::BFloat16>(), lse.data_ptr<float>());
+#endif
+    return {out, lse};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_varlen_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     fwd_kernel<scalar_t, acc_t>(r.p, q.data_ptr<scalar_t>(), packed_strides(q), k.data_ptr<scalar_t>(),
