@@ -1,5 +1,6 @@
 """Attention on every backend: FlashAttention's accuracy rule over causal x padding x GQA x Nq != Nk x head
 dims x dtypes x odd seqlens; determinism; torch.library (opcheck, torch.compile); bad input."""
+import functools
 import itertools
 
 import pytest
@@ -81,10 +82,10 @@ def _cpu_has_amx_bf16() -> bool:
     return {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
 
 
-@pytest.mark.skipif(not INTERP, reason="the cpu backend's bf16 forward without AMX")
-def test_cpu_bf16_widened_forward_meets_the_rule(monkeypatch):
-    """PYLLM_CPU_AMX=0 gives the bf16 forward that CPUs without AMX run (K/V widened to fp32, FMA products): it
-    meets the accuracy rule over the grid as the AMX forward does in test_accuracy_rule."""
+@pytest.mark.skipif(not INTERP, reason="the cpu backend's bf16 kernels without AMX")
+def test_cpu_bf16_without_amx_meets_the_rule(monkeypatch):
+    """PYLLM_CPU_AMX=0 gives the bf16 forward and backward that CPUs without AMX run (K/V widened to fp32, FMA
+    products): they meet the accuracy rule over the grid, as the AMX kernels do in test_accuracy_rule."""
     need("cpu")
     monkeypatch.setenv("PYLLM_CPU_AMX", "0")
     for seed, (B, Nq, Nk, Hq, Hkv, D, causal, padded) in enumerate(CPU_CASES[::2]):
@@ -94,28 +95,34 @@ def test_cpu_bf16_widened_forward_meets_the_rule(monkeypatch):
 
 @pytest.mark.skipif(not INTERP or not _cpu_has_amx_bf16(), reason="needs a CPU with AMX-BF16 (Sapphire Rapids on)")
 @pytest.mark.parametrize("features", [{}, {"window_size": (9, 0)}, {"softcap": 5.0}, {"dropout_p": 0.2}])
-def test_cpu_bf16_forward_runs_on_amx(monkeypatch, features):
-    """On an AMX CPU the bf16 forward is the tile kernel: it rounds P to bf16 before P V (as SDPA's bf16 kernel
-    does), so it differs from the widened path in the last bits, and is as close to the fp32 reference."""
+def test_cpu_bf16_runs_on_amx(monkeypatch, features):
+    """On an AMX CPU the bf16 forward and backward are the tile kernels: they round P (and dS) to bf16 for their
+    products (as SDPA's bf16 kernels do), so they differ from the widened path in the last bits, and are about as
+    close to the fp32 reference (the accuracy rule itself is test_accuracy_rule's)."""
     need("cpu")
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 77, 4, 80, generator=g).bfloat16()
     k, v = (torch.randn(2, 90, 2, 80, generator=g).bfloat16() for _ in range(2))
+    do = torch.randn(2, 77, 4, 80, generator=g).bfloat16()
     mask = torch.ones(2, 90, dtype=torch.bool)
     mask[1, 61:] = False
 
-    def run():
-        torch.manual_seed(0)  # the same dropout mask on both paths
-        return pyllm.attention(q, k, v, causal=True, key_padding_mask=mask, backend="cpu", **features)
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(0)  # the same dropout mask on every path
+        o = fn(*leaves, causal=True, key_padding_mask=mask, **features)
+        o.backward(do.to(dtype))
+        return [o] + [t.grad for t in leaves]
 
-    tiles = run()
+    cpu = functools.partial(pyllm.attention, backend="cpu")
+    tiles = run(cpu, torch.bfloat16)
     monkeypatch.setenv("PYLLM_CPU_AMX", "0")
-    widened = run()
-    assert not torch.equal(tiles, widened)
-    torch.manual_seed(0)
-    ref = pyllm.reference.attention(q.float(), k.float(), v.float(), causal=True, key_padding_mask=mask, **features)
-    err_tiles, err_widened = ((x.float() - ref).abs().max().item() for x in (tiles, widened))
-    assert err_widened < 0.05 and err_tiles <= 2 * err_widened + 1e-5, (err_tiles, err_widened)
+    widened = run(cpu, torch.bfloat16)
+    ref = run(pyllm.reference.attention, torch.float32)
+    for name, a, w, r in zip(("out", "dq", "dk", "dv"), tiles, widened, ref):
+        assert not torch.equal(a, w), name
+        err_tiles, err_widened = ((x.float() - r).abs().max().item() for x in (a, w))
+        assert err_widened < 0.1 and err_tiles <= 3 * err_widened + 1e-5, (name, err_tiles, err_widened)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

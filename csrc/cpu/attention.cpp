@@ -71,6 +71,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -580,15 +581,15 @@ inline std::vector<int64_t> padded_starts(const Problem& p, int64_t BK) {
 }
 
 // The packed K/V copies of one call, from buffers each calling thread keeps for its next call (slot 0: K,
-// 1: V). A fresh multi-megabyte allocation comes back from the OS as new pages, each a page fault and a zeroed
+// 1: V, 2: the bf16 backward's K^T). A fresh multi-megabyte allocation comes back from the OS as new pages, each a page fault and a zeroed
 // page: perf put 2.8 of the 3.5 ms of a bf16 call (B1 H12 Nq16 Nk1024 D64) there, 2026-11-30. Buffers up to
-// kKeptPackBytes are kept (at most two per thread that runs attention); larger ones are allocated per call,
+// kKeptPackBytes are kept (at most three per dtype per thread that runs attention); larger ones are allocated per call,
 // where the work dwarfs the faults. `storage` holds a buffer that is not kept.
 constexpr int64_t kKeptPackBytes = int64_t(16) << 20;
 
 template <typename T>
 T* pack_buffer(int slot, int64_t n, at::Tensor& storage) {
-  static thread_local at::Tensor kept[2];
+  static thread_local at::Tensor kept[3];
   const auto dtype = c10::CppTypeToScalarType<T>::value;
   at::Tensor& buf = kept[slot];
   if (buf.defined() && buf.scalar_type() == dtype && buf.numel() >= n) return buf.data_ptr<T>();
@@ -779,6 +780,10 @@ inline void configure() {
   _tile_loadconfig(&c);
 }
 
+// Back to the initial tile state, after a thread's tasks: torch's own AMX kernels (oneDNN's brgemm) configure
+// the tiles again when they find them released.
+inline void release() { _tile_release(); }
+
 // NA x NB output tiles C(i, j) = C + (16 i) ldc + 16 j (fp32, row stride ldc bytes), loaded (or zeroed), then
 // C(i, j) += sum over `steps` of A_i B_j, A_i = 16 rows from A + 16 i lda (the step's 64 bytes at s * 64),
 // B_j = 16 rows from B + s 16 ldb, 64 bytes at j * 64 (bf16 pairs); stored back.
@@ -887,55 +892,84 @@ void exp_sum_pairs(const float* ST, int64_t ld, int64_t nk, int64_t nk32, int64_
   }
 }
 
-// Key rows per call: K (rows, Dp) and V^T (Dp, rows) in bf16, zero-padded, for every (batch or sequence, kv head).
-// A sequence's block of rows is its length rounded up to 32, plus 32 rows of zeros: a tile read that starts at any
-// key of the sequence and spans a rounded-up block stays inside (zeros past the end).
-struct Packed {
-  const BFloat16 *k, *vt;
-  int64_t Dp, rows;             // head_dim rounded up to 32; key rows per kv head (all sequences)
-  std::vector<int64_t> start;   // first row of batch / sequence b (B + 1)
-  const BFloat16* K(int64_t b, int64_t g) const { return k + (g * rows + start[b]) * Dp; }
-  const BFloat16* VT(int64_t b, int64_t g) const { return vt + g * Dp * rows + start[b]; }
+// Key rows per call, in bf16, zero-padded, for every (batch or sequence, kv head): rows (Hkv, rows, Dp) or
+// columns (Hkv, Dp, rows), batch / sequence b from row (column) start[b]. A sequence's block is its length rounded
+// up to 32, plus 32 rows of zeros: a tile read that starts at any key of the sequence and spans a rounded-up block
+// stays inside (zeros past the end). The forward uses K rows and V columns; the backward K and V rows, K columns.
+struct KeyLayout {
+  int64_t Dp = 0, rows = 0;    // head_dim rounded up to 32; key rows per kv head (all sequences)
+  std::vector<int64_t> start;  // (B + 1)
+  explicit KeyLayout(const Problem& p) : Dp(round_up(p.D, 32)), start(p.B + 1, 0) {
+    for (int64_t b = 0; b < p.B; ++b) start[b + 1] = start[b] + round_up(len(p, b), 32) + 32;
+    rows = start[p.B];
+  }
+  static int64_t len(const Problem& p, int64_t b) { return p.cu_k ? p.cu_k[b + 1] - p.cu_k[b] : p.Nk; }
+  const BFloat16* row(const BFloat16* base, int64_t b, int64_t g) const { return base + (g * rows + start[b]) * Dp; }
+  const BFloat16* col(const BFloat16* base, int64_t b, int64_t g) const { return base + g * Dp * rows + start[b]; }
 };
 
-Packed pack_kv(const Problem& p, const BFloat16* k, Strides sk, const BFloat16* v, Strides sv, at::Tensor& ks,
-               at::Tensor& vs) {
-  Packed pk;
-  pk.Dp = round_up(p.D, 32);
-  pk.start.assign(p.B + 1, 0);
-  for (int64_t b = 0; b < p.B; ++b) {
-    const int64_t n = p.cu_k ? p.cu_k[b + 1] - p.cu_k[b] : p.Nk;
-    pk.start[b + 1] = pk.start[b] + round_up(n, 32) + 32;
-  }
-  // Layout (Hkv, rows, Dp) for K and (Hkv, Dp, rows) for V^T, batch / sequence b from row (column) start[b].
-  pk.rows = pk.start[p.B];
-  const int64_t Dp = pk.Dp, rows = pk.rows, n_all = p.Hkv * rows * Dp;
-  BFloat16* kd = pack_buffer<BFloat16>(0, n_all, ks);
-  BFloat16* vd = pack_buffer<BFloat16>(1, n_all, vs);
+// x (B, Nk, Hkv, D) or packed (total_k, Hkv, D) into the layout, as rows (transposed = false) or columns.
+BFloat16* pack_keys(const Problem& p, const KeyLayout& L, const BFloat16* x, Strides sx, bool transposed, int slot,
+                    at::Tensor& storage) {
+  const int64_t Dp = L.Dp, rows = L.rows;
+  BFloat16* dst = pack_buffer<BFloat16>(slot, p.Hkv * rows * Dp, storage);
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t % p.Hkv, b = t / p.Hkv;
-      const int64_t span = pk.start[b + 1] - pk.start[b], len = p.cu_k ? p.cu_k[b + 1] - p.cu_k[b] : p.Nk;
-      const BFloat16* ksrc = p.cu_k ? k + g * sk.h + p.cu_k[b] * sk.n : k + b * sk.b + g * sk.h;
-      const BFloat16* vsrc = p.cu_k ? v + g * sv.h + p.cu_k[b] * sv.n : v + b * sv.b + g * sv.h;
-      BFloat16* kdst = kd + (g * rows + pk.start[b]) * Dp;
-      for (int64_t r = 0; r < len; ++r) {
-        std::memcpy(kdst + r * Dp, ksrc + r * sk.n, p.D * sizeof(BFloat16));
-        std::fill(kdst + r * Dp + p.D, kdst + (r + 1) * Dp, BFloat16(0.0f));
+      const int64_t span = L.start[b + 1] - L.start[b], len = KeyLayout::len(p, b);
+      const BFloat16* src = p.cu_k ? x + g * sx.h + p.cu_k[b] * sx.n : x + b * sx.b + g * sx.h;
+      if (!transposed) {
+        BFloat16* d = dst + (g * rows + L.start[b]) * Dp;
+        for (int64_t r = 0; r < len; ++r) {
+          std::memcpy(d + r * Dp, src + r * sx.n, p.D * sizeof(BFloat16));
+          std::fill(d + r * Dp + p.D, d + (r + 1) * Dp, BFloat16(0.0f));
+        }
+        std::fill(d + len * Dp, d + span * Dp, BFloat16(0.0f));
+      } else {
+        BFloat16* d = dst + g * Dp * rows + L.start[b];
+        for (int64_t r0 = 0; r0 < len; r0 += 32)
+          for (int64_t d0 = 0; d0 < p.D; d0 += 32)
+            at::vec::transpose_mxn<BFloat16>(src + r0 * sx.n + d0, sx.n, d + d0 * rows + r0, rows,
+                                              static_cast<int>(std::min<int64_t>(32, len - r0)),
+                                              static_cast<int>(std::min<int64_t>(32, p.D - d0)));
+        for (int64_t c = 0; c < Dp; ++c)
+          std::fill(d + c * rows + (c < p.D ? len : 0), d + c * rows + span, BFloat16(0.0f));
       }
-      std::fill(kdst + len * Dp, kdst + span * Dp, BFloat16(0.0f));
-      BFloat16* vdst = vd + g * Dp * rows + pk.start[b];
-      for (int64_t r0 = 0; r0 < len; r0 += 32)
-        for (int64_t d0 = 0; d0 < p.D; d0 += 32)
-          at::vec::transpose_mxn<BFloat16>(vsrc + r0 * sv.n + d0, sv.n, vdst + d0 * rows + r0, rows,
-                                            static_cast<int>(std::min<int64_t>(32, len - r0)),
-                                            static_cast<int>(std::min<int64_t>(32, p.D - d0)));
-      for (int64_t d = 0; d < Dp; ++d)
-        std::fill(vdst + d * rows + (d < p.D ? len : 0), vdst + d * rows + span, BFloat16(0.0f));
     }
   });
-  pk.k = kd, pk.vt = vd;
-  return pk;
+  return dst;
+}
+
+// mq rows of x (row stride ld, D wide) into Xr (rows_pad, Dp) bf16, zeros elsewhere.
+inline void copy_rows(const BFloat16* x, int64_t ld, int64_t mq, int64_t D, BFloat16* Xr, int64_t Dp,
+                      int64_t rows_pad) {
+  for (int64_t i = 0; i < mq; ++i) {
+    std::memcpy(Xr + i * Dp, x + i * ld, D * sizeof(BFloat16));
+    std::fill(Xr + i * Dp + D, Xr + (i + 1) * Dp, BFloat16(0.0f));
+  }
+  std::fill(Xr + mq * Dp, Xr + rows_pad * Dp, BFloat16(0.0f));
+}
+
+// Xr (rows, Dp) bf16 -> XT (Dp / 2, ldt) pairs along d (the B operand of a product over d): a 32-bit transpose.
+inline void pairs_over_d(const BFloat16* Xr, int64_t rows, int64_t Dp, uint32_t* XT, int64_t ldt) {
+  at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(Xr), Dp / 2, reinterpret_cast<float*>(XT), ldt,
+                                static_cast<int>(rows), static_cast<int>(Dp / 2));
+}
+
+// Xr (rows, Dp) bf16, rows even -> Xv (rows / 2, Dp) pairs of rows (the B operand of a product over rows):
+// Xv[r][d] = (Xr[2r][d], Xr[2r + 1][d]).
+inline void pairs_over_rows(const BFloat16* Xr, int64_t rows, int64_t Dp, uint32_t* Xv) {
+  alignas(64) static const uint16_t lo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                              8,  40, 9,  41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                              24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i ilo = _mm512_load_si512(lo), ihi = _mm512_load_si512(hi);
+  for (int64_t r = 0; r + 1 < rows; r += 2)
+    for (int64_t d = 0; d < Dp; d += 32) {
+      const __m512i a = _mm512_loadu_si512(Xr + r * Dp + d), b = _mm512_loadu_si512(Xr + (r + 1) * Dp + d);
+      _mm512_storeu_si512(Xv + (r / 2) * Dp + d, _mm512_permutex2var_epi16(a, ilo, b));
+      _mm512_storeu_si512(Xv + (r / 2) * Dp + d + 16, _mm512_permutex2var_epi16(a, ihi, b));
+    }
 }
 
 void fwd_bf16(const Problem& p, const BFloat16* q, Strides sq, const BFloat16* k, Strides sk, const BFloat16* v,
@@ -948,8 +982,10 @@ void fwd_bf16(const Problem& p, const BFloat16* q, Strides sq, const BFloat16* k
   const int64_t BK = std::min<int64_t>(kAmxBlockK, std::max<int64_t>(32, round_up(p.Nk, 32)));
   const int64_t nqb = (p.Nq + BQ - 1) / BQ;
   at::Tensor ks, vs;
-  const Packed pk = pack_kv(p, k, sk, v, sv, ks, vs);
-  const int64_t Dp = pk.Dp, rows = pk.rows;
+  const KeyLayout L(p);
+  const BFloat16* Kp = pack_keys(p, L, k, sk, false, 0, ks);
+  const BFloat16* VTp = pack_keys(p, L, v, sv, true, 1, vs);
+  const int64_t Dp = L.Dp, rows = L.rows;
   const float scale = static_cast<float>(p.scale);
   // Without score modifications and with a positive scale, max(scale s) = scale max(s): the scale is folded into
   // the exponent (exp(scale s - m), one FMA) instead of a pass over the tile. s_exp: the exponent's factor.
@@ -975,19 +1011,13 @@ void fwd_bf16(const Problem& p, const BFloat16* q, Strides sq, const BFloat16* k
       const bool* mk = p.mask ? p.mask + b * p.Nk : nullptr;
       const int64_t kend = ps.key_end(q0 + mq - 1), kstart = ps.key_start(q0);
       // Q^T as pairs: the query rows, zero-padded to (mqp, Dp), transposed as 32-bit words.
-      const BFloat16* qsrc = q + b * sq.b + h * sq.h + (ps.qr0 + q0) * sq.n;
-      for (int64_t i = 0; i < mq; ++i) {
-        std::memcpy(Qr + i * Dp, qsrc + i * sq.n, D * sizeof(BFloat16));
-        std::fill(Qr + i * Dp + D, Qr + (i + 1) * Dp, BFloat16(0.0f));
-      }
-      std::fill(Qr + mq * Dp, Qr + mqp * Dp, BFloat16(0.0f));
-      at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(Qr), Dp / 2, reinterpret_cast<float*>(QT), BQ,
-                                    static_cast<int>(mqp), static_cast<int>(Dp / 2));
+      copy_rows(q + b * sq.b + h * sq.h + (ps.qr0 + q0) * sq.n, sq.n, mq, D, Qr, Dp, mqp);
+      pairs_over_d(Qr, mqp, Dp, QT, BQ);
       std::fill(m, m + BQ, ninf);
       std::fill(l, l + BQ, 0.0f);
       std::fill(OT, OT + Dp * BQ, 0.0f);
-      const BFloat16* Kg = pk.K(b, g);
-      const BFloat16* VTg = pk.VT(b, g);
+      const BFloat16* Kg = L.row(Kp, b, g);
+      const BFloat16* VTg = L.col(VTp, b, g);
       for (int64_t k0 = kstart; k0 < kend; k0 += BK) {
         const int64_t nk = std::min(BK, kend - k0);
         const int mstat = mask_status(mk ? mk + k0 : nullptr, nk);
@@ -1048,9 +1078,176 @@ void fwd_bf16(const Problem& p, const BFloat16* q, Strides sq, const BFloat16* k
         lse[b * p.lse_sb + h * p.lse_sh + ps.qr0 + q0 + i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : ninf;
       }
     }
-    _tile_release();
+    release();
   };
   run_fwd_tasks(p, BQ, nqb, work);
+}
+
+// The bf16 backward of one query block (rows q0 .. q0 + mq of head h) on AMX tiles; bwd_kernel runs the tasks,
+// owns the dK/dV accumulators and sums them. Its math in five products:
+//   S^T = K Q^T, P^T = exp(scale S^T - lse)   (fp32; A: K rows, B: Q^T as pairs along d)
+//   dV += P^T dO                              (A: P^T rows in bf16, B: dO as pairs of query rows)
+//   dP^T = V dO^T                             (A: V rows, B: dO^T as pairs along d)
+//   dS^T = P^T (dP^T - delta)                 (fp32), then scale dS^T rounded to bf16, as rows and as key pairs
+//   dK += scale dS^T Q                        (A: dS^T rows, B: Q as pairs of query rows)
+//   dQ^T += scale K^T dS^T                    (A: K^T rows, B: dS^T as pairs of key rows; kept transposed)
+// P and dS are rounded to bf16 for their products (SDPA's bf16 backward does the same); softmax, delta, dS and the
+// accumulators stay fp32. A key block's dK and dV are formed in scratch and added to the accumulators' nk rows: a
+// tile writes 16 rows, and the rows after this block's may belong to another task.
+struct BwdKeys {
+  const BFloat16 *k = nullptr, *v = nullptr, *kt = nullptr;  // K rows, V rows, K columns (KeyLayout)
+  const KeyLayout* L = nullptr;
+};
+
+struct BwdScratch {
+  BwdScratch(int64_t BQ, int64_t BK, int64_t Dp)
+      : BQ32(round_up(BQ, 32)), qr(BQ32 * Dp), dor(BQ32 * Dp), qt(Dp / 2 * BQ), dot(Dp / 2 * BQ), qv(BQ32 / 2 * Dp),
+        dov(BQ32 / 2 * Dp), pt(BK * BQ), dpt(BK * BQ), tt(BK * BQ), z(BK * BQ), pz(BK * BQ), pb(BK * BQ32),
+        sb(BK * BQ32), sp(BK / 2 * BQ), dkl(BK * Dp), dvl(BK * Dp), dqt(Dp * BQ), dqr(BQ * Dp), delta(BQ), L(BQ),
+        w1(Dp), w2(Dp) {}
+  int64_t BQ32;
+  Scratch<BFloat16> qr, dor;
+  Scratch<uint32_t> qt, dot, qv, dov;
+  Scratch<float> pt, dpt, tt, z, pz;
+  Scratch<BFloat16> pb, sb;
+  Scratch<uint32_t> sp;
+  Scratch<float> dkl, dvl, dqt, dqr, delta, L, w1, w2;
+};
+
+// dst[j][i] (row stride ldd) = bf16(src[j][i]) for j < nk, i < mqp; zeros for i in [mqp, mq32).
+inline void rows_to_bf16(const float* src, int64_t lds, int64_t nk, int64_t mqp, int64_t mq32, BFloat16* dst,
+                         int64_t ldd) {
+  for (int64_t j = 0; j < nk; ++j) {
+    for (int64_t i = 0; i < mqp; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j * ldd + i),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + j * lds + i)));
+    std::fill(dst + j * ldd + mqp, dst + j * ldd + mq32, BFloat16(0.0f));
+  }
+}
+
+// P^T[j][i] = exp(s S^T[j][i] - L[i]) in place for j < nk, i < mqp (exp2_for_bf16: P goes to bf16 for its products,
+// and into dS = P (dP - delta) in fp32, whose result goes to bf16 too).
+inline void exp_rows(float* PT, int64_t ld, int64_t nk, int64_t mqp, float s, const float* L) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  const __m512 vs = _mm512_set1_ps(s * kLog2e);
+  for (int64_t i = 0; i < mqp; i += 16) {
+    const __m512 l = _mm512_mul_ps(_mm512_loadu_ps(L + i), _mm512_set1_ps(kLog2e));
+    for (int64_t j = 0; j < nk; ++j)
+      _mm512_storeu_ps(PT + j * ld + i, exp2_for_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(PT + j * ld + i), vs, l)));
+  }
+}
+
+// acc[j][:] += part[j][:] for j < nk (Dp columns; acc rows ldacc apart).
+inline void add_rows(const float* part, int64_t nk, int64_t Dp, float* acc, int64_t ldacc) {
+  for (int64_t j = 0; j < nk; ++j)
+    for (int64_t d = 0; d < Dp; d += 16)
+      _mm512_storeu_ps(acc + j * ldacc + d,
+                       _mm512_add_ps(_mm512_loadu_ps(acc + j * ldacc + d), _mm512_loadu_ps(part + j * Dp + d)));
+}
+
+void bwd_block(const Problem& p, const Problem& ps, int64_t b, int64_t h, int64_t g, int64_t q0, int64_t mq,
+               int64_t BQ, int64_t BK, const BFloat16* Qs, int64_t ldq, const BFloat16* dOs, int64_t lddo,
+               const BFloat16* Os, int64_t ldo, const float* lse_rows, const BwdKeys& keys, float* dK, float* dV,
+               int64_t ldkv, BFloat16* dq_rows, int64_t ld_dq, BwdScratch& s) {
+  constexpr float ninf = -std::numeric_limits<float>::infinity(), pinf = std::numeric_limits<float>::infinity();
+  using V = Vectorized<float>;
+  const int64_t D = p.D, Dp = keys.L->Dp, rows = keys.L->rows, BQ32 = s.BQ32;
+  const int64_t mqp = round_up(mq, 16), mq32 = round_up(mq, 32);
+  const int64_t kend = ps.key_end(q0 + mq - 1), kstart = ps.key_start(q0);
+  const bool* mk = p.mask ? p.mask + b * p.Nk : nullptr;
+  const float scale = static_cast<float>(p.scale);
+  const bool capped = p.f.softcap > 0, dropping = p.f.drop_threshold != 0;
+  float* dbias = static_cast<float*>(p.f.dbias);
+  float *PT = s.pt.ptr, *dPT = s.dpt.ptr, *TT = s.tt.ptr, *Z = s.z.ptr, *PZ = s.pz.ptr, *dQT = s.dqt.ptr;
+  float *delta = s.delta.ptr, *L = s.L.ptr;
+  copy_rows(Qs, ldq, mq, D, s.qr.ptr, Dp, mq32);
+  copy_rows(dOs, lddo, mq, D, s.dor.ptr, Dp, mq32);
+  pairs_over_d(s.qr.ptr, mqp, Dp, s.qt.ptr, BQ);
+  pairs_over_d(s.dor.ptr, mqp, Dp, s.dot.ptr, BQ);
+  pairs_over_rows(s.qr.ptr, mq32, Dp, s.qv.ptr);
+  pairs_over_rows(s.dor.ptr, mq32, Dp, s.dov.ptr);
+  std::fill(s.w1.ptr, s.w1.ptr + Dp, 0.0f);
+  std::fill(s.w2.ptr, s.w2.ptr + Dp, 0.0f);
+  for (int64_t i = 0; i < BQ; ++i) {  // delta = rowsum(dO * O); L = +inf makes P = 0
+    float sum = 0.0f;
+    if (i < mq) {
+      at::vec::convert(s.dor.ptr + i * Dp, s.w1.ptr, D);
+      at::vec::convert(Os + i * ldo, s.w2.ptr, D);
+      V acc(0.0f);
+      for (int64_t d = 0; d < Dp; d += V::size()) acc = at::vec::fmadd(V::loadu(s.w1.ptr + d), V::loadu(s.w2.ptr + d), acc);
+      sum = at::vec::vec_reduce_all<float>([](V& x, V& y) { return x + y; }, acc);
+    }
+    delta[i] = sum;
+    const float li = i < mq ? lse_rows[i] : ninf;
+    L[i] = li == ninf ? pinf : li;
+  }
+  std::fill(dQT, dQT + Dp * BQ, 0.0f);
+  const BFloat16 *Kg = keys.L->row(keys.k, b, g), *Vg = keys.L->row(keys.v, b, g), *KTg = keys.L->col(keys.kt, b, g);
+  auto cp = [](const void* x) { return reinterpret_cast<const char*>(x); };
+  auto mp = [](void* x) { return reinterpret_cast<char*>(x); };
+  for (int64_t k0 = kstart; k0 < kend; k0 += BK) {
+    const int64_t nk = std::min(BK, kend - k0), nk16 = round_up(nk, 16), nk32 = round_up(nk, 32);
+    const int mstat = mask_status(mk ? mk + k0 : nullptr, nk);
+    if (mstat == 0) continue;
+    tile_product(nk16 / 16, mqp / 16, Dp / 32, cp(Kg + k0 * Dp), Dp * 2, cp(s.qt.ptr), BQ * 4, mp(PT), BQ * 4, false);
+    if (p.f.modifies_scores()) {  // they take scaled scores
+      for (int64_t j = 0; j < nk; ++j) scale_row(PT + j * BQ, mqp, scale);
+      modify_scores<float>(ps, PT, capped ? TT : nullptr, BQ, b, h, q0, mq, k0, nk);
+    }
+    if (mstat == 2 || p.windowed()) mask_block(ps, PT, BQ, q0, mq, k0, nk, mk, mstat);
+    exp_rows(PT, BQ, nk, mqp, p.f.modifies_scores() ? 1.0f : scale, L);  // P^T = exp(S^T - lse)
+    const float* PV = PT;  // the probabilities that multiplied V: P, or P Z under dropout
+    if (dropping) {
+      std::copy(PT, PT + nk * BQ, PZ);
+      dropout_tile<float>(ps, PZ, Z, BQ, b, h, q0, mq, k0, nk);
+      PV = PZ;
+    }
+    // dV += P^T dO
+    rows_to_bf16(PV, BQ, nk, mqp, mq32, s.pb.ptr, BQ32);
+    tile_product(nk16 / 16, Dp / 16, mq32 / 32, cp(s.pb.ptr), BQ32 * 2, cp(s.dov.ptr), Dp * 4, mp(s.dvl.ptr), Dp * 4,
+                 false);
+    add_rows(s.dvl.ptr, nk, Dp, dV + k0 * ldkv, ldkv);
+    // dP^T = V dO^T; dS^T = P^T (dP^T - delta)
+    tile_product(nk16 / 16, mqp / 16, Dp / 32, cp(Vg + k0 * Dp), Dp * 2, cp(s.dot.ptr), BQ * 4, mp(dPT), BQ * 4,
+                 false);
+    if (dropping)
+      for (int64_t j = 0; j < nk; ++j)  // dP of the undropped P = Z dP
+        at::vec::map2([](V x, V zz) { return x * zz; }, dPT + j * BQ, dPT + j * BQ, Z + j * BQ, mqp);
+    for (int64_t j = 0; j < nk; ++j)
+      at::vec::map3([](V pp, V dpp, V dl) { return pp * (dpp - dl); }, dPT + j * BQ, PT + j * BQ, dPT + j * BQ,
+                    delta, mqp);
+    if (dbias)  // the bias enters the score unscaled: its gradient is dS (row by row of the buffer)
+      for (int64_t i = 0; i < mq; ++i) {
+        float* db = dbias + b * p.f.dbias_sb + ((h * p.Nq) + q0 + i) * p.Nk + k0;
+        for (int64_t j = 0; j < nk; ++j) db[j] += dPT[j * BQ + i];
+      }
+    if (capped)  // through s = cap * tanh(s0 / cap): ds0 = ds * (1 - tanh^2)
+      for (int64_t j = 0; j < nk; ++j)
+        at::vec::map2([](V d, V t) { return d * (V(1.0f) - t * t); }, dPT + j * BQ, dPT + j * BQ, TT + j * BQ, mq);
+    // scale dS^T in bf16: rows (for dK) and pairs of key rows (for dQ^T); rows from nk on are zero
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int64_t j = 0; j < nk32; j += 2)
+      for (int64_t i = 0; i < mqp; i += 16) {
+        const __m512 a = j < nk ? _mm512_mul_ps(_mm512_loadu_ps(dPT + j * BQ + i), vs) : _mm512_setzero_ps();
+        const __m512 c = j + 1 < nk ? _mm512_mul_ps(_mm512_loadu_ps(dPT + (j + 1) * BQ + i), vs) : _mm512_setzero_ps();
+        _mm512_storeu_si512(s.sp.ptr + (j / 2) * BQ + i, pair_rows(a, c));
+        if (j < nk16) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.sb.ptr + j * BQ32 + i), (__m256i)_mm512_cvtneps_pbh(a));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.sb.ptr + (j + 1) * BQ32 + i),
+                              (__m256i)_mm512_cvtneps_pbh(c));
+        }
+      }
+    if (mqp < mq32)
+      for (int64_t j = 0; j < nk16; ++j) std::fill(s.sb.ptr + j * BQ32 + mqp, s.sb.ptr + j * BQ32 + mq32, BFloat16(0.0f));
+    // dK += scale dS^T Q;  dQ^T += scale K^T dS^T
+    tile_product(nk16 / 16, Dp / 16, mq32 / 32, cp(s.sb.ptr), BQ32 * 2, cp(s.qv.ptr), Dp * 4, mp(s.dkl.ptr), Dp * 4,
+                 false);
+    add_rows(s.dkl.ptr, nk, Dp, dK + k0 * ldkv, ldkv);
+    tile_product(Dp / 16, mqp / 16, nk32 / 32, cp(KTg + k0), rows * 2, cp(s.sp.ptr), BQ * 4, mp(dQT), BQ * 4, true);
+  }
+  // dq rows: dQ^T transposed, converted
+  at::vec::transpose_mxn<float>(dQT, BQ, s.dqr.ptr, Dp, static_cast<int>(D), static_cast<int>(mq));
+  for (int64_t i = 0; i < mq; ++i) at::vec::convert(s.dqr.ptr + i * Dp, dq_rows + i * ld_dq, D);
 }
 
 }  // namespace amx
@@ -1095,9 +1292,25 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
   const Blocks bl = make_blocks(p, kBwdBlockQ, kBwdBlockK, W);
   const int64_t BQ = bl.BQ, BK = bl.BK, Dp = bl.Dp, Nkp = bl.nkb * BK;
   const std::vector<int64_t> kp0 = p.cu_k ? padded_starts(p, BK) : std::vector<int64_t>();
+  // bf16 on a CPU with AMX: each query block goes to amx::bwd_block, with bf16 K, V and K^T packed once here
+  // (the fp32 copies are not made).
+  const bool tiles = std::is_same_v<S, at::BFloat16> && use_amx(p);
   at::Tensor k_store, v_store;
-  const Rows<T> Kr = kv_rows<S, T>(p, bl, k, st.sk, k_store, kp0, 0),
-                Vr = kv_rows<S, T>(p, bl, v, st.sv, v_store, kp0, 1);
+  const Rows<T> Kr = tiles ? Rows<T>{} : kv_rows<S, T>(p, bl, k, st.sk, k_store, kp0, 0),
+                Vr = tiles ? Rows<T>{} : kv_rows<S, T>(p, bl, v, st.sv, v_store, kp0, 1);
+#if PYLLM_ATTENTION_AMX
+  std::optional<amx::KeyLayout> layout;
+  at::Tensor kt_store;
+  amx::BwdKeys keys;
+  const int64_t BKa = std::min<int64_t>(kBwdBlockK, std::max<int64_t>(32, round_up(p.Nk, 32)));
+  if constexpr (std::is_same_v<S, at::BFloat16>) {
+    if (tiles) {
+      layout.emplace(p);
+      keys = {amx::pack_keys(p, *layout, k, st.sk, false, 0, k_store), amx::pack_keys(p, *layout, v, st.sv, false, 1, v_store),
+              amx::pack_keys(p, *layout, k, st.sk, true, 2, kt_store), &*layout};
+    }
+  }
+#endif
   // dK, dV accumulators: the outputs themselves when they can be (fp32/fp64, aligned head_dim, one
   // task per kv head), else (B * Hkv * nsplit, 2, Nkp, Dp), summed over splits in order at the end
   // (packed sequences: (Hkv, nsplit, 2, kp0[B], Dp), sequence b from row kp0[b]).
@@ -1128,6 +1341,13 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
     std::fill(Or, Or + Dp, T(0));
     const bool capped = p.f.softcap > 0, dropping = p.f.drop_threshold != 0;
     T* dbias = static_cast<T*>(p.f.dbias);
+#if PYLLM_ATTENTION_AMX
+    std::optional<amx::BwdScratch> tile_scratch;
+    if (tiles) {
+      tile_scratch.emplace(BQ, BKa, layout->Dp);
+      amx::configure();
+    }
+#endif
     for (int64_t task; (task = next()) >= 0;)
       for (int64_t bi = 0; bi < (batch_inner ? p.B : 1); ++bi) {
       const int64_t c = task % nsplit, g = (task / nsplit) % p.Hkv, b = batch_inner ? bi : task / (nsplit * p.Hkv);
@@ -1154,6 +1374,16 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
           const S* Qs = q + b * st.sq.b + h * st.sq.h + r0 * st.sq.n;
           const S* dOs = dout + b * st.sdo.b + h * st.sdo.h + r0 * st.sdo.n;
           const S* Os = out + b * st.so.b + h * st.so.h + r0 * st.so.n;
+#if PYLLM_ATTENTION_AMX
+          if constexpr (std::is_same_v<S, at::BFloat16>) {
+            if (tiles) {
+              amx::bwd_block(p, ps, b, h, g, q0, mq, BQ, BKa, Qs, st.sq.n, dOs, st.sdo.n, Os, st.so.n,
+                             lse + b * p.lse_sb + h * p.lse_sh + r0, keys, dK, dV, ldkv,
+                             dq + ((ps.qg0 + q0) * p.Hq + h) * D, p.Hq * D, *tile_scratch);
+              continue;
+            }
+          }
+#endif
           pack_rows(Qs, st.sq.n, mq, D, Qp, Dp, mq);
           pack_rows(dOs, st.sdo.n, mq, D, dOp, Dp, mq);
           pack_transposed(Qs, st.sq.n, mq, D, QT, BQ);
@@ -1220,6 +1450,9 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
         }
       }
     }
+#if PYLLM_ATTENTION_AMX
+    if (tiles) amx::release();
+#endif
   };
   if (p.cu_q == nullptr) {  // padded: contiguous ranges of tasks
     at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
@@ -1244,6 +1477,7 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
   // dk[b, n, g, :] = sum over splits c, in order, of the task accumulators; same for dv.
   const int64_t nrows = p.cu_k ? p.cu_k[p.B] : p.B * p.Nk;  // key rows (b, n), packed or not
   at::parallel_for(0, nrows * p.Hkv, 64, [&](int64_t begin, int64_t end) {
+    Scratch<T> sum_row(2 * Dp);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = i % p.Hkv, r = i / p.Hkv;
       const int64_t b = p.cu_k ? std::upper_bound(p.cu_k, p.cu_k + p.B + 1, r) - p.cu_k - 1 : r / p.Nk;
@@ -1251,14 +1485,28 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
       S* dk_row = dk + (r * p.Hkv + g) * D;
       S* dv_row = dv + (r * p.Hkv + g) * D;
       const T* a0 = acc_at(acc, b, g, 0) + n * Dp;
-      for (int64_t d = 0; d < D; ++d) {
-        T sk = 0, sv = 0;
-        for (int64_t c = 0; c < nsplit; ++c) {
-          sk += a0[c * 2 * acc_rows * Dp + d];
-          sv += a0[c * 2 * acc_rows * Dp + acc_rows * Dp + d];
+      if constexpr (std::is_same_v<T, float>) {  // by vector: the splits' rows summed in order into sk, sv
+        T* sk = sum_row.ptr;
+        T* sv = sum_row.ptr + Dp;
+        std::copy(a0, a0 + Dp, sk);
+        std::copy(a0 + acc_rows * Dp, a0 + acc_rows * Dp + Dp, sv);
+        for (int64_t c = 1; c < nsplit; ++c) {
+          const T* ac = a0 + c * 2 * acc_rows * Dp;
+          at::vec::map2([](V x, V y) { return x + y; }, sk, sk, ac, Dp);
+          at::vec::map2([](V x, V y) { return x + y; }, sv, sv, ac + acc_rows * Dp, Dp);
         }
-        dk_row[d] = static_cast<S>(sk);
-        dv_row[d] = static_cast<S>(sv);
+        at::vec::convert(sk, dk_row, D);
+        at::vec::convert(sv, dv_row, D);
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          T sk = 0, sv = 0;
+          for (int64_t c = 0; c < nsplit; ++c) {
+            sk += a0[c * 2 * acc_rows * Dp + d];
+            sv += a0[c * 2 * acc_rows * Dp + acc_rows * Dp + d];
+          }
+          dk_row[d] = static_cast<S>(sk);
+          dv_row[d] = static_cast<S>(sv);
+        }
       }
     }
   });
