@@ -41,9 +41,9 @@
 //
 // Tile products run in a register-blocked at::vec micro-kernel (6 x 64 fp32 outputs per step, FMA);
 // fp16/bf16 tiles are converted to fp32 once, when packed, and all math runs in fp32 (fp64 for
-// double inputs, which gradcheck uses). Except the bf16 forward on a CPU with AMX (Sapphire Rapids on): its
-// two products run on the tile unit in bf16 with fp32 accumulation, the softmax in fp32 (see "bf16 forward on
-// AMX tiles" below; PYLLM_CPU_AMX=0 turns it off).
+// double inputs, which gradcheck uses). Except bf16 on a CPU with AMX (Sapphire Rapids on): the forward's two
+// products and the backward's five run on the tile unit in bf16 with fp32 accumulation, the softmax and dS in
+// fp32 (see "bf16 on AMX tiles" below; PYLLM_CPU_AMX=0 turns it off).
 
 // Use the widest at::vec implementation this compilation targets (before any ATen include).
 #include "vec_capability.h"
@@ -733,9 +733,10 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
 }
 
 // ---------------------------------------------------------------------------------------------
-// bf16 forward on AMX tiles (Intel Sapphire Rapids and later). The fp32 path above widens bf16 K/V to fp32 and
-// multiplies with FMA; here both products run on the tile unit, bf16 x bf16 products accumulated in fp32
-// (TDPBF16PS), which is what torch's own bf16 SDPA does on these CPUs. Per task (b, h, query block):
+// bf16 on AMX tiles (Intel Sapphire Rapids and later). The fp32 path above widens bf16 K/V to fp32 and
+// multiplies with FMA; here the products run on the tile unit, bf16 x bf16 products accumulated in fp32
+// (TDPBF16PS), which is what torch's own bf16 SDPA does on these CPUs. The backward: bwd_block below. The
+// forward, per task (b, h, query block):
 //
 //   S^T (keys, queries) = K Q^T     A: K rows (bf16, packed once per call), B: Q^T as bf16 pairs (VNNI)
 //   online softmax down the columns of S^T in fp32 (the same helpers, masks, score modifications and dropout)
@@ -1254,7 +1255,7 @@ void bwd_block(const Problem& p, const Problem& ps, int64_t b, int64_t h, int64_
 #pragma GCC pop_options
 #endif
 
-// Whether the bf16 forward runs on AMX: the CPU has the instructions, Linux grants this process the tile state
+// Whether bf16 attention (forward and backward) runs on AMX: the CPU has the instructions, Linux grants this process the tile state
 // (once), and PYLLM_CPU_AMX is not 0. fp16 and fp32 always take the fp32 path (AMX-FP16 is a later generation).
 bool use_amx(const Problem& p) {
 #if PYLLM_ATTENTION_AMX
