@@ -476,6 +476,31 @@ void modify_scores(const Problem& p, T* ST, T* TT, int64_t ld, int64_t b, int64_
     }
 }
 
+// The backward's score gradient on a transposed tile (nk keys x mq queries, padded to mqp; row stride ld), in
+// place of dP^T:
+//   dS^T = P^T * (Z dP^T - delta)   (Z: the dropout scales, or nullptr)
+// then the bias gradient (dS: the bias enters the score unscaled; accumulated row by row of its buffer) and, with
+// softcap (TT = tanh(s / cap), or nullptr), ds0 = ds * (1 - tanh^2).
+template <typename T>
+void score_gradient(const Problem& p, T* dPT, const T* PT, const T* Z, const T* TT, const T* delta, T* dbias,
+                    int64_t ld, int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t mqp, int64_t k0, int64_t nk) {
+  using V = Vectorized<T>;
+  if (Z)
+    for (int64_t j = 0; j < nk; ++j)  // dP of the undropped P = Z dP
+      at::vec::map2([](V a, V z) { return a * z; }, dPT + j * ld, dPT + j * ld, Z + j * ld, mqp);
+  for (int64_t j = 0; j < nk; ++j)
+    at::vec::map3([](V pp, V dpp, V dl) { return pp * (dpp - dl); }, dPT + j * ld, PT + j * ld, dPT + j * ld, delta,
+                  mqp);
+  if (dbias)
+    for (int64_t i = 0; i < mq; ++i) {
+      T* db = dbias + b * p.f.dbias_sb + ((h * p.Nq) + q0 + i) * p.Nk + k0;
+      for (int64_t j = 0; j < nk; ++j) db[j] += dPT[j * ld + i];
+    }
+  if (TT)  // through s = cap * tanh(s0 / cap)
+    for (int64_t j = 0; j < nk; ++j)
+      at::vec::map2([](V d, V t) { return d * (V(T(1)) - t * t); }, dPT + j * ld, dPT + j * ld, TT + j * ld, mq);
+}
+
 // Key-block status under the padding mask: 0 = all padding (skip), 1 = all real, 2 = mixed.
 inline int mask_status(const bool* m, int64_t n) {
   if (m == nullptr) return 1;
@@ -1211,20 +1236,8 @@ void bwd_block(const Problem& p, const Problem& ps, int64_t b, int64_t h, int64_
     // dP^T = V dO^T; dS^T = P^T (dP^T - delta)
     tile_product(nk16 / 16, mqp / 16, Dp / 32, cp(Vg + k0 * Dp), Dp * 2, cp(s.dot.ptr), BQ * 4, mp(dPT), BQ * 4,
                  false);
-    if (dropping)
-      for (int64_t j = 0; j < nk; ++j)  // dP of the undropped P = Z dP
-        at::vec::map2([](V x, V zz) { return x * zz; }, dPT + j * BQ, dPT + j * BQ, Z + j * BQ, mqp);
-    for (int64_t j = 0; j < nk; ++j)
-      at::vec::map3([](V pp, V dpp, V dl) { return pp * (dpp - dl); }, dPT + j * BQ, PT + j * BQ, dPT + j * BQ,
-                    delta, mqp);
-    if (dbias)  // the bias enters the score unscaled: its gradient is dS (row by row of the buffer)
-      for (int64_t i = 0; i < mq; ++i) {
-        float* db = dbias + b * p.f.dbias_sb + ((h * p.Nq) + q0 + i) * p.Nk + k0;
-        for (int64_t j = 0; j < nk; ++j) db[j] += dPT[j * BQ + i];
-      }
-    if (capped)  // through s = cap * tanh(s0 / cap): ds0 = ds * (1 - tanh^2)
-      for (int64_t j = 0; j < nk; ++j)
-        at::vec::map2([](V d, V t) { return d * (V(1.0f) - t * t); }, dPT + j * BQ, dPT + j * BQ, TT + j * BQ, mq);
+    score_gradient<float>(p, dPT, PT, dropping ? Z : nullptr, capped ? TT : nullptr, delta, dbias, BQ, b, h, q0, mq,
+                          mqp, k0, nk);
     // scale dS^T in bf16: rows (for dK) and pairs of key rows (for dQ^T); rows from nk on are zero
     const __m512 vs = _mm512_set1_ps(scale);
     for (int64_t j = 0; j < nk32; j += 2)
@@ -1421,21 +1434,8 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
             // dV += P^T dO (nk, Dp);  dP^T = V dO^T (nk, mqp)
             matmul<T>(nk, Dp, mq, PV, BQ, 1, dOp, Dp, dV + k0 * ldkv, ldkv, T(1), true);
             matmul<T>(nk, mqp, D, Vr.at(b, g, k0), Vr.ld, 1, dOT, BQ, dPT, BQ, T(1), false);
-            if (dropping)
-              for (int64_t j = 0; j < nk; ++j)  // dP of the undropped P = Z dP
-                at::vec::map2([](V a, V z) { return a * z; }, dPT + j * BQ, dPT + j * BQ, Z + j * BQ, mqp);
-            for (int64_t j = 0; j < nk; ++j)  // dS^T = P^T * (dP^T - delta), into dPT
-              at::vec::map3([](V pp, V dpp, V dl) { return pp * (dpp - dl); }, dPT + j * BQ, PT + j * BQ,
-                            dPT + j * BQ, delta, mqp);
-            if (dbias)  // the bias enters the score unscaled: its gradient is dS (row by row of the buffer)
-              for (int64_t i = 0; i < mq; ++i) {
-                T* db = dbias + b * p.f.dbias_sb + ((h * p.Nq) + q0 + i) * p.Nk + k0;
-                for (int64_t j = 0; j < nk; ++j) db[j] += dPT[j * BQ + i];
-              }
-            if (capped)  // through s = cap * tanh(s0 / cap): ds0 = ds * (1 - tanh^2)
-              for (int64_t j = 0; j < nk; ++j)
-                at::vec::map2([](V d, V t) { return d * (V(T(1)) - t * t); }, dPT + j * BQ, dPT + j * BQ,
-                              TT + j * BQ, mq);
+            score_gradient<T>(p, dPT, PT, dropping ? Z : nullptr, capped ? TT : nullptr, delta, dbias, BQ, b, h, q0,
+                              mq, mqp, k0, nk);
             // dQ += scale dS K (mq, Dp), dS read transposed;  dK += scale dS^T Q (nk, Dp)
             matmul<T>(mq, Dp, nk, dPT, 1, BQ, Kb, Kr.ld, dQ, Dp, scale, true);
             matmul<T>(nk, Dp, mq, dPT, BQ, 1, Qp, Dp, dK + k0 * ldkv, ldkv, scale, true);
