@@ -799,11 +799,17 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Every tile 16 rows x 64 bytes. The configuration is per thread: each worker loads it before its tasks.
+// Every tile 16 rows x 64 bytes. The configuration is per thread: each worker loads it before its tasks. It lives
+// in static memory: GCC 12's _tile_loadconfig tells the compiler it reads 8 bytes, so the stores that fill a local
+// configuration could be dropped as dead (an x86-64-v3 build did: the next tile instruction faulted, #UD).
 inline void configure() {
-  TileConfig c;
-  for (int i = 0; i < 8; ++i) c.colsb[i] = 64, c.rows[i] = 16;
-  _tile_loadconfig(&c);
+  static const TileConfig config = [] {
+    TileConfig c;
+    for (int i = 0; i < 8; ++i) c.colsb[i] = 64, c.rows[i] = 16;
+    return c;
+  }();
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
 }
 
 // Back to the initial tile state, after a thread's tasks: torch's own AMX kernels (oneDNN's brgemm) configure
@@ -1163,12 +1169,15 @@ inline void exp_rows(float* PT, int64_t ld, int64_t nk, int64_t mqp, float s, co
   }
 }
 
-// acc[j][:] += part[j][:] for j < nk (Dp columns; acc rows ldacc apart).
-inline void add_rows(const float* part, int64_t nk, int64_t Dp, float* acc, int64_t ldacc) {
+// acc[j][0, D) += part[j][0, D) for j < nk (part rows Dp apart, acc rows ldacc apart; acc rows may be narrower
+// than Dp, so nothing past column D is touched).
+inline void add_rows(const float* part, int64_t nk, int64_t D, int64_t Dp, float* acc, int64_t ldacc) {
   for (int64_t j = 0; j < nk; ++j)
-    for (int64_t d = 0; d < Dp; d += 16)
-      _mm512_storeu_ps(acc + j * ldacc + d,
-                       _mm512_add_ps(_mm512_loadu_ps(acc + j * ldacc + d), _mm512_loadu_ps(part + j * Dp + d)));
+    for (int64_t d = 0; d < D; d += 16) {
+      const __mmask16 m = D - d >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (D - d)) - 1);
+      float* a = acc + j * ldacc + d;
+      _mm512_mask_storeu_ps(a, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a), _mm512_maskz_loadu_ps(m, part + j * Dp + d)));
+    }
 }
 
 void bwd_block(const Problem& p, const Problem& ps, int64_t b, int64_t h, int64_t g, int64_t q0, int64_t mq,
@@ -1232,7 +1241,7 @@ void bwd_block(const Problem& p, const Problem& ps, int64_t b, int64_t h, int64_
     rows_to_bf16(PV, BQ, nk, mqp, mq32, s.pb.ptr, BQ32);
     tile_product(nk16 / 16, Dp / 16, mq32 / 32, cp(s.pb.ptr), BQ32 * 2, cp(s.dov.ptr), Dp * 4, mp(s.dvl.ptr), Dp * 4,
                  false);
-    add_rows(s.dvl.ptr, nk, Dp, dV + k0 * ldkv, ldkv);
+    add_rows(s.dvl.ptr, nk, D, Dp, dV + k0 * ldkv, ldkv);
     // dP^T = V dO^T; dS^T = P^T (dP^T - delta)
     tile_product(nk16 / 16, mqp / 16, Dp / 32, cp(Vg + k0 * Dp), Dp * 2, cp(s.dot.ptr), BQ * 4, mp(dPT), BQ * 4,
                  false);
@@ -1256,7 +1265,7 @@ void bwd_block(const Problem& p, const Problem& ps, int64_t b, int64_t h, int64_
     // dK += scale dS^T Q;  dQ^T += scale K^T dS^T
     tile_product(nk16 / 16, Dp / 16, mq32 / 32, cp(s.sb.ptr), BQ32 * 2, cp(s.qv.ptr), Dp * 4, mp(s.dkl.ptr), Dp * 4,
                  false);
-    add_rows(s.dkl.ptr, nk, Dp, dK + k0 * ldkv, ldkv);
+    add_rows(s.dkl.ptr, nk, D, Dp, dK + k0 * ldkv, ldkv);
     tile_product(Dp / 16, mqp / 16, nk32 / 32, cp(KTg + k0), rows * 2, cp(s.sp.ptr), BQ * 4, mp(dQT), BQ * 4, true);
   }
   // dq rows: dQ^T transposed, converted
@@ -1303,12 +1312,12 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
   constexpr int64_t W = Vectorized<T>::size();
   using V = Vectorized<T>;
   const int64_t D = p.D;
-  const Blocks bl = make_blocks(p, kBwdBlockQ, kBwdBlockK, W);
+  // bf16 on a CPU with AMX: each query block goes to amx::bwd_block, with bf16 K, V and K^T packed once here
+  // (the fp32 copies are not made). Its query blocks are a multiple of the 16-column tiles whatever W is.
+  const bool tiles = std::is_same_v<S, at::BFloat16> && use_amx(p);
+  const Blocks bl = make_blocks(p, kBwdBlockQ, kBwdBlockK, tiles ? std::max<int64_t>(W, 16) : W);
   const int64_t BQ = bl.BQ, BK = bl.BK, Dp = bl.Dp, Nkp = bl.nkb * BK;
   const std::vector<int64_t> kp0 = p.cu_k ? padded_starts(p, BK) : std::vector<int64_t>();
-  // bf16 on a CPU with AMX: each query block goes to amx::bwd_block, with bf16 K, V and K^T packed once here
-  // (the fp32 copies are not made).
-  const bool tiles = std::is_same_v<S, at::BFloat16> && use_amx(p);
   at::Tensor k_store, v_store;
   const Rows<T> Kr = tiles ? Rows<T>{} : kv_rows<S, T>(p, bl, k, st.sk, k_store, kp0, 0),
                 Vr = tiles ? Rows<T>{} : kv_rows<S, T>(p, bl, v, st.sv, v_store, kp0, 1);
