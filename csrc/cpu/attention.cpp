@@ -775,7 +775,8 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
 // It runs when the CPU has AMX-BF16 and AVX512-BF16 and the OS grants the tile state (arch_prctl), unless
 // PYLLM_CPU_AMX=0 (read per call: A/B timing and the tests of the fp32 path use it).
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+// GCC 11 on (its AMX intrinsics and __builtin_cpu_supports("amx-tile")); other compilers keep the fp32 path.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
 #define PYLLM_ATTENTION_AMX 1
 #else
 #define PYLLM_ATTENTION_AMX 0
