@@ -293,7 +293,26 @@ void column_exp_sum(T* ST, int64_t ld, int64_t nk, int64_t mqp, const T* mu, con
 // ---------------------------------------------------------------------------------------------
 // Row helpers (at::vec).
 
+#if defined(CPU_CAPABILITY_AVX512)
+// exp(x) = 2^t, t = x log2(e): 2^(t - floor t) by a degree-5 polynomial fitted for relative error on [0, 1)
+// (7.5e-8 before fp32 rounding; at::vec's exp_u20 promises 20 ulp, 2.4e-6), times 2^floor(t) by vscalefps. Below
+// t = -126 the result is 0 through the write mask (no denormals, which cost a microcode assist each), as exp_u20
+// gives 0 below ln(FLT_MIN); NaN stays NaN; above 128, inf. 10 instructions against exp_u20's ~20.
+inline Vectorized<float> vexp(const Vectorized<float>& x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLE_UQ);  // t > -126 or NaN
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);      // t - floor(t)
+  __m512 y = _mm512_set1_ps(1.8775744416717742e-3f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(8.9893454979146010e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5826313513322500e-2f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4015361857902087e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9315307302243600e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.9999992506670590e-1f));
+  return _mm512_maskz_scalef_ps(normal, y, t);
+}
+#else
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
+#endif
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
 
 template <typename T>
