@@ -74,12 +74,22 @@ def test_cpu_fp64_gradcheck():
 
 
 def _cpu_has_amx_bf16() -> bool:
+    """The cpu backend's own condition for its AMX kernels: the CPU flags, and Linux granting the tile state
+    (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), which kernels before 5.16 refuse)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
     except OSError:
         return False
-    return {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
+    if not {"amx_tile", "amx_bf16", "avx512_bf16", "avx512bw"} <= flags:
+        return False
+    import ctypes
+    import platform
+
+    if platform.machine() != "x86_64":
+        return False
+    sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    return ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata) == 0
 
 
 @pytest.mark.skipif(not INTERP, reason="the cpu backend's bf16 kernels without AMX")
