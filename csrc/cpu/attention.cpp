@@ -58,10 +58,15 @@
 #include "attention_args.h"
 #include "attention_decode.h"
 
-#if defined(__x86_64__) && defined(__linux__)
+// The bf16 kernels on AMX tiles ("bf16 on AMX tiles" below): GCC 11 on (its AMX intrinsics and
+// __builtin_cpu_supports("amx-tile")), x86-64 Linux (arch_prctl); other compilers keep the fp32 path.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
+#define PYLLM_ATTENTION_AMX 1
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#else
+#define PYLLM_ATTENTION_AMX 0
 #endif
 
 #include <algorithm>
@@ -176,9 +181,13 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Packing (with dtype conversion: fp16/bf16 become fp32 here, once per tile).
 
-// d[0, n) = s[0, n) converted (bf16/fp16 to fp32 by vector).
+// d[0, n) = s[0, n) converted (bf16/fp16 to fp32 by vector; the same type copied).
 template <typename S, typename T>
 inline void convert_row(const S* s, T* d, int64_t n) {
+  if constexpr (std::is_same_v<S, T>) {
+    std::memcpy(d, s, n * sizeof(T));
+    return;
+  }
   int64_t c = 0;
   if constexpr (std::is_same_v<T, float> && at::vec::is_reduced_floating_point_v<S>) {
     constexpr int64_t W = Vectorized<float>::size();
@@ -293,13 +302,14 @@ void column_exp_sum(T* ST, int64_t ld, int64_t nk, int64_t mqp, const T* mu, con
 // ---------------------------------------------------------------------------------------------
 // Row helpers (at::vec).
 
-#if defined(CPU_CAPABILITY_AVX512)
-// exp(x) = 2^t, t = x log2(e): 2^(t - floor t) by a degree-5 polynomial fitted for relative error on [0, 1)
-// (7.5e-8 before fp32 rounding; at::vec's exp_u20 promises 20 ulp, 2.4e-6), times 2^floor(t) by vscalefps. Below
-// t = -126 the result is 0 through the write mask (no denormals, which cost a microcode assist each), as exp_u20
-// gives 0 below ln(FLT_MIN); NaN stays NaN; above 128, inf. 10 instructions against exp_u20's ~20.
-inline Vectorized<float> vexp(const Vectorized<float>& x) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+#if defined(CPU_CAPABILITY_AVX512) || PYLLM_ATTENTION_AMX
+// 2^t, 16 lanes: 2^(t - floor t) by a degree-5 polynomial fitted for relative error on [0, 1) (7.5e-8 before fp32
+// rounding; at::vec's exp_u20 promises 20 ulp, 2.4e-6), times 2^floor(t) by vscalefps, which takes the floor
+// itself. t <= -126 gives 0 exactly through the write mask (exp(-inf) = 0 for a masked key, and no denormals,
+// which cost a microcode assist each: a causal call had taken as long as a full one); NaN stays NaN; above 128,
+// inf. 10 instructions against exp_u20's ~20. Compiled for AVX-512 whatever the build's -march (the AMX kernels
+// call it too); callers fold log2(e) into their own multiply or FMA.
+__attribute__((target("avx512f,avx512dq"))) inline __m512 exp2_fast(__m512 t) {
   const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLE_UQ);  // t > -126 or NaN
   const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);      // t - floor(t)
   __m512 y = _mm512_set1_ps(1.8775744416717742e-3f);
@@ -309,6 +319,12 @@ inline Vectorized<float> vexp(const Vectorized<float>& x) {
   y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9315307302243600e-1f));
   y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.9999992506670590e-1f));
   return _mm512_maskz_scalef_ps(normal, y, t);
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vectorized<float> vexp(const Vectorized<float>& x) {
+  return exp2_fast(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)));
 }
 #else
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
@@ -794,12 +810,6 @@ void fwd_kernel(const Problem& p, const S* q, Strides sq, const S* k, Strides sk
 // It runs when the CPU has AMX-BF16 and AVX512-BF16 and the OS grants the tile state (arch_prctl), unless
 // PYLLM_CPU_AMX=0 (read per call: A/B timing and the tests of the fp32 path use it).
 
-// GCC 11 on (its AMX intrinsics and __builtin_cpu_supports("amx-tile")); other compilers keep the fp32 path.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
-#define PYLLM_ATTENTION_AMX 1
-#else
-#define PYLLM_ATTENTION_AMX 0
-#endif
 
 #if PYLLM_ATTENTION_AMX
 #pragma GCC push_options
@@ -895,25 +905,6 @@ inline __m512i pair_rows(__m512 r0, __m512 r1) {
   return _mm512_permutexvar_epi16(_mm512_load_si512(order), (__m512i)_mm512_cvtne2ps_pbh(r1, r0));
 }
 
-// exp(x) for the probabilities that are rounded to bf16 (8 bits) right after, from t = x log2(e) (the caller folds
-// log2(e) into its FMA): 2^t = 2^f 2^floor(t) with f = t - floor(t) in [0, 1) (vreduceps), 2^f by a degree-5
-// polynomial fitted for relative error on [0, 1) (7.5e-8 before fp32 rounding), times 2^floor(t) by vscalefps,
-// which takes the floor itself. t <= -126 gives 0 exactly (exp(-inf) = 0: a key hidden by a mask) through the
-// write mask, which also keeps those lanes from producing denormals (a microcode assist each, measured: a causal
-// call took as long as a full one); NaN stays NaN. Half the instructions of at::vec's exp_u20, which this loop is
-// bound by.
-inline __m512 exp2_for_bf16(__m512 t) {
-  const __mmask16 normal = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLE_UQ);  // t > -126 or NaN
-  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // t - floor(t)
-  __m512 y = _mm512_set1_ps(1.8775744416717742e-3f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(8.9893454979146010e-3f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5826313513322500e-2f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4015361857902087e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9315307302243600e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.9999992506670590e-1f));
-  return _mm512_maskz_scalef_ps(normal, y, t);
-}
-
 // The softmax's exponentials for rows [0, nk) of S^T (columns [0, mqp), row stride ld), written straight to P^T
 // as bf16 pairs (rows nk to nk32 zero; PT row stride ldp words): e = exp(scale s - mu), l = l alpha + column sums.
 // Two rows and one vector of columns at a time: the pair is one store, and the fp32 probabilities never go back
@@ -924,7 +915,7 @@ void exp_sum_pairs(const float* ST, int64_t ld, int64_t nk, int64_t nk32, int64_
   const __m512 vs = _mm512_set1_ps(scale * kLog2e);
   for (int64_t i = 0; i < mqp; i += 16) {
     const __m512 m = _mm512_mul_ps(_mm512_loadu_ps(mu + i), _mm512_set1_ps(kLog2e));
-    auto e = [&](int64_t j) { return exp2_for_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(ST + j * ld + i), vs, m)); };
+    auto e = [&](int64_t j) { return exp2_fast(_mm512_fmsub_ps(_mm512_loadu_ps(ST + j * ld + i), vs, m)); };
     __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 1 < nk; j += 2) {
@@ -971,12 +962,7 @@ BFloat16* pack_keys(const Problem& p, const KeyLayout& L, const BFloat16* x, Str
       const int64_t span = L.start[b + 1] - L.start[b], len = KeyLayout::len(p, b);
       const BFloat16* src = p.cu_k ? x + g * sx.h + p.cu_k[b] * sx.n : x + b * sx.b + g * sx.h;
       if (!transposed) {
-        BFloat16* d = dst + (g * rows + L.start[b]) * Dp;
-        for (int64_t r = 0; r < len; ++r) {
-          std::memcpy(d + r * Dp, src + r * sx.n, p.D * sizeof(BFloat16));
-          std::fill(d + r * Dp + p.D, d + (r + 1) * Dp, BFloat16(0.0f));
-        }
-        std::fill(d + len * Dp, d + span * Dp, BFloat16(0.0f));
+        pack_rows(src, sx.n, len, p.D, dst + (g * rows + L.start[b]) * Dp, Dp, span);
       } else {
         BFloat16* d = dst + g * Dp * rows + L.start[b];
         for (int64_t r0 = 0; r0 < len; r0 += 32)
@@ -990,16 +976,6 @@ BFloat16* pack_keys(const Problem& p, const KeyLayout& L, const BFloat16* x, Str
     }
   });
   return dst;
-}
-
-// mq rows of x (row stride ld, D wide) into Xr (rows_pad, Dp) bf16, zeros elsewhere.
-inline void copy_rows(const BFloat16* x, int64_t ld, int64_t mq, int64_t D, BFloat16* Xr, int64_t Dp,
-                      int64_t rows_pad) {
-  for (int64_t i = 0; i < mq; ++i) {
-    std::memcpy(Xr + i * Dp, x + i * ld, D * sizeof(BFloat16));
-    std::fill(Xr + i * Dp + D, Xr + (i + 1) * Dp, BFloat16(0.0f));
-  }
-  std::fill(Xr + mq * Dp, Xr + rows_pad * Dp, BFloat16(0.0f));
 }
 
 // Xr (rows, Dp) bf16 -> XT (Dp / 2, ldt) pairs along d (the B operand of a product over d): a 32-bit transpose.
@@ -1063,7 +1039,7 @@ void fwd_bf16(const Problem& p, const BFloat16* q, Strides sq, const BFloat16* k
       const bool* mk = p.mask ? p.mask + b * p.Nk : nullptr;
       const int64_t kend = ps.key_end(q0 + mq - 1), kstart = ps.key_start(q0);
       // Q^T as pairs: the query rows, zero-padded to (mqp, Dp), transposed as 32-bit words.
-      copy_rows(q + b * sq.b + h * sq.h + (ps.qr0 + q0) * sq.n, sq.n, mq, D, Qr, Dp, mqp);
+      pack_rows(q + b * sq.b + h * sq.h + (ps.qr0 + q0) * sq.n, sq.n, mq, D, Qr, Dp, mqp);
       pairs_over_d(Qr, mqp, Dp, QT, BQ);
       std::fill(m, m + BQ, ninf);
       std::fill(l, l + BQ, 0.0f);
@@ -1177,7 +1153,7 @@ inline void rows_to_bf16(const float* src, int64_t lds, int64_t nk, int64_t mqp,
   }
 }
 
-// P^T[j][i] = exp(s S^T[j][i] - L[i]) in place for j < nk, i < mqp (exp2_for_bf16: P goes to bf16 for its products,
+// P^T[j][i] = exp(s S^T[j][i] - L[i]) in place for j < nk, i < mqp (exp2_fast: P goes to bf16 for its products,
 // and into dS = P (dP - delta) in fp32, whose result goes to bf16 too).
 inline void exp_rows(float* PT, int64_t ld, int64_t nk, int64_t mqp, float s, const float* L) {
   constexpr float kLog2e = 1.4426950408889634f;
@@ -1185,7 +1161,7 @@ inline void exp_rows(float* PT, int64_t ld, int64_t nk, int64_t mqp, float s, co
   for (int64_t i = 0; i < mqp; i += 16) {
     const __m512 l = _mm512_mul_ps(_mm512_loadu_ps(L + i), _mm512_set1_ps(kLog2e));
     for (int64_t j = 0; j < nk; ++j)
-      _mm512_storeu_ps(PT + j * ld + i, exp2_for_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(PT + j * ld + i), vs, l)));
+      _mm512_storeu_ps(PT + j * ld + i, exp2_fast(_mm512_fmsub_ps(_mm512_loadu_ps(PT + j * ld + i), vs, l)));
   }
 }
 
@@ -1215,8 +1191,8 @@ void bwd_block(const Problem& p, const Problem& ps, int64_t b, int64_t h, int64_
   float* dbias = static_cast<float*>(p.f.dbias);
   float *PT = s.pt.ptr, *dPT = s.dpt.ptr, *TT = s.tt.ptr, *Z = s.z.ptr, *PZ = s.pz.ptr, *dQT = s.dqt.ptr;
   float *delta = s.delta.ptr, *L = s.L.ptr;
-  copy_rows(Qs, ldq, mq, D, s.qr.ptr, Dp, mq32);
-  copy_rows(dOs, lddo, mq, D, s.dor.ptr, Dp, mq32);
+  pack_rows(Qs, ldq, mq, D, s.qr.ptr, Dp, mq32);
+  pack_rows(dOs, lddo, mq, D, s.dor.ptr, Dp, mq32);
   pairs_over_d(s.qr.ptr, mqp, Dp, s.qt.ptr, BQ);
   pairs_over_d(s.dor.ptr, mqp, Dp, s.dot.ptr, BQ);
   pairs_over_rows(s.qr.ptr, mq32, Dp, s.qv.ptr);
