@@ -1,4 +1,4 @@
-// The small-call fast path of pyllm.layer_norm / pyllm.rms_norm / pyllm.attention (issue 15): one C++
+// The small-call fast path of pyllm.layer_norm / pyllm.rms_norm / pyllm.attention / pyllm.rotary (issue 15): one C++
 // function per op, called by the Python op layer, that recognizes the common call (CPU tensors of a dtype the
 // cpu backend serves, parameters of the input's dtype or float32, the default feature arguments), does the
 // op layer's reshapes and calls the C++ op through the dispatcher (so autograd, profiling and dispatch modes
@@ -32,7 +32,7 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-enum Op { kLayerNorm, kRmsNorm, kAttention, kNumOps };
+enum Op { kLayerNorm, kRmsNorm, kAttention, kRotary, kNumOps };
 struct Config {
   uint64_t dtypes = 0;  // bit (1 << ScalarType) per dtype the cpu backend serves; 0 = not configured
   int64_t max_head_dim = -1;  // attention: -1 = no limit
@@ -224,7 +224,52 @@ PyObject* attention_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// _small_calls_configure(op, dtypes, max_head_dim): op "layer_norm" | "rms_norm" | "attention"; dtypes a
+// rotary_fast(q, k, cos, sin, interleaved) -> (q_out, k_out), or None. The tables as the kernel takes them:
+// (1 or B, N, r) contiguous float32 (float64 for float64 inputs), not requiring grad; the op layer reshapes
+// and converts the others.
+PyObject* rotary_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "rotary_fast takes 5 arguments");
+    return nullptr;
+  }
+  const Tensor *q = cpu_tensor(args[0]), *k = cpu_tensor(args[1]), *cos = cpu_tensor(args[2]),
+               *sin = cpu_tensor(args[3]);
+  if (!q || !k || !cos || !sin || !dtype_ok(kRotary, q->scalar_type()) || !common_state()) return none();
+  if (args[4] != Py_True && args[4] != Py_False) return none();
+  if (q->dim() != 4 || k->dim() != 4 || k->scalar_type() != q->scalar_type() || q->numel() == 0 || k->numel() == 0)
+    return none();
+  const int64_t B = q->size(0), N = q->size(1), D = q->size(3);
+  if (k->size(0) != B || k->size(1) != N || k->size(3) != D) return none();
+  const auto table = q->scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const Tensor* t : {cos, sin})
+    if (t->dim() != 3 || t->scalar_type() != table || !t->is_contiguous() || t->requires_grad()) return none();
+  if (cos->sizes() != sin->sizes() || (cos->size(0) != 1 && cos->size(0) != B) || cos->size(1) != N ||
+      cos->size(2) < 1 || 2 * cos->size(2) > D)
+    return none();
+
+  const auto& op = ops::rotary();
+  Tensor qo, ko;
+  {
+    ReleaseGil nogil;
+    auto last_dim_contiguous = [](const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+    std::tie(qo, ko) = op.call(last_dim_contiguous(*q), last_dim_contiguous(*k), *cos, *sin, args[4] == Py_True,
+                               false);
+  }
+  PyObject* py_q = THPVariable_Wrap(std::move(qo));
+  PyObject* py_k = py_q ? THPVariable_Wrap(std::move(ko)) : nullptr;
+  if (!py_k) {
+    Py_XDECREF(py_q);
+    return nullptr;
+  }
+  PyObject* pair = PyTuple_Pack(2, py_q, py_k);
+  Py_DECREF(py_q);
+  Py_DECREF(py_k);
+  return pair;
+  END_HANDLE_TH_ERRORS
+}
+
+// _small_calls_configure(op, dtypes, max_head_dim): op "layer_norm" | "rms_norm" | "attention" | "rotary"; dtypes a
 // sequence of dtype names ("float32", ...) the cpu backend serves; max_head_dim an int or None (no limit).
 PyObject* configure(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -238,6 +283,7 @@ PyObject* configure(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (std::strcmp(name, "layer_norm") == 0) op = kLayerNorm;
   else if (std::strcmp(name, "rms_norm") == 0) op = kRmsNorm;
   else if (std::strcmp(name, "attention") == 0) op = kAttention;
+  else if (std::strcmp(name, "rotary") == 0) op = kRotary;
   else {
     PyErr_Format(PyExc_ValueError, "_small_calls_configure: unknown op %s", name);
     return nullptr;
@@ -273,6 +319,8 @@ PyMethodDef small_call_methods[] = {
      "pyllm.layer_norm / rms_norm's common call (None: take the full path)"},
     {"attention_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(attention_fast)), METH_FASTCALL,
      "pyllm.attention's common call (None: take the full path)"},
+    {"rotary_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(rotary_fast)), METH_FASTCALL,
+     "pyllm.rotary's common call (None: take the full path)"},
     {"_small_calls_configure", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(configure)), METH_FASTCALL,
      "which dtypes (and head dims) the fast paths take, from pyllm.capabilities"},
     {nullptr, nullptr, 0, nullptr}};

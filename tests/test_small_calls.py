@@ -226,6 +226,8 @@ class _Sub(torch.Tensor):
 
 def test_fast_paths_agree_with_the_backend_choice():
     """The fast paths take a dtype exactly when auto picks the cpu backend for it (pyllm.capabilities)."""
+    import importlib
+
     L, A = _need_fast()
     for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32):
         x = torch.ones(2, 8, dtype=dt)
@@ -236,6 +238,10 @@ def test_fast_paths_agree_with_the_backend_choice():
         cpu = backends.select("attention", {"device": q.device, "dtype": dt, "head_dim": 8, "unsupported": [],
                                             "features": ()}) == "cpu"
         assert (A._FAST(q, q, q, False, None, None) is not None) == cpu, dt
+        R = importlib.import_module("pyllm.ops.rotary")
+        table = torch.ones(1, 3, 4, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+        cpu = backends.select("rotary", {"device": q.device, "dtype": dt, "unsupported": []}) == "cpu"
+        assert (R._FAST(q, q, table, table, False) is not None) == cpu, dt
     big = torch.ones(1, 2, 1, 512)  # head_dim 512 > the cpu backend's limit: auto takes the reference
     assert backends.select("attention", {"device": big.device, "dtype": big.dtype, "head_dim": 512,
                                          "unsupported": [], "features": ()}) == "reference"
@@ -291,6 +297,82 @@ def test_attention_fast_path_declines_what_it_does_not_cover():
         torch.testing.assert_close(pyllm.attention(q, q, q), pyllm.reference.attention(q, q, q), rtol=0, atol=0)
     o, lse = pyllm.attention(q, q, q, return_lse=True)  # return_lse: the full path
     torch.testing.assert_close(o, fast(q, q, q, False, None, None), rtol=0, atol=0)
+
+
+def _rotary_case(dt=torch.float32, B=2, N=5, Hq=4, Hk=2, D=8, r=None):
+    torch.manual_seed(0)
+    q, k = torch.randn(B, N, Hq, D, dtype=dt), torch.randn(B, N, Hk, D, dtype=dt)
+    r = D // 2 if r is None else r
+    angles = torch.arange(N, dtype=torch.float64)[None, :, None] * torch.rand(1, 1, r, dtype=torch.float64)
+    table = torch.float64 if dt == torch.float64 else torch.float32
+    return q, k, angles.cos().to(table), angles.sin().to(table)
+
+
+@pytest.mark.parametrize("case", ["plain", "partial", "per_batch", "interleaved", "strided", "bf16", "fp64"])
+def test_rotary_fast_path_equals_the_full_path(case, monkeypatch):
+    """pyllm.rotary's common call on CPU tensors is taken in C++ (pyllm._C.rotary_fast) and gives the full path's
+    values and gradients bit for bit (the same C++ op behind both)."""
+    need("cpu")
+    import importlib
+
+    R = importlib.import_module("pyllm.ops.rotary")
+    if R._FAST is None:
+        pytest.fail("pyllm._C has no rotary fast path: rebuild the extension (python setup.py build_ext --inplace)")
+    dt = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(case, torch.float32)
+    q, k, cos, sin = _rotary_case(dt, r=3 if case == "partial" else None)
+    if case == "per_batch":
+        cos, sin = cos.expand(2, -1, -1).contiguous(), sin.expand(2, -1, -1).contiguous()
+    if case == "strided":  # slices of a packed projection: only the last dim contiguous
+        packed = torch.randn(2, 5, 4 * 8 + 2 * 8 + 3)
+        q, k = packed[..., :32].view(2, 5, 4, 8), packed[..., 32:48].view(2, 5, 2, 8)
+    inter = case == "interleaved"
+    assert R._FAST(q, k, cos, sin, inter) is not None
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k)]
+        qo, ko = pyllm.rotary(*leaves, cos, sin, interleaved=inter)
+        return (qo, ko), torch.autograd.grad((qo.float() ** 2).sum() + ko.float().sum(), leaves)
+
+    fast, fast_grads = run()
+    monkeypatch.setattr(R, "_FAST", None)
+    full, full_grads = run()
+    for a, e in zip(fast + fast_grads, full + full_grads):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_rotary_fast_path_declines_what_it_does_not_cover(monkeypatch):
+    need("cpu")
+    import importlib
+
+    R = importlib.import_module("pyllm.ops.rotary")
+    if R._FAST is None:
+        pytest.fail("pyllm._C has no rotary fast path: rebuild the extension (python setup.py build_ext --inplace)")
+    q, k, cos, sin = _rotary_case()
+    fast = R._FAST
+    assert fast(q, k, cos, sin, False) is not None
+    declined = [
+        (q, k, cos[0], sin[0], False),  # 2-D tables: reshaped by the full path
+        (q, k, cos.double(), sin.double(), False),  # float64 tables beside fp32 inputs: converted by the full path
+        (q, k, cos, sin[:, :, :3], False),  # tables of different shapes: an error of the full path
+        (q, k, cos[:, :4], sin[:, :4], False),  # seqlen mismatch
+        (q, k[:, :, :, :4], cos, sin, False),  # head_dim mismatch
+        (q, k.double(), cos, sin, False),  # dtype mismatch
+        (q, k, cos.requires_grad_(True), sin, False),  # tables that require grad: the reference
+        (q, k, cos.detach(), sin, 1),  # interleaved not a bool
+        (q[:, :, :, :0], k[:, :, :, :0], cos[..., :0], sin[..., :0], False),  # empty
+        (q.as_subclass(_Sub), k, cos.detach(), sin, False),  # a subclass: the full path
+        (q.int(), k.int(), cos.detach(), sin, False),  # not a float dtype
+    ]
+    for args in declined:
+        assert fast(*args) is None, args
+    with pytest.raises(ValueError, match=r"cos has shape \(1, 4, 4\); expected \(1 or 2, 5, r\)"):
+        pyllm.rotary(q, k, cos.detach()[:, :4], sin[:, :4])
+    monkeypatch.setenv("PYLLM_BACKEND", "reference")  # the backend in force decides, env included
+    assert fast(q, k, cos.detach(), sin, False) is None
+    with backends.use("reference"):
+        for a, e in zip(pyllm.rotary(q, k, cos.detach(), sin), pyllm.reference.rotary(q, k, cos.detach(), sin)):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
 def test_cpp_autograd_serves_the_kernel_ops_and_costs_nothing_without_grad():

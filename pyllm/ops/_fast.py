@@ -1,7 +1,7 @@
-"""Small calls (issue 15): the C++ fast paths of the op layer (``pyllm._C.layer_norm_fast`` / ``attention_fast``,
-csrc/small_calls.cpp).
+"""Small calls (issue 15): the C++ fast paths of the op layer (``pyllm._C.layer_norm_fast`` / ``attention_fast`` /
+``rotary_fast``, csrc/small_calls.cpp).
 
-A norm or attention call on CPU tensors with the default feature arguments, parameters in the input's dtype (or
+A norm, attention or rotary call on CPU tensors with the default feature arguments, parameters in the input's dtype (or
 float32) and the backend in force ``auto`` or ``cpu`` is recognized in C++ and goes straight to the C++ op; the
 function returns None for every other call, and the Python op layer then takes its full path (validation and its
 error messages, dtype harmonization, backend choice, the reference). What the cpu backend serves is configured

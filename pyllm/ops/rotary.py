@@ -4,8 +4,9 @@ Validation happens here, once; then :mod:`pyllm.backends` picks who serves the c
 (``pyllm::rotary`` in C++ for CPU and CUDA, ``pyllm::triton_rotary``) take cos/sin as contiguous
 float32 (float64 for fp64 inputs) tables of shape (1 or batch, seqlen, rotary_dim / 2); the backward
 pass is the same op rotating by -theta (``pyllm::rotary``'s autograd is registered in C++, csrc/autograd.cpp,
-so a no-grad call pays nothing for it; the Triton op's in :mod:`pyllm.ops._autograd`). A call whose arguments'
-metadata was validated before skips the checks (a Llama decode step makes one call per layer).
+so a no-grad call pays nothing for it; the Triton op's in :mod:`pyllm.ops._autograd`). A Llama decode step makes
+one call per layer: the common call on CPU tensors is recognized in C++ (``pyllm._C.rotary_fast``, as the norms'
+and attention's, :mod:`pyllm.ops._fast`), and a call whose arguments' metadata was validated before skips the checks.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pyllm import backends, reference
-from pyllm.ops import _checks
+from pyllm.ops import _checks, _fast
 
 
 def _table(name: str, t, B: int, N: int, D: int) -> tuple[int, ...]:
@@ -78,6 +79,11 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool 
         (q_out, k_out), shaped and typed like q and k: each pair becomes (x1 cos - x2 sin,
         x2 cos + x1 sin); dims 2r..head_dim are copied unchanged (partial rotary). Math in fp32.
     """
+    if (_FAST is not None and backend in _fast.CPU_CHOICES and backends._current in _fast.CPU_CHOICES
+            and not torch.compiler.is_compiling()):
+        out = _FAST(q, k, cos, sin, interleaved)  # the common call on CPU tensors, in C++ (pyllm.ops._fast)
+        if out is not None:
+            return out
     key = _key(q, k, cos, sin, backend)
     name = _validated.get(key) if key is not None else None
     if name is None:
@@ -101,9 +107,11 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool 
     return _kernel(name)(q, k, cos, sin, bool(interleaved), False)
 
 
-# Small calls (a decode step makes one per layer): the checks and the backend choice depend only on the arguments'
-# metadata, so a call whose metadata was validated before skips them (the key holds no tensor).
+# Small calls (a decode step makes one per layer): the common call on CPU tensors is recognized in C++
+# (pyllm.ops._fast); for the others the checks and the backend choice depend only on the arguments' metadata, so
+# a call whose metadata was validated before skips them (the key holds no tensor).
 _validated: dict = {}
+_FAST = _fast.load("rotary_fast", ("rotary",))
 
 
 def _key(q, k, cos, sin, backend):
