@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import pyllm
-from pyllm.nn import LayerNorm, Linear
+from pyllm.nn import LayerNorm, Linear, RMSNorm
 
 from .config import TransformerConfig
 
@@ -72,20 +72,22 @@ class KVCache:
             self.v[layer].index_copy_(1, self.write_at, v)
             return self.k[layer], self.v[layer]
         B, N, H, D = k.shape
-        start, end = self.lengths[layer], self.lengths[layer] + k.shape[1]
-        buf_k = self.k[layer]
+        start = self.lengths[layer]
+        end = start + N
+        buf_k, buf_v = self.k[layer], self.v[layer]
         if buf_k is None or buf_k.shape[1] < end:
             cap = max(end, self.capacity, 2 * (buf_k.shape[1] if buf_k is not None else 0))
             new_k = k.new_empty(B, cap, H, D)
             new_v = v.new_empty(B, cap, H, D)
             if start:
-                new_k[:, :start] = self.k[layer][:, :start]
-                new_v[:, :start] = self.v[layer][:, :start]
-            self.k[layer], self.v[layer] = new_k, new_v
-        self.k[layer][:, start:end] = k
-        self.v[layer][:, start:end] = v
+                new_k[:, :start] = buf_k[:, :start]
+                new_v[:, :start] = buf_v[:, :start]
+            self.k[layer], self.v[layer] = buf_k, buf_v = new_k, new_v
+        # narrow + copy_: the cheapest way to write and view (a decode step makes one call per layer)
+        buf_k.narrow(1, start, N).copy_(k)
+        buf_v.narrow(1, start, N).copy_(v)
         self.lengths[layer] = end
-        return self.k[layer][:, :end], self.v[layer][:, :end]
+        return buf_k.narrow(1, 0, end), buf_v.narrow(1, 0, end)
 
 
 class PackedSequences(NamedTuple):
@@ -160,6 +162,20 @@ class SelfAttention(nn.Module):
                                 backend=self.backend)  # (B, N, Hq, D)
         return self.dropout(self.proj(o.reshape(B, N, C)))
 
+    direct_decode = True
+
+    def decode(self, x, key_padding_mask, cache: KVCache, layer_idx: int):
+        """forward in eval mode for generate()'s decode loop, the submodules' forward called directly
+        (direct_decode_ok checked once that this is exact). Mirrors forward: keep the two in step."""
+        B, N, C = x.shape
+        hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv.forward(x).split_with_sizes([hq, hkv, hkv], dim=-1)
+        k, v = cache.update(layer_idx, k.view(B, N, self.num_kv_heads, self.head_dim),
+                            v.view(B, N, self.num_kv_heads, self.head_dim))
+        o = pyllm.attention(q.view(B, N, self.num_heads, self.head_dim), k, v, causal=self.causal,
+                            key_padding_mask=key_padding_mask, backend=self.backend)
+        return self.proj.forward(o.reshape(B, N, C))
+
 
 class MLP(nn.Module):
     def __init__(self, config: TransformerConfig):
@@ -171,6 +187,12 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.fc2(self.act(self.fc1(x))))  # (B, N, C)
+
+    direct_decode = True
+
+    def decode(self, x):
+        """forward in eval mode, the Linear layers' forward called directly (see SelfAttention.decode)."""
+        return self.fc2.forward(self.act(self.fc1.forward(x)))
 
 
 class Block(nn.Module):
@@ -206,6 +228,19 @@ class Block(nn.Module):
         normed, residual = self.norm2(a, residual=residual)  # residual = x + attn, still un-normed
         return self.mlp(normed), residual  # (B, N, C) each
 
+    direct_decode = True
+
+    def decode(self, x, residual, key_padding_mask, cache: KVCache, layer_idx: int):
+        """forward of a pre-norm block in eval mode, its submodules' forward called directly (see
+        SelfAttention.decode). Mirrors forward: keep the two in step."""
+        if residual is None:
+            residual, normed = x, self.norm1.forward(x)
+        else:
+            normed, residual = self.norm1.forward(x, residual=residual)
+        a = self.attn.decode(normed, key_padding_mask, cache, layer_idx)
+        normed, residual = self.norm2.forward(a, residual=residual)
+        return self.mlp.decode(normed), residual
+
 
 class BlockStack(nn.Module):
     """The stack of blocks (plus the final norm when pre-norm), with optional per-block checkpointing:
@@ -232,3 +267,38 @@ class BlockStack(nn.Module):
         if self.norm_f is not None:
             x = self.norm_f(x) if residual is None else self.norm_f(x, residual=residual)[0]
         return x  # (B, N, C)
+
+    direct_decode = True
+
+    def decode(self, x, key_padding_mask, cache: KVCache):
+        """forward of a pre-norm stack in eval mode with a cache, the blocks' decode (see SelfAttention.decode)."""
+        residual = None
+        for i, block in enumerate(self.layers):
+            x, residual = block.decode(x, residual, key_padding_mask, cache, i)
+        return self.norm_f.forward(x, residual=residual)[0]  # (B, N, C)
+
+
+# Leaf modules whose forward the decode methods call directly (or skip: Dropout, in eval mode).
+_DIRECT_LEAVES = (nn.Embedding, nn.Dropout, nn.ModuleList, Linear, LayerNorm, RMSNorm)
+
+
+def direct_decode_ok(body: nn.Module) -> bool:
+    """Whether ``body.decode_step(..., direct=True)`` computes exactly what the module path computes: a
+    decoder with a cache in eval mode whose modules are all of pyllm's own classes (``direct_decode`` set on the
+    class itself, so a user's subclass is not taken for its parent) or the leaves above, pre-norm, with no
+    forward hook or pre-hook anywhere (the direct path calls ``forward``, not ``__call__``, to save the
+    module machinery's cost, ~100 calls of a decode step). generate() checks this once per call."""
+    from torch.nn.modules import module as _module
+
+    if torch.is_grad_enabled() or any(getattr(_module, name, None) for name in
+                                      ("_global_forward_hooks", "_global_forward_pre_hooks")):
+        return False
+    for m in body.modules():
+        cls = type(m)
+        if m.training or m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if not (cls in _DIRECT_LEAVES or cls.__dict__.get("direct_decode") is True):
+            return False
+        if cls is BlockStack and not m.pre_norm:
+            return False
+    return True

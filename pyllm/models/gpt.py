@@ -57,10 +57,17 @@ class GPTModel(PreTrainedModel):
         return decoder_forward(self, self.config, input_ids, attention_mask, token_type_ids, position_ids, cache,
                                use_cache, cu_seqlens)
 
-    def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
+    direct_decode = True
+
+    def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None,
+                    direct: bool = False):
         """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
         once: input_ids (B, N), position_ids (B or 1, N), key_padding_mask (B, past + N) bool or None
-        -> last hidden state (B, N, C)."""
+        -> last hidden state (B, N, C). direct=True (only where block.direct_decode_ok(self), with a cache)
+        calls the submodules' forward directly: the same ops, without nn.Module's per-call cost."""
+        if direct:
+            x = self.word.forward(input_ids) + self.position.forward(position_ids)
+            return self.blocks.decode(x, key_padding_mask, cache)
         x = self.dropout(self.word(input_ids) + self.position(position_ids))  # (B, N, C)
         return self.blocks(x, key_padding_mask=key_padding_mask, cache=cache)
 

@@ -153,6 +153,8 @@ def position_limits(config: LlamaConfig):
 class RotaryEmbedding(nn.Module):
     """position_ids (B or 1, N) -> cos, sin (B or 1, N, head_dim // 2) float32, the tables of pyllm.rotary."""
 
+    direct_decode = True  # block.direct_decode_ok: its forward may be called directly
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -209,6 +211,22 @@ class LlamaAttention(nn.Module):
                                 backend=self.backend)
         return self.o_proj(o.reshape(B, N, hq))  # (B, N, C)
 
+    direct_decode = True
+
+    def decode(self, x, cos, sin, key_padding_mask, cache: KVCache, layer_idx: int):
+        """forward in eval mode with a cache for generate()'s decode loop, the Linear layers' forward called
+        directly (block.direct_decode_ok checked once that this is exact). Mirrors forward: keep them in step."""
+        B, N, _ = x.shape
+        hq, hkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv.forward(x).split_with_sizes([hq, hkv, hkv], dim=-1)
+        q, k = pyllm.rotary(q.view(B, N, self.num_heads, self.head_dim), k.view(B, N, self.num_kv_heads, self.head_dim),
+                            cos, sin, backend=self.backend)
+        k, v = cache.update(layer_idx, k, v.view(B, N, self.num_kv_heads, self.head_dim))
+        window = (-1, -1) if self.window is None else (self.window - 1, 0)
+        o = pyllm.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, window_size=window,
+                            backend=self.backend)
+        return self.o_proj.forward(o.reshape(B, N, hq))
+
 
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); gate and up in one matmul."""
@@ -223,6 +241,13 @@ class LlamaMLP(nn.Module):
     def forward(self, x):
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+    direct_decode = True
+
+    def decode(self, x):
+        """forward, the Linear layers' forward called directly (see LlamaAttention.decode)."""
+        gate, up = self.gate_up.forward(x).split(self.intermediate, dim=-1)
+        return self.down_proj.forward(F.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):
@@ -245,12 +270,26 @@ class LlamaBlock(nn.Module):
         normed, residual = self.post_attention_layernorm(a, residual=residual)
         return self.mlp(normed), residual  # (B, N, C) each
 
+    direct_decode = True
+
+    def decode(self, x, residual, cos, sin, key_padding_mask, cache: KVCache, layer_idx: int):
+        """forward in eval mode with a cache, the submodules' forward called directly (see
+        LlamaAttention.decode). Mirrors forward: keep the two in step."""
+        if residual is None:
+            residual, normed = x, self.input_layernorm.forward(x)
+        else:
+            normed, residual = self.input_layernorm.forward(x, residual=residual)
+        a = self.self_attn.decode(normed, cos, sin, key_padding_mask, cache, layer_idx)
+        normed, residual = self.post_attention_layernorm.forward(a, residual=residual)
+        return self.mlp.decode(normed), residual
+
 
 class LlamaLayers(nn.ModuleList):
     """The blocks; owns the gradient checkpointing switch (PreTrainedModel.gradient_checkpointing)."""
 
     is_layer_stack = True
     gradient_checkpointing = False
+    direct_decode = True
 
 
 # ----------------------------------------------------------------------------- models
@@ -283,10 +322,21 @@ class LlamaModel(PreTrainedModel):
         return decoder_forward(self, position_limits(self.config), input_ids, attention_mask, None, position_ids,
                                cache, use_cache, cu_seqlens)
 
-    def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None):
+    direct_decode = True
+
+    def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None,
+                    direct: bool = False):
         """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
         once: input_ids (B, N), position_ids (B or 1, N), key_padding_mask (B, past + N) bool or None
-        -> last hidden state (B, N, C)."""
+        -> last hidden state (B, N, C). direct=True (only where block.direct_decode_ok(self), with a cache)
+        calls the submodules' forward directly: the same ops, without nn.Module's per-call cost."""
+        if direct:
+            x = self.embed_tokens.forward(input_ids)
+            cos, sin = self.rotary.forward(position_ids)
+            residual = None
+            for i, layer in enumerate(self.layers):
+                x, residual = layer.decode(x, residual, cos, sin, key_padding_mask, cache, i)
+            return self.norm.forward(x, residual=residual)[0]
         x = self.embed_tokens(input_ids)  # (B, N, C)
         cos, sin = self.rotary(position_ids)  # (B or 1, N, D/2) float32, shared by every layer
         use_ckpt = self.layers.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None

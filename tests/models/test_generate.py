@@ -147,3 +147,96 @@ def test_compiled_decode_refuses_what_it_cannot_do_and_frozen_cache_masks_number
     assert k.shape == (1, 6, 1, 4) and k[0, 2, 0, 0] == 2 and v[0, 2, 0, 0] == 3 and k[0, 3].abs().sum() == 0
     with pytest.raises(ValueError, match="every layer needs a buffer of capacity 6 first"):
         KVCache(2, capacity=6).freeze(torch.tensor([0]))
+
+
+def _direct_cases():
+    from pyllm.models import LlamaConfig, LlamaForCausalLM
+
+    llama = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=40,
+                 max_position_embeddings=64)
+    return {
+        "gpt": lambda: GPTForCausalLM(tiny_config(max_position_embeddings=64)),
+        "gpt_gqa": lambda: GPTForCausalLM(tiny_config(max_position_embeddings=64, num_kv_heads=2)),
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**llama)),
+        "qwen2_bias_window": lambda: LlamaForCausalLM(LlamaConfig(**llama, attention_bias=True, sliding_window=6,
+                                                                  tie_word_embeddings=False)),
+    }
+
+
+@pytest.mark.parametrize("arch", ["gpt", "gpt_gqa", "llama", "qwen2_bias_window"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_direct_decode_step_equals_the_module_path(arch, rows):
+    """generate()'s decode steps call the submodules' forward directly (decode_step(direct=True)) where
+    direct_decode_ok allows it: the same ops in the same order, so the hidden states and the caches are the
+    module path's bit for bit, padded rows (key padding mask) and sliding windows included."""
+    from pyllm.models.block import direct_decode_ok
+
+    torch.manual_seed(0)
+    model = _direct_cases()[arch]().eval()
+    body = model.transformer if hasattr(model, "transformer") else model.model
+    ids, mask = batch(B=rows, N=9, pad_side="left", lengths=[9, 5, 2][:rows])
+    with torch.no_grad():
+        assert direct_decode_ok(body)
+        caches = [KVCache(model.config.num_layers, capacity=20) for _ in range(2)]
+        for cache in caches:
+            body(ids, attention_mask=mask, cache=cache)
+        kpm = torch.cat([mask, torch.ones(rows, 8, dtype=torch.long)], 1).bool()
+        pos = mask.sum(-1, keepdim=True)
+        tok = ids[:, -1:]
+        for step in range(8):
+            cur = 9 + step + 1
+            outs = [body.decode_step(tok, pos + step, kpm[:, :cur] if rows > 1 else None, cache, direct=d)
+                    for cache, d in zip(caches, (True, False))]
+            assert torch.equal(outs[0], outs[1]), f"step {step}"
+            tok = model.lm_head(outs[0][:, -1]).argmax(-1, keepdim=True)
+        for layer in range(model.config.num_layers):  # the written columns (the rest is uninitialized)
+            assert caches[0].lengths[layer] == caches[1].lengths[layer] == 17
+            for a, b in ((caches[0].k[layer], caches[1].k[layer]), (caches[0].v[layer], caches[1].v[layer])):
+                assert torch.equal(a[:, :17], b[:, :17])
+
+
+def test_direct_decode_only_where_it_is_exact(monkeypatch):
+    """Hooks, training mode, grad mode, a user's subclass or a post-norm stack keep generate() on the module path
+    (nn.Module.__call__ and everything it runs)."""
+    from pyllm.models import block as B
+
+    torch.manual_seed(0)
+    model = GPTForCausalLM(tiny_config(max_position_embeddings=64)).eval()
+    body = model.transformer
+    with torch.no_grad():
+        assert B.direct_decode_ok(body)
+        calls = []
+        handle = body.blocks.layers[1].mlp.fc2.register_forward_hook(lambda *a: calls.append(1))
+        assert not B.direct_decode_ok(body)
+        ids, _ = batch(B=1, N=5)
+        model.generate(ids, max_new_tokens=4)
+        assert len(calls) == 4  # the prompt and every decode step ran the hook
+        handle.remove()
+        handle = body.blocks.layers[0].attn.register_forward_pre_hook(lambda *a: None)
+        assert not B.direct_decode_ok(body)
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+        try:
+            assert not B.direct_decode_ok(body)
+        finally:
+            handle.remove()
+        assert B.direct_decode_ok(body)
+        body.blocks.layers[0].mlp.train()
+        assert not B.direct_decode_ok(body)
+        body.eval()
+
+        class MyMLP(B.MLP):  # a user's subclass may change forward: decode would not follow it
+            pass
+
+        body.blocks.layers[0].mlp.__class__ = MyMLP
+        assert not B.direct_decode_ok(body)
+        body.blocks.layers[0].mlp.__class__ = B.MLP
+        assert B.direct_decode_ok(body)
+    assert not B.direct_decode_ok(body)  # grad mode on
+    post = GPTForCausalLM(tiny_config(max_position_embeddings=64, norm_position="post")).eval()
+    with torch.no_grad():
+        assert not B.direct_decode_ok(post.transformer)
+    seen = []
+    monkeypatch.setattr(B.BlockStack, "decode", lambda self, *a: seen.append(1) or B.BlockStack.forward(self, a[0], *a[1:]))
+    model.generate(batch(B=1, N=5)[0], max_new_tokens=3)
+    assert len(seen) == 2  # the direct path did run in generate (the prompt goes through forward)
