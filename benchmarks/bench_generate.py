@@ -16,7 +16,11 @@ same run (``Limits.copy_peak``, read + write counted). A step near that ceiling 
 then cannot exceed what the other side leaves of the ceiling.
 
 --compile adds pyllm's generate(compile=True) (the decode step as one torch.compile graph over the static
-cache; compilation happens in the token check, before timing). --quick: 2 layers, prompt 64, 16 new
+cache; compilation happens in the token check, before timing). --module-path adds pyllm's eager generate on
+the module path (``pyllm-module``): a no-op forward hook on the backbone makes ``block.direct_decode_ok`` false,
+so the steps go through ``nn.Module.__call__`` as before the blocks' ``decode`` methods existed (the hook itself
+runs once, on the prompt). --tiny shrinks the widths (hidden 64, 4 / 2 heads, MLP 128, vocabulary 128; 12
+layers, prompt and new tokens as given): the weights cost nothing, so a decode step is its overhead alone. --quick: 2 layers, prompt 64, 16 new
 tokens, batch 1 and 4 (a smoke run of a minute or two on a CPU; add --max-s 5 on a loaded machine).
 Timings on a shared machine are noisy: compare the ratio, measured alternately in one run.
 """
@@ -36,20 +40,22 @@ FULL = dict(layers=12, prompt=512, new=128, batches=(1, 8))
 QUICK = dict(layers=2, prompt=64, new=16, batches=(1, 4))
 
 
-def build(arch: str, layers: int):
-    """(pyllm model, transformers model) with the same weights, eval mode, no EOS."""
+def build(arch: str, layers: int, tiny: bool = False):
+    """(pyllm model, transformers model) with the same weights, eval mode, no EOS. tiny: widths whose weights
+    cost nothing (the decode step's overhead alone)."""
     import transformers
 
     from pyllm.models import GPTForCausalLM, LlamaConfig, LlamaForCausalLM, TransformerConfig
 
     torch.manual_seed(0)
+    vocab, hidden, heads, kv_heads, mlp = (128, 64, 4, 2, 128) if tiny else (None, 768, 12, 4, 2048)
     if arch == "gpt2":
-        cfg = TransformerConfig(vocab_size=50257, hidden_size=768, num_layers=layers, num_heads=12,
+        cfg = TransformerConfig(vocab_size=vocab or 50257, hidden_size=hidden, num_layers=layers, num_heads=heads,
                                 max_position_embeddings=1024, hidden_dropout=0.0, norm_eps=1e-5)
         ours = GPTForCausalLM(cfg)
     else:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=768, num_layers=layers, num_heads=12, num_kv_heads=4,
-                          intermediate_size=2048, max_position_embeddings=1024)
+        cfg = LlamaConfig(vocab_size=vocab or 32000, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                          num_kv_heads=kv_heads, intermediate_size=mlp, max_position_embeddings=1024)
         ours = LlamaForCausalLM(cfg)
     with tempfile.TemporaryDirectory() as folder:
         ours.save_pretrained(folder, overwrite=True)
@@ -83,10 +89,13 @@ def run(args) -> dict:
     copy_gbps = limits.copy_peak(torch.float32, COPY_STREAM_NUMEL[device])
     results["copy_gbps"] = copy_gbps
     print(f"copy bandwidth {copy_gbps:.1f} GB/s (read + write, {threads} threads)", flush=True)
+    extra = (("pyllm-compile",) if args.compile else ()) + (("pyllm-module",) if args.module_path else ())
     for arch in args.arch or ("gpt2", "llama"):
-        ours, theirs = (m.to(device) for m in build(arch, p["layers"]))
+        ours, theirs = (m.to(device) for m in build(arch, p["layers"], tiny=args.tiny))
+        backbone = ours.transformer if arch == "gpt2" else ours.model
         for B in args.batch or p["batches"]:
-            ids = torch.randint(0, 32000, (B, p["prompt"]), generator=torch.Generator().manual_seed(B)).to(device)
+            ids = torch.randint(0, min(32000, ours.config.vocab_size), (B, p["prompt"]),
+                                generator=torch.Generator().manual_seed(B)).to(device)
             new = p["new"]
 
             def gen_ours(n=new):
@@ -99,9 +108,17 @@ def run(args) -> dict:
             def gen_compiled(n=new):
                 return ours.generate(ids, max_new_tokens=n, eos_token_id=None, compile=True)
 
+            def gen_module_path(n=new):  # a hook anywhere keeps generate() on nn.Module.__call__
+                handle = backbone.register_forward_hook(lambda *a: None)
+                try:
+                    return ours.generate(ids, max_new_tokens=n, eos_token_id=None)
+                finally:
+                    handle.remove()
+
             with torch.no_grad():
                 want = gen_theirs()
-                same = torch.equal(gen_ours(), want) and (not args.compile or torch.equal(gen_compiled(), want))
+                same = (torch.equal(gen_ours(), want) and (not args.compile or torch.equal(gen_compiled(), want))
+                        and (not args.module_path or torch.equal(gen_module_path(), want)))
             row = {"arch": arch, "batch": B, "prompt": p["prompt"], "new": new, "same_tokens": same}
             if not same:
                 print(f"{arch} B{B}: WRONG -- pyllm and transformers generate different tokens; not timed")
@@ -109,20 +126,22 @@ def run(args) -> dict:
                 continue
             fns = {"pyllm": gen_ours, "transformers": gen_theirs,
                    "pyllm-prefill": lambda: gen_ours(1), "transformers-prefill": lambda: gen_theirs(1)}
-            if args.compile:  # the prefill is the same eager forward: pyllm-prefill serves both
+            if args.compile:  # the prefill is the same eager forward: pyllm-prefill serves all of pyllm's
                 fns["pyllm-compile"] = gen_compiled
+            if args.module_path:
+                fns["pyllm-module"] = gen_module_path
             with torch.no_grad():
                 times = time_interleaved(fns, device, threads=threads, repeats=args.repeats, warmup=1,
                                          min_run_s=0.0, max_s=args.max_s)
             med = {n: summarize(t)["median_ms"] / 1e3 for n, t in times.items()}  # seconds
-            for who in ("pyllm", "transformers") + (("pyllm-compile",) if args.compile else ()):
+            for who in ("pyllm", "transformers") + extra:
                 prefill = med[f"{who.split('-')[0]}-prefill"]
                 row[f"{who}_tokens_per_s"] = B * new / med[who]
                 row[f"{who}_decode_step_ms"] = 1e3 * (med[who] - prefill) / max(new - 1, 1)
             row["ratio"] = row["pyllm_tokens_per_s"] / row["transformers_tokens_per_s"]
             weights, kv = bytes_per_step(ours, B, p["prompt"], new)
             row["weight_mb_per_step"], row["kv_mb_per_step"] = weights / 1e6, kv / 1e6
-            for who in ("pyllm", "transformers") + (("pyllm-compile",) if args.compile else ()):
+            for who in ("pyllm", "transformers") + extra:
                 row[f"{who}_decode_gbps"] = (weights + kv) / (row[f"{who}_decode_step_ms"] / 1e3) / 1e9
             if args.compile:
                 row["compile_ratio"] = row["pyllm-compile_tokens_per_s"] / row["transformers_tokens_per_s"]
@@ -133,6 +152,11 @@ def run(args) -> dict:
                   f" ms): {row['ratio']:.2f}x" + (f"; compiled {row['pyllm-compile_tokens_per_s']:8.1f} tok/s (decode "
                                                   f"step {row['pyllm-compile_decode_step_ms']:.1f} ms): "
                                                   f"{row['compile_ratio']:.2f}x" if args.compile else ""), flush=True)
+            if args.module_path:
+                row["module_ratio"] = row["pyllm-module_tokens_per_s"] / row["transformers_tokens_per_s"]
+                print(f"      module path (no direct decode): {row['pyllm-module_tokens_per_s']:8.1f} tok/s (decode step "
+                      f"{row['pyllm-module_decode_step_ms']:.2f} ms; direct {row['pyllm_decode_step_ms']:.2f} ms): "
+                      f"{row['module_ratio']:.2f}x", flush=True)
             print(f"      a decode step reads {row['weight_mb_per_step']:.0f} MB of weights + {row['kv_mb_per_step']:.0f} "
                   f"MB of KV cache: pyllm {row['pyllm_decode_gbps']:.1f} GB/s, transformers "
                   f"{row['transformers_decode_gbps']:.1f} GB/s (copy {copy_gbps:.1f} GB/s)", flush=True)
@@ -146,6 +170,9 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-s", type=float, default=60.0, help="time budget per provider and case (seconds)")
+    ap.add_argument("--module-path", action="store_true",
+                    help="also time pyllm's eager generate on the module path (no direct decode)")
+    ap.add_argument("--tiny", action="store_true", help="tiny widths, 12 layers: the decode step's overhead alone")
     ap.add_argument("--arch", nargs="+", choices=("gpt2", "llama"), help="only these models (default: both)")
     ap.add_argument("--batch", nargs="+", type=int, help="only these batch sizes (default: 1 and 8; quick: 1 and 4)")
     ap.add_argument("--json", help="write the results here")

@@ -240,3 +240,25 @@ def test_direct_decode_only_where_it_is_exact(monkeypatch):
     monkeypatch.setattr(B.BlockStack, "decode", lambda self, *a: seen.append(1) or B.BlockStack.forward(self, a[0], *a[1:]))
     model.generate(batch(B=1, N=5)[0], max_new_tokens=3)
     assert len(seen) == 2  # the direct path did run in generate (the prompt goes through forward)
+
+
+def test_bench_generate_times_the_module_path_beside_the_direct_one(tmp_path):
+    """benchmarks/bench_generate.py --tiny --module-path: both of pyllm's eager paths give transformers' tokens and
+    are timed in the same run (a smoke run: the timings themselves are not asserted)."""
+    import json
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import bench_generate
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "gen.json"
+    rc = bench_generate.main(["--device", "cpu", "--quick", "--tiny", "--module-path", "--batch", "1", "3",
+                              "--repeats", "1", "--max-s", "2", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rc == 0 and len(rows) == 4 and all(r["same_tokens"] for r in rows)
+    for r in rows:
+        assert r["pyllm-module_decode_step_ms"] > 0 and r["module_ratio"] > 0 and r["ratio"] > 0
