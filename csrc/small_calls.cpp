@@ -91,6 +91,23 @@ struct ReleaseGil {  // the kernels run without the GIL, as torch's own bindings
 
 PyObject* none() { Py_RETURN_NONE; }
 
+// (a, b) as a new Python tuple of two tensors, or nullptr with the Python error set.
+PyObject* wrap_pair(Tensor a, Tensor b) {
+  PyObject* py_a = THPVariable_Wrap(std::move(a));
+  PyObject* py_b = py_a ? THPVariable_Wrap(std::move(b)) : nullptr;
+  if (!py_b) {
+    Py_XDECREF(py_a);
+    return nullptr;
+  }
+  PyObject* pair = PyTuple_Pack(2, py_a, py_b);
+  Py_DECREF(py_a);
+  Py_DECREF(py_b);
+  return pair;
+}
+
+// The kernels take rows whose last dimension is contiguous (views of a packed projection are fine).
+Tensor last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 bool common_state() { return !at::impl::torch_function_mode_enabled() && env_allows_cpu(); }
 
 double finfo_eps(c10::ScalarType t) {
@@ -167,16 +184,7 @@ PyObject* layer_norm_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (r) h = flat ? std::get<1>(out) : std::get<1>(out).view(x->sizes());
   }
   if (!r) return THPVariable_Wrap(std::move(y));
-  PyObject* py_y = THPVariable_Wrap(std::move(y));
-  PyObject* py_h = py_y ? THPVariable_Wrap(std::move(h)) : nullptr;
-  if (!py_h) {
-    Py_XDECREF(py_y);
-    return nullptr;
-  }
-  PyObject* pair = PyTuple_Pack(2, py_y, py_h);
-  Py_DECREF(py_y);
-  Py_DECREF(py_h);
-  return pair;
+  return wrap_pair(std::move(y), std::move(h));
   END_HANDLE_TH_ERRORS
 }
 
@@ -214,7 +222,6 @@ PyObject* attention_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Tensor o;
   {
     ReleaseGil nogil;
-    auto last_dim_contiguous = [](const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
     OptTensor m;
     if (mask) m = *mask;
     o = std::get<0>(fwd.call(last_dim_contiguous(*q), last_dim_contiguous(*k), last_dim_contiguous(*v), m, causal,
@@ -252,20 +259,10 @@ PyObject* rotary_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Tensor qo, ko;
   {
     ReleaseGil nogil;
-    auto last_dim_contiguous = [](const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
     std::tie(qo, ko) = op.call(last_dim_contiguous(*q), last_dim_contiguous(*k), *cos, *sin, args[4] == Py_True,
                                false);
   }
-  PyObject* py_q = THPVariable_Wrap(std::move(qo));
-  PyObject* py_k = py_q ? THPVariable_Wrap(std::move(ko)) : nullptr;
-  if (!py_k) {
-    Py_XDECREF(py_q);
-    return nullptr;
-  }
-  PyObject* pair = PyTuple_Pack(2, py_q, py_k);
-  Py_DECREF(py_q);
-  Py_DECREF(py_k);
-  return pair;
+  return wrap_pair(std::move(qo), std::move(ko));
   END_HANDLE_TH_ERRORS
 }
 
