@@ -236,6 +236,11 @@ def test_direct_decode_only_where_it_is_exact(monkeypatch):
     post = GPTForCausalLM(tiny_config(max_position_embeddings=64, norm_position="post")).eval()
     with torch.no_grad():
         assert not B.direct_decode_ok(post.transformer)
+    from pyllm.train import lora
+
+    adapted = lora.apply(GPTForCausalLM(tiny_config(max_position_embeddings=64)), "r=4,alpha=8,targets=q,k,v,o").eval()
+    with torch.no_grad():  # peft's LoRA layers replace pyllm's Linear: their forward is not the decode path's
+        assert not B.direct_decode_ok(adapted.transformer)
     seen = []
     monkeypatch.setattr(B.BlockStack, "decode", lambda self, *a: seen.append(1) or B.BlockStack.forward(self, a[0], *a[1:]))
     model.generate(batch(B=1, N=5)[0], max_new_tokens=3)
