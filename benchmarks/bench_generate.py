@@ -1,6 +1,7 @@
 """Generation: tokens/s of greedy decoding, pyllm's decoders against transformers' generate on the same weights.
 
-    python benchmarks/bench_generate.py [--device cpu|cuda] [--quick] [--compile] [--json out.json]
+    python benchmarks/bench_generate.py [--device cpu|cuda] [--quick] [--compile] [--module-path] [--tiny]
+                                        [--json out.json]
 
 Two models with random weights, built in pyllm, saved as Hugging Face folders and loaded back into
 transformers (so both run the same weights): a GPT-2-124M-shaped GPTForCausalLM (12 layers, hidden 768,
@@ -19,9 +20,10 @@ then cannot exceed what the other side leaves of the ceiling.
 cache; compilation happens in the token check, before timing). --module-path adds pyllm's eager generate on
 the module path (``pyllm-module``): a no-op forward hook on the backbone makes ``block.direct_decode_ok`` false,
 so the steps go through ``nn.Module.__call__`` as before the blocks' ``decode`` methods existed (the hook itself
-runs once, on the prompt). --tiny shrinks the widths (hidden 64, 4 / 2 heads, MLP 128, vocabulary 128; 12
-layers, prompt and new tokens as given): the weights cost nothing, so a decode step is its overhead alone. --quick: 2 layers, prompt 64, 16 new
-tokens, batch 1 and 4 (a smoke run of a minute or two on a CPU; add --max-s 5 on a loaded machine).
+runs once, on the prompt). --tiny shrinks the widths (hidden 64, 4 / 2 heads, MLP 128, vocabulary 128; the
+preset's layers, prompt and new tokens): the weights cost nothing, so a decode step is its overhead alone.
+--quick: 2 layers, prompt 64, 16 new tokens, batch 1 and 4 (a smoke run of a minute or two on a CPU; add
+--max-s 5 on a loaded machine).
 Timings on a shared machine are noisy: compare the ratio, measured alternately in one run.
 """
 from __future__ import annotations
