@@ -24,12 +24,16 @@ using AttentionBwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Ten
                                                         bool);
 
 using Rotary = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, bool);
+using LinearDecode = Tensor(const Tensor&, const Tensor&, const OptTensor&);
+using GeluTanhFwd = Tensor(const Tensor&);
 
 inline constexpr char kLayerNormFwd[] = "pyllm::layer_norm_fwd";
 inline constexpr char kLayerNormBwd[] = "pyllm::layer_norm_bwd";
 inline constexpr char kAttentionFwd[] = "pyllm::attention_fwd";
 inline constexpr char kAttentionBwd[] = "pyllm::attention_bwd";
 inline constexpr char kRotary[] = "pyllm::rotary";
+inline constexpr char kLinearDecode[] = "pyllm::linear_decode";
+inline constexpr char kGeluTanhFwd[] = "pyllm::gelu_tanh_fwd";
 
 // The handle of op `Name` (looked up once, on first use).
 template <typename Sig, const char* Name>
@@ -43,6 +47,8 @@ inline const auto& layer_norm_bwd() { return handle<LayerNormBwd, kLayerNormBwd>
 inline const auto& attention_fwd() { return handle<AttentionFwd, kAttentionFwd>(); }
 inline const auto& attention_bwd() { return handle<AttentionBwd, kAttentionBwd>(); }
 inline const auto& rotary() { return handle<Rotary, kRotary>(); }
+inline const auto& linear_decode() { return handle<LinearDecode, kLinearDecode>(); }
+inline const auto& gelu_tanh_fwd() { return handle<GeluTanhFwd, kGeluTanhFwd>(); }
 
 }  // namespace ops
 }  // namespace pyllm

@@ -5,7 +5,8 @@
 // see it as always). Anything else returns None and the Python op layer takes its full path: validation with
 // its error messages, backend choice, the reference. A call through torch.ops from Python costs ~5 us
 // (boxing the arguments, overload resolution) and the Python validation another ~10 us; this costs well
-// under one.
+// under one. decode_stack_fast, at the end, strings the same calls together for a whole decode step of a
+// pre-norm decoder stack (generate()'s loop), so no Python runs between them.
 //
 // What the cpu backend serves (dtypes, the attention head_dim limit) is not restated here: the op layer
 // configures each op once from pyllm.capabilities (`_small_calls_configure`); an unconfigured op never takes
@@ -14,6 +15,12 @@
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
 #include <torch/csrc/Exceptions.h>
@@ -23,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "op_handles.h"
 
@@ -32,7 +40,7 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-enum Op { kLayerNorm, kRmsNorm, kAttention, kRotary, kNumOps };
+enum Op { kLayerNorm, kRmsNorm, kAttention, kRotary, kGeluTanh, kNumOps };
 struct Config {
   uint64_t dtypes = 0;  // bit (1 << ScalarType) per dtype the cpu backend serves; 0 = not configured
   int64_t max_head_dim = -1;  // attention: -1 = no limit
@@ -119,6 +127,26 @@ double finfo_eps(c10::ScalarType t) {
   }
 }
 
+// The norms' kernel call as the op layer makes it: x (..., *shape) normalized over its last nd dims (n elements),
+// w, b of that shape or null, r like x or null -> (y, h = x + r) in x's shape (h undefined without r).
+std::pair<Tensor, Tensor> norm_call(const Tensor& x, int64_t nd, int64_t n, const Tensor* w, const Tensor* b,
+                                    const Tensor* r, double eps, bool rms) {
+  const bool flat = x.dim() == 2 && nd == 1;  // already (M, N): no reshapes
+  auto rows = [&](const Tensor& t) {
+    Tensor t2 = flat ? t : t.reshape({-1, n});
+    return t2.stride(1) != 1 ? t2.contiguous() : t2;
+  };
+  OptTensor w1, b1, r2;
+  if (w) w1 = nd == 1 ? *w : w->reshape({n});
+  if (b) b1 = nd == 1 ? *b : b->reshape({n});
+  if (r) r2 = rows(*r);
+  auto out = ops::layer_norm_fwd().call(rows(x), w1, b1, r2, eps, rms);
+  Tensor y = flat ? std::get<0>(out) : std::get<0>(out).view(x.sizes());
+  Tensor h;
+  if (r) h = flat ? std::get<1>(out) : std::get<1>(out).view(x.sizes());
+  return {std::move(y), std::move(h)};
+}
+
 // layer_norm_fast(x, normalized_shape, weight, bias, residual, eps, rms) -> y, (y, h) with a residual, or None
 PyObject* layer_norm_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -166,22 +194,10 @@ PyObject* layer_norm_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return none();
   }
 
-  const auto& fwd = ops::layer_norm_fwd();
-  const bool flat = x->dim() == 2 && nd == 1;  // already (M, N): no reshapes
   Tensor y, h;
   {
     ReleaseGil nogil;
-    auto rows = [&](const Tensor& t) {
-      Tensor t2 = flat ? t : t.reshape({-1, n});
-      return t2.stride(1) != 1 ? t2.contiguous() : t2;
-    };
-    OptTensor w1, b1, r2;
-    if (w) w1 = nd == 1 ? *w : w->reshape({n});
-    if (b) b1 = nd == 1 ? *b : b->reshape({n});
-    if (r) r2 = rows(*r);
-    auto out = fwd.call(rows(*x), w1, b1, r2, eps, rms);
-    y = flat ? std::get<0>(out) : std::get<0>(out).view(x->sizes());
-    if (r) h = flat ? std::get<1>(out) : std::get<1>(out).view(x->sizes());
+    std::tie(y, h) = norm_call(*x, nd, n, w, b, r, eps, rms);
   }
   if (!r) return THPVariable_Wrap(std::move(y));
   return wrap_pair(std::move(y), std::move(h));
@@ -266,7 +282,217 @@ PyObject* rotary_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// _small_calls_configure(op, dtypes, max_head_dim): op "layer_norm" | "rms_norm" | "attention" | "rotary"; dtypes a
+// ---------------------------------------------------------------------------------------------------------------
+// decode_stack_fast(x, layers, final_norm, k_cache, v_cache, start, key_padding_mask, cos, sin, spec) -> y or None
+//
+// One decode step of a pre-norm decoder stack (pyllm.models' GPT and Llama blocks in eval mode, with a KV cache):
+// the calls their decode methods make, in the same order with the same arguments (so the same bits), without
+// Python between them. pyllm.models.block.StackPlan builds the arguments once per generate() call.
+//   x (B, N, C): the embedded tokens.
+//   layers: per block a tuple of 12 tensors or None: (norm1 weight, norm1 bias, qkv weight, qkv bias, out weight,
+//     out bias, norm2 weight, norm2 bias, up weight, up bias, down weight, down bias); up / down are the MLP's
+//     fc1 / fc2 (Llama: gate_up / down_proj).
+//   final_norm: (weight, bias).
+//   k_cache, v_cache: lists of (B, capacity, Hkv, D) buffers, one per block, positions 0..start-1 filled; the
+//     step writes start..start+N-1 (the caller then advances its lengths).
+//   key_padding_mask: (B, start + N) bool or None.  cos, sin: the rotary tables (1 or B, N, r) or None (no RoPE).
+//   spec: (rms, eps, heads, kv_heads, head_dim, causal, mlp, intermediate, decode_rows): rms picks RMSNorm over
+//     LayerNorm; eps a float (None: RMSNorm's default, finfo(dtype).eps); mlp "gelu" | "gelu_tanh" | "relu" | "silu"
+//     (down(act(up x))) or "swiglu" (gate, u = split(up x, intermediate); down(silu(gate) * u)); decode_rows:
+//     pyllm.nn.Linear's threshold (2..decode_rows rows run pyllm::linear_decode, others at::linear; 0: never).
+// Returns None, before anything is written, for a call it does not take (the Python decode methods then run).
+namespace stack {
+
+enum Mlp { kGelu, kGeluTanhAct, kRelu, kSilu, kSwiglu };
+
+struct Linear {
+  const Tensor* w = nullptr;
+  const Tensor* b = nullptr;
+};
+struct Layer {
+  const Tensor *n1w, *n1b, *n2w, *n2b;
+  Linear qkv, out, up, down;
+};
+
+// A weight (out_f, in_f) in dtype t and its bias (out_f,) or None.
+bool linear_arg(PyObject* w, PyObject* b, int64_t out_f, int64_t in_f, c10::ScalarType t, Linear* lin) {
+  lin->w = cpu_tensor(w);
+  if (!lin->w || lin->w->dim() != 2 || lin->w->size(0) != out_f || lin->w->size(1) != in_f ||
+      lin->w->scalar_type() != t || !optional_cpu_tensor(b, &lin->b))
+    return false;
+  return !lin->b || (lin->b->dim() == 1 && lin->b->size(0) == out_f && lin->b->scalar_type() == t);
+}
+
+// A norm's weight or bias: None, or (C,) in the input's dtype or float32 (layer_norm_fast's rule).
+bool norm_arg(PyObject* obj, int64_t C, c10::ScalarType t, const Tensor** out) {
+  if (!optional_cpu_tensor(obj, out)) return false;
+  const Tensor* p = *out;
+  return !p || (p->dim() == 1 && p->size(0) == C && (p->scalar_type() == t || p->scalar_type() == at::kFloat));
+}
+
+// A cache buffer list: L (B, >= end, Hkv, D) tensors of dtype t.
+bool cache_arg(PyObject* list, size_t L, int64_t B, int64_t end, int64_t Hkv, int64_t D, c10::ScalarType t,
+               std::vector<const Tensor*>* out) {
+  if (!PyList_CheckExact(list) || static_cast<size_t>(PyList_GET_SIZE(list)) != L) return false;
+  for (size_t i = 0; i < L; ++i) {
+    const Tensor* c = cpu_tensor(PyList_GET_ITEM(list, i));
+    if (!c || c->dim() != 4 || c->size(0) != B || c->size(1) < end || c->size(2) != Hkv || c->size(3) != D ||
+        c->scalar_type() != t)
+      return false;
+    out->push_back(c);
+  }
+  return true;
+}
+
+// pyllm.nn.Linear.forward in inference: the decode GEMV for 2..rows_max rows, at::linear otherwise.
+Tensor linear(const Tensor& x, const Linear& lin, int64_t rows, int64_t rows_max) {
+  OptTensor b;
+  if (lin.b) b = *lin.b;
+  if (rows > 1 && rows <= rows_max) return ops::linear_decode().call(x, *lin.w, b);
+  return at::linear(x, *lin.w, b);
+}
+
+}  // namespace stack
+
+PyObject* decode_stack_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  using namespace stack;
+  if (nargs != 10) {
+    PyErr_SetString(PyExc_TypeError, "decode_stack_fast takes 10 arguments");
+    return nullptr;
+  }
+  PyObject* spec = args[9];
+  if (!PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != 9) return none();
+  PyObject* const* sp = &PyTuple_GET_ITEM(spec, 0);
+  const bool rms = sp[0] == Py_True;
+  int64_t Hq = 0, Hkv = 0, D = 0, inter = 0, rows_max = 0;
+  if (!exact_int(sp[2], &Hq) || !exact_int(sp[3], &Hkv) || !exact_int(sp[4], &D) || !exact_int(sp[7], &inter) ||
+      !exact_int(sp[8], &rows_max) || (sp[5] != Py_True && sp[5] != Py_False) || !PyUnicode_Check(sp[6]))
+    return none();
+  const bool causal = sp[5] == Py_True;
+  const char* mlp_name = PyUnicode_AsUTF8(sp[6]);
+  if (!mlp_name) return nullptr;
+  Mlp mlp;
+  if (std::strcmp(mlp_name, "gelu") == 0) mlp = kGelu;
+  else if (std::strcmp(mlp_name, "gelu_tanh") == 0) mlp = kGeluTanhAct;
+  else if (std::strcmp(mlp_name, "relu") == 0) mlp = kRelu;
+  else if (std::strcmp(mlp_name, "silu") == 0) mlp = kSilu;
+  else if (std::strcmp(mlp_name, "swiglu") == 0) mlp = kSwiglu;
+  else return none();
+
+  const Tensor* x = cpu_tensor(args[0]);
+  if (!x || x->dim() != 3 || x->numel() == 0 || !common_state()) return none();
+  const auto t = x->scalar_type();
+  const bool rotary = args[7] != Py_None;
+  if (!dtype_ok(rms ? kRmsNorm : kLayerNorm, t) || !dtype_ok(kAttention, t) || (rotary && !dtype_ok(kRotary, t)) ||
+      (mlp == kGeluTanhAct && !dtype_ok(kGeluTanh, t)))
+    return none();
+  const int64_t B = x->size(0), N = x->size(1), C = x->size(2), rows = B * N;
+  const int64_t max_d = g_config[kAttention].max_head_dim;
+  if (Hq < 1 || Hkv < 1 || Hq % Hkv != 0 || D < 1 || (max_d >= 0 && D > max_d) || inter < 1) return none();
+  double eps = 0;
+  if (rms && sp[1] == Py_None) {
+    eps = finfo_eps(t);
+  } else if (!finite_number(sp[1], &eps) || !(eps >= 0)) {
+    return none();
+  }
+  int64_t start = 0;
+  if (!exact_int(args[5], &start) || start < 0) return none();
+  const int64_t end = start + N;
+
+  // the blocks' parameters
+  PyObject* layers = args[1];
+  if (!PyTuple_CheckExact(layers) || PyTuple_GET_SIZE(layers) < 1) return none();
+  const size_t L = PyTuple_GET_SIZE(layers);
+  const int64_t up_f = mlp == kSwiglu ? 2 * inter : inter;
+  std::vector<Layer> blocks(L);
+  for (size_t i = 0; i < L; ++i) {
+    PyObject* item = PyTuple_GET_ITEM(layers, i);
+    if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 12) return none();
+    PyObject* const* p = &PyTuple_GET_ITEM(item, 0);
+    Layer& l = blocks[i];
+    if (!norm_arg(p[0], C, t, &l.n1w) || !norm_arg(p[1], C, t, &l.n1b) || !norm_arg(p[6], C, t, &l.n2w) ||
+        !norm_arg(p[7], C, t, &l.n2b) || !linear_arg(p[2], p[3], (Hq + 2 * Hkv) * D, C, t, &l.qkv) ||
+        !linear_arg(p[4], p[5], C, Hq * D, t, &l.out) || !linear_arg(p[8], p[9], up_f, C, t, &l.up) ||
+        !linear_arg(p[10], p[11], C, inter, t, &l.down))
+      return none();
+  }
+  PyObject* fin = args[2];
+  const Tensor *fw = nullptr, *fb = nullptr;
+  if (!PyTuple_CheckExact(fin) || PyTuple_GET_SIZE(fin) != 2 || !norm_arg(PyTuple_GET_ITEM(fin, 0), C, t, &fw) ||
+      !norm_arg(PyTuple_GET_ITEM(fin, 1), C, t, &fb))
+    return none();
+  std::vector<const Tensor*> kc, vc;
+  if (!cache_arg(args[3], L, B, end, Hkv, D, t, &kc) || !cache_arg(args[4], L, B, end, Hkv, D, t, &vc))
+    return none();
+  const Tensor* mask = nullptr;
+  if (!optional_cpu_tensor(args[6], &mask)) return none();
+  if (mask && (mask->scalar_type() != at::kBool || mask->dim() != 2 || mask->size(0) != B || mask->size(1) != end))
+    return none();
+  const Tensor *cos = nullptr, *sin = nullptr;
+  if (rotary) {  // rotary_fast's tables
+    cos = cpu_tensor(args[7]);
+    sin = cpu_tensor(args[8]);
+    const auto table = t == at::kDouble ? at::kDouble : at::kFloat;
+    for (const Tensor* tab : {cos, sin})
+      if (!tab || tab->dim() != 3 || tab->scalar_type() != table || !tab->is_contiguous() || tab->requires_grad())
+        return none();
+    if (cos->sizes() != sin->sizes() || (cos->size(0) != 1 && cos->size(0) != B) || cos->size(1) != N ||
+        cos->size(2) < 1 || 2 * cos->size(2) > D)
+      return none();
+  } else if (args[8] != Py_None) {
+    return none();
+  }
+
+  const int64_t hq = Hq * D, hkv = Hkv * D;
+  const double scale = std::pow(static_cast<double>(D), -0.5);  // Python's D ** -0.5
+  OptTensor m;
+  if (mask) m = *mask;
+  Tensor h, residual;
+  {
+    ReleaseGil nogil;
+    at::AutoDispatchBelowAutograd no_autograd;  // grad mode is off (the caller checks): nothing to record
+    h = *x;
+    for (size_t i = 0; i < L; ++i) {
+      const Layer& l = blocks[i];
+      Tensor normed;
+      if (i == 0) {  // the first block has no residual to add yet
+        normed = norm_call(h, 1, C, l.n1w, l.n1b, nullptr, eps, rms).first;
+        residual = h;
+      } else {
+        std::tie(normed, residual) = norm_call(h, 1, C, l.n1w, l.n1b, &residual, eps, rms);
+      }
+      const Tensor qkv = linear(normed, l.qkv, rows, rows_max);
+      Tensor q = qkv.narrow(-1, 0, hq).view({B, N, Hq, D});
+      Tensor k = qkv.narrow(-1, hq, hkv).view({B, N, Hkv, D});
+      const Tensor v = qkv.narrow(-1, hq + hkv, hkv).view({B, N, Hkv, D});
+      if (rotary)
+        std::tie(q, k) = ops::rotary().call(last_dim_contiguous(q), last_dim_contiguous(k), *cos, *sin, false, false);
+      kc[i]->narrow(1, start, N).copy_(k);
+      vc[i]->narrow(1, start, N).copy_(v);
+      const Tensor o = std::get<0>(ops::attention_fwd().call(
+          last_dim_contiguous(q), last_dim_contiguous(kc[i]->narrow(1, 0, end)),
+          last_dim_contiguous(vc[i]->narrow(1, 0, end)), m, causal, scale));
+      const Tensor a = linear(o.reshape({B, N, hq}), l.out, rows, rows_max);
+      std::tie(normed, residual) = norm_call(a, 1, C, l.n2w, l.n2b, &residual, eps, rms);
+      Tensor u = linear(normed, l.up, rows, rows_max);
+      switch (mlp) {
+        case kGelu: u = at::gelu(u); break;
+        case kGeluTanhAct: u = ops::gelu_tanh_fwd().call(u.is_contiguous() ? u : u.contiguous()); break;
+        case kRelu: u = at::relu(u); break;
+        case kSilu: u = at::silu(u); break;
+        case kSwiglu: u = at::mul(at::silu(u.narrow(-1, 0, inter)), u.narrow(-1, inter, inter)); break;
+      }
+      h = linear(u, l.down, rows, rows_max);
+    }
+    h = norm_call(h, 1, C, fw, fb, &residual, eps, rms).first;
+  }
+  return THPVariable_Wrap(std::move(h));
+  END_HANDLE_TH_ERRORS
+}
+
+// _small_calls_configure(op, dtypes, max_head_dim): op "layer_norm" | "rms_norm" | "attention" | "rotary" |
+// "gelu_tanh"; dtypes a
 // sequence of dtype names ("float32", ...) the cpu backend serves; max_head_dim an int or None (no limit).
 PyObject* configure(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -281,6 +507,7 @@ PyObject* configure(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   else if (std::strcmp(name, "rms_norm") == 0) op = kRmsNorm;
   else if (std::strcmp(name, "attention") == 0) op = kAttention;
   else if (std::strcmp(name, "rotary") == 0) op = kRotary;
+  else if (std::strcmp(name, "gelu_tanh") == 0) op = kGeluTanh;
   else {
     PyErr_Format(PyExc_ValueError, "_small_calls_configure: unknown op %s", name);
     return nullptr;
@@ -318,6 +545,8 @@ PyMethodDef small_call_methods[] = {
      "pyllm.attention's common call (None: take the full path)"},
     {"rotary_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(rotary_fast)), METH_FASTCALL,
      "pyllm.rotary's common call (None: take the full path)"},
+    {"decode_stack_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(decode_stack_fast)), METH_FASTCALL,
+     "one decode step of a pre-norm decoder stack (None: run the Python decode methods)"},
     {"_small_calls_configure", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(configure)), METH_FASTCALL,
      "which dtypes (and head dims) the fast paths take, from pyllm.capabilities"},
     {nullptr, nullptr, 0, nullptr}};

@@ -15,21 +15,28 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import pyllm
+from pyllm import backends
 from pyllm.nn import LayerNorm, Linear, RMSNorm
+from pyllm.nn import linear as _linear
+from pyllm.ops import _fast
 
 from .config import TransformerConfig
 
 
+def gelu_tanh(x):
+    """GPT-2's tanh approximation of GELU, fused (pyllm.gelu)."""
+    return pyllm.gelu(x, "tanh")
+
+
+# activation name -> function; StackPlan reads the MLP's function back to the name its C++ step computes
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": gelu_tanh, "gelu_tanh": gelu_tanh, "relu": F.relu, "silu": F.silu}
+_ACTIVATION_NAMES = {F.gelu: "gelu", gelu_tanh: "gelu_tanh", F.relu: "relu", F.silu: "silu"}
+
+
 def activation_fn(name: str):
-    if name == "gelu":
-        return F.gelu
-    if name in ("gelu_new", "gelu_tanh"):  # GPT-2's tanh approximation, fused (pyllm.gelu)
-        return lambda x: pyllm.gelu(x, "tanh")
-    if name == "relu":
-        return F.relu
-    if name == "silu":
-        return F.silu
-    raise ValueError(f"activation: unknown name {name!r}")
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation: unknown name {name!r}")
+    return _ACTIVATIONS[name]
 
 
 class KVCache:
@@ -270,12 +277,79 @@ class BlockStack(nn.Module):
 
     direct_decode = True
 
-    def decode(self, x, key_padding_mask, cache: KVCache):
-        """forward of a pre-norm stack in eval mode with a cache, the blocks' decode (see SelfAttention.decode)."""
+    def decode(self, x, key_padding_mask, cache: KVCache, plan: Optional[StackPlan] = None):
+        """forward of a pre-norm stack in eval mode with a cache, the blocks' decode (see SelfAttention.decode);
+        with a plan (decode_plan()), the whole step in one C++ call when it takes it."""
+        if plan is not None:
+            y = plan(x, key_padding_mask, cache)
+            if y is not None:
+                return y
         residual = None
         for i, block in enumerate(self.layers):
             x, residual = block.decode(x, residual, key_padding_mask, cache, i)
         return self.norm_f.forward(x, residual=residual)[0]  # (B, N, C)
+
+
+    def decode_plan(self) -> Optional[StackPlan]:
+        """The StackPlan of decode() (call after direct_decode_ok), or None where the C++ step cannot stand for
+        the blocks' decode methods."""
+        blocks = list(self.layers)
+        if not self.pre_norm or not blocks:
+            return None
+        attn, mlp = blocks[0].attn, blocks[0].mlp
+        act = _ACTIVATION_NAMES.get(mlp.act)
+        if act is None or any(b.mlp.act is not mlp.act or b.attn.causal != attn.causal for b in blocks):
+            return None
+        layers = [(b.norm1.weight, b.norm1.bias, b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj.weight,
+                   b.attn.proj.bias, b.norm2.weight, b.norm2.bias, b.mlp.fc1.weight, b.mlp.fc1.bias,
+                   b.mlp.fc2.weight, b.mlp.fc2.bias) for b in blocks]
+        return StackPlan.build(self, layers, (self.norm_f.weight, self.norm_f.bias), LayerNorm, attn.num_heads,
+                               attn.num_kv_heads, attn.head_dim, attn.causal, act, mlp.fc1.out_features)
+
+
+# One decode step of a whole pre-norm stack in C++ (None: an extension built before it existed)
+_STACK_FAST = _fast.load("decode_stack_fast", ("layer_norm", "rms_norm", "attention", "rotary", "gelu_tanh"))
+
+
+class StackPlan:
+    """generate()'s decode step of a pre-norm stack (GPT's blocks, Llama's) as one C++ call,
+    ``pyllm._C.decode_stack_fast``: the calls the blocks' decode methods make, in the same order with the same
+    arguments (so the same bits, tested), without Python between the ~15 op calls of each block. The model's
+    ``decode_plan()`` builds it once per generate() call, after ``direct_decode_ok``; a step the C++ side does
+    not take (a cache buffer to grow, another backend in force, a dtype the cpu kernels do not serve) returns
+    None having written nothing, and the caller runs the decode methods."""
+
+    def __init__(self, layers, final_norm, spec):
+        self.layers, self.final_norm, self.spec = layers, final_norm, spec
+
+    @classmethod
+    def build(cls, body: nn.Module, layers, final_norm, norm_cls, heads: int, kv_heads: int, head_dim: int,
+              causal: bool, mlp: str, intermediate: int) -> Optional[StackPlan]:
+        """layers: per block the 12 tensors (or None) of decode_stack_fast (csrc/small_calls.cpp); every norm
+        of ``body`` must be a ``norm_cls`` over the hidden size with one eps; every op's backend auto or cpu."""
+        if _STACK_FAST is None:
+            return None
+        norms = [m for m in body.modules() if isinstance(m, (LayerNorm, RMSNorm))]
+        eps, shapes = {m.eps for m in norms}, {tuple(m.normalized_shape) for m in norms}
+        if (len(eps) != 1 or len(shapes) != 1 or len(shapes.pop()) != 1 or any(type(m) is not norm_cls for m in norms)
+                or any(getattr(m, "backend", None) not in _fast.CPU_CHOICES for m in body.modules())):
+            return None
+        spec = (norm_cls is RMSNorm, eps.pop(), heads, kv_heads, head_dim, causal, mlp, intermediate,
+                _linear.DECODE_ROWS if _linear._READY else 0)
+        return cls(tuple(layers), final_norm, spec)
+
+    def __call__(self, x, key_padding_mask, cache: KVCache, cos=None, sin=None):
+        """x (B, N, C) the embedded tokens -> the stack's output (B, N, C), or None (nothing written)."""
+        lengths = cache.lengths
+        start = lengths[0]
+        if (cache.write_at is not None or lengths.count(start) != len(lengths)
+                or backends._current not in _fast.CPU_CHOICES):
+            return None
+        y = _STACK_FAST(x, self.layers, self.final_norm, cache.k, cache.v, start, key_padding_mask, cos, sin,
+                        self.spec)
+        if y is not None:
+            lengths[:] = [start + x.shape[1]] * len(lengths)
+        return y
 
 
 # Leaf modules whose forward the decode methods call directly (or skip: Dropout, in eval mode).

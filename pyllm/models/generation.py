@@ -120,6 +120,7 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
         step_fn, write_at, visible = _compiled_step(model, body, compile, use_cache, mask, N, total)
     # eval mode, no hooks, pyllm's own modules: the decode steps call the submodules' forward directly
     direct = use_cache and not compile and direct_decode_ok(body)
+    plan = body.decode_plan() if direct else None  # and the blocks as one C++ call (block.StackPlan)
     cur = N
     for step in range(max_new_tokens):
         if not use_cache:  # the reference the cached path is tested against: recompute everything
@@ -134,7 +135,8 @@ def generate(model, input_ids, max_new_tokens: int = 20, attention_mask=None, do
             h = step_fn(nxt[:, None], position + (step - 1), visible, cache)
         else:  # one token per row against the cache
             kpm = key_padding[:, :cur] if padded else None
-            h = body.decode_step(tokens[:, cur - 1:cur], position + (step - 1), kpm, cache, direct=direct)[:, -1]
+            h = body.decode_step(tokens[:, cur - 1:cur], position + (step - 1), kpm, cache, direct=direct,
+                                 plan=plan)[:, -1]
         logits = model.lm_head(h).float()  # (B, V)
         nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
         if eos is not None:

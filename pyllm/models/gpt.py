@@ -14,7 +14,7 @@ from torch import nn
 
 from .base import (CausalLMOutput, PreTrainedModel, causal_lm_head, decoder_forward, default_positions,
                    last_token_classification, lm_head_and_loss, positions_from_mask)
-from .block import BlockStack, KVCache
+from .block import BlockStack, KVCache, StackPlan
 from .config import TransformerConfig
 from .generation import generate
 
@@ -60,16 +60,21 @@ class GPTModel(PreTrainedModel):
     direct_decode = True
 
     def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None,
-                    direct: bool = False):
+                    direct: bool = False, plan: Optional[StackPlan] = None):
         """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
         once: input_ids (B, N), position_ids (B or 1, N), key_padding_mask (B, past + N) bool or None
         -> last hidden state (B, N, C). direct=True (only where block.direct_decode_ok(self), with a cache)
-        calls the submodules' forward directly: the same ops, without nn.Module's per-call cost."""
+        calls the submodules' forward directly: the same ops, without nn.Module's per-call cost; with it,
+        plan (decode_plan()) runs the blocks as one C++ call where it can."""
         if direct:
             x = self.word.forward(input_ids) + self.position.forward(position_ids)
-            return self.blocks.decode(x, key_padding_mask, cache)
+            return self.blocks.decode(x, key_padding_mask, cache, plan)
         x = self.dropout(self.word(input_ids) + self.position(position_ids))  # (B, N, C)
         return self.blocks(x, key_padding_mask=key_padding_mask, cache=cache)
+
+    def decode_plan(self) -> Optional[StackPlan]:
+        """decode_step's plan (None: the decode methods run): see block.StackPlan."""
+        return self.blocks.decode_plan()
 
 
 class GPTForCausalLM(PreTrainedModel):

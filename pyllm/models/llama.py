@@ -30,7 +30,7 @@ from pyllm.nn import Linear, RMSNorm
 
 from .base import (CausalLMOutput, PreTrainedModel, causal_lm_head, decoder_forward, last_token_classification,
                    lm_head_and_loss)
-from .block import KVCache, PackedSequences, packed_attention
+from .block import KVCache, PackedSequences, StackPlan, packed_attention
 from .config import TransformerConfig
 from .generation import generate
 
@@ -325,14 +325,19 @@ class LlamaModel(PreTrainedModel):
     direct_decode = True
 
     def decode_step(self, input_ids, position_ids, key_padding_mask=None, cache: Optional[KVCache] = None,
-                    direct: bool = False):
+                    direct: bool = False, plan: Optional[StackPlan] = None):
         """forward without the input checks and mask derivations, for generate()'s decode loop, which checks
         once: input_ids (B, N), position_ids (B or 1, N), key_padding_mask (B, past + N) bool or None
         -> last hidden state (B, N, C). direct=True (only where block.direct_decode_ok(self), with a cache)
-        calls the submodules' forward directly: the same ops, without nn.Module's per-call cost."""
+        calls the submodules' forward directly: the same ops, without nn.Module's per-call cost; with it,
+        plan (decode_plan()) runs the blocks as one C++ call where it can."""
         if direct:
             x = self.embed_tokens.forward(input_ids)
             cos, sin = self.rotary.forward(position_ids)
+            if plan is not None:
+                y = plan(x, key_padding_mask, cache, cos, sin)
+                if y is not None:
+                    return y
             residual = None
             for i, layer in enumerate(self.layers):
                 x, residual = layer.decode(x, residual, cos, sin, key_padding_mask, cache, i)
@@ -347,6 +352,20 @@ class LlamaModel(PreTrainedModel):
             else:
                 x, residual = layer(x, residual, cos, sin, key_padding_mask, cache, i)
         return self.norm(x, residual=residual)[0]  # (B, N, C)
+
+    def decode_plan(self) -> Optional[StackPlan]:
+        """decode_step's plan (None: the decode methods run): see block.StackPlan. Sliding-window layers
+        (their attention takes the feature path) are left to the decode methods."""
+        blocks = list(self.layers)
+        if not blocks or any(b.self_attn.window is not None for b in blocks):
+            return None
+        layers = [(b.input_layernorm.weight, None, b.self_attn.qkv.weight, b.self_attn.qkv.bias,
+                   b.self_attn.o_proj.weight, b.self_attn.o_proj.bias, b.post_attention_layernorm.weight, None,
+                   b.mlp.gate_up.weight, b.mlp.gate_up.bias, b.mlp.down_proj.weight, b.mlp.down_proj.bias)
+                  for b in blocks]
+        a = blocks[0].self_attn
+        return StackPlan.build(self, layers, (self.norm.weight, None), RMSNorm, a.num_heads, a.num_kv_heads,
+                               a.head_dim, True, "swiglu", blocks[0].mlp.intermediate)
 
 
 class LlamaForCausalLM(PreTrainedModel):

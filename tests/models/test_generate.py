@@ -160,24 +160,35 @@ def _direct_cases():
         "llama": lambda: LlamaForCausalLM(LlamaConfig(**llama)),
         "qwen2_bias_window": lambda: LlamaForCausalLM(LlamaConfig(**llama, attention_bias=True, sliding_window=6,
                                                                   tie_word_embeddings=False)),
+        "qwen2_bias": lambda: LlamaForCausalLM(LlamaConfig(**llama, attention_bias=True, mlp_bias=True,
+                                                           tie_word_embeddings=False)),
+        "gpt_gelu_tanh": lambda: GPTForCausalLM(tiny_config(max_position_embeddings=64, activation="gelu_new")),
+        "gpt_relu_bf16": lambda: GPTForCausalLM(tiny_config(max_position_embeddings=64, activation="relu")).bfloat16(),
     }
 
 
-@pytest.mark.parametrize("arch", ["gpt", "gpt_gqa", "llama", "qwen2_bias_window"])
+@pytest.mark.parametrize("arch", ["gpt", "gpt_gqa", "llama", "qwen2_bias_window", "qwen2_bias", "gpt_gelu_tanh",
+                                  "gpt_relu_bf16"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_direct_decode_step_equals_the_module_path(arch, rows):
+def test_direct_decode_step_equals_the_module_path(arch, rows, monkeypatch):
     """generate()'s decode steps call the submodules' forward directly (decode_step(direct=True)) where
-    direct_decode_ok allows it: the same ops in the same order, so the hidden states and the caches are the
-    module path's bit for bit, padded rows (key padding mask) and sliding windows included."""
-    from pyllm.models.block import direct_decode_ok
+    direct_decode_ok allows it, and with the model's decode_plan() run the blocks as one C++ call: the same ops
+    in the same order, so the hidden states and the caches are the module path's bit for bit, padded rows (key
+    padding mask), biases, activations, bf16 and sliding windows (no plan: the decode methods) included."""
+    from pyllm.models import block as B
 
     torch.manual_seed(0)
     model = _direct_cases()[arch]().eval()
     body = model.transformer if hasattr(model, "transformer") else model.model
     ids, mask = batch(B=rows, N=9, pad_side="left", lengths=[9, 5, 2][:rows])
+    taken, fast = [], B._STACK_FAST
+    if fast is not None:  # what the C++ step returned, each step
+        monkeypatch.setattr(B, "_STACK_FAST", lambda *a: taken.append(fast(*a)) or taken[-1])
     with torch.no_grad():
-        assert direct_decode_ok(body)
-        caches = [KVCache(model.config.num_layers, capacity=20) for _ in range(2)]
+        assert B.direct_decode_ok(body)
+        plan = body.decode_plan()
+        assert (plan is None) == (arch == "qwen2_bias_window" or B._STACK_FAST is None)
+        caches = [KVCache(model.config.num_layers, capacity=20) for _ in range(3)]
         for cache in caches:
             body(ids, attention_mask=mask, cache=cache)
         kpm = torch.cat([mask, torch.ones(rows, 8, dtype=torch.long)], 1).bool()
@@ -185,14 +196,54 @@ def test_direct_decode_step_equals_the_module_path(arch, rows):
         tok = ids[:, -1:]
         for step in range(8):
             cur = 9 + step + 1
-            outs = [body.decode_step(tok, pos + step, kpm[:, :cur] if rows > 1 else None, cache, direct=d)
-                    for cache, d in zip(caches, (True, False))]
-            assert torch.equal(outs[0], outs[1]), f"step {step}"
+            outs = [body.decode_step(tok, pos + step, kpm[:, :cur] if rows > 1 else None, cache, direct=d, plan=p)
+                    for cache, (d, p) in zip(caches, ((True, plan), (True, None), (False, None)))]
+            assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2]), f"step {step}"
             tok = model.lm_head(outs[0][:, -1]).argmax(-1, keepdim=True)
+        assert len(taken) == (8 if plan is not None else 0) and all(t is not None for t in taken)
         for layer in range(model.config.num_layers):  # the written columns (the rest is uninitialized)
-            assert caches[0].lengths[layer] == caches[1].lengths[layer] == 17
-            for a, b in ((caches[0].k[layer], caches[1].k[layer]), (caches[0].v[layer], caches[1].v[layer])):
-                assert torch.equal(a[:, :17], b[:, :17])
+            assert caches[0].lengths[layer] == caches[1].lengths[layer] == caches[2].lengths[layer] == 17
+            for c in caches[:2]:
+                for a, b in ((c.k[layer], caches[2].k[layer]), (c.v[layer], caches[2].v[layer])):
+                    assert torch.equal(a[:, :17], b[:, :17])
+
+
+def test_stack_plan_declines_what_it_cannot_stand_for():
+    """decode_plan() is None where the C++ step would not compute what the decode methods do, and a plan's step
+    returns None, having written nothing, where it cannot take the call (the decode methods then run it)."""
+    from pyllm import backends
+    from pyllm.models import block as B
+
+    if B._STACK_FAST is None:
+        pytest.skip("pyllm._C without decode_stack_fast (an extension built before it)")
+    torch.manual_seed(0)
+    model = GPTForCausalLM(tiny_config(max_position_embeddings=64)).eval()
+    body = model.transformer
+    with torch.no_grad():
+        assert body.decode_plan() is not None
+        body.blocks.layers[1].mlp.act = torch.tanh  # a function the C++ step does not know
+        assert body.decode_plan() is None
+        body.blocks.layers[1].mlp.act = body.blocks.layers[0].mlp.act
+        body.blocks.layers[1].norm2.eps = 1e-3  # one eps for the whole stack only
+        assert body.decode_plan() is None
+        body.blocks.layers[1].norm2.eps = body.blocks.layers[0].norm2.eps
+        body.blocks.layers[0].attn.qkv.backend = "reference"
+        assert body.decode_plan() is None
+        body.blocks.layers[0].attn.qkv.backend = None
+        plan = body.decode_plan()
+        ids, _ = batch(B=1, N=5)
+        x = torch.randn(1, 1, model.config.hidden_size)
+        small = KVCache(model.config.num_layers, capacity=5)  # full: the next token needs the buffers to grow
+        body(ids, cache=small)
+        before = [k.clone() for k in small.k]
+        assert plan(x, None, small) is None and small.lengths == [5] * model.config.num_layers
+        assert all(torch.equal(a, b) for a, b in zip(before, small.k))
+        roomy = KVCache(model.config.num_layers, capacity=8)
+        body(ids, cache=roomy)
+        with backends.use("reference"):
+            assert plan(x, None, roomy) is None and roomy.lengths[0] == 5
+        assert plan(x.double(), None, roomy) is None  # the cache's dtype differs
+        assert plan(x, None, roomy) is not None and roomy.lengths == [6] * model.config.num_layers
 
 
 def test_direct_decode_only_where_it_is_exact(monkeypatch):
@@ -242,7 +293,7 @@ def test_direct_decode_only_where_it_is_exact(monkeypatch):
     with torch.no_grad():  # peft's LoRA layers replace pyllm's Linear: their forward is not the decode path's
         assert not B.direct_decode_ok(adapted.transformer)
     seen = []
-    monkeypatch.setattr(B.BlockStack, "decode", lambda self, *a: seen.append(1) or B.BlockStack.forward(self, a[0], *a[1:]))
+    monkeypatch.setattr(B.BlockStack, "decode", lambda self, *a: seen.append(1) or B.BlockStack.forward(self, *a[:3]))
     model.generate(batch(B=1, N=5)[0], max_new_tokens=3)
     assert len(seen) == 2  # the direct path did run in generate (the prompt goes through forward)
 
