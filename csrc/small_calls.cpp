@@ -330,16 +330,17 @@ bool norm_arg(PyObject* obj, int64_t C, c10::ScalarType t, const Tensor** out) {
   return !p || (p->dim() == 1 && p->size(0) == C && (p->scalar_type() == t || p->scalar_type() == at::kFloat));
 }
 
-// A cache buffer list: L (B, >= end, Hkv, D) tensors of dtype t.
+// A cache buffer list: L (B, >= end, Hkv, D) tensors of dtype t. Held by reference (the list is mutable and the
+// step runs without the GIL).
 bool cache_arg(PyObject* list, size_t L, int64_t B, int64_t end, int64_t Hkv, int64_t D, c10::ScalarType t,
-               std::vector<const Tensor*>* out) {
+               std::vector<Tensor>* out) {
   if (!PyList_CheckExact(list) || static_cast<size_t>(PyList_GET_SIZE(list)) != L) return false;
   for (size_t i = 0; i < L; ++i) {
     const Tensor* c = cpu_tensor(PyList_GET_ITEM(list, i));
     if (!c || c->dim() != 4 || c->size(0) != B || c->size(1) < end || c->size(2) != Hkv || c->size(3) != D ||
         c->scalar_type() != t)
       return false;
-    out->push_back(c);
+    out->push_back(*c);
   }
   return true;
 }
@@ -400,7 +401,7 @@ PyObject* decode_stack_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   if (!exact_int(args[5], &start) || start < 0) return none();
   const int64_t end = start + N;
 
-  // the blocks' parameters
+  // the blocks' parameters, by pointer: tuples (exact, so immutable) that the arguments hold for the whole call
   PyObject* layers = args[1];
   if (!PyTuple_CheckExact(layers) || PyTuple_GET_SIZE(layers) < 1) return none();
   const size_t L = PyTuple_GET_SIZE(layers);
@@ -422,7 +423,7 @@ PyObject* decode_stack_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   if (!PyTuple_CheckExact(fin) || PyTuple_GET_SIZE(fin) != 2 || !norm_arg(PyTuple_GET_ITEM(fin, 0), C, t, &fw) ||
       !norm_arg(PyTuple_GET_ITEM(fin, 1), C, t, &fb))
     return none();
-  std::vector<const Tensor*> kc, vc;
+  std::vector<Tensor> kc, vc;
   if (!cache_arg(args[3], L, B, end, Hkv, D, t, &kc) || !cache_arg(args[4], L, B, end, Hkv, D, t, &vc))
     return none();
   const Tensor* mask = nullptr;
@@ -468,11 +469,11 @@ PyObject* decode_stack_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
       const Tensor v = qkv.narrow(-1, hq + hkv, hkv).view({B, N, Hkv, D});
       if (rotary)
         std::tie(q, k) = ops::rotary().call(last_dim_contiguous(q), last_dim_contiguous(k), *cos, *sin, false, false);
-      kc[i]->narrow(1, start, N).copy_(k);
-      vc[i]->narrow(1, start, N).copy_(v);
+      kc[i].narrow(1, start, N).copy_(k);
+      vc[i].narrow(1, start, N).copy_(v);
       const Tensor o = std::get<0>(ops::attention_fwd().call(
-          last_dim_contiguous(q), last_dim_contiguous(kc[i]->narrow(1, 0, end)),
-          last_dim_contiguous(vc[i]->narrow(1, 0, end)), m, causal, scale));
+          last_dim_contiguous(q), last_dim_contiguous(kc[i].narrow(1, 0, end)),
+          last_dim_contiguous(vc[i].narrow(1, 0, end)), m, causal, scale));
       const Tensor a = linear(o.reshape({B, N, hq}), l.out, rows, rows_max);
       std::tie(normed, residual) = norm_call(a, 1, C, l.n2w, l.n2b, &residual, eps, rms);
       Tensor u = linear(normed, l.up, rows, rows_max);
