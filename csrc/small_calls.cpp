@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "op_handles.h"
@@ -90,6 +91,17 @@ bool finite_number(PyObject* obj, double* out) {
     *out = static_cast<double>(i);
   }
   return std::isfinite(*out);
+}
+
+// *out = the value `name` stands for in `table`; false for a name it does not have.
+template <typename E, size_t K>
+bool named(const char* name, const std::pair<const char*, E> (&table)[K], E* out) {
+  for (const auto& [n, e] : table)
+    if (std::strcmp(name, n) == 0) {
+      *out = e;
+      return true;
+    }
+  return false;
 }
 
 struct ReleaseGil {  // the kernels run without the GIL, as torch's own bindings do
@@ -373,13 +385,10 @@ PyObject* decode_stack_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   const bool causal = sp[5] == Py_True;
   const char* mlp_name = PyUnicode_AsUTF8(sp[6]);
   if (!mlp_name) return nullptr;
+  static const std::pair<const char*, Mlp> kMlps[] = {
+      {"gelu", kGelu}, {"gelu_tanh", kGeluTanhAct}, {"relu", kRelu}, {"silu", kSilu}, {"swiglu", kSwiglu}};
   Mlp mlp;
-  if (std::strcmp(mlp_name, "gelu") == 0) mlp = kGelu;
-  else if (std::strcmp(mlp_name, "gelu_tanh") == 0) mlp = kGeluTanhAct;
-  else if (std::strcmp(mlp_name, "relu") == 0) mlp = kRelu;
-  else if (std::strcmp(mlp_name, "silu") == 0) mlp = kSilu;
-  else if (std::strcmp(mlp_name, "swiglu") == 0) mlp = kSwiglu;
-  else return none();
+  if (!named(mlp_name, kMlps, &mlp)) return none();
 
   const Tensor* x = cpu_tensor(args[0]);
   if (!x || x->dim() != 3 || x->numel() == 0 || !common_state()) return none();
@@ -503,13 +512,11 @@ PyObject* configure(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   const char* name = PyUnicode_AsUTF8(args[0]);
   if (!name) return nullptr;
+  static const std::pair<const char*, Op> kOps[] = {{"layer_norm", kLayerNorm}, {"rms_norm", kRmsNorm},
+                                                     {"attention", kAttention}, {"rotary", kRotary},
+                                                     {"gelu_tanh", kGeluTanh}};
   Op op;
-  if (std::strcmp(name, "layer_norm") == 0) op = kLayerNorm;
-  else if (std::strcmp(name, "rms_norm") == 0) op = kRmsNorm;
-  else if (std::strcmp(name, "attention") == 0) op = kAttention;
-  else if (std::strcmp(name, "rotary") == 0) op = kRotary;
-  else if (std::strcmp(name, "gelu_tanh") == 0) op = kGeluTanh;
-  else {
+  if (!named(name, kOps, &op)) {
     PyErr_Format(PyExc_ValueError, "_small_calls_configure: unknown op %s", name);
     return nullptr;
   }
