@@ -289,7 +289,6 @@ class BlockStack(nn.Module):
             x, residual = block.decode(x, residual, key_padding_mask, cache, i)
         return self.norm_f.forward(x, residual=residual)[0]  # (B, N, C)
 
-
     def decode_plan(self) -> Optional[StackPlan]:
         """The StackPlan of decode() (call after direct_decode_ok), or None where the C++ step cannot stand for
         the blocks' decode methods."""
