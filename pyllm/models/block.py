@@ -15,10 +15,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import pyllm
-from pyllm import backends
 from pyllm.nn import LayerNorm, Linear, RMSNorm
-from pyllm.nn import linear as _linear
-from pyllm.ops import _fast
+from pyllm.nn.linear import decode_rows
+from pyllm.ops import decode_stack
 
 from .config import TransformerConfig
 
@@ -306,13 +305,9 @@ class BlockStack(nn.Module):
                                attn.num_kv_heads, attn.head_dim, attn.causal, act, mlp.fc1.out_features)
 
 
-# One decode step of a whole pre-norm stack in C++ (None: an extension built before it existed)
-_STACK_FAST = _fast.load("decode_stack_fast", ("layer_norm", "rms_norm", "attention", "rotary", "gelu_tanh"))
-
-
 class StackPlan:
-    """generate()'s decode step of a pre-norm stack (GPT's blocks, Llama's) as one C++ call,
-    ``pyllm._C.decode_stack_fast``: the calls the blocks' decode methods make, in the same order with the same
+    """generate()'s decode step of a pre-norm stack (GPT's blocks, Llama's) as one C++ call
+    (:mod:`pyllm.ops.decode_stack`): the calls the blocks' decode methods make, in the same order with the same
     arguments (so the same bits, tested), without Python between the ~15 op calls of each block. The model's
     ``decode_plan()`` builds it once per generate() call, after ``direct_decode_ok``; a step the C++ side does
     not take (a cache buffer to grow, another backend in force, a dtype the cpu kernels do not serve) returns
@@ -326,26 +321,25 @@ class StackPlan:
               causal: bool, mlp: str, intermediate: int) -> Optional[StackPlan]:
         """layers: per block the 12 tensors (or None) of decode_stack_fast (csrc/small_calls.cpp); every norm
         of ``body`` must be a ``norm_cls`` over the hidden size with one eps; every op's backend auto or cpu."""
-        if _STACK_FAST is None:
+        if not decode_stack.available():
             return None
         norms = [m for m in body.modules() if isinstance(m, (LayerNorm, RMSNorm))]
         eps, shapes = {m.eps for m in norms}, {tuple(m.normalized_shape) for m in norms}
         if (len(eps) != 1 or len(shapes) != 1 or len(shapes.pop()) != 1 or any(type(m) is not norm_cls for m in norms)
-                or any(getattr(m, "backend", None) not in _fast.CPU_CHOICES for m in body.modules())):
+                or any(getattr(m, "backend", None) not in decode_stack.BACKENDS for m in body.modules())):
             return None
         spec = (norm_cls is RMSNorm, eps.pop(), heads, kv_heads, head_dim, causal, mlp, intermediate,
-                _linear.DECODE_ROWS if _linear._READY else 0)
+                decode_rows())
         return cls(tuple(layers), final_norm, spec)
 
     def __call__(self, x, key_padding_mask, cache: KVCache, cos=None, sin=None):
         """x (B, N, C) the embedded tokens -> the stack's output (B, N, C), or None (nothing written)."""
         lengths = cache.lengths
         start = lengths[0]
-        if (cache.write_at is not None or lengths.count(start) != len(lengths)
-                or backends._current not in _fast.CPU_CHOICES):
+        if cache.write_at is not None or lengths.count(start) != len(lengths):
             return None
-        y = _STACK_FAST(x, self.layers, self.final_norm, cache.k, cache.v, start, key_padding_mask, cos, sin,
-                        self.spec)
+        y = decode_stack.decode_stack(x, self.layers, self.final_norm, cache.k, cache.v, start, key_padding_mask,
+                                      cos, sin, self.spec)
         if y is not None:
             lengths[:] = [start + x.shape[1]] * len(lengths)
         return y

@@ -31,6 +31,12 @@ if _READY:
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def decode_rows() -> int:
+    """Inference calls on 2 to this many rows run the decode kernel (0: this extension has none); for code that
+    must follow ``Linear.forward``'s choice without calling it (pyllm.models' one-call decode step)."""
+    return DECODE_ROWS if _READY else 0
+
+
 class Linear(torch.nn.Linear):
     """``torch.nn.Linear``; fp32 inference on 2-16 rows on the CPU runs ``pyllm::linear_decode`` (module docstring)."""
 

@@ -1,6 +1,6 @@
 """Small calls (issue 15): the C++ fast paths of the op layer (``pyllm._C.layer_norm_fast`` / ``attention_fast`` /
-``rotary_fast``, csrc/small_calls.cpp; ``decode_stack_fast``, a whole decode step of the models' blocks, is
-loaded here too, by pyllm.models.block).
+``rotary_fast``, csrc/small_calls.cpp; ``decode_stack_fast``, a whole decode step of the models' blocks, is loaded
+by pyllm.ops.decode_stack).
 
 A norm, attention or rotary call on CPU tensors with the default feature arguments, parameters in the input's dtype (or
 float32) and the backend in force ``auto`` or ``cpu`` is recognized in C++ and goes straight to the C++ op; the

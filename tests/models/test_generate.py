@@ -176,18 +176,19 @@ def test_direct_decode_step_equals_the_module_path(arch, rows, monkeypatch):
     in the same order, so the hidden states and the caches are the module path's bit for bit, padded rows (key
     padding mask), biases, activations, bf16 and sliding windows (no plan: the decode methods) included."""
     from pyllm.models import block as B
+    from pyllm.ops import decode_stack
 
     torch.manual_seed(0)
     model = _direct_cases()[arch]().eval()
     body = model.transformer if hasattr(model, "transformer") else model.model
     ids, mask = batch(B=rows, N=9, pad_side="left", lengths=[9, 5, 2][:rows])
-    taken, fast = [], B._STACK_FAST
+    taken, fast = [], decode_stack._FAST
     if fast is not None:  # what the C++ step returned, each step
-        monkeypatch.setattr(B, "_STACK_FAST", lambda *a: taken.append(fast(*a)) or taken[-1])
+        monkeypatch.setattr(decode_stack, "_FAST", lambda *a: taken.append(fast(*a)) or taken[-1])
     with torch.no_grad():
         assert B.direct_decode_ok(body)
         plan = body.decode_plan()
-        assert (plan is None) == (arch == "qwen2_bias_window" or B._STACK_FAST is None)
+        assert (plan is None) == (arch == "qwen2_bias_window" or not decode_stack.available())
         caches = [KVCache(model.config.num_layers, capacity=20) for _ in range(3)]
         for cache in caches:
             body(ids, attention_mask=mask, cache=cache)
@@ -212,9 +213,9 @@ def test_stack_plan_declines_what_it_cannot_stand_for():
     """decode_plan() is None where the C++ step would not compute what the decode methods do, and a plan's step
     returns None, having written nothing, where it cannot take the call (the decode methods then run it)."""
     from pyllm import backends
-    from pyllm.models import block as B
+    from pyllm.ops import decode_stack
 
-    if B._STACK_FAST is None:
+    if not decode_stack.available():
         pytest.skip("pyllm._C without decode_stack_fast (an extension built before it)")
     torch.manual_seed(0)
     model = GPTForCausalLM(tiny_config(max_position_embeddings=64)).eval()
