@@ -238,8 +238,14 @@ def test_roofline_torch_matmul_within_peak():
         torch.set_num_threads(saved)
     ratio = 2 * 256 ** 3 / statistics.median(ts) / 1e12 / peak
     assert 0.1 < ratio <= 1.3, ratio
-    assert lim.copy_peak(torch.float32, 1 << 12) >= lim.copy_gbps(torch.float32, 1 << 18) > 0
-    assert "torch.mm" in lim.describe() and "STREAM" in lim.describe()
+    # the memory peak is the best of STREAM's copy and add, at the case's size and at stream_numel
+    peak_mem = lim.copy_peak(torch.float32, 1 << 12)
+    each = [lim.copy_gbps(torch.float32, n) for n in (1 << 12, 1 << 18)] + [lim.add_gbps(torch.float32, n)
+                                                                            for n in (1 << 12, 1 << 18)]
+    assert min(each) > 0 and peak_mem == max(each)
+    assert set(lim.add) == {("torch.float32", 1 << 12), ("torch.float32", 1 << 18)}
+    assert "torch.mm" in lim.describe() and "STREAM" in lim.describe() and "add" in lim.describe()
+    assert {"matmul", "copy", "add"} <= set(lim.to_json())
     # on a GPU the header names the device, not the CPU threads (the H200 run said "16 threads", 2026-11-30)
     assert "this cuda device" in Limits("cuda", 16).describe()
 

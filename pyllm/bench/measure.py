@@ -202,9 +202,11 @@ class Limits:
     """The device's own ceilings, measured in this run with the same timer and the run's thread count.
 
     Peak matmul TFLOP/s per dtype: the best ``torch.mm`` of square sizes ``sizes`` (a tuned GEMM reaches
-    the machine's peak at one of them). Copy GB/s: the better of ``dst.copy_(src)`` over the case's own
-    element count and a STREAM-style copy of ``stream_numel`` elements, counting the read and the write.
-    A provider above either is an accounting error (the tool flags it), not a fast kernel."""
+    the machine's peak at one of them). Memory GB/s: the best of STREAM's copy (``dst.copy_(src)``: one read,
+    one write) and add (``torch.add(a, b, out=c)``: two reads, one write), each over the case's own element
+    count and over ``stream_numel`` elements, every byte read or written counted. Each figure is the fastest
+    of its timed rounds (STREAM's rule: a peak is what the machine did at least once; the providers' rows are
+    medians). A provider above either peak is an accounting error (the tool flags it), not a fast kernel."""
 
     def __init__(self, device: str, threads: int, repeats: int = 5, sizes=None, stream_numel: int | None = None,
                  max_s: float = 1.0):
@@ -213,18 +215,19 @@ class Limits:
         self.stream_numel = int(stream_numel or COPY_STREAM_NUMEL[device])
         self.matmul: dict[tuple, float] = {}
         self.copy: dict[tuple, float] = {}
+        self.add: dict[tuple, float] = {}
 
-    def _median_s(self, fn) -> float:
+    def _best_s(self, fn) -> float:
         t = time_interleaved({"x": fn}, self.device, threads=self.threads, repeats=self.repeats, warmup=2,
                              min_run_s=0.005, max_s=self.max_s, warmup_s=0.05, max_rounds=self.repeats)["x"]
-        return statistics.median(t)
+        return min(t)
 
     def matmul_tflops(self, dtype, n: int) -> float:
         key = (str(dtype), n)
         if key not in self.matmul:
             a = torch.randn(n, n, device=self.device).to(dtype)
             b = torch.randn(n, n, device=self.device).to(dtype)
-            self.matmul[key] = 2.0 * n ** 3 / self._median_s(lambda: torch.mm(a, b)) / 1e12
+            self.matmul[key] = 2.0 * n ** 3 / self._best_s(lambda: torch.mm(a, b)) / 1e12
         return self.matmul[key]
 
     def matmul_peak(self, dtype) -> tuple[float, int]:
@@ -238,25 +241,38 @@ class Limits:
             src = torch.randn(numel, device=self.device).to(dtype)
             dst = torch.empty_like(src)
             nbytes = 2 * src.numel() * src.element_size()
-            self.copy[key] = nbytes / self._median_s(lambda: dst.copy_(src)) / 1e9
+            self.copy[key] = nbytes / self._best_s(lambda: dst.copy_(src)) / 1e9
         return self.copy[key]
 
+    def add_gbps(self, dtype, numel: int) -> float:
+        """GB/s of torch.add(a, b, out=c) over ``numel`` elements, counting the two reads and the write."""
+        key = (str(dtype), numel)
+        if key not in self.add:
+            a = torch.randn(numel, device=self.device).to(dtype)
+            b, c = torch.randn_like(a), torch.empty_like(a)
+            nbytes = 3 * a.numel() * a.element_size()
+            self.add[key] = nbytes / self._best_s(lambda: torch.add(a, b, out=c)) / 1e9
+        return self.add[key]
+
     def copy_peak(self, dtype, numel: int) -> float:
-        """The better of the copy at the case's size and the STREAM-style copy."""
-        return max(self.copy_gbps(dtype, numel), self.copy_gbps(dtype, self.stream_numel))
+        """The memory peak for a case of ``numel`` elements: the best of STREAM's copy and add at that size
+        and at ``stream_numel``."""
+        return max(f(dtype, n) for f in (self.copy_gbps, self.add_gbps) for n in (numel, self.stream_numel))
 
     def describe(self) -> str:
         kind = torch.device(self.device).type
         who = f"{self.threads} threads" if kind == "cpu" else f"this {kind} device"
         return (f"measured peaks with {who}: matmul = best torch.mm TFLOP/s over square sizes "
-                f"{', '.join(map(str, self.sizes))}; copy = best dst.copy_(src) GB/s (read + write) at the case's "
-                f"size and STREAM-style at {self.stream_numel} elements")
+                f"{', '.join(map(str, self.sizes))}; memory = best GB/s of STREAM's copy (dst.copy_(src)) and add "
+                f"(torch.add(a, b, out=c)), every byte read or written counted, at the case's size and at "
+                f"{self.stream_numel} elements; each the fastest of its rounds")
 
     def to_json(self) -> dict:
         return {"method": self.describe(),
                 "matmul": [{"dtype": d.replace("torch.", ""), "n": n, "tflops": v}
                            for (d, n), v in self.matmul.items()],
-                "copy": [{"dtype": d.replace("torch.", ""), "numel": n, "gbps": v} for (d, n), v in self.copy.items()]}
+                "copy": [{"dtype": d.replace("torch.", ""), "numel": n, "gbps": v} for (d, n), v in self.copy.items()],
+                "add": [{"dtype": d.replace("torch.", ""), "numel": n, "gbps": v} for (d, n), v in self.add.items()]}
 
 
 # -------------------------------------------------------------------------------------- machine info

@@ -85,7 +85,7 @@ def table(report: dict, width: int = 160) -> str:
     lines.append("")
     lines.append("median ms with the interquartile range; TFLOP/s of the kept (query, key) pairs only; GB/s of the "
                  "minimal bytes; %lim = % of this device's measured peak matmul TFLOP/s (attention, train_step) or "
-                 "copy GB/s (norms, gelu); "
+                 "memory GB/s (norms, gelu; STREAM copy / add); "
                  "peak mem = extra memory of one call; vs base = baseline time / provider time "
                  f"(baselines: {', '.join(f'{k}={v}' for k, v in report.get('baselines', {}).items())}).")
     return "\n".join(lines)
@@ -150,7 +150,8 @@ def plot(report: dict, outdir: str) -> list[str]:
     - ``attention_throughput_<dtype>.png``: TFLOP/s vs seqlen per provider (rows causal, columns modes),
       the dashed grey line is this device's measured peak matmul TFLOP/s; a run of one shape draws one bar
       per provider instead (lines of one point hide each other);
-    - ``<norm>_throughput_<dtype>.png``: GB/s vs hidden size (rows residual), dashed line = device copy GB/s;
+    - ``<norm>_throughput_<dtype>.png``: GB/s vs hidden size (rows residual), dashed line = device memory peak GB/s
+      (STREAM copy / add);
     - ``attention_memory_<dtype>.png``: peak extra memory vs seqlen, log-log, with the fitted exponent per
       provider in the legend (1 = linear, 2 = quadratic) and guide lines of slope 1 and 2.
     """
@@ -293,7 +294,7 @@ def _bars_panel(ax, sub: list[dict], op: str, keys: tuple, color: dict, title: s
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
     lim = [r[limkey] for r in sub if r.get(limkey)]
     if lim:
-        ax.axhline(max(lim), linestyle="--", color="grey", label="matmul peak" if op == "attention" else "copy peak")
+        ax.axhline(max(lim), linestyle="--", color="grey", label="matmul peak" if op == "attention" else "memory peak")
     ax.set_title(title, fontsize=9)
     ax.set_ylabel(yname)
     ax.grid(alpha=0.3, axis="y")
@@ -308,7 +309,7 @@ def _throughput_panel(ax, sub: list[dict], op: str, keys: tuple, color: dict, ti
     lim = sorted({(r["shape"][xname], r[limkey]) for r in sub if r.get(limkey)})
     if lim:
         ax.plot([x for x, _ in lim], [y for _, y in lim], "--", color="grey",
-                label="matmul peak" if op == "attention" else "copy peak")
+                label="matmul peak" if op == "attention" else "memory peak")
     ax.set_xscale("log", base=2)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("seqlen" if op == "attention" else "hidden size")

@@ -29,7 +29,7 @@ BYTES_METHOD = "minimal bytes: each input read once (attention: the real keys an
 
 # Timing settings per preset: at least `repeats` rounds (CPU: more, up to `max_rounds`, until the median is
 # stable), at least `warmup` calls and `warmup_s` seconds of warm-up, CPU: shortest timed run (s), per provider
-# per case budget (s). Limits: the GEMM sizes tried for the matmul peak, the STREAM-style copy's elements.
+# per case budget (s). Limits: the GEMM sizes tried for the matmul peak, the STREAM copy / add elements.
 _CPU_DEFAULT = dict(repeats=10, warmup=2, warmup_s=0.2, min_run_s=0.01, max_s=2.0, max_rounds=60)
 SETTINGS = {
     "cpu": {"quick": dict(repeats=5, warmup=1, warmup_s=0.01, min_run_s=0.002, max_s=0.15, max_rounds=10),
