@@ -17,6 +17,14 @@
     in a fresh subprocess; the peak is pyllm.bench.measure's (CPU: resident-set high-water
     mark over the resident set before the pass; CUDA: torch.cuda.max_memory_allocated).
 
+Page faults: (a) also counts the minor page faults of one step of each model (CPU). glibc's malloc hands
+large freed blocks back to the OS (mmap above a threshold, heap trimming), so a step whose tensors were
+freed by the last one pays for fresh zeroed pages again: transformers' (tokens, vocabulary) logits,
+log-softmax and their gradients (64 MB each here) fault on every step, pyllm's fused linear
+cross-entropy never forms them. To measure both with freed memory kept for reuse, set glibc's tunables
+for the run, e.g. ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 python
+benchmarks/bench_train.py`` (jemalloc or tcmalloc through LD_PRELOAD do the same); the header prints them.
+
 --quick shrinks everything to a smoke run (seconds). Timings on a shared machine are noisy:
 compare the ratio, which is measured side by side.
 """
@@ -90,7 +98,28 @@ def throughput(device: str, quick: bool, threads: int, optimizer: str = "fused")
     tokens = cfg["batch"] * cfg["seq"]
     tps = {name: tokens / (summarize(s)["median_ms"] / 1e3) for name, s in secs.items()}
     return {"config": cfg, "rounds": {n: len(s) for n, s in secs.items()}, "tokens_per_s": tps,
-            "ratio": tps["pyllm"] / tps["transformers"], "loss_check": [a, b], "optimizer": optimizer}
+            "ratio": tps["pyllm"] / tps["transformers"], "loss_check": [a, b], "optimizer": optimizer,
+            "page_faults_per_step": {n: faults_per_step(f) for n, f in steps.items()} if device == "cpu" else None}
+
+
+def faults_per_step(step, n: int = 3) -> float:
+    """Minor page faults (fresh pages the kernel had to map and zero) per call of ``step``, over ``n`` calls."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n
+
+
+def allocator() -> str:
+    """The C allocator's settings that decide whether freed memory is reused (see the module docstring)."""
+    import platform
+
+    tunables = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    libc = " ".join(platform.libc_ver()).strip() or "unknown libc"
+    return f"{libc}, " + (", ".join(f"{k}={v}" for k, v in sorted(tunables.items())) if tunables else "default "
+                          "settings (large freed blocks go back to the OS)")
 
 
 # -- (b) longest trainable sequence ----------------------------------------------------------------
@@ -195,12 +224,17 @@ def main(argv=None) -> int:
     if not args.no_throughput:
         print(f"(a) training throughput on {device} ({torch.get_num_threads()} threads): "
               f"GPT {'quick' if args.quick else 'full'} config", flush=True)
+        if device == "cpu":
+            report["allocator"] = allocator()
+            print(f"  allocator: {report['allocator']}")
         r = throughput(device, args.quick, torch.get_num_threads(), args.optimizer)
         c = r["config"]
         print(f"  {c['num_layers']} layers, hidden {c['hidden_size']}, {c['num_heads']} heads, vocab "
               f"{c['vocab_size']}, batch {c['batch']} x {c['seq']}; median of alternating rounds {r['rounds']}")
+        faults = r["page_faults_per_step"] or {}
         for name, v in r["tokens_per_s"].items():
-            print(f"  {name:<13} {v:>10.0f} tokens/s")
+            extra = f"   {faults[name]:>9.0f} page faults / step" if name in faults else ""
+            print(f"  {name:<13} {v:>10.0f} tokens/s{extra}")
         print(f"  ratio pyllm / transformers: {r['ratio']:.2f}x")
         report["throughput"] = r
     if not args.no_memory:

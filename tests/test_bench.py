@@ -490,3 +490,27 @@ def test_cpu_rounds_stop_when_the_median_is_stable():
     fixed = time_interleaved({"a": lambda: None}, "cpu", threads=1, repeats=5, warmup=1, min_run_s=0.0005,
                              max_s=0.3)
     assert len(fixed["a"]) == 5  # without max_rounds: exactly `repeats` rounds, as before
+
+
+def test_bench_train_reports_page_faults_and_the_allocator(tmp_path):
+    """benchmarks/bench_train.py --quick: the ratio, each model's minor page faults per step and the C allocator's
+    settings land in the JSON (a smoke run: the timings themselves are not asserted)."""
+    import json
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import bench_train
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "train.json"
+    assert bench_train.main(["--device", "cpu", "--quick", "--no-memory", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    r = report["throughput"]
+    assert r["ratio"] > 0 and set(r["page_faults_per_step"]) == {"pyllm", "transformers"}
+    assert all(v >= 0 for v in r["page_faults_per_step"].values())
+    assert "libc" in report["allocator"] or "unknown" in report["allocator"]
+    # one allocation of fresh pages: 64 MiB written once maps ~16K pages
+    assert bench_train.faults_per_step(lambda: torch.ones(16 << 20), n=2) > 1000
