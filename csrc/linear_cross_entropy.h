@@ -67,11 +67,14 @@ inline void check_inputs(const char* op, const at::Tensor& hidden, const at::Ten
 
 // RowStep: void(at::Tensor z /* (c, V) acc dtype, contiguous */, const at::Tensor& labels /* (c,) int64 */,
 //               at::Tensor loss /* (c,) acc dtype */, const Options&)
-template <typename RowStep>
+// scratch_for(rows, V) -> a contiguous (rows, V) acc-dtype tensor that every chunk's float logits are written into
+// (one buffer for the whole call), or an undefined tensor: each chunk's logits are then a fresh allocation.
+template <typename RowStep, typename Scratch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_forward(
     const at::Tensor& hidden_in, const at::Tensor& weight, const at::Tensor& labels_in,
     const std::optional<at::Tensor>& bias, int64_t ignore_index, double label_smoothing, double softcap,
-    double z_loss, bool mean, int64_t chunk_size, bool compute_grad, at::ScalarType acc, RowStep row_step) {
+    double z_loss, bool mean, int64_t chunk_size, bool compute_grad, at::ScalarType acc, RowStep row_step,
+    Scratch scratch_for) {
   const at::Tensor hidden = hidden_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
@@ -91,13 +94,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunked_forward(
   const at::Tensor wt = weight.t();
   const int64_t C = chunk_size > 0 ? std::min(chunk_size, std::max<int64_t>(N, 1)) : auto_chunk(N, H, V);
   const at::Tensor ones = (compute_grad && bias) ? at::ones({C}, fopts) : at::Tensor();
+  const at::Tensor scratch = N > 0 ? scratch_for(C, V) : at::Tensor();
 
   for (int64_t start = 0; start < N; start += C) {
     const int64_t c = std::min(C, N - start);
     const at::Tensor h = hidden.narrow(0, start, c);                          // (c, H)
-    at::Tensor logits = bias ? at::addmm(*bias, h, wt) : at::mm(h, wt);        // (c, V) input dtype
-    at::Tensor z = logits.scalar_type() == acc ? logits : logits.to(acc);      // (c, V) acc dtype
-    logits = at::Tensor();                                                     // free the low-precision copy
+    at::Tensor z;                                                              // (c, V) acc dtype
+    if (scratch.defined()) {
+      z = scratch.narrow(0, 0, c);
+      if (!bias && hidden.scalar_type() == acc) at::mm_out(z, h, wt);
+      else z.copy_(bias ? at::addmm(*bias, h, wt) : at::mm(h, wt));          // rounded to the input dtype first
+    } else {
+      at::Tensor logits = bias ? at::addmm(*bias, h, wt) : at::mm(h, wt);      // (c, V) input dtype
+      z = logits.scalar_type() == acc ? logits : logits.to(acc);
+    }
     at::Tensor loss = at::empty({c}, fopts);
     row_step(z, labels.narrow(0, start, c), loss, o);
     loss_sum.add_(loss.sum(at::kDouble));

@@ -140,6 +140,34 @@ def test_torch_compile(backend):
     torch.testing.assert_close(gw, w.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_logits_buffer_kept_between_calls_is_never_an_output():
+    """The cpu kernel writes every chunk's logits into one buffer that the calling thread keeps for its next call
+    (up to 32 MiB; larger ones live for one call): calls of other dtypes, vocabularies and chunk counts, a partial
+    last chunk and a buffer too large to keep all match F.linear + F.cross_entropy, and the gradients one call
+    returned are not changed by the next."""
+    need("cpu")
+    op = _op("cpu")
+    held = []
+    for dtype, N, H, V, chunk in ((torch.float32, 600, 16, 5000, 0), (torch.float64, 70, 12, 301, 32),
+                                  (torch.float32, 33, 8, 9001, 0), (torch.bfloat16, 40, 16, 777, 16),
+                                  (torch.float32, 600, 8, 20000, 512)):  # 512 x 20000 fp32 logits: 41 MB
+        g = torch.Generator().manual_seed(N + V)
+        h = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+        w = torch.randn(V, H, generator=g, dtype=torch.float64).div(H ** 0.5).to(dtype).requires_grad_()
+        y = torch.randint(0, V, (N,), generator=g)
+        out = op(h, w, y, None, -100, 0.0, 0.0, 0.0, True, chunk, True)
+        ref = F.cross_entropy(F.linear(h.double(), w.double()), y)
+        rh, rw = torch.autograd.grad(ref, (h, w))
+        tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[0].double(), ref, **tol)
+        torch.testing.assert_close(out[1].double(), rh.double(), **tol)
+        torch.testing.assert_close(out[2].double(), rw.double(), **tol)
+        held.append([t.detach().clone() for t in out[:3]] + [out[:3]])
+    for *copies, outs in held:
+        for c, t in zip(copies, outs):
+            assert torch.equal(c, t.detach())
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_backward_scaling_keeps_retained_graphs_and_held_outputs(backend):
     """Backward returns the saved gradients unscaled (dloss == 1) or scales them in place only when autograd

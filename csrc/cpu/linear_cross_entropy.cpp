@@ -97,17 +97,32 @@ void rows_cpu(at::Tensor z, const at::Tensor& labels, at::Tensor loss, const lce
 }
 
 // The CPU's default chunk: Liger's rule (lce::auto_chunk), raised to as many rows as fit kChunkBytes of
-// float32 logits (small vocabularies: few, larger matmuls). 8 MiB, not more: a chunk's logits are a fresh
-// allocation per call, and glibc serves blocks of 32 MiB and over with mmap, whose pages fault in (zeroed by the
-// kernel) on every call: at N 1024, H 256, V 8192, 1024-row (32 MiB) chunks took 8193 page faults and ~17 ms
-// of system time per call, 256-row (8 MiB) ones ~1600 faults and ~2-5 ms, and less CPU time in all (1 thread,
-// measured under load).
-constexpr int64_t kChunkBytes = int64_t(8) << 20;
+// float32 logits (small vocabularies: few, larger matmuls). 16 MiB: at N 2048, H 256, V 8192 (2 threads, Emerald
+// Rapids, 2026-12-01) a call's three products took 87-88 ms in 512-row chunks, 95-97 ms in 256-row ones and 92-103
+// ms in 768- and 1024-row ones (the chunk's logits no longer stay in the cache between the products).
+constexpr int64_t kChunkBytes = int64_t(16) << 20;
 
 int64_t cpu_chunk(int64_t N, int64_t H, int64_t V) {
   int64_t fit = 1;
   while (2 * fit * V * int64_t(sizeof(float)) <= kChunkBytes) fit <<= 1;
   return std::max<int64_t>(std::min(std::max(fit, lce::auto_chunk(N, H, V)), N), 1);
+}
+
+// One logits buffer for all of a call's chunks, kept by the calling thread for its next call when it holds at
+// most kKeepBytes (the attention kernel keeps its packed K/V the same way). A fresh multi-megabyte block is not
+// free: glibc hands large freed blocks back to the OS (mmap from 32 MiB, heap trimming below), and every page of
+// a new one faults in zeroed: at N 1024, H 256, V 8192, 32 MiB of fresh logits per call took 8193 page faults
+// and ~17 ms of system time, and a training step allocated a new 8 MiB chunk eight times. Larger buffers (big
+// vocabularies x Liger's chunk rule) are allocated per call and freed with it.
+constexpr int64_t kKeepBytes = int64_t(32) << 20;
+
+at::Tensor logits_scratch(int64_t rows, int64_t V, const at::TensorOptions& opts) {
+  const int64_t need = rows * V, bytes = need * static_cast<int64_t>(c10::elementSize(opts.dtype().toScalarType()));
+  if (bytes > kKeepBytes) return at::empty({rows, V}, opts);
+  thread_local at::Tensor kept;
+  if (!kept.defined() || kept.scalar_type() != opts.dtype().toScalarType() || kept.numel() < need)
+    kept = at::empty({kKeepBytes / static_cast<int64_t>(c10::elementSize(opts.dtype().toScalarType()))}, opts);
+  return kept.narrow(0, 0, need).view({rows, V});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
@@ -136,12 +151,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
     }
     if (dbias_acc.defined()) dbias_acc.addmv_(z.t(), ones.narrow(0, 0, z.size(0)));
   };
+  const auto scratch = [&](int64_t rows, int64_t V) { return logits_scratch(rows, V, hidden.options().dtype(acc)); };
   if (!fold) {
     return lce::chunked_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, z_loss, mean,
-                                chunk_size, compute_grad, acc, step);
+                                chunk_size, compute_grad, acc, step, scratch);
   }
   auto out = lce::chunked_forward(hidden, weight, labels, std::nullopt, ignore_index, label_smoothing, softcap,
-                                  z_loss, mean, chunk_size, compute_grad, acc, step);
+                                  z_loss, mean, chunk_size, compute_grad, acc, step, scratch);
   if (dbias_acc.defined()) std::get<3>(out) = dbias_acc;
   return out;
 }

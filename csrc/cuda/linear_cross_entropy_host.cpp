@@ -43,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   TORCH_CHECK(hidden.scalar_type() != at::kDouble, "linear_cross_entropy: float64 is not served on CUDA");
   const c10::cuda::CUDAGuard guard(hidden.device());
   return pyllm::lce::chunked_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, z_loss,
-                                     mean, chunk_size, compute_grad, at::kFloat, rows_cuda);
+                                     mean, chunk_size, compute_grad, at::kFloat, rows_cuda,
+                                     [](int64_t, int64_t) { return at::Tensor(); });  // the caching allocator reuses
 }
 
 }  // namespace
