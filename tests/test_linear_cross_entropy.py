@@ -140,11 +140,10 @@ def test_torch_compile(backend):
     torch.testing.assert_close(gw, w.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_logits_buffer_kept_between_calls_is_never_an_output():
-    """The cpu kernel writes every chunk's logits into one buffer that the calling thread keeps for its next call
-    (up to 32 MiB; larger ones live for one call): calls of other dtypes, vocabularies and chunk counts, a partial
-    last chunk and a buffer too large to keep all match F.linear + F.cross_entropy, and the gradients one call
-    returned are not changed by the next."""
+def test_cpu_one_logits_buffer_per_call_is_never_an_output():
+    """The cpu kernel writes every chunk's logits into one buffer per call: calls of other dtypes, vocabularies
+    and chunk counts, a partial last chunk and a 41 MB buffer all match F.linear + F.cross_entropy, and the
+    gradients one call returned are not changed by the next."""
     need("cpu")
     op = _op("cpu")
     held = []

@@ -5,8 +5,7 @@ log-softmax and their gradient -- with a vocabulary of 32k-150k, the largest ten
 training step. The kernel backends (cpu, cuda, triton) compute the logits of a chunk of tokens at a time
 and, while they have them, the loss and the gradients of hidden, weight and bias (as Liger-Kernel does);
 the backward pass only scales those gradients by the incoming scalar. Peak memory beyond the inputs is
-one chunk of logits (in float32) plus the gradients themselves, whatever the number of tokens (on the cpu
-backend a chunk buffer of up to 32 MiB stays with the calling thread between calls).
+one chunk of logits (in float32) plus the gradients themselves, whatever the number of tokens.
 
 Chosen over recomputing the logits in the backward pass: one matmul fewer (3 instead of 4 per chunk).
 The cost: a forward pass with grad enabled holds dhidden and dweight until backward, and reductions are
@@ -109,9 +108,8 @@ def linear_cross_entropy(
     token (PaLM's auxiliary loss). ``reduction``: "mean" over the non-ignored tokens (0 when there are none;
     torch gives NaN) or "sum". ``chunk_size``: tokens per chunk (default: about N / ceil(V / H), so a chunk's
     logits are about the size of hidden, and at least 256; on the cpu backend at least as many as fit 16 MiB
-    of float32 logits, e.g. 4096 for V 1000, 512 for V 8192). The cpu backend writes every chunk's logits into
-    one buffer, which the calling thread keeps for its next call when it is at most 32 MiB (fresh pages of a
-    new multi-megabyte block each fault in zeroed).
+    of float32 logits, e.g. 4096 for V 1000, 512 for V 8192; every chunk's logits are written into one buffer
+    per call).
 
     Returns a 0-d loss, float32 for fp16/bf16/fp32 inputs (float64 for float64). hidden, weight and bias
     are cast to one dtype: autocast's when it is enabled (as for ``F.linear``), else their promoted type.
