@@ -108,11 +108,6 @@ int64_t cpu_chunk(int64_t N, int64_t H, int64_t V) {
   return std::max<int64_t>(std::min(std::max(fit, lce::auto_chunk(N, H, V)), N), 1);
 }
 
-// One logits buffer for all of a call's chunks, allocated once per call: a fresh multi-megabyte block is not
-// free (glibc hands large freed blocks back to the OS, and every page of a new one faults in zeroed), and the
-// chunks used to allocate one each. Not kept between calls: at N 2048, H 256, V 8192 keeping it per thread saved
-// ~1 of 94 ms, and memory a call leaves behind is memory the caller did not ask for.
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
     const std::optional<at::Tensor>& bias, int64_t ignore_index, double label_smoothing, double softcap,
@@ -139,6 +134,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
     }
     if (dbias_acc.defined()) dbias_acc.addmv_(z.t(), ones.narrow(0, 0, z.size(0)));
   };
+  // One logits buffer for all of a call's chunks, allocated once per call: a fresh multi-megabyte block is not
+  // free (glibc hands large freed blocks back to the OS, and every page of a new one faults in zeroed), and the
+  // chunks used to allocate one each. Not kept between calls: at N 2048, H 256, V 8192 keeping it per thread saved
+  // ~1 of 94 ms, and memory a call leaves behind is memory the caller did not ask for.
   const auto scratch = [&](int64_t rows, int64_t V) { return at::empty({rows, V}, hidden.options().dtype(acc)); };
   if (!fold) {
     return lce::chunked_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, z_loss, mean,
