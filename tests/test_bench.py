@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pyllm import bench
-from pyllm.bench import cli, providers
+from pyllm.bench import cli, providers, runner
 from pyllm.bench.spec import BenchError, Case, build_cases, bytes_moved, parse_shape
 
 FAST = dict(threads=1, repeats=3, warmup=1, max_s=0.05)
@@ -93,10 +93,16 @@ def test_report_schema(report, tmp_path):
         assert r["check"]["passed_out"]
         if r["op"] == "attention":
             assert r["tflops"] > 0 and r["frac_of_matmul"] > 0 and r["matmul_n"] >= 128
-        else:
-            assert r["gbps"] > 0 and r["frac_of_copy"] > 0
+        assert r["gbps"] > 0 and r["frac_of_memory"] > 0 and r["memory_gbps"] > 0
+        # the roofline: the slower of the two bounds; %lim is the larger fraction
+        fracs = [x for x in (r.get("frac_of_matmul"), r["frac_of_memory"]) if x is not None]
+        assert r["frac_of_roofline"] == pytest.approx(max(fracs))
+        assert r["roofline_ms"] == pytest.approx(r["frac_of_roofline"] * t["median_ms"])
+        base = next(b for b in ok if b["provider"] == r["baseline"] and runner._rkey(b) == runner._rkey(r))
+        assert r["max_speedup"] == pytest.approx(base["time"]["median_ms"] / r["roofline_ms"])
         if r["provider"] == r["baseline"]:
             assert r["speedup"] == pytest.approx(1.0)
+            assert r["max_speedup"] == pytest.approx(1 / r["frac_of_roofline"])
     path = bench.write_json(report, str(tmp_path / "b.json"))
     text = open(path).read()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
@@ -238,26 +244,28 @@ def test_roofline_torch_matmul_within_peak():
         torch.set_num_threads(saved)
     ratio = 2 * 256 ** 3 / statistics.median(ts) / 1e12 / peak
     assert 0.1 < ratio <= 1.3, ratio
-    # the memory peak is the best of STREAM's copy and add, at the case's size and at stream_numel
-    peak_mem = lim.copy_peak(torch.float32, 1 << 12)
-    each = [lim.copy_gbps(torch.float32, n) for n in (1 << 12, 1 << 18)] + [lim.add_gbps(torch.float32, n)
-                                                                            for n in (1 << 12, 1 << 18)]
+    # the memory peak is the best of a read, STREAM's copy and add, at the case's size and at stream_numel
+    peak_mem = lim.memory_peak(torch.float32, 6 * 4096 * 4)  # each probe moves these bytes
+    each = [f(torch.float32, n) for f, k in ((lim.read_gbps, 1), (lim.copy_gbps, 2), (lim.add_gbps, 3))
+            for n in (6 * 4096 // k, 1 << 18)]
     assert min(each) > 0 and peak_mem == max(each)
-    assert set(lim.add) == {("torch.float32", 1 << 12), ("torch.float32", 1 << 18)}
+    assert set(lim.read) == {("torch.float32", 6 * 4096), ("torch.float32", 1 << 18)}
+    assert set(lim.add) == {("torch.float32", 2 * 4096), ("torch.float32", 1 << 18)}
     assert "torch.mm" in lim.describe() and "STREAM" in lim.describe() and "add" in lim.describe()
-    assert {"matmul", "copy", "add"} <= set(lim.to_json())
+    assert "a.sum()" in lim.describe()
+    assert {"matmul", "read", "copy", "add"} <= set(lim.to_json())
     # on a GPU the header names the device, not the CPU threads (the H200 run said "16 threads", 2026-11-30)
     assert "this cuda device" in Limits("cuda", 16).describe()
 
 
 def test_ratio_above_peak_is_flagged():
-    from pyllm.bench import runner
+
 
     class TinyPeak:
         def matmul_peak(self, dtype):
             return 1e-9, 128
 
-        def copy_peak(self, dtype, numel):
+        def memory_peak(self, dtype, nbytes):
             return 1e9
 
     case = attn("fwd")
@@ -267,7 +275,51 @@ def test_ratio_above_peak_is_flagged():
     assert row["over_limit"] and "accounting bug" in row["accounting"]
     ok = {"status": "ok"}
     runner._figures(ok, norm("layer_norm", "fwd"), t, TinyPeak())
-    assert ok["frac_of_copy"] < 1 and not ok["over_limit"]
+    assert ok["frac_of_memory"] < 1 and not ok["over_limit"]
+
+
+def test_roofline_is_the_slower_bound_and_caps_the_ratio():
+    """The roofline time of a case is max(FLOPs / matmul peak, bytes / memory peak), the memory peak measured
+    for the case's bytes; max_speedup = baseline time / roofline time."""
+
+    from pyllm.bench.spec import bytes_moved, flops
+
+    class Peaks:
+        def __init__(self, tflops, gbps):
+            self.tflops, self.gbps, self.numels = tflops, gbps, []
+
+        def matmul_peak(self, dtype):
+            return self.tflops, 256
+
+        def memory_peak(self, dtype, nbytes):
+            self.numels.append(nbytes)
+            return self.gbps
+
+    case = attn("fwd")
+    f, b = flops(case), bytes_moved(case)
+    t = lambda ms: {"median_ms": ms, "q1_ms": ms, "q3_ms": ms, "min_ms": ms, "max_ms": ms, "n": 3}  # noqa: E731
+    for tflops, gbps in ((1e-3, 1e6), (1e6, 1e-3), (0.05, 20.0)):
+        lim = Peaks(tflops, gbps)
+        row = {"status": "ok"}
+        runner._figures(row, case, t(1e6), lim)  # a slow provider: far under either bound
+        want = 1e3 * max(f / (tflops * 1e12), b / (gbps * 1e9))
+        assert row["roofline_ms"] == pytest.approx(want)
+        assert row["frac_of_roofline"] == pytest.approx(want / 1e6)
+        assert row["frac_of_roofline"] == pytest.approx(max(row["frac_of_matmul"], row["frac_of_memory"]))
+        assert lim.numels == [pytest.approx(b)]
+    # a memory-bound case run faster than its byte count allows is flagged, though far under the matmul peak
+    fast = {"status": "ok"}
+    runner._figures(fast, case, t(0.5 * 1e3 * b / 1e9), Peaks(1e6, 1.0))
+    assert fast["over_limit"] and fast["frac_of_matmul"] < 1e-3
+    rows = []
+    for prov, ms in (("sdpa", 4.0), ("pyllm-cpu", 2.0)):
+        r = {"status": "ok", "op": "attention", "mode": "fwd", "dtype": "fp32", "shape": {"B": 1}, "causal": False,
+             "padding": False, "residual": False, "provider": prov}
+        runner._figures(r, case, t(ms), Peaks(1e6, b / 1e6))  # roofline: the bytes in 1 ms
+        rows.append(r)
+    runner._ratios(rows)
+    assert [r["speedup"] for r in rows] == [pytest.approx(1.0), pytest.approx(2.0)]
+    assert [r["max_speedup"] for r in rows] == [pytest.approx(4.0)] * 2
 
 
 def test_decode_and_small_presets():

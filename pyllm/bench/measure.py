@@ -202,11 +202,16 @@ class Limits:
     """The device's own ceilings, measured in this run with the same timer and the run's thread count.
 
     Peak matmul TFLOP/s per dtype: the best ``torch.mm`` of square sizes ``sizes`` (a tuned GEMM reaches
-    the machine's peak at one of them). Memory GB/s: the best of STREAM's copy (``dst.copy_(src)``: one read,
-    one write) and add (``torch.add(a, b, out=c)``: two reads, one write), each over the case's own element
-    count and over ``stream_numel`` elements, every byte read or written counted. Each figure is the fastest
-    of its timed rounds (STREAM's rule: a peak is what the machine did at least once; the providers' rows are
-    medians). A provider above either peak is an accounting error (the tool flags it), not a fast kernel."""
+    the machine's peak at one of them). Memory GB/s: the best of a read (``a.sum()``: one read, as a decode
+    step's pass over K and V), STREAM's copy (``dst.copy_(src)``: one read, one write) and add
+    (``torch.add(a, b, out=c)``: two reads, one write), each sized to move the case's own bytes and over
+    ``stream_numel`` elements, every byte read or written counted. Each figure is the fastest of its timed
+    rounds (STREAM's rule: a peak is what the machine did at least once; the providers' rows are medians).
+    A provider above either peak is an accounting error (the tool flags it), not a fast kernel.
+
+    Together they give each case its roofline time, ``max(FLOPs / matmul peak, bytes / memory peak)``: no
+    provider can be faster, so ``baseline time / roofline time`` is the largest ratio to the baseline that
+    this machine allows."""
 
     def __init__(self, device: str, threads: int, repeats: int = 5, sizes=None, stream_numel: int | None = None,
                  max_s: float = 1.0):
@@ -214,6 +219,7 @@ class Limits:
         self.sizes = tuple(sizes or MATMUL_SIZES[device])
         self.stream_numel = int(stream_numel or COPY_STREAM_NUMEL[device])
         self.matmul: dict[tuple, float] = {}
+        self.read: dict[tuple, float] = {}
         self.copy: dict[tuple, float] = {}
         self.add: dict[tuple, float] = {}
 
@@ -233,6 +239,14 @@ class Limits:
     def matmul_peak(self, dtype) -> tuple[float, int]:
         """(peak TFLOP/s, the GEMM side that reached it) over ``sizes``."""
         return max((self.matmul_tflops(dtype, n), n) for n in self.sizes)
+
+    def read_gbps(self, dtype, numel: int) -> float:
+        """GB/s of a.sum() over ``numel`` elements, counting the read."""
+        key = (str(dtype), numel)
+        if key not in self.read:
+            a = torch.randn(numel, device=self.device).to(dtype)
+            self.read[key] = numel * a.element_size() / self._best_s(lambda: a.sum()) / 1e9
+        return self.read[key]
 
     def copy_gbps(self, dtype, numel: int) -> float:
         """GB/s of dst.copy_(src) over ``numel`` elements, counting the read and the write."""
@@ -254,23 +268,27 @@ class Limits:
             self.add[key] = nbytes / self._best_s(lambda: torch.add(a, b, out=c)) / 1e9
         return self.add[key]
 
-    def copy_peak(self, dtype, numel: int) -> float:
-        """The memory peak for a case of ``numel`` elements: the best of STREAM's copy and add at that size
-        and at ``stream_numel``."""
-        return max(f(dtype, n) for f in (self.copy_gbps, self.add_gbps) for n in (numel, self.stream_numel))
+    def memory_peak(self, dtype, nbytes: float) -> float:
+        """The memory peak for a case that moves ``nbytes``: the best of the read, STREAM's copy and add, each
+        sized to move those bytes (a read of ``nbytes``, a copy of half, an add of a third: the same footprint
+        in the caches as the case) and each at ``stream_numel`` elements."""
+        e = torch.empty((), dtype=dtype).element_size()
+        return max(max(f(dtype, max(int(nbytes / (k * e)), 1)), f(dtype, self.stream_numel))
+                   for f, k in ((self.read_gbps, 1), (self.copy_gbps, 2), (self.add_gbps, 3)))
 
     def describe(self) -> str:
         kind = torch.device(self.device).type
         who = f"{self.threads} threads" if kind == "cpu" else f"this {kind} device"
         return (f"measured peaks with {who}: matmul = best torch.mm TFLOP/s over square sizes "
-                f"{', '.join(map(str, self.sizes))}; memory = best GB/s of STREAM's copy (dst.copy_(src)) and add "
-                f"(torch.add(a, b, out=c)), every byte read or written counted, at the case's size and at "
-                f"{self.stream_numel} elements; each the fastest of its rounds")
+                f"{', '.join(map(str, self.sizes))}; memory = best GB/s of a read (a.sum()), STREAM's copy "
+                f"(dst.copy_(src)) and add (torch.add(a, b, out=c)), every byte read or written counted, each moving "
+                f"the case's bytes and at {self.stream_numel} elements; each the fastest of its rounds")
 
     def to_json(self) -> dict:
         return {"method": self.describe(),
                 "matmul": [{"dtype": d.replace("torch.", ""), "n": n, "tflops": v}
                            for (d, n), v in self.matmul.items()],
+                "read": [{"dtype": d.replace("torch.", ""), "numel": n, "gbps": v} for (d, n), v in self.read.items()],
                 "copy": [{"dtype": d.replace("torch.", ""), "numel": n, "gbps": v} for (d, n), v in self.copy.items()],
                 "add": [{"dtype": d.replace("torch.", ""), "numel": n, "gbps": v} for (d, n), v in self.add.items()]}
 

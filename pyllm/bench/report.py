@@ -58,9 +58,11 @@ def table(report: dict, width: int = 160) -> str:
             lines.append(f"  {name}: {p['status']} ({p['reason']})")
     lines.append("  work: " + s.get("flops", "") + "; " + s.get("bytes", ""))
     if s.get("limits"):
-        lines.append("  %lim: " + s["limits"] + "; above 100% (marked !) is an accounting bug")
+        lines.append("  %lim: " + s["limits"] + "; a case's roofline time = max(work / matmul peak, bytes / memory "
+                     "peak); %lim = roofline time / provider time, above 100% (marked !) is an accounting bug")
     head = (f"{'op':<10} {'mode':<7} {'dtype':<5} {'shape':<24} {'provider':<16} {'median ms':>10} "
-            f"{'IQR ms':>15} {'TFLOP/s':>8} {'GB/s':>8} {'%lim':>5} {'peak mem':>10} {'vs base':>8}  status")
+            f"{'IQR ms':>15} {'TFLOP/s':>8} {'GB/s':>8} {'%lim':>5} {'peak mem':>10} {'vs base':>8} "
+            f"{'max':>6}  status")
     lines += [head, "-" * min(width, len(head) + 10)]
     prev = None
     for r in report["results"]:
@@ -70,7 +72,7 @@ def table(report: dict, width: int = 160) -> str:
         prev = key
         t = r.get("time") or {}
         iqr = f"{t['q1_ms']:.3g}-{t['q3_ms']:.3g}" if t else "-"
-        frac = r.get("frac_of_matmul") if r.get("frac_of_matmul") is not None else r.get("frac_of_copy")
+        frac = r.get("frac_of_roofline")
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         if r["status"] == "ok" and not t:
             status = "ok (memory only)"
@@ -80,13 +82,15 @@ def table(report: dict, width: int = 160) -> str:
         line = (f"{r['op']:<10} {r['mode']:<7} {r['dtype']:<5} {r['label']:<24} {r['provider']:<16} "
                 f"{_fmt(t.get('median_ms'), '.4g'):>10} {iqr:>15} {_fmt(r.get('tflops'), '.3g'):>8} "
                 f"{_fmt(r.get('gbps'), '.3g'):>8} {pct:>5} "
-                f"{_mem(r.get('peak_bytes')):>10} {_fmt(r.get('speedup'), '.2f'):>8}  {status}")
+                f"{_mem(r.get('peak_bytes')):>10} {_fmt(r.get('speedup'), '.2f'):>8} "
+                f"{_fmt(r.get('max_speedup'), '.2f'):>6}  {status}")
         lines.append(line[:width] if len(line) > width else line)
     lines.append("")
     lines.append("median ms with the interquartile range; TFLOP/s of the kept (query, key) pairs only; GB/s of the "
-                 "minimal bytes; %lim = % of this device's measured peak matmul TFLOP/s (attention, train_step) or "
-                 "memory GB/s (norms, gelu; STREAM copy / add); "
-                 "peak mem = extra memory of one call; vs base = baseline time / provider time "
+                 "minimal bytes; %lim = % of the case's roofline on this device (the measured matmul and memory peaks: "
+                 "read / STREAM copy / add); "
+                 "peak mem = extra memory of one call; vs base = baseline time / provider time; max = baseline "
+                 "time / roofline time, the most any provider could show here "
                  f"(baselines: {', '.join(f'{k}={v}' for k, v in report.get('baselines', {}).items())}).")
     return "\n".join(lines)
 
@@ -151,7 +155,7 @@ def plot(report: dict, outdir: str) -> list[str]:
       the dashed grey line is this device's measured peak matmul TFLOP/s; a run of one shape draws one bar
       per provider instead (lines of one point hide each other);
     - ``<norm>_throughput_<dtype>.png``: GB/s vs hidden size (rows residual), dashed line = device memory peak GB/s
-      (STREAM copy / add);
+      (read / STREAM copy / add);
     - ``attention_memory_<dtype>.png``: peak extra memory vs seqlen, log-log, with the fitted exponent per
       provider in the legend (1 = linear, 2 = quadratic) and guide lines of slope 1 and 2.
     """
@@ -167,8 +171,8 @@ def plot(report: dict, outdir: str) -> list[str]:
     color = _colors(rows)
     for op, sweep, xname, yname, ykey, limkey in (
             ("attention", "seqlen", "Nq", "TFLOP/s", "tflops", "matmul_tflops"),
-            ("layer_norm", "hidden", "N", "GB/s", "gbps", "copy_gbps"),
-            ("rms_norm", "hidden", "N", "GB/s", "gbps", "copy_gbps")):
+            ("layer_norm", "hidden", "N", "GB/s", "gbps", "memory_gbps"),
+            ("rms_norm", "hidden", "N", "GB/s", "gbps", "memory_gbps")):
         sel = _prefer([r for r in rows if r["op"] == op and r.get("time")], (sweep,), ("user", "decode", "small"))
         for dtype in sorted({r["dtype"] for r in sel}):
             fig = throughput_figure(plt, [r for r in sel if r["dtype"] == dtype], op, (xname, yname, ykey, limkey),

@@ -289,24 +289,35 @@ def _time(fns: dict, rows: dict, s: Settings) -> dict:
 
 
 def _figures(row: dict, case: Case, t: dict, limits: Limits, key_lens=None) -> None:
-    """Throughput and its fraction of the measured peak; a fraction above 100% is flagged (``over_limit``)
-    as an accounting error: no provider can beat the machine's measured peak."""
+    """Throughput, the case's roofline time and the provider's fraction of it; a fraction above 100% is flagged
+    (``over_limit``) as an accounting error: no provider can beat the machine's measured peaks.
+
+    The roofline time is ``max(FLOPs / matmul peak, bytes / memory peak)`` over the counts the case has; the
+    memory peak is measured with probes that move the case's bytes (the same footprint in the caches) and
+    beyond the caches. ``frac_of_roofline`` = roofline time / median time = the larger of ``frac_of_matmul`` and
+    ``frac_of_memory``."""
     row["time"] = t
     sec = t["median_ms"] / 1e3
     f, b = flops(case, key_lens), bytes_moved(case, key_lens)
     dt = case.torch_dtype
-    frac = None
+    floor = []
     if f is not None:
         row["tflops"] = f / sec / 1e12
         peak, n = limits.matmul_peak(dt)
         row["matmul_n"], row["matmul_tflops"] = n, peak
-        row["frac_of_matmul"] = frac = row["tflops"] / peak if peak else None
+        row["frac_of_matmul"] = row["tflops"] / peak if peak else None
+        if peak:
+            floor.append(f / (peak * 1e12))
     if b is not None:
         row["gbps"] = b / sec / 1e9
-        if case.op in ("layer_norm", "rms_norm", "gelu"):
-            peak = limits.copy_peak(dt, case.dims[0] * case.dims[1])
-            row["copy_gbps"] = peak
-            row["frac_of_copy"] = frac = row["gbps"] / peak if peak else None
+        peak = limits.memory_peak(dt, b)
+        row["memory_gbps"] = peak
+        row["frac_of_memory"] = row["gbps"] / peak if peak else None
+        if peak:
+            floor.append(b / (peak * 1e9))
+    row["roofline_ms"] = 1e3 * max(floor) if floor else None
+    frac = row["roofline_ms"] / t["median_ms"] if floor else None
+    row["frac_of_roofline"] = frac
     row["over_limit"] = frac is not None and frac > 1.0
     if row["over_limit"]:
         row["accounting"] = (f"accounting bug: {100 * frac:.0f}% of the measured peak (> 100%): the work count or the "
@@ -314,7 +325,9 @@ def _figures(row: dict, case: Case, t: dict, limits: Limits, key_lens=None) -> N
 
 
 def _ratios(results: list[dict]) -> None:
-    """speedup = baseline median time / provider median time, within each case (>1: faster than baseline)."""
+    """speedup = baseline median time / provider median time, within each case (>1: faster than baseline);
+    max_speedup = baseline median time / the case's roofline time: the largest speedup any provider could show
+    on this machine (a goal above it is beyond the hardware)."""
     base = {}
     for r in results:
         if r["provider"] == BASELINES[r["op"]] and r["time"]:
@@ -323,6 +336,8 @@ def _ratios(results: list[dict]) -> None:
         b = base.get(_rkey(r))
         r["baseline"] = BASELINES[r["op"]]
         r["speedup"] = (b / r["time"]["median_ms"]) if (b and r["time"]) else None
+        roof = r.get("roofline_ms")
+        r["max_speedup"] = (b / roof) if (b and roof) else None
 
 
 def _rkey(r):
