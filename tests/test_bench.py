@@ -544,6 +544,29 @@ def test_cpu_rounds_stop_when_the_median_is_stable():
     assert len(fixed["a"]) == 5  # without max_rounds: exactly `repeats` rounds, as before
 
 
+def test_cpu_timing_counts_page_faults_per_call(report):
+    """A call that writes every page of a fresh 4 MiB mapping faults ~1024 times (4 KiB pages) or at least
+    twice (huge pages); one that touches no new memory, about never. Counted per call, per provider."""
+    import mmap
+
+    from pyllm.bench.measure import time_interleaved
+
+    def fresh():
+        m = mmap.mmap(-1, 1 << 22)
+        m[::4096] = b"x" * 1024
+        m.close()
+
+    faults = {}
+    time_interleaved({"fresh": fresh, "none": lambda: None}, "cpu", threads=1, repeats=3, warmup=1,
+                     min_run_s=0.0005, max_s=0.3, faults=faults)
+    assert set(faults) == {"fresh", "none"}
+    assert faults["fresh"] >= 2 and faults["none"] < 1, faults
+    timed = [r for r in report["results"] if r["time"]]
+    assert timed and all(r["faults_per_call"] >= 0 for r in timed)
+    head = next(line for line in bench.table(report).splitlines() if line.startswith("op "))
+    assert "GB/s %lim faults peak mem" in " ".join(head.split())
+
+
 def test_bench_train_reports_page_faults_and_the_allocator(tmp_path):
     """benchmarks/bench_train.py --quick: the ratio, each model's minor page faults per step and the C allocator's
     settings land in the JSON (a smoke run: the timings themselves are not asserted)."""

@@ -62,14 +62,20 @@ def _stable(ts: list[float], min_rounds: int, rel: float) -> bool:
 
 
 def time_interleaved(fns: dict, device: str, *, threads: int, repeats: int, warmup: int, min_run_s: float,
-                     max_s: float, warmup_s: float = 0.0, max_rounds: int = 0, stable_rel: float = 0.01
-                     ) -> dict[str, list[float]]:
+                     max_s: float, warmup_s: float = 0.0, max_rounds: int = 0, stable_rel: float = 0.01,
+                     faults: dict | None = None) -> dict[str, list[float]]:
     """{name: [seconds per call, one per round]}.
 
     Warm-up: at least ``warmup`` calls and ``warmup_s`` seconds per provider (at most ``max_s / 2``).
     GPU: ``repeats`` rounds. CPU: at least ``repeats`` rounds, then more (up to ``max_rounds``; 0 = none
     more) until the median is stable (:func:`_stable` with ``stable_rel``); every provider stops within its
-    budget of ``max_s`` seconds (at least 3 rounds, or 1 if one call alone exceeds ``max_s``)."""
+    budget of ``max_s`` seconds (at least 3 rounds, or 1 if one call alone exceeds ``max_s``).
+
+    ``faults`` (CPU): filled with {name: minor page faults per call}, counted around each timed round (the
+    process's faults, all threads; a round is ``torch.utils.benchmark.Timer.timeit``: its warm-up calls,
+    ``max(number // 100, 2)``, then ``number`` timed ones, all counted). A fresh page costs its zeroing on
+    first touch, so a provider whose outputs land on pages the C library just returned to the OS (after its
+    own or another provider's frees) pays for them in its time; this figure says when that happened."""
     global _flusher
     plan = {}
     for name, fn in fns.items():
@@ -107,18 +113,34 @@ def time_interleaved(fns: dict, device: str, *, threads: int, repeats: int, warm
     from torch.utils.benchmark import Timer
 
     timers = {n: Timer(stmt="fn()", globals={"fn": plan[n][0]}, num_threads=threads) for n in names}
+    counted = {n: [0, 0] for n in names}  # minor faults, calls
     active = set(names)
     r = 0
     while active:
         for n in names[r % len(names):] + names[:r % len(names)]:
             if n in active:
-                times[n].append(timers[n].timeit(plan[n][1]).mean)
+                number = plan[n][1]
+                f0 = _minor_faults()
+                times[n].append(timers[n].timeit(number).mean)
+                counted[n][0] += _minor_faults() - f0
+                counted[n][1] += number + max(number // 100, 2)  # Timer.timeit's warm-up calls, then number
         r += 1
         for n in list(active):
             _, _, least, budget = plan[n]
             if r >= budget or (r >= least and _stable(times[n], least, stable_rel)):
                 active.discard(n)
+    if faults is not None:
+        faults.update({n: f / calls for n, (f, calls) in counted.items()})
     return times
+
+
+def _minor_faults() -> int:
+    """This process's minor page faults so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def summarize(ts: list[float]) -> dict:

@@ -45,7 +45,7 @@ def _mem(b):
     return f"{b} B"
 
 
-def table(report: dict, width: int = 160) -> str:
+def table(report: dict, width: int = 200) -> str:
     """Plain-text table: one line per (op, mode, shape, dtype, provider); non-ok rows show why."""
     lines = []
     s = report["settings"]
@@ -61,7 +61,7 @@ def table(report: dict, width: int = 160) -> str:
         lines.append("  %lim: " + s["limits"] + "; a case's roofline time = max(work / matmul peak, bytes / memory "
                      "peak); %lim = roofline time / provider time, above 100% (marked !) is an accounting bug")
     head = (f"{'op':<10} {'mode':<7} {'dtype':<5} {'shape':<24} {'provider':<16} {'median ms':>10} "
-            f"{'IQR ms':>15} {'TFLOP/s':>8} {'GB/s':>8} {'%lim':>5} {'peak mem':>10} {'vs base':>8} "
+            f"{'IQR ms':>15} {'TFLOP/s':>8} {'GB/s':>8} {'%lim':>5} {'faults':>6} {'peak mem':>10} {'vs base':>8} "
             f"{'max':>6}  status")
     lines += [head, "-" * min(width, len(head) + 10)]
     prev = None
@@ -81,7 +81,7 @@ def table(report: dict, width: int = 160) -> str:
             status += f"; {r.get('accounting', 'accounting bug: above the measured peak')}"
         line = (f"{r['op']:<10} {r['mode']:<7} {r['dtype']:<5} {r['label']:<24} {r['provider']:<16} "
                 f"{_fmt(t.get('median_ms'), '.4g'):>10} {iqr:>15} {_fmt(r.get('tflops'), '.3g'):>8} "
-                f"{_fmt(r.get('gbps'), '.3g'):>8} {pct:>5} "
+                f"{_fmt(r.get('gbps'), '.3g'):>8} {pct:>5} {_fmt(r.get('faults_per_call'), '.0f'):>6} "
                 f"{_mem(r.get('peak_bytes')):>10} {_fmt(r.get('speedup'), '.2f'):>8} "
                 f"{_fmt(r.get('max_speedup'), '.2f'):>6}  {status}")
         lines.append(line[:width] if len(line) > width else line)
@@ -89,6 +89,7 @@ def table(report: dict, width: int = 160) -> str:
     lines.append("median ms with the interquartile range; TFLOP/s of the kept (query, key) pairs only; GB/s of the "
                  "minimal bytes; %lim = % of the case's roofline on this device (the measured matmul and memory peaks: "
                  "read / STREAM copy / add); "
+                 "faults = minor page faults per call (CPU; fresh pages, their zeroing is in the time); "
                  "peak mem = extra memory of one call; vs base = baseline time / provider time; max = baseline "
                  "time / roofline time, the most any provider could show here "
                  f"(baselines: {', '.join(f'{k}={v}' for k, v in report.get('baselines', {}).items())}).")

@@ -232,8 +232,10 @@ def _measure_case(case, provs, verdicts, inputs, s: Settings, limits, mem_queue)
     if case.timed and fns:
         mask = inputs.get("mask") if inputs else None
         key_lens = mask.sum(-1).tolist() if mask is not None else None
-        for n, ts in _time(fns, rows, s).items():
+        faults = {}
+        for n, ts in _time(fns, rows, s, faults).items():
             _figures(rows[n], case, summarize(ts), limits, key_lens)
+            rows[n]["faults_per_call"] = faults.get(n)
     if s.memory and case.mode != "bwd":  # bwd's peak is inside fwd+bwd's; measuring it too doubles the cost
         for n, fn in fns.items():
             if rows[n]["status"] != "ok":
@@ -273,9 +275,12 @@ def _row(case, p: Provider, v: dict, inputs, s: Settings):
     return row, None
 
 
-def _time(fns: dict, rows: dict, s: Settings) -> dict:
-    """{provider: [seconds per call]}, interleaved; if one provider fails, the rest are timed one by one."""
+def _time(fns: dict, rows: dict, s: Settings, faults: dict) -> dict:
+    """{provider: [seconds per call]}, interleaved; if one provider fails, the rest are timed one by one.
+    ``faults``: filled with minor page faults per call on the CPU (see :func:`time_interleaved`)."""
     timing = dict(threads=s.threads, **s.timing)
+    if s.device == "cpu":
+        timing["faults"] = faults
     try:
         return time_interleaved(fns, s.device, **timing)
     except Exception:  # noqa: BLE001 (one bad provider must not lose the others' times)
