@@ -334,7 +334,7 @@ def test_decode_and_small_presets():
     assert build_cases(["attention"], ["bwd"], None, "decode", "cpu")[0].mode == "bwd"  # --mode wins
 
 
-def test_sweep_preset_and_its_ratio_plot(tmp_path):
+def test_sweep_preset_and_its_ratio_plot(tmp_path, monkeypatch):
     from pyllm.bench import report as R
     from pyllm.bench.spec import SWEEP_DECODE_NK, SWEEP_ROWS, SWEEP_SEQ
 
@@ -347,11 +347,22 @@ def test_sweep_preset_and_its_ratio_plot(tmp_path):
     assert {c.dtype for c in cases} == {"fp32", "bf16"}
     rows = [{"op": c.op, "mode": c.mode, "dtype": c.dtype, "sweep": c.sweep, "padding": False, "label": c.label(),
              "shape": dict(zip(("B", "Hq", "Hkv", "Nq", "Nk", "D") if c.op == "attention" else ("M", "N"), c.dims)),
-             "provider": p, "baseline": "sdpa" if c.op == "attention" else "torch", "speedup": s}
+             "provider": p, "baseline": "sdpa" if c.op == "attention" else "torch", "speedup": s, "max_speedup": 2.5}
             for c in cases for p, s in (("pyllm-cpu", 1.5), ("pyllm-reference", 0.3),
                                         ("sdpa" if c.op == "attention" else "torch", 1.0))]
+    import matplotlib.pyplot as plt
+
+    closed, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (closed.append(fig), close(fig)))
     paths = R.plot({"results": rows, "machine": {"cpu": "test cpu"}}, str(tmp_path))
     assert sorted(os.path.basename(p) for p in paths if "sweep" in p) == ["sweep_ratio_bf16.png", "sweep_ratio_fp32.png"]
+    # every sweep panel draws the roofline bound (the most any kernel could show) beside the providers' ratios
+    sweep_figs = [f for f in closed if f is not None and "speed ratio across sizes" in f._suptitle.get_text()]
+    assert len(sweep_figs) == 2
+    for fig in sweep_figs:
+        for ax in (a for a in fig.axes if a.get_visible()):
+            bound = [ln for ln in ax.get_lines() if ln.get_label().startswith("roofline bound")]
+            assert bound and all(set(ln.get_ydata()) == {2.5} for ln in bound)
 
 
 @pytest.mark.parametrize("ys", [(1.0, 1.9), (0.5, 1.05), (1.0, 24.0), (0.98, 1.03)])
