@@ -255,3 +255,20 @@ def test_dbias_keeps_its_own_dtype(backend, with_weight):
     assert not torch.equal(b.grad, b.grad.bfloat16().float())  # bf16 rounding would be ~1e-2 off here
     if with_weight:
         assert w.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [16, 1000])
+def test_cpu_low_precision_parameter_grads_are_rounded_once(dtype, M):
+    """The cpu kernel sums dweight / dbias in fp32 and stores them straight in the parameters' dtype: bitwise the
+    fp32 parameters' gradients (the same fp32 sums) rounded once to 16 bits, at one row block (16 rows) and many."""
+    need("cpu")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M, 768, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(M, 768, generator=g).to(dtype)
+    w16, b16 = (torch.randn(768, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    w32, b32 = (t.detach().float().requires_grad_() for t in (w16, b16))
+    dx16 = torch.autograd.grad(pyllm.layer_norm(x, (768,), w16, b16, backend="cpu"), [x, w16, b16], dy)
+    dx32 = torch.autograd.grad(pyllm.layer_norm(x, (768,), w32, b32, backend="cpu"), [x, w32, b32], dy)
+    assert dx16[1].dtype == dx16[2].dtype == dtype
+    assert torch.equal(dx16[1], dx32[1].to(dtype)) and torch.equal(dx16[2], dx32[2].to(dtype))

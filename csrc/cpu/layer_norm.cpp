@@ -569,6 +569,37 @@ int64_t num_row_blocks(int64_t M, int64_t N) {
   return std::max<int64_t>(nb, 1);
 }
 
+// out[j] = sum over blocks, in block order, of parts[blk * N + j], summed in A and stored in out's dtype
+// (P: fp32, fp64, fp16 or bf16; one rounding, the same as summing into an A tensor and then .to(P)).
+template <typename A, typename P>
+void reduce_partials_to(const A* parts, int64_t nblocks, int64_t N, P* out) {
+  constexpr int64_t kCols = 2048;
+  at::parallel_for(0, N, kCols, [&](int64_t j0, int64_t j1) {
+    for (int64_t c0 = j0; c0 < j1; c0 += kCols) {
+      const int64_t c1 = std::min(j1, c0 + kCols);
+      A sum[kCols];
+      std::copy(parts + c0, parts + c1, sum);
+      for (int64_t blk = 1; blk < nblocks; ++blk) {
+        const A* p = parts + blk * N + c0;
+        for (int64_t j = 0; j < c1 - c0; ++j) sum[j] += p[j];
+      }
+      for (int64_t j = 0; j < c1 - c0; ++j) out[c0 + j] = static_cast<P>(sum[j]);
+    }
+  });
+}
+
+template <typename A>
+void reduce_partials(const A* parts, int64_t nblocks, int64_t N, at::Tensor& out) {
+  switch (out.scalar_type()) {
+    case at::kFloat: return reduce_partials_to<A>(parts, nblocks, N, out.mutable_data_ptr<float>());
+    case at::kDouble: return reduce_partials_to<A>(parts, nblocks, N, out.mutable_data_ptr<double>());
+    case at::kHalf: return reduce_partials_to<A>(parts, nblocks, N, out.mutable_data_ptr<c10::Half>());
+    case at::kBFloat16: return reduce_partials_to<A>(parts, nblocks, N, out.mutable_data_ptr<c10::BFloat16>());
+    default: TORCH_CHECK(false, "layer_norm_bwd: weight dtype must be float32, float64, float16 or bfloat16, got ",
+                         out.scalar_type());
+  }
+}
+
 // ---- output allocation ----------------------------------------------------------------------------
 
 // at::empty for a large output, with transparent huge pages requested before the first touch. A fresh
@@ -794,24 +825,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(
       }
     });
 
-    // Stage 2: add the partials in block order, parallel over columns.
-    if (need_dw) dweight = at::empty({N}, h.options().dtype(acc));
-    if (has_bias) dbias = at::empty({N}, h.options().dtype(acc));
-    auto reduce = [&](const A* parts, A* out) {
-      at::parallel_for(0, N, 2048, [&](int64_t j0, int64_t j1) {
-        std::copy(parts + j0, parts + j1, out + j0);
-        for (int64_t blk = 1; blk < nblocks; ++blk) {
-          const A* p = parts + blk * N;
-          for (int64_t j = j0; j < j1; ++j) out[j] += p[j];
-        }
-      });
-    };
-    if (need_dw) reduce(dw_parts, dweight.mutable_data_ptr<A>());
-    if (has_bias) reduce(db_parts, dbias.mutable_data_ptr<A>());
+    // Stage 2: add the partials in block order, parallel over columns, and store in the parameters' dtype
+    // (a bf16 weight's gradient rounded once from the fp32 sum, as .to() would, without a second tensor).
+    if (need_dw) dweight = at::empty({N}, h.options().dtype(param_dtype));
+    if (has_bias) dbias = at::empty({N}, h.options().dtype(param_dtype));
+    if (need_dw) reduce_partials<A>(dw_parts, nblocks, N, dweight);
+    if (has_bias) reduce_partials<A>(db_parts, nblocks, N, dbias);
   });
 
-  dweight = need_dw ? dweight.to(param_dtype) : at::empty({0}, h.options().dtype(param_dtype));
-  dbias = has_bias ? dbias.to(param_dtype) : at::empty({0}, h.options().dtype(param_dtype));
+  if (!need_dw) dweight = at::empty({0}, h.options().dtype(param_dtype));
+  if (!has_bias) dbias = at::empty({0}, h.options().dtype(param_dtype));
   return {dx, dweight, dbias};
 }
 
