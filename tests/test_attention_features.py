@@ -545,3 +545,48 @@ def test_varlen_per_sequence_fallback(monkeypatch):
     for seed, (lq, lk, Hq, Hkv, D, causal, kw) in enumerate(VARLEN_CASES):
         assert_rows(varlen_case("cpu", torch.float32, lq, lk, Hq, Hkv, D, causal=causal, device=DEVICE, seed=seed,
                                 **kw))
+
+
+def _poison(*shapes):
+    """Allocate and free NaN tensors of these shapes, so the next allocations of their sizes likely reuse that
+    memory: a kernel that leaves a row unwritten then returns NaN there, not a lucky zero from a fresh page."""
+    for shape in shapes:
+        t = torch.full(shape, float("nan"))
+        del t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_backward_writes_every_gradient_row(dtype):
+    """The cpu backward allocates dq, dk, dv without zero-filling them first: query rows that see no key (an
+    empty key sequence, causal blocks before the first key), and keys of a sequence without queries, must still
+    come back as exact zeros; every other row matches the reference."""
+    need("cpu")
+    g = torch.Generator().manual_seed(5)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    # packed: (Nq, Nk) = (0, 4), (5, 0), (4, 6); head_dim 64 (fp32 accumulates dK/dV in the outputs themselves)
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in ([0, 0, 5, 9], [0, 4, 4, 10]))
+    q, k, v = rnd(9, 4, 64), rnd(10, 2, 64), rnd(10, 2, 64)
+    do = rnd(9, 4, 64)
+    for causal in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        _poison(q.shape, k.shape, k.shape)
+        out = pyllm.attention_varlen(*leaves, cu_q, cu_k, 5, 6, causal=causal, backend="cpu")
+        dq, dk, dv = torch.autograd.grad(out, leaves, do)
+        assert torch.isfinite(torch.cat([dq.flatten(), dk.flatten(), dv.flatten()])).all()
+        assert not dq[:5].any() and not dk[:4].any() and not dv[:4].any()
+        ref = [t.detach().double().requires_grad_() for t in (q[5:], k[4:], v[4:])]
+        want = torch.autograd.grad(reference.attention(*(t[None] for t in ref), causal=causal), ref,
+                                   do[5:].double()[None])
+        for got, w in zip((dq[5:], dk[4:], dv[4:]), want):
+            torch.testing.assert_close(got.double(), w, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)
+    # padded, causal with Nq > Nk (bottom-right): the first query blocks see no key and are skipped
+    q, k, v, do = rnd(2, 150, 4, 64), rnd(2, 9, 2, 64), rnd(2, 9, 2, 64), rnd(2, 150, 4, 64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    _poison(q.shape, k.shape, k.shape)
+    got = torch.autograd.grad(pyllm.attention(*leaves, causal=True, backend="cpu"), leaves, do)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(reference.attention(*ref, causal=True), ref, do.double())
+    assert not want[0][:, :141].any() and not got[0][:, :141].any()  # rows 0..140 see no key
+    for gt, w in zip(got, want):
+        assert torch.isfinite(gt).all()
+        torch.testing.assert_close(gt.double(), w, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=0)

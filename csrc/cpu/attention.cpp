@@ -1374,10 +1374,14 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
       const int64_t nqb = (ps.Nq + BQ - 1) / BQ;
       T *dK, *dV;
       int64_t ldkv;
-      if (direct) {  // rows of (B, Nk, Hkv, D) for head g
+      if (direct) {  // rows of (B, Nk, Hkv, D) for head g, zeroed here by the task that owns and accumulates them
         dK = reinterpret_cast<T*>(dk) + ps.kg0 * p.Hkv * D + g * D;
         dV = reinterpret_cast<T*>(dv) + ps.kg0 * p.Hkv * D + g * D;
         ldkv = p.Hkv * D;
+        for (int64_t n = 0; n < ps.Nk; ++n) {
+          std::fill(dK + n * ldkv, dK + n * ldkv + D, T(0));
+          std::fill(dV + n * ldkv, dV + n * ldkv + D, T(0));
+        }
       } else {
         dK = acc_at(acc, b, g, c);
         dV = dK + acc_rows * Dp;
@@ -1388,7 +1392,13 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
         for (int64_t qb = c; qb < nqb; qb += nsplit) {
           const int64_t q0 = qb * BQ, mq = std::min(BQ, ps.Nq - q0), mqp = round_up(mq, W);
           const int64_t kend = ps.key_end(q0 + mq - 1), kstart = ps.key_start(q0);
-          if (kend <= kstart) continue;
+          if (kend <= kstart) {  // the block sees no key: its dq rows are zero (each block's rows are one task's)
+            for (int64_t i = 0; i < mq; ++i) {
+              S* o = dq + ((ps.qg0 + q0 + i) * p.Hq + h) * D;
+              std::fill(o, o + D, S(0));
+            }
+            continue;
+          }
           const int64_t r0 = ps.qr0 + q0;
           const S* Qs = q + b * st.sq.b + h * st.sq.h + r0 * st.sq.n;
           const S* dOs = dout + b * st.sdo.b + h * st.sdo.h + r0 * st.sdo.n;
@@ -1466,10 +1476,11 @@ void bwd_kernel(const Problem& p, const BwdStrides& st, const S* dout, const S* 
       work([&]() -> int64_t { return task < end ? task++ : -1; });
     });
   } else {  // packed: the longest sequences' tasks first, handed out one at a time
+    // Sequences without queries or keys are tasks too (last): they write their rows' zeros.
     std::vector<std::pair<int64_t, int64_t>> order;  // (cost, task)
     for (int64_t t = 0; t < ntask; ++t) {
       const Problem ps = p.seq(t / (nsplit * p.Hkv));
-      if (ps.Nq > 0 && ps.Nk > 0) order.push_back({ps.Nq * ps.Nk, t});
+      order.push_back({ps.Nq * ps.Nk, t});
     }
     std::stable_sort(order.begin(), order.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
     run_dynamic(static_cast<int64_t>(order.size()), [&](auto&& take) {
@@ -1687,11 +1698,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(
     p.f.dbias = dbias_full.data_ptr();
     p.f.dbias_sb = per_batch ? p.Hq * p.Nq * p.Nk : 0;
   }
-  // Rows of a query block that is skipped (it sees no key) keep these zeros.
-  at::Tensor dq = at::zeros({p.B, p.Nq, p.Hq, p.D}, q.options());
-  // dk, dv are accumulated in place when the kernel can (see bwd_kernel), so they start at zero.
-  at::Tensor dk = at::zeros({p.B, p.Nk, p.Hkv, p.D}, q.options());
-  at::Tensor dv = at::zeros({p.B, p.Nk, p.Hkv, p.D}, q.options());
+  // Every row is written by bwd_kernel (query blocks that see no key get zeros there; dk, dv rows accumulated
+  // in place are zeroed there by the task that owns them): no zero fill of the whole outputs first.
+  at::Tensor dq = at::empty({p.B, p.Nq, p.Hq, p.D}, q.options());
+  at::Tensor dk = at::empty({p.B, p.Nk, p.Hkv, p.D}, q.options());
+  at::Tensor dv = at::empty({p.B, p.Nk, p.Hkv, p.D}, q.options());
 
   // Split each (batch, kv head) over query blocks only when there are too few of them to keep
   // every thread busy; each split then keeps its own dK/dV accumulator (memory linear in Nk).
@@ -1847,8 +1858,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
               "attention_varlen_bwd: lse must be a CPU ", acc, " tensor of shape (heads_q, total_q) = (", q.size(1),
               ", ", q.size(0), "), got ", lse_in.sizes(), " ", lse_in.scalar_type());
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
-             dv = at::zeros(v.sizes(), v.options());
+  // Every row is written by bwd_kernel (the sequences cover every row, read_cu checks): no zero fill first.
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
   const int64_t nsplit = bwd_splits(r.p, deterministic);
   const BwdStrides st{packed_strides(dout), packed_strides(q), packed_strides(k), packed_strides(v),
                       packed_strides(out)};
