@@ -222,7 +222,7 @@ def _ratio_ticks(ax) -> None:
 def _plot_sweep(rows, outdir, dev, plt, color) -> list[str]:
     """``sweep_ratio_<dtype>.png``: each pyllm kernel provider's speed ratio to the baseline (torch) from the
     smallest size to the largest, one panel per kind of call, log scale, the line y = 1 where torch is equal.
-    Above the line pyllm is faster; below, slower. The thin black line is the roofline bound (baseline time /
+    Above the line pyllm is faster; below, slower. The dotted black line is the roofline bound (baseline time /
     the case's roofline time): no kernel can be above it on this machine. The reference is left out (it is the
     check, not a kernel)."""
     sel = [r for r in rows if r["sweep"].startswith("sweep-") and r.get("speedup")
@@ -250,8 +250,8 @@ def _plot_sweep(rows, outdir, dev, plt, color) -> list[str]:
                 # the case's roofline bound (the same for every provider): the most any kernel could show here
                 bound = sorted({r["shape"][xdim]: r["max_speedup"] for r in sub if r.get("max_speedup")}.items())
                 if bound:
-                    ax.plot([x for x, _ in bound], [y for _, y in bound], style, color="black", linewidth=1,
-                            alpha=0.45, label="roofline bound" + (f" {mode}" if len(modes) > 1 else ""))
+                    ax.plot([x for x, _ in bound], [y for _, y in bound], {"-": ":", "--": "-."}[style],
+                            color="black", linewidth=1.2, label="roofline bound" + (f" {mode}" if len(modes) > 1 else ""))
             ax.axhline(1.0, color="grey", linewidth=1, label="torch (= 1)")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
