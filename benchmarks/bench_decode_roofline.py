@@ -15,7 +15,10 @@ Nk512, D64) this times, paired and alternating in one process, under torch.no_gr
 and prints each as milliseconds (best and median of --reps) and GB/s of K + V bytes. --cold adds the same
 read over buffers rotated through more than the last-level cache (K and V fresh from DRAM). The ratio a
 provider can reach over SDPA is at most sdpa_time / (bytes / read GB/s). Timings on a shared machine are
-noisy: the best of many alternating rounds is the figure to compare.
+noisy: the best of many alternating rounds is the figure to compare. ``pyllm bench --preset decode`` prints the
+same bound for every case (its ``max`` column: SDPA's median time over the case's roofline time, with the
+memory peak the best of a read, a copy and an add of the case's bytes); this script is the closer look, with
+best-of-many times and a cold-cache read.
 """
 from __future__ import annotations
 
