@@ -598,5 +598,16 @@ def test_bench_train_reports_page_faults_and_the_allocator(tmp_path):
     assert r["ratio"] > 0 and set(r["page_faults_per_step"]) == {"pyllm", "transformers"}
     assert all(v >= 0 for v in r["page_faults_per_step"].values())
     assert "libc" in report["allocator"] or "unknown" in report["allocator"]
-    # one allocation of fresh pages: 64 MiB written once maps ~16K pages
-    assert bench_train.faults_per_step(lambda: torch.ones(16 << 20), n=2) > 1000
+    # 64 MiB of fresh anonymous pages written once maps 16K pages. Not torch.ones: glibc may carve a 64 MiB block
+    # out of heap memory an earlier test freed and kept (already mapped: no fault at all). Huge pages are turned
+    # off for the region where the kernel allows it, so each 4 KiB page faults on its own.
+    def touch_fresh_pages():
+        import mmap
+
+        m = mmap.mmap(-1, 64 << 20)
+        if hasattr(m, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+            m.madvise(mmap.MADV_NOHUGEPAGE)
+        m.write(b"\1" * (64 << 20))
+        m.close()
+
+    assert bench_train.faults_per_step(touch_fresh_pages, n=2) > 1000
