@@ -308,10 +308,11 @@ PyObject* rotary_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 //   k_cache, v_cache: lists of (B, capacity, Hkv, D) buffers, one per block, positions 0..start-1 filled; the
 //     step writes start..start+N-1 (the caller then advances its lengths).
 //   key_padding_mask: (B, start + N) bool or None.  cos, sin: the rotary tables (1 or B, N, r) or None (no RoPE).
-//   spec: (rms, eps, heads, kv_heads, head_dim, causal, mlp, intermediate, decode_rows): rms picks RMSNorm over
-//     LayerNorm; eps a float (None: RMSNorm's default, finfo(dtype).eps); mlp "gelu" | "gelu_tanh" | "relu" | "silu"
-//     (down(act(up x))) or "swiglu" (gate, u = split(up x, intermediate); down(silu(gate) * u)); decode_rows:
-//     pyllm.nn.Linear's threshold (2..decode_rows rows run pyllm::linear_decode, others at::linear; 0: never).
+//   spec: (rms, eps, heads, kv_heads, head_dim, causal, mlp, intermediate, decode_rows, decode_min_rows): rms
+//     picks RMSNorm over LayerNorm; eps a float (None: RMSNorm's default, finfo(dtype).eps); mlp "gelu" |
+//     "gelu_tanh" | "relu" | "silu" (down(act(up x))) or "swiglu" (gate, u = split(up x, intermediate);
+//     down(silu(gate) * u)); decode_min_rows, decode_rows: pyllm.nn.Linear's thresholds (decode_min_rows..
+//     decode_rows rows run pyllm::linear_decode, others at::linear; decode_rows 0: never).
 // Returns None, before anything is written, for a call it does not take (the Python decode methods then run).
 namespace stack {
 
@@ -357,11 +358,11 @@ bool cache_arg(PyObject* list, size_t L, int64_t B, int64_t end, int64_t Hkv, in
   return true;
 }
 
-// pyllm.nn.Linear.forward in inference: the decode GEMV for 2..rows_max rows, at::linear otherwise.
-Tensor linear(const Tensor& x, const Linear& lin, int64_t rows, int64_t rows_max) {
+// pyllm.nn.Linear.forward in inference: the decode GEMV for rows_min..rows_max rows, at::linear otherwise.
+Tensor linear(const Tensor& x, const Linear& lin, int64_t rows, int64_t rows_min, int64_t rows_max) {
   OptTensor b;
   if (lin.b) b = *lin.b;
-  if (rows > 1 && rows <= rows_max) return ops::linear_decode().call(x, *lin.w, b);
+  if (rows >= rows_min && rows <= rows_max) return ops::linear_decode().call(x, *lin.w, b);
   return at::linear(x, *lin.w, b);
 }
 
@@ -375,12 +376,13 @@ PyObject* decode_stack_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
     return nullptr;
   }
   PyObject* spec = args[9];
-  if (!PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != 9) return none();
+  if (!PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != 10) return none();
   PyObject* const* sp = &PyTuple_GET_ITEM(spec, 0);
   const bool rms = sp[0] == Py_True;
-  int64_t Hq = 0, Hkv = 0, D = 0, inter = 0, rows_max = 0;
+  int64_t Hq = 0, Hkv = 0, D = 0, inter = 0, rows_max = 0, rows_min = 0;
   if (!exact_int(sp[2], &Hq) || !exact_int(sp[3], &Hkv) || !exact_int(sp[4], &D) || !exact_int(sp[7], &inter) ||
-      !exact_int(sp[8], &rows_max) || (sp[5] != Py_True && sp[5] != Py_False) || !PyUnicode_Check(sp[6]))
+      !exact_int(sp[8], &rows_max) || !exact_int(sp[9], &rows_min) || rows_min < 1 ||
+      (sp[5] != Py_True && sp[5] != Py_False) || !PyUnicode_Check(sp[6]))
     return none();
   const bool causal = sp[5] == Py_True;
   const char* mlp_name = PyUnicode_AsUTF8(sp[6]);
@@ -472,7 +474,7 @@ PyObject* decode_stack_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
       } else {
         std::tie(normed, residual) = norm_call(h, 1, C, l.n1w, l.n1b, &residual, eps, rms);
       }
-      const Tensor qkv = linear(normed, l.qkv, rows, rows_max);
+      const Tensor qkv = linear(normed, l.qkv, rows, rows_min, rows_max);
       Tensor q = qkv.narrow(-1, 0, hq).view({B, N, Hq, D});
       Tensor k = qkv.narrow(-1, hq, hkv).view({B, N, Hkv, D});
       const Tensor v = qkv.narrow(-1, hq + hkv, hkv).view({B, N, Hkv, D});
@@ -483,9 +485,9 @@ PyObject* decode_stack_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
       const Tensor o = std::get<0>(ops::attention_fwd().call(
           last_dim_contiguous(q), last_dim_contiguous(kc[i].narrow(1, 0, end)),
           last_dim_contiguous(vc[i].narrow(1, 0, end)), m, causal, scale));
-      const Tensor a = linear(o.reshape({B, N, hq}), l.out, rows, rows_max);
+      const Tensor a = linear(o.reshape({B, N, hq}), l.out, rows, rows_min, rows_max);
       std::tie(normed, residual) = norm_call(a, 1, C, l.n2w, l.n2b, &residual, eps, rms);
-      Tensor u = linear(normed, l.up, rows, rows_max);
+      Tensor u = linear(normed, l.up, rows, rows_min, rows_max);
       switch (mlp) {
         case kGelu: u = at::gelu(u); break;
         case kGeluTanhAct: u = ops::gelu_tanh_fwd().call(u.is_contiguous() ? u : u.contiguous()); break;
@@ -493,7 +495,7 @@ PyObject* decode_stack_fast(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
         case kSilu: u = at::silu(u); break;
         case kSwiglu: u = at::mul(at::silu(u.narrow(-1, 0, inter)), u.narrow(-1, inter, inter)); break;
       }
-      h = linear(u, l.down, rows, rows_max);
+      h = linear(u, l.down, rows, rows_min, rows_max);
     }
     h = norm_call(h, 1, C, fw, fb, &residual, eps, rms).first;
   }

@@ -7,7 +7,7 @@ from torch.profiler import profile
 
 from pyllm.accuracy import allowed_error, max_error, passes
 from pyllm.nn import Linear
-from pyllm.nn.linear import DECODE_ROWS
+from pyllm.nn.linear import DECODE_MIN_ROWS, DECODE_ROWS
 
 def _calls_kernel(fn) -> bool:
     with profile() as prof:
@@ -15,9 +15,12 @@ def _calls_kernel(fn) -> bool:
     return any(e.name == "pyllm::linear_decode" for e in prof.events())
 
 
-@pytest.mark.parametrize("rows", [2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16])
 @pytest.mark.parametrize("K,N,bias", [(37, 7, True), (64, 130, False), (200, 33, True)])
-def test_few_rows_match_fp64_within_the_rule(rows, K, N, bias):
+def test_few_rows_match_fp64_within_the_rule(rows, K, N, bias, monkeypatch):
+    import pyllm.nn.linear as linear
+
+    monkeypatch.setattr(linear, "DECODE_MIN_ROWS", 1)  # one row too, whatever this CPU's default
     torch.manual_seed(rows * 1000 + K + N)
     m = Linear(K, N, bias=bias)
     x = torch.randn(rows, 1, K)  # (batch, one new token, features): a decode step
@@ -40,7 +43,7 @@ def test_training_more_rows_and_other_dtypes_are_f_linear_unchanged():
     y.sum().backward()
     assert m.weight.grad is not None and x.grad is not None
     with torch.no_grad():
-        for rows in (1, DECODE_ROWS + 1):  # one row: MKL's gemv is already at the memory bandwidth
+        for rows in (DECODE_ROWS + 1,) + ((1,) if DECODE_MIN_ROWS == 2 else ()):  # 1: where MKL's gemv streams
             other = torch.randn(rows, 48)
             assert not _calls_kernel(lambda: m(other))
             assert torch.equal(m(other), F.linear(other, m.weight, m.bias))
@@ -49,6 +52,44 @@ def test_training_more_rows_and_other_dtypes_are_f_linear_unchanged():
         x64 = torch.randn(2, 48, dtype=torch.float64)
         assert torch.equal(m64(x64), F.linear(x64, m64.weight, m64.bias))
         assert not _calls_kernel(lambda: Linear(48, 24, backend="reference")(x[:2].detach()))
+
+
+@pytest.mark.parametrize("vendor, mkl, capability, one_row", [
+    ("GenuineIntel", True, "AVX512", False),  # MKL's gemv streams at the memory bandwidth on Intel
+    ("GenuineIntel", False, "AVX512", True),  # another BLAS: the kernel
+    ("AuthenticAMD", True, "AVX512", True),  # MKL takes its generic path on other vendors
+    ("", True, "AVX512", False),  # vendor unknown: torch's gemv, as before
+    ("AuthenticAMD", True, "AVX2", False),  # no AVX-512: the kernel would hand the call to at::linear
+])
+def test_one_row_takes_the_kernel_where_torch_gemv_is_not_mkl_on_intel(vendor, mkl, capability, one_row,
+                                                                        monkeypatch):
+    import platform
+
+    import pyllm.nn.linear as linear
+
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        assert linear._cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "HygonGenuine", "CentaurHauls")
+
+    monkeypatch.setattr(linear, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert linear._one_row_to_kernel() is one_row
+
+
+def test_one_row_follows_decode_min_rows(monkeypatch):
+    import pyllm.nn.linear as linear
+
+    torch.manual_seed(4)
+    m = Linear(64, 40)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        monkeypatch.setattr(linear, "DECODE_MIN_ROWS", 2)
+        assert not _calls_kernel(lambda: m(x)) and torch.equal(m(x), F.linear(x, m.weight, m.bias))
+        monkeypatch.setattr(linear, "DECODE_MIN_ROWS", 1)
+        assert _calls_kernel(lambda: m(x))
+        ref = F.linear(x.double(), m.weight.double(), m.bias.double())
+        assert passes(max_error(m(x), ref), allowed_error(max_error(F.linear(x, m.weight, m.bias), ref)))
+    assert linear.decode_min_rows() == 1
 
 
 def test_same_parameters_and_state_dict_as_torch_linear_and_reads_the_current_weights():

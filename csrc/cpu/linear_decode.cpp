@@ -5,8 +5,10 @@
 // (3.3 GB/s of weights, a quarter of the copy bandwidth). Here each 64-byte slice of 4 weight rows is loaded once
 // and multiplied into every row of x (x stays in L1): per 16 k, 4 weight loads + MB x loads feed 4 MB fused
 // multiply-adds. Measured on one core from DRAM (under load): M = 8 2.4x MKL (7.6-8.1 GB/s), M = 16 on par
-// (compute-bound there), M = 1 2-5% behind MKL's gemv, which already streams at the copy bandwidth: so
-// pyllm.nn.Linear calls this for 2..16 rows. Threads split the output features (the weight rows).
+// (compute-bound there), M = 1 2-5% behind MKL's gemv on an Intel Xeon, which already streams at the copy
+// bandwidth there; on an AMD EPYC (Zen 4, 2 threads) MKL's gemv read 10-18 GB/s and this kernel 19-34 GB/s (MKL
+// picks its code path by CPU vendor). So pyllm.nn.Linear calls this for 2..16 rows, and for one row too except
+// where torch's gemv is MKL's on an Intel CPU (pyllm/nn/linear.py). Threads split the output features.
 //
 // Precision: fp32 products and sums (16 partial sums per output, one per lane, added at the end), like any
 // blocked sgemm; the result differs from MKL's only in summation order. Other dtypes, and CPUs without AVX-512,

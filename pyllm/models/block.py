@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 import pyllm
 from pyllm.nn import LayerNorm, Linear, RMSNorm
-from pyllm.nn.linear import decode_rows
+from pyllm.nn.linear import decode_min_rows, decode_rows
 from pyllm.ops import decode_stack
 
 from .config import TransformerConfig
@@ -329,7 +329,7 @@ class StackPlan:
                 or any(getattr(m, "backend", None) not in decode_stack.BACKENDS for m in body.modules())):
             return None
         spec = (norm_cls is RMSNorm, eps.pop(), heads, kv_heads, head_dim, causal, mlp, intermediate,
-                decode_rows())
+                decode_rows(), decode_min_rows())
         return cls(tuple(layers), final_norm, spec)
 
     def __call__(self, x, key_padding_mask, cache: KVCache, cos=None, sin=None):

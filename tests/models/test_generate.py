@@ -170,13 +170,18 @@ def _direct_cases():
 @pytest.mark.parametrize("arch", ["gpt", "gpt_gqa", "llama", "qwen2_bias_window", "qwen2_bias", "gpt_gelu_tanh",
                                   "gpt_relu_bf16"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_direct_decode_step_equals_the_module_path(arch, rows, monkeypatch):
+@pytest.mark.parametrize("min_rows", [1, 2])
+def test_direct_decode_step_equals_the_module_path(arch, rows, min_rows, monkeypatch):
     """generate()'s decode steps call the submodules' forward directly (decode_step(direct=True)) where
     direct_decode_ok allows it, and with the model's decode_plan() run the blocks as one C++ call: the same ops
     in the same order, so the hidden states and the caches are the module path's bit for bit, padded rows (key
-    padding mask), biases, activations, bf16 and sliding windows (no plan: the decode methods) included."""
+    padding mask), biases, activations, bf16 and sliding windows (no plan: the decode methods) included; with one
+    row taking the decode GEMV (min_rows 1, CPUs where torch's gemv is not MKL's on Intel) and not (2)."""
+    import pyllm.nn.linear as linear
     from pyllm.models import block as B
     from pyllm.ops import decode_stack
+
+    monkeypatch.setattr(linear, "DECODE_MIN_ROWS", min_rows)
 
     torch.manual_seed(0)
     model = _direct_cases()[arch]().eval()
