@@ -16,6 +16,11 @@
     sources, both models, same weights (EOS kept unlikely, so every source decodes all 32 tokens); the
     outputs are compared token for token before timing.
 
+(c) --generate-base, instead of (a) and (b): generation at BART-base widths (d_model 768, 6+6 layers, 12 heads,
+    FFN 3072, vocabulary 50265, ~140M parameters, fp32), one 64-token source and a batch of 4, greedy and 4 beams,
+    32 new tokens: the sizes where a decode step reads every weight for 1-16 rows (pyllm.nn.Linear's decode GEMV,
+    pyllm/nn/linear.py) and its time is the time to stream the weights. Same weights and token check as (b).
+
 --quick shrinks both to a smoke run (seconds). Timings on a shared machine are noisy: compare the ratio
 (pyllm / transformers, > 1 = pyllm faster), which is measured side by side.
 """
@@ -29,6 +34,7 @@ import time
 
 FULL = dict(vocab=8192, d_model=256, layers=3, heads=4, ffn=1024, batch=8, src=128, tgt=128, beams=4, new=32,
             curve_steps=20, steps=3, rounds=5)
+BASE_GEN = dict(vocab=50265, d_model=768, layers=6, heads=12, ffn=3072, src=64, tgt=64, new=32, rounds=3)
 QUICK = dict(vocab=1024, d_model=64, layers=2, heads=4, ffn=128, batch=4, src=32, tgt=32, beams=3, new=8,
              curve_steps=3, steps=1, rounds=3)
 
@@ -119,16 +125,38 @@ def beam(c: dict, device: str) -> dict:
     return {"generated_tokens_per_s": tps, "ratio": tps["pyllm"] / tps["transformers"], "same_tokens": same}
 
 
+def generate_base(args) -> int:
+    """(c): BART-base widths, batch 1 and 4, greedy and 4 beams (the module docstring)."""
+    rows = []
+    base = dict(BASE_GEN, new=8, rounds=1, vocab=2048) if args.quick else BASE_GEN
+    for batch_size in (1, 4):
+        for beams in (1, 4):
+            c = dict(base, batch=batch_size, beams=beams)
+            r = beam(c, args.device)
+            rows.append({"batch": batch_size, "beams": beams, **r})
+            print(f"BART-base widths, batch {batch_size}, {beams} beam(s): pyllm "
+                  f"{r['generated_tokens_per_s']['pyllm']:.1f} tok/s, transformers "
+                  f"{r['generated_tokens_per_s']['transformers']:.1f}: {r['ratio']:.2f}x; same tokens: {r['same_tokens']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": base, "generate_base": rows}, f, indent=2)
+    return 0 if all(r["same_tokens"] for r in rows) else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--optimizer", choices=("fused", "foreach"), default="fused",
                    help="torch.optim.AdamW implementation, the same for both models (default: fused)")
+    p.add_argument("--generate-base", action="store_true",
+                   help="only (c): greedy and 4-beam generation at BART-base widths, batch 1 and 4")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import transformers
     transformers.logging.set_verbosity_error()
+    if args.generate_base:
+        return generate_base(args)
     c = QUICK if args.quick else FULL
     out = {"config": c, "training": training(c, args.device, args.optimizer), "beam_search": beam(c, args.device)}
     t, b = out["training"], out["beam_search"]

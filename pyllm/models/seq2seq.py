@@ -34,7 +34,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import pyllm
-from pyllm.nn import LayerNorm, RMSNorm
+from pyllm.nn import LayerNorm, Linear, RMSNorm
+from pyllm.nn.linear import linear
 
 from ..ops import linear_cross_entropy
 from .base import ModelOutput, PreTrainedModel, check_class_labels, check_inputs, check_labels, padding_mask
@@ -236,11 +237,11 @@ class Attention(nn.Module):
         self.scale = config.head_dim ** -0.5 if config.scale_attention else 1.0
         C, inner, bias = config.d_model, config.inner_dim, config.bias
         if cross:
-            self.q = nn.Linear(C, inner, bias=bias)
-            self.kv = nn.Linear(C, 2 * inner, bias=bias)
+            self.q = Linear(C, inner, bias=bias, backend=config.backend)
+            self.kv = Linear(C, 2 * inner, bias=bias, backend=config.backend)
         else:
-            self.qkv = nn.Linear(C, 3 * inner, bias=bias)
-        self.o = nn.Linear(inner, C, bias=bias)
+            self.qkv = Linear(C, 3 * inner, bias=bias, backend=config.backend)
+        self.o = Linear(inner, C, bias=bias, backend=config.backend)
 
     def forward(self, x, key_padding_mask=None, causal=False, cache: Optional[Seq2SeqCache] = None,
                 layer_idx: int = 0, memory=None, position_bias=None):
@@ -279,9 +280,9 @@ class FeedForward(nn.Module):
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
         C, F_, bias = config.d_model, config.ffn_dim, config.bias
-        self.fc1 = nn.Linear(C, F_, bias=bias)
-        self.gate = nn.Linear(C, F_, bias=bias) if config.gated_ffn else None
-        self.fc2 = nn.Linear(F_, C, bias=bias)
+        self.fc1 = Linear(C, F_, bias=bias, backend=config.backend)
+        self.gate = Linear(C, F_, bias=bias, backend=config.backend) if config.gated_ffn else None
+        self.fc2 = Linear(F_, C, bias=bias, backend=config.backend)
         self.act = activation_fn(config.activation)
         self.dropout = nn.Dropout(config.activation_dropout)
 
@@ -602,7 +603,7 @@ class Seq2SeqLM(Seq2SeqPreTrainedModel):
     def __init__(self, config: Seq2SeqConfig):
         super().__init__(config)
         self.model = self.base_class(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False, backend=config.backend)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.shared.weight
         else:
@@ -618,7 +619,7 @@ class Seq2SeqLM(Seq2SeqPreTrainedModel):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder output (B, N, C) -> logits (B, N, vocab)."""
         bias = None if self.final_logits_bias is None else self.final_logits_bias[0]
-        return F.linear(self._head_input(hidden), self.lm_head.weight, bias)
+        return linear(self._head_input(hidden), self.lm_head.weight, bias, self.config.backend)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 labels=None, encoder_outputs=None, cache: Optional[Seq2SeqCache] = None, use_cache: bool = False,

@@ -69,19 +69,25 @@ def decode_min_rows() -> int:
     return DECODE_MIN_ROWS
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, backend: str | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` by :class:`Linear`'s rule: x (..., K), weight (N, K), bias (N,) or None ->
+    (..., N); fp32 inference on 1 (or 2) to 16 rows on the CPU runs ``pyllm::linear_decode`` (module docstring)."""
+    # cheapest tests first: a decode step makes ~50 of these calls. The kernel serves fp32 and hands other dtypes
+    # to at::linear itself; it has no autograd, so it runs only with grad mode off.
+    n = weight.shape[-1]
+    if (_READY and not torch.is_grad_enabled() and x.is_cpu and DECODE_MIN_ROWS * n <= x.numel() <= DECODE_ROWS * n
+            and backends.requested(backend) != "reference"):
+        return _op(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class Linear(torch.nn.Linear):
     """``torch.nn.Linear``; fp32 inference on 1 (or 2) to 16 rows on the CPU runs ``pyllm::linear_decode`` (module
-    docstring)."""
+    docstring; :func:`linear` is the same as a function)."""
 
     def __init__(self, *args, backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
-        # cheapest tests first: a decode step makes ~50 of these calls. The kernel serves fp32 and hands other
-        # dtypes to at::linear itself; it has no autograd, so it runs only with grad mode off.
-        n = self.in_features
-        if (_READY and not torch.is_grad_enabled() and x.is_cpu and DECODE_MIN_ROWS * n <= x.numel() <= DECODE_ROWS * n
-                and backends.requested(self.backend) != "reference"):
-            return _op(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.backend)

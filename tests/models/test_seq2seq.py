@@ -139,6 +139,24 @@ def test_save_pretrained_loads_back_into_transformers(pair, tmp_path):
         hc.decoder_start_token_id
 
 
+def test_generate_runs_the_decode_gemv(pair):
+    """The decoder's projections and LM head are pyllm.nn.Linear: a generation step's few rows (here 3 sources,
+    greedy and 3 beams) run pyllm::linear_decode; the token-for-token tests against transformers cover its
+    numbers."""
+    from torch.profiler import profile
+
+    from pyllm.nn import linear
+
+    name, hc, hm, pm = pair
+    ids, mask, _ = _source(hc, seed=2)
+    assert 2 <= ids.shape[0] and 3 * ids.shape[0] <= linear.DECODE_ROWS
+    for beams in (1, 3):
+        with profile() as prof:
+            pm.generate(ids, mask, max_new_tokens=3, num_beams=beams)
+        calls = [e.name for e in prof.events() if e.name == "pyllm::linear_decode"]
+        assert len(calls) >= 3, f"{name}, {beams} beams: {len(calls)} decode GEMV calls"
+
+
 @pytest.mark.parametrize("kw", [dict(num_beams=1), dict(num_beams=3),
                                 dict(num_beams=4, length_penalty=0.6, no_repeat_ngram_size=2),
                                 dict(num_beams=3, early_stopping=True),
